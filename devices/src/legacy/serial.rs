@@ -1,0 +1,108 @@
+//! 16550 UART (vm-superio) on a port bus, wired to a host byte stream.
+
+use std::io::Write;
+
+use vm_superio::{serial::NoEvents, Serial};
+
+use crate::bus::BusDevice;
+use crate::trigger::EventTrigger;
+
+/// The guest console: a 16550 whose output goes to `out` and whose input is
+/// fed with [`SerialConsole::enqueue_input`].
+pub struct SerialConsole {
+    uart: Serial<EventTrigger, NoEvents, Box<dyn Write + Send>>,
+}
+
+impl SerialConsole {
+    /// `irq` is signalled on each interrupt-worthy UART event.
+    pub fn new(irq: EventTrigger, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            uart: Serial::new(irq, out),
+        }
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit in the
+    /// receive FIFO (the caller retries the rest later).
+    pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        let room = self.uart.fifo_capacity().min(input.len());
+        if room == 0 {
+            return 0;
+        }
+        match self.uart.enqueue_raw_bytes(&input[..room]) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("serial: cannot queue input: {e:?}");
+                0
+            }
+        }
+    }
+
+    /// Room left in the receive FIFO.
+    pub fn input_room(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+}
+
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // The UART has byte registers; wider accesses read the first one.
+        data.fill(0);
+        if let (Some(first), Ok(reg)) = (data.first_mut(), u8::try_from(offset)) {
+            *first = self.uart.read(reg);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (Some(&value), Ok(reg)) = (data.first(), u8::try_from(offset)) else {
+            return;
+        };
+        if let Err(e) = self.uart.write(reg, value) {
+            // Host stdout closed or full: the guest keeps running, output is lost.
+            log::debug!("serial: write failed: {e:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn transmits_to_host_and_receives_input() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let sink = Sink::default();
+        let mut serial = SerialConsole::new(
+            EventTrigger::new(irq.try_clone().unwrap()),
+            Box::new(sink.clone()),
+        );
+        for b in b"hi" {
+            serial.write(0, &[*b]);
+        }
+        assert_eq!(&*sink.0.lock().unwrap(), b"hi");
+
+        // Enable the received-data interrupt, then feed input.
+        serial.write(1, &[0x01]);
+        assert_eq!(serial.enqueue_input(b"ok"), 2);
+        assert!(irq.read().unwrap() >= 1);
+        let mut lsr = [0u8];
+        serial.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1, "data ready");
+        let mut byte = [0u8];
+        serial.read(0, &mut byte);
+        assert_eq!(byte[0], b'o');
+    }
+}

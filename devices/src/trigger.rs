@@ -1,0 +1,31 @@
+//! Eventfd-backed trigger for vm-superio devices and VM-level events.
+
+use std::io;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Signals an [`EventFd`]; used both as an interrupt line (registered as a
+/// KVM irqfd) and as a VM event (reset, power-off) the VMM waits on.
+#[derive(Debug)]
+pub struct EventTrigger(EventFd);
+
+impl EventTrigger {
+    pub fn new(evt: EventFd) -> Self {
+        Self(evt)
+    }
+
+    pub fn try_clone(&self) -> io::Result<Self> {
+        self.0.try_clone().map(Self)
+    }
+
+    pub fn eventfd(&self) -> &EventFd {
+        &self.0
+    }
+}
+
+impl vm_superio::Trigger for EventTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
