@@ -1,1 +1,40 @@
-fn main() {}
+//! The `xskvm` command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::cli::Args;
+use vmm::vm::{self, VmConfig, VmExit};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    env_logger::Builder::new()
+        .filter_level(args.log_level)
+        .format_timestamp_millis()
+        .init();
+
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        memory: args.memory,
+        vcpus: args.vcpus,
+        kvm_device: args.kvm_device,
+    };
+    match vm::run(&config) {
+        Ok(exit) => {
+            let how = match exit {
+                VmExit::PowerOff => "guest powered off".to_string(),
+                VmExit::Reset => "guest rebooted".to_string(),
+                VmExit::Quit => "quit from the console".to_string(),
+                VmExit::Signal(sig) => format!("stopped by signal {sig}"),
+            };
+            log::info!("{how}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("xskvm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

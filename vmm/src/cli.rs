@@ -1,0 +1,97 @@
+//! Command-line interface of the `xskvm` binary.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Kernel command line used when `--cmdline` is not given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xskvm",
+    version,
+    about = "A small KVM virtual machine monitor with AF_XDP networking",
+    after_help = "A guest reboot, power-off or SIGINT/SIGTERM ends xskvm with status 0; \
+                  a guest crash or KVM error ends it with status 1."
+)]
+pub struct Args {
+    /// Guest kernel: an ELF vmlinux or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+
+    /// Initial ramdisk loaded for the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
+    /// Kernel command line (replaces the default).
+    #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+
+    /// Guest RAM: a number with a K, M or G suffix (no suffix means MiB).
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory_size)]
+    pub memory: u64,
+
+    /// Number of virtual CPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vcpus: u32,
+
+    /// KVM device node (for containers and tests that need another path).
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
+    pub kvm_device: PathBuf,
+
+    /// Log level on stderr: error, warn, info, debug or trace.
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    pub log_level: log::LevelFilter,
+}
+
+/// Parses a QEMU-style size: `512M`, `2G`, `65536K`, or a bare number of MiB.
+pub fn parse_memory_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&text[..i], 10),
+        Some((i, 'm' | 'M')) => (&text[..i], 20),
+        Some((i, 'g' | 'G')) => (&text[..i], 30),
+        _ => (text, 20),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size like 512M or 2G"))?;
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{text}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sizes_with_and_without_suffix() {
+        assert_eq!(parse_memory_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_memory_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_memory_size("65536K"), Ok(64 << 20));
+        assert_eq!(parse_memory_size("256"), Ok(256 << 20));
+        assert_eq!(parse_memory_size("0"), Ok(0));
+    }
+
+    #[test]
+    fn rejects_garbage_and_overflow() {
+        assert!(parse_memory_size("").is_err());
+        assert!(parse_memory_size("M").is_err());
+        assert!(parse_memory_size("12X").is_err());
+        assert!(parse_memory_size("-1G").is_err());
+        assert!(parse_memory_size("99999999999999999G").is_err());
+    }
+
+    #[test]
+    fn defaults_and_unknown_flags() {
+        let args = Args::try_parse_from(["xskvm", "--kernel", "k"]).unwrap();
+        assert_eq!(args.memory, 512 << 20);
+        assert_eq!(args.vcpus, 1);
+        assert_eq!(args.cmdline, DEFAULT_CMDLINE);
+        assert!(Args::try_parse_from(["xskvm", "--kernel", "k", "--bogus"]).is_err());
+        assert!(Args::try_parse_from(["xskvm"]).is_err(), "kernel is required");
+        assert!(Args::try_parse_from(["xskvm", "--kernel", "k", "--vcpus", "-1"]).is_err());
+    }
+}

@@ -1,0 +1,193 @@
+//! vCPU threads: run KVM_RUN in a loop and route port and MMIO exits to the
+//! device buses. A vCPU that cannot go on records why and wakes the main
+//! thread; the main thread stops the others with [`VcpuHandle::stop`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::Bus;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+
+/// Why a vCPU ended the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuStop {
+    PowerOff,
+    Reset,
+    Crash(String),
+}
+
+/// Where vCPUs report that the VM must end: the first report wins.
+pub struct StopReport {
+    reason: Mutex<Option<VcpuStop>>,
+    wake: EventFd,
+}
+
+impl StopReport {
+    pub fn new(wake: EventFd) -> Self {
+        Self {
+            reason: Mutex::new(None),
+            wake,
+        }
+    }
+
+    pub fn wake_fd(&self) -> &EventFd {
+        &self.wake
+    }
+
+    fn report(&self, stop: VcpuStop) {
+        let mut reason = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if reason.is_none() {
+            *reason = Some(stop);
+        }
+        if let Err(e) = self.wake.write(1) {
+            log::error!("cannot wake the main thread: {e}");
+        }
+    }
+
+    pub fn take(&self) -> Option<VcpuStop> {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+pub struct Vcpu {
+    pub index: u8,
+    pub fd: VcpuFd,
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub report: Arc<StopReport>,
+    pub stop: Arc<AtomicBool>,
+}
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    thread: JoinHandle<()>,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: the signal only makes KVM_RUN return EINTR.
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+/// Installs the kick handler; call once before starting vCPUs.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    register_signal_handler(kick_signal(), kick_handler)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+impl Vcpu {
+    pub fn spawn(self) -> std::io::Result<VcpuHandle> {
+        let thread = std::thread::Builder::new()
+            .name(format!("xskvm-vcpu{}", self.index))
+            .spawn(move || self.run())?;
+        Ok(VcpuHandle { thread })
+    }
+
+    fn run(mut self) {
+        while !self.stop.load(Ordering::Acquire) {
+            if let Some(stop) = self.run_once() {
+                log::debug!("vCPU {}: {stop:?}", self.index);
+                self.report.report(stop);
+                return;
+            }
+        }
+    }
+
+    /// One KVM_RUN; returns why the VM must stop, if it must.
+    fn run_once(&mut self) -> Option<VcpuStop> {
+        let index = self.index;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !self.pio.read(u64::from(port), data) {
+                    // Nothing there: a floating ISA bus reads as all ones.
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                self.pio.write(u64::from(port), data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !self.mmio.read(addr, data) {
+                    log::debug!("vCPU {index}: read of unmapped MMIO {addr:#x}");
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !self.mmio.write(addr, data) {
+                    log::debug!("vCPU {index}: write to unmapped MMIO {addr:#x}");
+                }
+                None
+            }
+            Ok(VcpuExit::Shutdown) => Some(VcpuStop::Crash(format!(
+                "vCPU {index}: guest triple fault (KVM_EXIT_SHUTDOWN)"
+            ))),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => VcpuStop::PowerOff,
+                KVM_SYSTEM_EVENT_RESET => VcpuStop::Reset,
+                KVM_SYSTEM_EVENT_CRASH => {
+                    VcpuStop::Crash(format!("vCPU {index}: guest reported a crash"))
+                }
+                other => VcpuStop::Crash(format!("vCPU {index}: unknown system event {other}")),
+            }),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VcpuStop::Crash(format!(
+                "vCPU {index}: KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
+            ))),
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: after KVM_EXIT_INTERNAL_ERROR, `internal` is the active union member.
+                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                Some(VcpuStop::Crash(format!(
+                    "vCPU {index}: KVM internal error (suberror {suberror}{})",
+                    if suberror == 1 { ": instruction emulation failure" } else { "" }
+                )))
+            }
+            Ok(VcpuExit::Hlt) => Some(VcpuStop::Crash(format!(
+                "vCPU {index}: unexpected HLT exit (the in-kernel irqchip should handle it)"
+            ))),
+            Ok(other) => Some(VcpuStop::Crash(format!(
+                "vCPU {index}: unexpected KVM exit {other:?}"
+            ))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked (the loop checks the stop flag) or asked to retry.
+                None
+            }
+            Err(e) => Some(VcpuStop::Crash(format!("vCPU {index}: KVM_RUN failed: {e}"))),
+        }
+    }
+}
+
+impl VcpuHandle {
+    /// Stops the thread: the caller has set the shared stop flag; kick the
+    /// thread out of KVM_RUN until it notices, then join it.
+    pub fn stop(self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.thread.is_finished() && Instant::now() < deadline {
+            // A kick that lands just before KVM_RUN is lost, so keep kicking.
+            if let Err(e) = self.thread.kill(kick_signal()) {
+                log::warn!("cannot kick a vCPU thread: {e}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if self.thread.is_finished() {
+            if self.thread.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        } else {
+            log::warn!("a vCPU thread did not stop in {timeout:?}; leaving it");
+        }
+    }
+}

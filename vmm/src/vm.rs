@@ -1,0 +1,411 @@
+//! Builds a VM from a [`VmConfig`] and runs it to the end.
+//!
+//! Everything that depends only on the user's input (memory size, kernel,
+//! initramfs) is checked and loaded before KVM is opened, so bad input gets
+//! its own error on any host.
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use devices::legacy::{AcpiSleepControl, SerialConsole, I8042};
+use devices::{BusBuilder, EventTrigger, MmioSlot, ResourceAllocator};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::acpi::{write_acpi_tables, AcpiPlatform};
+use crate::boot::load_guest;
+use crate::layout::*;
+use crate::terminal::RawTerminal;
+use crate::vcpu::{install_kick_handler, StopReport, Vcpu, VcpuStop};
+use crate::{console, cpu, VmmError};
+
+/// Smallest guest xskvm accepts: room for a kernel and its early allocations.
+pub const MIN_MEMORY_MIB: u64 = 16;
+/// Signals that end the VM cleanly.
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub memory: u64,
+    pub vcpus: u32,
+    pub kvm_device: PathBuf,
+}
+
+/// How a VM ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExit {
+    PowerOff,
+    Reset,
+    Signal(i32),
+    /// The user typed the console escape (Ctrl-A x).
+    Quit,
+}
+
+/// Runs the VM until it ends; `Err` for bad input, host failures and guest crashes.
+pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
+    let vcpu_count = check_config(config)?;
+    let mem = create_guest_memory(config.memory)?;
+    let boot = load_guest(
+        &mem,
+        &config.kernel,
+        config.initrd.as_deref(),
+        &config.cmdline,
+    )?;
+    // No virtio-mmio devices yet; their slots come from this allocator.
+    let _allocator = ResourceAllocator::new(
+        (DEVICE_MMIO_START, DEVICE_MMIO_END),
+        DEVICE_MMIO_SLOT_SIZE,
+        (DEVICE_IRQ_FIRST, DEVICE_IRQ_LAST),
+    );
+    let virtio_mmio: Vec<MmioSlot> = Vec::new();
+    write_acpi_tables(
+        &mem,
+        &AcpiPlatform {
+            vcpus: vcpu_count,
+            virtio_mmio: &virtio_mmio,
+        },
+    )?;
+
+    let kvm = open_kvm(config)?;
+    let max_vcpus = kvm.get_max_vcpus().min(254) as u32;
+    if config.vcpus > max_vcpus {
+        return Err(VmmError::TooManyVcpus {
+            requested: config.vcpus,
+            max: max_vcpus,
+        });
+    }
+    let vm = create_vm(&kvm, &mem)?;
+
+    let io_err = |what| move |source| VmmError::Io { what, source };
+    let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(io_err("cannot create an eventfd"));
+    let serial_irq = new_evt()?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(|source| VmmError::Kvm {
+            what: "connect the serial interrupt",
+            source,
+        })?;
+    let reset_evt = new_evt()?;
+    let poweroff_evt = new_evt()?;
+    let quit_evt = new_evt()?;
+
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        EventTrigger::new(serial_irq),
+        Box::new(std::io::stdout()),
+    )));
+    let mut pio = BusBuilder::new();
+    pio.insert(
+        serial.clone(),
+        u64::from(SERIAL_PORT_BASE),
+        u64::from(SERIAL_PORT_LEN),
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(EventTrigger::new(
+            reset_evt.try_clone().map_err(io_err("cannot clone an eventfd"))?,
+        )))),
+        u64::from(I8042_PORT_BASE),
+        u64::from(I8042_PORT_LEN),
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(AcpiSleepControl::new(EventTrigger::new(
+            poweroff_evt
+                .try_clone()
+                .map_err(io_err("cannot clone an eventfd"))?,
+        )))),
+        u64::from(ACPI_SLEEP_CONTROL_PORT),
+        1,
+    )?;
+    let pio = pio.build();
+    let mmio = BusBuilder::new().build();
+
+    let report = Arc::new(StopReport::new(new_evt()?));
+    let stop = Arc::new(AtomicBool::new(false));
+    let supported_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| VmmError::Kvm {
+            what: "report its supported CPUID",
+            source,
+        })?;
+    let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
+    for index in 0..vcpu_count {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VmmError::Kvm {
+                what: "create a vCPU",
+                source,
+            })?;
+        let mut cpuid = supported_cpuid.clone();
+        cpu::patch_cpuid(&mut cpuid, index, vcpu_count);
+        cpu::configure_vcpu(&fd, &cpuid, index)?;
+        if index == 0 {
+            cpu::configure_boot_vcpu(&fd, boot.entry.raw_value())?;
+        }
+        vcpus.push(Vcpu {
+            index,
+            fd,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            report: report.clone(),
+            stop: stop.clone(),
+        });
+    }
+
+    // Stop signals go to a signalfd read by this thread alone; block them
+    // before any thread starts so that every thread inherits the mask.
+    let signals = block_stop_signals().map_err(io_err("cannot set up signal handling"))?;
+    install_kick_handler().map_err(io_err("cannot install the vCPU kick handler"))?;
+    let stdin = std::io::stdin();
+    let raw_terminal = RawTerminal::enable(stdin.as_fd())
+        .map_err(io_err("cannot put the terminal in raw mode"))?;
+    console::spawn_stdin_reader(
+        serial,
+        quit_evt.try_clone().map_err(io_err("cannot clone an eventfd"))?,
+        raw_terminal.is_some(),
+    )
+    .map_err(io_err("cannot start the console input thread"))?;
+
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        match vcpu.spawn() {
+            Ok(handle) => handles.push(handle),
+            Err(source) => {
+                stop.store(true, Ordering::Release);
+                handles.into_iter().for_each(|h: crate::vcpu::VcpuHandle| h.stop(Duration::from_secs(1)));
+                return Err(VmmError::Io {
+                    what: "cannot start a vCPU thread",
+                    source,
+                });
+            }
+        }
+    }
+    log::info!(
+        "guest started: {} vCPU(s), {} MiB, kernel {}",
+        vcpu_count,
+        config.memory >> 20,
+        config.kernel.display()
+    );
+
+    let outcome = wait_for_exit(&reset_evt, &poweroff_evt, &quit_evt, &report, &signals);
+    stop.store(true, Ordering::Release);
+    for handle in handles {
+        handle.stop(Duration::from_secs(2));
+    }
+    drop(raw_terminal);
+    outcome
+}
+
+fn check_config(config: &VmConfig) -> Result<u8, VmmError> {
+    if config.memory < MIN_MEMORY_MIB << 20 {
+        return Err(VmmError::MemoryTooSmall {
+            got: config.memory,
+            min: MIN_MEMORY_MIB,
+        });
+    }
+    if let Some(host) = host_memory() {
+        if config.memory > host {
+            return Err(VmmError::MemoryTooLarge {
+                requested_mib: config.memory >> 20,
+                host_mib: host >> 20,
+            });
+        }
+    }
+    if config.vcpus == 0 {
+        return Err(VmmError::NoVcpus);
+    }
+    // APIC ids are 8 bits and the I/O APIC takes the one after the last vCPU.
+    u8::try_from(config.vcpus)
+        .ok()
+        .filter(|&n| n < u8::MAX)
+        .ok_or(VmmError::TooManyVcpus {
+            requested: config.vcpus,
+            max: 254,
+        })
+}
+
+/// MemTotal from /proc/meminfo, if readable.
+fn host_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
+fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, VmmError> {
+    let err = |reason: String| VmmError::GuestMemory {
+        size_mib: size >> 20,
+        reason,
+    };
+    let ranges = ram_regions(size)
+        .into_iter()
+        .map(|(start, len)| {
+            usize::try_from(len)
+                .map(|len| (GuestAddress(start), len))
+                .map_err(|_| err("size does not fit this host's address space".into()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| err(e.to_string()))
+}
+
+fn open_kvm(config: &VmConfig) -> Result<Kvm, VmmError> {
+    let path = config.kvm_device.clone();
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        VmmError::NoKvm { path: path.clone() }
+    })?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(|source| match source.errno() {
+        libc::ENOENT => VmmError::NoKvm { path: path.clone() },
+        libc::EACCES | libc::EPERM => VmmError::KvmPermission { path: path.clone() },
+        _ => VmmError::KvmOpen {
+            path: path.clone(),
+            source,
+        },
+    })?;
+    for (cap, name) in [
+        (Cap::Irqchip, "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)"),
+        (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+        (Cap::Ioeventfd, "ioeventfd (KVM_CAP_IOEVENTFD)"),
+        (Cap::Pit2, "an in-kernel PIT (KVM_CAP_PIT2)"),
+        (Cap::UserMemory, "user memory regions (KVM_CAP_USER_MEMORY)"),
+        (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmmError::MissingCapability(name));
+        }
+    }
+    Ok(kvm)
+}
+
+fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmmError> {
+    let kvm_err = |what| move |source| VmmError::Kvm { what, source };
+    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("create the in-kernel interrupt controller"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("create the in-kernel PIT"))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| VmmError::GuestMemory {
+                size_mib: region.len() >> 20,
+                reason: e.to_string(),
+            })?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which outlives
+        // the VM (both are dropped when `run` returns, the VM first).
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("register guest memory"))?;
+    }
+    Ok(vm)
+}
+
+/// Blocks the stop signals in this thread (and threads it starts) and
+/// returns a signalfd that reports them.
+fn block_stop_signals() -> std::io::Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset below.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t for these calls.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for sig in STOP_SIGNALS {
+            libc::sigaddset(&mut set, sig);
+        }
+    }
+    // SAFETY: valid set pointer; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    // SAFETY: -1 asks for a new signalfd; `set` is valid.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: signalfd returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn read_signal(fd: &OwnedFd) -> Option<i32> {
+    // SAFETY: signalfd_siginfo is plain data.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reads at most `size` bytes into `info`.
+    let n = unsafe { libc::read(fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+    (n == size as isize).then_some(info.ssi_signo as i32)
+}
+
+/// Sleeps until something ends the VM.
+fn wait_for_exit(
+    reset: &EventFd,
+    poweroff: &EventFd,
+    quit: &EventFd,
+    report: &StopReport,
+    signals: &OwnedFd,
+) -> Result<VmExit, VmmError> {
+    const RESET: u64 = 0;
+    const POWEROFF: u64 = 1;
+    const QUIT: u64 = 2;
+    const VCPU: u64 = 3;
+    const SIGNAL: u64 = 4;
+    let io_err = |source| VmmError::Io {
+        what: "main event loop",
+        source,
+    };
+    let epoll = Epoll::new().map_err(io_err)?;
+    for (fd, token) in [
+        (reset.as_raw_fd(), RESET),
+        (poweroff.as_raw_fd(), POWEROFF),
+        (quit.as_raw_fd(), QUIT),
+        (report.wake_fd().as_raw_fd(), VCPU),
+        (signals.as_raw_fd(), SIGNAL),
+    ] {
+        epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+            .map_err(io_err)?;
+    }
+    let mut events = [EpollEvent::default(); 5];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err(e)),
+        };
+        for event in &events[..n] {
+            match event.data() {
+                RESET => return Ok(VmExit::Reset),
+                POWEROFF => return Ok(VmExit::PowerOff),
+                QUIT => return Ok(VmExit::Quit),
+                SIGNAL => {
+                    if let Some(sig) = read_signal(signals) {
+                        return Ok(VmExit::Signal(sig));
+                    }
+                }
+                VCPU => match report.take() {
+                    Some(VcpuStop::PowerOff) => return Ok(VmExit::PowerOff),
+                    Some(VcpuStop::Reset) => return Ok(VmExit::Reset),
+                    Some(VcpuStop::Crash(reason)) => return Err(VmmError::GuestCrash(reason)),
+                    None => {}
+                },
+                _ => {}
+            }
+        }
+    }
+}
