@@ -7,13 +7,15 @@
 //! device is announced in the DSDT as an `LNRO0005` device instead.
 
 use acpi_tables::aml;
-use acpi_tables::Aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
 use devices::MmioSlot;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -237,11 +239,25 @@ mod tests {
     fn tables_chain_together_with_valid_checksums() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let slots = [
-            MmioSlot { base: DEVICE_MMIO_START, len: 0x1000, irq: 5 },
-            MmioSlot { base: DEVICE_MMIO_START + 0x1000, len: 0x1000, irq: 6 },
+            MmioSlot {
+                base: DEVICE_MMIO_START,
+                len: 0x1000,
+                irq: 5,
+            },
+            MmioSlot {
+                base: DEVICE_MMIO_START + 0x1000,
+                len: 0x1000,
+                irq: 6,
+            },
         ];
-        let rsdp = write_acpi_tables(&mem, &AcpiPlatform { vcpus: 2, virtio_mmio: &slots })
-            .unwrap();
+        let rsdp = write_acpi_tables(
+            &mem,
+            &AcpiPlatform {
+                vcpus: 2,
+                virtio_mmio: &slots,
+            },
+        )
+        .unwrap();
         let mut rsdp_bytes = [0u8; 36];
         mem.read_slice(&mut rsdp_bytes, rsdp).unwrap();
         assert_eq!(&rsdp_bytes[..8], b"RSD PTR ");
@@ -255,7 +271,10 @@ mod tests {
             .chunks(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        let sigs: Vec<Vec<u8>> = entries.iter().map(|&a| read_table(&mem, a)[..4].to_vec()).collect();
+        let sigs: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|&a| read_table(&mem, a)[..4].to_vec())
+            .collect();
         assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
 
         let fadt = read_table(&mem, entries[0]);
@@ -281,10 +300,20 @@ mod tests {
     fn too_many_devices_do_not_fit() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let slots: Vec<MmioSlot> = (0..2000)
-            .map(|i| MmioSlot { base: DEVICE_MMIO_START + i * 0x1000, len: 0x1000, irq: 5 })
+            .map(|i| MmioSlot {
+                base: DEVICE_MMIO_START + i * 0x1000,
+                len: 0x1000,
+                irq: 5,
+            })
             .collect();
-        let err = write_acpi_tables(&mem, &AcpiPlatform { vcpus: 1, virtio_mmio: &slots })
-            .unwrap_err();
+        let err = write_acpi_tables(
+            &mem,
+            &AcpiPlatform {
+                vcpus: 1,
+                virtio_mmio: &slots,
+            },
+        )
+        .unwrap_err();
         assert!(matches!(err, AcpiError::TooLarge { .. }));
     }
 }

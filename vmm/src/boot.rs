@@ -175,9 +175,7 @@ fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootE
             let decompress_end = u64::from(params.hdr.pref_address.max(HIMEM_START))
                 .saturating_add(u64::from(params.hdr.init_size));
             Ok(LoadedKernel {
-                entry: result
-                    .kernel_load
-                    .unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
+                entry: result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
                 end: result.kernel_end.max(decompress_end),
                 params,
             })
@@ -342,7 +340,11 @@ pub fn gdt_entry_to_segment(entry: u64, selector: u16) -> kvm_bindings::kvm_segm
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     kvm_bindings::kvm_segment {
         base: ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000),
-        limit: if granular { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if granular {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector,
         type_: ((entry >> 40) & 0xf) as u8,
         present: bit(47),

@@ -91,7 +91,10 @@ mod tests {
         assert_eq!(args.vcpus, 1);
         assert_eq!(args.cmdline, DEFAULT_CMDLINE);
         assert!(Args::try_parse_from(["xskvm", "--kernel", "k", "--bogus"]).is_err());
-        assert!(Args::try_parse_from(["xskvm"]).is_err(), "kernel is required");
+        assert!(
+            Args::try_parse_from(["xskvm"]).is_err(),
+            "kernel is required"
+        );
         assert!(Args::try_parse_from(["xskvm", "--kernel", "k", "--vcpus", "-1"]).is_err());
     }
 }

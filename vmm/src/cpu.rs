@@ -5,19 +5,33 @@
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 
-use crate::boot::{gdt_entry_to_segment, GDT_CODE_SELECTOR, GDT_DATA_SELECTOR, GDT_TABLE, GDT_TSS_SELECTOR};
+use crate::boot::{
+    gdt_entry_to_segment, GDT_CODE_SELECTOR, GDT_DATA_SELECTOR, GDT_TABLE, GDT_TSS_SELECTOR,
+};
 use crate::layout::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CpuError {
     #[error("cannot set CPUID of vCPU {index}: {source}")]
-    SetCpuid { index: u8, source: kvm_ioctls::Error },
+    SetCpuid {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot set MSRs of vCPU {index}: {source}")]
-    SetMsrs { index: u8, source: kvm_ioctls::Error },
+    SetMsrs {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot set registers of vCPU {index}: {source}")]
-    SetRegisters { index: u8, source: kvm_ioctls::Error },
+    SetRegisters {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot program the local APIC of vCPU {index}: {source}")]
-    Lapic { index: u8, source: kvm_ioctls::Error },
+    Lapic {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot build the MSR list: {0:?}")]
     MsrList(vmm_sys_util::fam::Error),
 }
@@ -217,9 +231,13 @@ mod tests {
 
     #[test]
     fn cpuid_carries_apic_id_and_topology() {
-        let mut cpuid =
-            CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0x8000_0008, 0)])
-                .unwrap();
+        let mut cpuid = CpuId::from_entries(&[
+            entry(1, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0x8000_0008, 0),
+        ])
+        .unwrap();
         patch_cpuid(&mut cpuid, 2, 3);
         let e = cpuid.as_slice();
         assert_eq!(e[0].ebx >> 24, 2, "initial APIC id");
@@ -227,7 +245,10 @@ mod tests {
         assert_eq!(e[0].ebx & 0xffff, 0xbeef, "other bits kept");
         assert_ne!(e[0].edx & CPUID_HTT, 0);
         assert_eq!((e[1].eax, e[1].ebx, e[1].edx), (0, 1, 2));
-        assert_eq!((e[2].eax, e[2].ebx, e[2].ecx >> 8), (2, 3, TOPOLOGY_LEVEL_CORE));
+        assert_eq!(
+            (e[2].eax, e[2].ebx, e[2].ecx >> 8),
+            (2, 3, TOPOLOGY_LEVEL_CORE)
+        );
         assert_eq!(e[3].ecx & 0xff, 2);
     }
 

@@ -93,7 +93,10 @@ mod tests {
         let regions = ram_regions(4 << 30);
         assert_eq!(
             regions,
-            vec![(0, MMIO_HOLE_START), (HIGH_RAM_START, (4 << 30) - MMIO_HOLE_START)]
+            vec![
+                (0, MMIO_HOLE_START),
+                (HIGH_RAM_START, (4 << 30) - MMIO_HOLE_START)
+            ]
         );
         let total: u64 = regions.iter().map(|r| r.1).sum();
         assert_eq!(total, 4 << 30);

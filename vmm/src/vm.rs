@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use devices::legacy::{AcpiSleepControl, SerialConsole, I8042};
 use devices::{BusBuilder, EventTrigger, MmioSlot, ResourceAllocator};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -109,7 +111,9 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
     )?;
     pio.insert(
         Arc::new(Mutex::new(I8042::new(EventTrigger::new(
-            reset_evt.try_clone().map_err(io_err("cannot clone an eventfd"))?,
+            reset_evt
+                .try_clone()
+                .map_err(io_err("cannot clone an eventfd"))?,
         )))),
         u64::from(I8042_PORT_BASE),
         u64::from(I8042_PORT_LEN),
@@ -167,7 +171,9 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
         .map_err(io_err("cannot put the terminal in raw mode"))?;
     console::spawn_stdin_reader(
         serial,
-        quit_evt.try_clone().map_err(io_err("cannot clone an eventfd"))?,
+        quit_evt
+            .try_clone()
+            .map_err(io_err("cannot clone an eventfd"))?,
         raw_terminal.is_some(),
     )
     .map_err(io_err("cannot start the console input thread"))?;
@@ -178,7 +184,9 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
             Ok(handle) => handles.push(handle),
             Err(source) => {
                 stop.store(true, Ordering::Release);
-                handles.into_iter().for_each(|h: crate::vcpu::VcpuHandle| h.stop(Duration::from_secs(1)));
+                handles
+                    .into_iter()
+                    .for_each(|h: crate::vcpu::VcpuHandle| h.stop(Duration::from_secs(1)));
                 return Err(VmmError::Io {
                     what: "cannot start a vCPU thread",
                     source,
@@ -256,9 +264,8 @@ fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, VmmError> {
 
 fn open_kvm(config: &VmConfig) -> Result<Kvm, VmmError> {
     let path = config.kvm_device.clone();
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
-        VmmError::NoKvm { path: path.clone() }
-    })?;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| VmmError::NoKvm { path: path.clone() })?;
     let kvm = Kvm::new_with_path(&c_path).map_err(|source| match source.errno() {
         libc::ENOENT => VmmError::NoKvm { path: path.clone() },
         libc::EACCES | libc::EPERM => VmmError::KvmPermission { path: path.clone() },
@@ -268,7 +275,10 @@ fn open_kvm(config: &VmConfig) -> Result<Kvm, VmmError> {
         },
     })?;
     for (cap, name) in [
-        (Cap::Irqchip, "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)"),
+        (
+            Cap::Irqchip,
+            "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)",
+        ),
         (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
         (Cap::Ioeventfd, "ioeventfd (KVM_CAP_IOEVENTFD)"),
         (Cap::Pit2, "an in-kernel PIT (KVM_CAP_PIT2)"),
@@ -311,8 +321,7 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmmError> {
         };
         // SAFETY: the region is a live mapping owned by `mem`, which outlives
         // the VM (both are dropped when `run` returns, the VM first).
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(kvm_err("register guest memory"))?;
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
     }
     Ok(vm)
 }
@@ -348,7 +357,13 @@ fn read_signal(fd: &OwnedFd) -> Option<i32> {
     let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
     let size = std::mem::size_of::<libc::signalfd_siginfo>();
     // SAFETY: reads at most `size` bytes into `info`.
-    let n = unsafe { libc::read(fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
     (n == size as isize).then_some(info.ssi_signo as i32)
 }
 
@@ -378,7 +393,11 @@ fn wait_for_exit(
         (signals.as_raw_fd(), SIGNAL),
     ] {
         epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
             .map_err(io_err)?;
     }
     let mut events = [EpollEvent::default(); 5];

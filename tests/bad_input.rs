@@ -1,0 +1,197 @@
+//! Bad input to `xskvm` gets one clear error line and a non-zero exit, never
+//! a panic. None of these boots a guest, so they run directly on any host.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::TempDir;
+
+fn xskvm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xskvm"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run xskvm")
+}
+
+/// Asserts a failed run whose stderr mentions `needle`, and no panic.
+fn assert_error(output: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "expected failure, stderr: {stderr}"
+    );
+    assert!(
+        stderr.contains(needle),
+        "stderr should mention {needle:?}: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert_eq!(
+        output.status.code().map(|c| c < 100),
+        Some(true),
+        "killed by a signal?"
+    );
+}
+
+/// The smallest file linux-loader accepts as a bzImage: a setup header and
+/// one sector of "kernel".
+fn fake_bzimage(dir: &Path) -> PathBuf {
+    let mut image = vec![0u8; 0x600];
+    image[0x1f1] = 1; // setup_sects
+    image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // version
+    image[0x211] = 1; // loadflags: LOADED_HIGH
+    image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    let path = dir.join("bzImage");
+    std::fs::write(&path, image).unwrap();
+    path
+}
+
+#[test]
+fn missing_kernel() {
+    assert_error(
+        &xskvm(&["--kernel", "/nonexistent/vmlinux"]),
+        "cannot open kernel image /nonexistent/vmlinux",
+    );
+}
+
+#[test]
+fn unreadable_kernel_is_a_directory() {
+    assert_error(
+        &xskvm(&["--kernel", "/"]),
+        "cannot open kernel image /: Is a directory",
+    );
+}
+
+#[test]
+fn file_that_is_not_a_kernel() {
+    let dir = TempDir::new("not-a-kernel");
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, "hello, I am text").unwrap();
+    assert_error(
+        &xskvm(&["--kernel", path.to_str().unwrap()]),
+        "is not a kernel: neither an x86-64 ELF vmlinux nor a bzImage",
+    );
+}
+
+#[test]
+fn initrd_too_large_for_ram() {
+    let dir = TempDir::new("big-initrd");
+    let kernel = fake_bzimage(dir.path());
+    let initrd = dir.path().join("initrd");
+    std::fs::File::create(&initrd)
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    assert_error(
+        &xskvm(&[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory",
+            "32M",
+        ]),
+        "does not fit in guest RAM",
+    );
+}
+
+#[test]
+fn missing_initrd() {
+    let dir = TempDir::new("no-initrd");
+    let kernel = fake_bzimage(dir.path());
+    assert_error(
+        &xskvm(&[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            "/nonexistent/initrd",
+        ]),
+        "cannot read initrd /nonexistent/initrd",
+    );
+}
+
+#[test]
+fn memory_zero_and_garbage() {
+    assert_error(
+        &xskvm(&["--kernel", "k", "--memory", "0"]),
+        "--memory must be at least 16 MiB",
+    );
+    assert_error(
+        &xskvm(&["--kernel", "k", "--memory", "lots"]),
+        "is not a size like 512M",
+    );
+}
+
+#[test]
+fn memory_beyond_the_host() {
+    assert_error(
+        &xskvm(&["--kernel", "k", "--memory", "65536G"]),
+        "MiB of RAM",
+    );
+}
+
+#[test]
+fn vcpus_zero_and_beyond_the_limit() {
+    assert_error(
+        &xskvm(&["--kernel", "k", "--vcpus", "0"]),
+        "--vcpus must be at least 1",
+    );
+    assert_error(
+        &xskvm(&["--kernel", "k", "--vcpus", "100000"]),
+        "--vcpus 100000 is more than this host's KVM supports",
+    );
+}
+
+#[test]
+fn unknown_flag() {
+    assert_error(
+        &xskvm(&["--kernel", "k", "--frobnicate"]),
+        "unexpected argument '--frobnicate'",
+    );
+}
+
+#[test]
+fn no_kvm_device() {
+    let dir = TempDir::new("no-kvm");
+    let kernel = fake_bzimage(dir.path());
+    assert_error(
+        &xskvm(&[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--kvm-device",
+            "/nonexistent/kvm",
+        ]),
+        "/nonexistent/kvm does not exist: KVM is not available here",
+    );
+}
+
+#[test]
+fn no_permission_on_kvm_device() {
+    // Root opens anything, so drop to 'nobody' for this one; a file nobody
+    // may not open stands in for /dev/kvm.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: checking the real /dev/kvm as this user instead");
+    }
+    let dir = TempDir::new("kvm-perm");
+    let kernel = fake_bzimage(dir.path());
+    let node = dir.path().join("kvm");
+    std::fs::write(&node, b"").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let output = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_xskvm"))
+        .args(["--kernel", kernel.to_str().unwrap(), "--kvm-device"])
+        .arg(&node)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run setpriv (util-linux)");
+    assert_error(&output, "no permission to open");
+}
