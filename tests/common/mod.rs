@@ -31,3 +31,108 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Serialises scenario runs: each may boot a whole emulated test host, and
+/// two at once on a small machine only make both slow.
+static SCENARIO_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Top of the repository (tests run with the package directory as cwd).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("package has a parent")
+        .to_path_buf()
+}
+
+/// The cache the resources/ scripts build into.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("XSKVM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/xskvm"))
+}
+
+/// Paths of the guest image (kernel in both formats and the initramfs),
+/// built once per test process by resources/guest-image.sh.
+pub struct GuestImage {
+    pub bzimage: PathBuf,
+    pub vmlinux: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+pub fn guest_image() -> &'static GuestImage {
+    static IMAGE: std::sync::OnceLock<GuestImage> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let status = std::process::Command::new("bash")
+            .arg(repo_root().join("resources/guest-image.sh"))
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run resources/guest-image.sh");
+        assert!(status.success(), "resources/guest-image.sh failed");
+        let dir = cache_dir().join("guest");
+        GuestImage {
+            bzimage: dir.join("bzImage"),
+            vmlinux: dir.join("vmlinux"),
+            initramfs: dir.join("initramfs.cpio.gz"),
+        }
+    })
+}
+
+/// What a scenario printed and how it ended.
+pub struct ScenarioOutput {
+    pub stdout: String,
+    pub stderr: String,
+    pub status: Option<i32>,
+}
+
+impl ScenarioOutput {
+    /// The value of the last `KEY=value` line the scenario printed.
+    pub fn value_of(&self, key: &str) -> Option<&str> {
+        let prefix = format!("{key}=");
+        self.stdout
+            .lines()
+            .rev()
+            .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix.as_str()))
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs a shell script where KVM can boot a guest: directly when this host
+/// has hardware virtualization, else inside the nested test host
+/// (resources/run-scenario.sh decides and says which on stderr). `files`
+/// are made available at the same paths.
+pub fn run_scenario(script: &str, files: &[&Path]) -> ScenarioOutput {
+    let _serial = SCENARIO_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = TempDir::new("scenario");
+    let script_path = dir.path().join("scenario.sh");
+    std::fs::write(&script_path, script).expect("write scenario");
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(repo_root().join("resources/run-scenario.sh"));
+    for file in files {
+        cmd.arg("--file").arg(file);
+    }
+    let output = cmd
+        .arg(&script_path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run resources/run-scenario.sh");
+    let result = ScenarioOutput {
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        status: output.status.code(),
+    };
+    // Say where it ran (visible with --nocapture and in failure output).
+    if let Some(line) = result
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("run-scenario:"))
+    {
+        eprintln!("{line}");
+    }
+    result
+}
