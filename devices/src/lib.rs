@@ -8,6 +8,7 @@ pub mod bus;
 pub mod legacy;
 pub mod resources;
 pub mod trigger;
+pub mod virtio;
 
 pub use bus::{Bus, BusBuilder, BusDevice, BusError};
 pub use resources::{MmioSlot, ResourceAllocator, ResourceError};

@@ -1,0 +1,96 @@
+//! Virtio devices and their MMIO transport (virtio 1.2, "modern" only).
+
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use mmio::MmioTransport;
+
+/// Interrupt causes in the transport's InterruptStatus register.
+pub const INTERRUPT_USED_RING: u32 = 0x1;
+pub const INTERRUPT_CONFIG_CHANGE: u32 = 0x2;
+
+/// Feature bit every modern device offers and every modern driver must accept.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    #[error("queue {0} is not usable: bad size or addresses outside guest memory")]
+    InvalidQueue(usize),
+    #[error("the device needs {needed} queues, the driver made {ready} ready")]
+    MissingQueues { needed: usize, ready: usize },
+    #[error("cannot start the device: {0}")]
+    Activate(String),
+}
+
+/// A virtio device as the transport sees it: identity, features, config
+/// space, and activation with the queues the driver set up.
+pub trait VirtioDevice: Send {
+    /// Virtio device id (1 = network).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the number of entries is the queue count.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered to the driver.
+    fn device_features(&self) -> u64;
+    /// Features the driver accepted (a subset of the offer, checked by the transport).
+    fn set_acked_features(&mut self, features: u64);
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver is ready: start serving the queues.
+    fn activate(&mut self, resources: ActivateResources) -> Result<(), VirtioError>;
+    /// The driver reset the device: stop serving and drop the queues.
+    fn reset(&mut self);
+}
+
+/// What a device gets on activation.
+pub struct ActivateResources {
+    pub mem: GuestMemoryMmap,
+    /// One per queue, in queue order; only ready queues are valid.
+    pub queues: Vec<Queue>,
+    /// Signalled when the driver notifies the matching queue.
+    pub queue_events: Vec<EventFd>,
+    pub interrupt: std::sync::Arc<Interrupt>,
+}
+
+/// The device's interrupt line plus the status register that says why it fired.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    line: EventFd,
+}
+
+impl Interrupt {
+    /// `line` is an irqfd (or any eventfd in tests).
+    pub fn new(line: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            line,
+        }
+    }
+
+    /// Raises the line with `cause` set in the status register.
+    pub fn signal(&self, cause: u32) -> std::io::Result<()> {
+        self.status.fetch_or(cause, Ordering::AcqRel);
+        self.line.write(1)
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    pub fn acknowledge(&self, causes: u32) {
+        self.status.fetch_and(!causes, Ordering::AcqRel);
+    }
+
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::Release);
+    }
+
+    pub fn line(&self) -> &EventFd {
+        &self.line
+    }
+}
