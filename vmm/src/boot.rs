@@ -172,7 +172,10 @@ fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootE
             }
             // The decompressor unpacks to the kernel's preferred address and needs
             // init_size bytes there; keep the initramfs clear of all of it.
-            let decompress_end = u64::from(params.hdr.pref_address.max(HIMEM_START))
+            let decompress_end = params
+                .hdr
+                .pref_address
+                .max(HIMEM_START)
                 .saturating_add(u64::from(params.hdr.init_size));
             Ok(LoadedKernel {
                 entry: result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),

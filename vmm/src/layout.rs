@@ -68,6 +68,15 @@ pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x3c0;
 pub const DEVICE_IRQ_FIRST: u32 = 5;
 pub const DEVICE_IRQ_LAST: u32 = 23;
 
+// The fixed areas must not overlap; checked when the crate compiles.
+const _: () = {
+    assert!(BOOT_IDT_START >= BOOT_GDT_START + 4 * 8);
+    assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
+    assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    assert!(ACPI_START >= EBDA_START && ACPI_END <= HIMEM_START);
+    assert!(DEVICE_MMIO_START >= MMIO_HOLE_START && DEVICE_MMIO_END <= IOAPIC_START);
+};
+
 /// Guest RAM regions for `size` bytes: below the MMIO hole, then above 4 GiB.
 pub fn ram_regions(size: u64) -> Vec<(u64, u64)> {
     let low = size.min(MMIO_HOLE_START);
@@ -100,14 +109,5 @@ mod tests {
         );
         let total: u64 = regions.iter().map(|r| r.1).sum();
         assert_eq!(total, 4 << 30);
-    }
-
-    #[test]
-    fn fixed_areas_do_not_overlap() {
-        assert!(BOOT_IDT_START > BOOT_GDT_START + 4 * 8 - 1);
-        assert!(PDE_START + 4 * 0x1000 <= 0x1_0000);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-        assert!(ACPI_START >= EBDA_START && ACPI_END <= HIMEM_START);
-        assert!(DEVICE_MMIO_START >= MMIO_HOLE_START && DEVICE_MMIO_END <= IOAPIC_START);
     }
 }

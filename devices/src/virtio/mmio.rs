@@ -368,7 +368,7 @@ impl BusDevice for MmioTransport {
             self.device.read_config(offset - REG_CONFIG, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             log::warn!(
                 "virtio-mmio: {}-byte read at {offset:#x}; registers are 32-bit",
                 data.len()
@@ -394,7 +394,7 @@ impl BusDevice for MmioTransport {
             );
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             log::warn!("virtio-mmio: unaligned write at {offset:#x}");
             return;
         }
