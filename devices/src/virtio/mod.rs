@@ -1,6 +1,7 @@
 //! Virtio devices and their MMIO transport (virtio 1.2, "modern" only).
 
 pub mod mmio;
+pub mod net;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -1,0 +1,110 @@
+//! Per-queue-pair counters, shared between an IO thread and whoever reports them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct QueuePairCounters {
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    /// Frames that did not fit the guest buffer they were offered.
+    pub rx_dropped_too_big: AtomicU64,
+    /// Guest buffers that could not be written (bad descriptors).
+    pub rx_bad_descriptors: AtomicU64,
+    /// Times frames had to wait because the guest posted no buffers.
+    pub rx_no_buffer_waits: AtomicU64,
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Chains dropped for bad descriptors, oversize or runt frames.
+    pub tx_dropped: AtomicU64,
+    /// Times the host transmit ring was full.
+    pub tx_ring_full: AtomicU64,
+    pub rx_notifications: AtomicU64,
+    pub tx_notifications: AtomicU64,
+    pub interrupts: AtomicU64,
+    /// Sum of frames per processed batch and number of batches: their ratio is the mean batch.
+    pub rx_batch_frames: AtomicU64,
+    pub rx_batches: AtomicU64,
+    pub tx_batch_frames: AtomicU64,
+    pub tx_batches: AtomicU64,
+}
+
+/// A point-in-time copy, for tests and logs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CountersSnapshot {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub rx_dropped_too_big: u64,
+    pub rx_bad_descriptors: u64,
+    pub rx_no_buffer_waits: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_dropped: u64,
+    pub tx_ring_full: u64,
+    pub rx_notifications: u64,
+    pub tx_notifications: u64,
+    pub interrupts: u64,
+    pub rx_batch_frames: u64,
+    pub rx_batches: u64,
+    pub tx_batch_frames: u64,
+    pub tx_batches: u64,
+}
+
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+impl QueuePairCounters {
+    pub fn snapshot(&self) -> CountersSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CountersSnapshot {
+            rx_packets: get(&self.rx_packets),
+            rx_bytes: get(&self.rx_bytes),
+            rx_dropped_too_big: get(&self.rx_dropped_too_big),
+            rx_bad_descriptors: get(&self.rx_bad_descriptors),
+            rx_no_buffer_waits: get(&self.rx_no_buffer_waits),
+            tx_packets: get(&self.tx_packets),
+            tx_bytes: get(&self.tx_bytes),
+            tx_dropped: get(&self.tx_dropped),
+            tx_ring_full: get(&self.tx_ring_full),
+            rx_notifications: get(&self.rx_notifications),
+            tx_notifications: get(&self.tx_notifications),
+            interrupts: get(&self.interrupts),
+            rx_batch_frames: get(&self.rx_batch_frames),
+            rx_batches: get(&self.rx_batches),
+            tx_batch_frames: get(&self.tx_batch_frames),
+            tx_batches: get(&self.tx_batches),
+        }
+    }
+}
+
+impl std::fmt::Display for CountersSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mean = |frames: u64, batches: u64| {
+            if batches == 0 {
+                0.0
+            } else {
+                frames as f64 / batches as f64
+            }
+        };
+        write!(
+            f,
+            "rx {} pkts {} B (dropped: {} too big, {} bad desc; {} no-buffer waits), \
+             tx {} pkts {} B ({} dropped, {} ring full), notifications rx {} tx {}, \
+             interrupts {}, mean batch rx {:.1} tx {:.1}",
+            self.rx_packets,
+            self.rx_bytes,
+            self.rx_dropped_too_big,
+            self.rx_bad_descriptors,
+            self.rx_no_buffer_waits,
+            self.tx_packets,
+            self.tx_bytes,
+            self.tx_dropped,
+            self.tx_ring_full,
+            self.rx_notifications,
+            self.tx_notifications,
+            self.interrupts,
+            mean(self.rx_batch_frames, self.rx_batches),
+            mean(self.tx_batch_frames, self.tx_batches),
+        )
+    }
+}

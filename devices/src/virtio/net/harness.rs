@@ -1,0 +1,342 @@
+//! A device-level driver harness: test code that plays the guest's
+//! virtio-net driver against [`Net`] through the virtio-mmio registers and
+//! queue eventfds, on a real `GuestMemoryMmap`, with no KVM. Used by the
+//! device tests and the datapath benchmark.
+
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{Net, NET_HDR_LEN};
+use crate::bus::BusDevice;
+use crate::virtio::mmio::{
+    MmioTransport, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+};
+
+const MEM_SIZE: usize = 64 << 20;
+/// Each queue's rings live in one 16 KiB block from here.
+const RINGS_START: u64 = 0x10_0000;
+const RING_BLOCK: u64 = 0x4000;
+/// Buffers: one 2 KiB slot per descriptor of each queue, from here.
+const BUFFERS_START: u64 = 0x100_0000;
+pub const BUFFER_SIZE: u32 = 2048;
+const VIRTQ_DESC_F_NEXT: u16 = 1;
+const VIRTQ_DESC_F_WRITE: u16 = 2;
+
+/// Driver-side state of one virtqueue.
+struct DriverQueue {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    avail_idx: u16,
+    used_seen: u16,
+    /// Descriptor ids free for new chains.
+    free: Vec<u16>,
+}
+
+pub struct DriverHarness {
+    pub mem: GuestMemoryMmap,
+    pub transport: MmioTransport,
+    pub irq: EventFd,
+    queues: Vec<DriverQueue>,
+    event_idx: bool,
+}
+
+fn reg(t: &mut MmioTransport, offset: u64, value: u32) {
+    t.write(offset, &value.to_le_bytes());
+}
+
+fn read_reg(t: &mut MmioTransport, offset: u64) -> u32 {
+    let mut data = [0u8; 4];
+    t.read(offset, &mut data);
+    u32::from_le_bytes(data)
+}
+
+impl DriverHarness {
+    pub fn new(net: Net) -> Self {
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
+        let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let transport = MmioTransport::new(
+            Box::new(net),
+            mem.clone(),
+            irq.try_clone().expect("eventfd"),
+        )
+        .expect("transport");
+        Self {
+            mem,
+            transport,
+            irq,
+            queues: Vec::new(),
+            event_idx: false,
+        }
+    }
+
+    pub fn device_features(&mut self) -> u64 {
+        reg(&mut self.transport, 0x14, 0);
+        let low = read_reg(&mut self.transport, 0x10);
+        reg(&mut self.transport, 0x14, 1);
+        let high = read_reg(&mut self.transport, 0x10);
+        u64::from(low) | (u64::from(high) << 32)
+    }
+
+    pub fn status(&mut self) -> u32 {
+        read_reg(&mut self.transport, 0x70)
+    }
+
+    /// Negotiates `features`, sets up `queue_count` queues of `size` and sets
+    /// DRIVER_OK, as the Linux driver does.
+    pub fn start(&mut self, features: u64, queue_count: usize, size: u16) {
+        let t = &mut self.transport;
+        reg(t, 0x70, 0);
+        reg(t, 0x70, STATUS_ACKNOWLEDGE);
+        reg(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        reg(t, 0x24, 0);
+        reg(t, 0x20, features as u32);
+        reg(t, 0x24, 1);
+        reg(t, 0x20, (features >> 32) as u32);
+        reg(
+            t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        self.event_idx = features & super::VIRTIO_RING_F_EVENT_IDX != 0;
+        self.queues.clear();
+        for q in 0..queue_count {
+            let base = RINGS_START + q as u64 * RING_BLOCK;
+            let queue = DriverQueue {
+                size,
+                desc: base,
+                avail: base + 0x1000,
+                used: base + 0x2000,
+                avail_idx: 0,
+                used_seen: 0,
+                free: (0..size).rev().collect(),
+            };
+            // Zero the rings: a reused harness must not see old indices.
+            self.mem
+                .write_slice(&[0u8; RING_BLOCK as usize], GuestAddress(base))
+                .expect("zero rings");
+            let t = &mut self.transport;
+            reg(t, 0x30, q as u32);
+            reg(t, 0x38, u32::from(size));
+            for (low, value) in [(0x80, queue.desc), (0x90, queue.avail), (0xa0, queue.used)] {
+                reg(t, low, value as u32);
+                reg(t, low + 4, (value >> 32) as u32);
+            }
+            reg(t, 0x44, 1);
+            self.queues.push(queue);
+        }
+        reg(
+            &mut self.transport,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+    }
+
+    /// Resets the device (status 0), as a driver unbinding does.
+    pub fn reset(&mut self) {
+        reg(&mut self.transport, 0x70, 0);
+    }
+
+    fn buffer_addr(queue: usize, id: u16) -> u64 {
+        BUFFERS_START + (queue as u64 * 256 + u64::from(id)) * u64::from(BUFFER_SIZE)
+    }
+
+    fn write_desc(&self, queue: usize, id: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(self.queues[queue].desc + u64::from(id) * 16);
+        let mut raw = [0u8; 16];
+        raw[..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&next.to_le_bytes());
+        self.mem.write_slice(&raw, at).expect("write descriptor");
+    }
+
+    /// Publishes chain `head` in the avail ring (not yet notified).
+    fn publish(&mut self, queue: usize, head: u16) {
+        let q = &mut self.queues[queue];
+        let slot = q.avail + 4 + u64::from(q.avail_idx % q.size) * 2;
+        self.mem
+            .write_obj(head, GuestAddress(slot))
+            .expect("avail ring");
+        q.avail_idx = q.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        self.mem
+            .write_obj(q.avail_idx, GuestAddress(q.avail + 2))
+            .expect("avail idx");
+    }
+
+    /// Posts up to `n` receive buffers (header + frame room each); returns how many.
+    pub fn post_rx_buffers(&mut self, queue: usize, n: usize) -> usize {
+        let mut posted = 0;
+        while posted < n {
+            let Some(id) = self.queues[queue].free.pop() else {
+                break;
+            };
+            self.write_desc(
+                queue,
+                id,
+                Self::buffer_addr(queue, id),
+                BUFFER_SIZE,
+                VIRTQ_DESC_F_WRITE,
+                0,
+            );
+            self.publish(queue, id);
+            posted += 1;
+        }
+        posted
+    }
+
+    /// Queues one frame for transmission as a two-descriptor chain (header,
+    /// then frame); false if the queue is full.
+    pub fn queue_tx_frame(&mut self, queue: usize, frame: &[u8]) -> bool {
+        assert!(frame.len() <= BUFFER_SIZE as usize);
+        if self.queues[queue].free.len() < 2 {
+            return false;
+        }
+        let Some(hdr) = self.queues[queue].free.pop() else {
+            return false;
+        };
+        let Some(data) = self.queues[queue].free.pop() else {
+            return false;
+        };
+        let hdr_addr = Self::buffer_addr(queue, hdr);
+        self.mem
+            .write_slice(&[0u8; NET_HDR_LEN], GuestAddress(hdr_addr))
+            .expect("hdr");
+        let data_addr = Self::buffer_addr(queue, data);
+        self.mem
+            .write_slice(frame, GuestAddress(data_addr))
+            .expect("frame");
+        self.write_desc(
+            queue,
+            hdr,
+            hdr_addr,
+            NET_HDR_LEN as u32,
+            VIRTQ_DESC_F_NEXT,
+            data,
+        );
+        self.write_desc(queue, data, data_addr, frame.len() as u32, 0, 0);
+        self.publish(queue, hdr);
+        true
+    }
+
+    /// Publishes a raw chain built by the caller from (addr, len, flags)
+    /// descriptors — for feeding the device malformed input.
+    pub fn queue_raw_chain(&mut self, queue: usize, descs: &[(u64, u32, u16)]) {
+        let ids: Vec<u16> = (0..descs.len())
+            .filter_map(|_| self.queues[queue].free.pop())
+            .collect();
+        assert_eq!(ids.len(), descs.len(), "queue full");
+        for (i, (&id, &(addr, len, flags))) in ids.iter().zip(descs).enumerate() {
+            let next = ids.get(i + 1).copied();
+            let flags = flags | if next.is_some() { VIRTQ_DESC_F_NEXT } else { 0 };
+            self.write_desc(queue, id, addr, len, flags, next.unwrap_or(0));
+        }
+        self.publish(queue, ids[0]);
+    }
+
+    /// Publishes descriptor `id` chained to itself: a descriptor loop.
+    pub fn queue_looping_chain(&mut self, queue: usize) {
+        let id = self.queues[queue].free.pop().expect("free descriptor");
+        let addr = Self::buffer_addr(queue, id);
+        self.write_desc(queue, id, addr, 64, VIRTQ_DESC_F_NEXT, id);
+        self.publish(queue, id);
+    }
+
+    /// Notifies the device about `queue`, as the ioeventfd would.
+    pub fn kick(&self, queue: usize) {
+        self.transport.queue_events()[queue].write(1).expect("kick");
+    }
+
+    /// Takes the used entries the device returned on `queue`, freeing their
+    /// descriptors; returns (head id, written length) pairs.
+    pub fn take_used(&mut self, queue: usize, out: &mut Vec<(u16, u32)>) {
+        let q = &mut self.queues[queue];
+        let used_idx: u16 = self
+            .mem
+            .read_obj(GuestAddress(q.used + 2))
+            .expect("used idx");
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        while q.used_seen != used_idx {
+            let slot = q.used + 4 + u64::from(q.used_seen % q.size) * 8;
+            let id: u32 = self.mem.read_obj(GuestAddress(slot)).expect("used elem");
+            let len: u32 = self.mem.read_obj(GuestAddress(slot + 4)).expect("used len");
+            let id = id as u16;
+            // Free the whole chain by following NEXT flags.
+            let mut cur = id;
+            for _ in 0..q.size {
+                q.free.push(cur);
+                let flags: u16 = self
+                    .mem
+                    .read_obj(GuestAddress(q.desc + u64::from(cur) * 16 + 12))
+                    .expect("flags");
+                let next: u16 = self
+                    .mem
+                    .read_obj(GuestAddress(q.desc + u64::from(cur) * 16 + 14))
+                    .expect("next");
+                if flags & VIRTQ_DESC_F_NEXT == 0 || next == cur {
+                    break;
+                }
+                cur = next;
+            }
+            out.push((id, len));
+            q.used_seen = q.used_seen.wrapping_add(1);
+        }
+        if self.event_idx {
+            // used_event: interrupt me when you pass what I have seen.
+            let at = q.avail + 4 + u64::from(q.size) * 2;
+            self.mem
+                .write_obj(q.used_seen, GuestAddress(at))
+                .expect("used_event");
+        }
+    }
+
+    /// The frame in RX buffer `id` (without the virtio-net header).
+    pub fn rx_frame(&self, queue: usize, id: u16, len: u32, out: &mut Vec<u8>) {
+        let len = len as usize;
+        assert!(
+            len >= NET_HDR_LEN,
+            "rx length {len} shorter than the header"
+        );
+        out.resize(len - NET_HDR_LEN, 0);
+        let addr = Self::buffer_addr(queue, id) + NET_HDR_LEN as u64;
+        self.mem
+            .read_slice(out, GuestAddress(addr))
+            .expect("rx frame");
+    }
+
+    /// Waits for the interrupt line; true if it fired within `timeout`.
+    pub fn wait_interrupt(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.irq.read().is_ok() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&self.irq),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(100) as i32;
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+        }
+    }
+
+    /// Acknowledges interrupt causes as the driver's handler does.
+    pub fn ack_interrupt(&mut self) -> u32 {
+        let status = read_reg(&mut self.transport, 0x60);
+        reg(&mut self.transport, 0x64, status);
+        status
+    }
+}
