@@ -7,6 +7,7 @@ pub mod cli;
 pub mod console;
 pub mod cpu;
 pub mod layout;
+pub mod net;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;
@@ -56,6 +57,10 @@ pub enum VmmError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error("{0}: {1}")]
+    VirtioDevice(String, String),
+    #[error(transparent)]
+    Resources(#[from] devices::ResourceError),
     #[error("guest stopped: {0}")]
     GuestCrash(String),
 }

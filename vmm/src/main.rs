@@ -20,8 +20,9 @@ fn main() -> ExitCode {
         memory: args.memory,
         vcpus: args.vcpus,
         kvm_device: args.kvm_device,
+        nets: Vec::new(),
     };
-    match vm::run(&config) {
+    match vm::run(config) {
         Ok(exit) => {
             let how = match exit {
                 VmExit::PowerOff => "guest powered off".to_string(),

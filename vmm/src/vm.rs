@@ -11,11 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::legacy::{AcpiSleepControl, SerialConsole, I8042};
+use devices::virtio::mmio::REG_QUEUE_NOTIFY;
+use devices::virtio::net::{Net, NetBackend, NetConfig};
+use devices::virtio::MmioTransport;
 use devices::{BusBuilder, EventTrigger, MmioSlot, ResourceAllocator};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -32,7 +35,6 @@ pub const MIN_MEMORY_MIB: u64 = 16;
 /// Signals that end the VM cleanly.
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
-#[derive(Debug, Clone)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
@@ -40,6 +42,16 @@ pub struct VmConfig {
     pub memory: u64,
     pub vcpus: u32,
     pub kvm_device: PathBuf,
+    pub nets: Vec<NetDevice>,
+}
+
+/// A virtio-net device to attach, with its backends already open.
+pub struct NetDevice {
+    pub config: NetConfig,
+    /// One per queue pair.
+    pub backends: Vec<Box<dyn NetBackend>>,
+    /// Kept alive until the device is gone (e.g. the XDP program's link).
+    pub keepalive: Box<dyn std::any::Any + Send>,
 }
 
 /// How a VM ended without error.
@@ -53,7 +65,8 @@ pub enum VmExit {
 }
 
 /// Runs the VM until it ends; `Err` for bad input, host failures and guest crashes.
-pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
+pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
+    let config = &mut config;
     let vcpu_count = check_config(config)?;
     let mem = create_guest_memory(config.memory)?;
     let boot = load_guest(
@@ -62,13 +75,16 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
         config.initrd.as_deref(),
         &config.cmdline,
     )?;
-    // No virtio-mmio devices yet; their slots come from this allocator.
-    let _allocator = ResourceAllocator::new(
+    let mut allocator = ResourceAllocator::new(
         (DEVICE_MMIO_START, DEVICE_MMIO_END),
         DEVICE_MMIO_SLOT_SIZE,
         (DEVICE_IRQ_FIRST, DEVICE_IRQ_LAST),
     );
-    let virtio_mmio: Vec<MmioSlot> = Vec::new();
+    let virtio_mmio: Vec<MmioSlot> = config
+        .nets
+        .iter()
+        .map(|_| allocator.allocate())
+        .collect::<Result<_, _>>()?;
     write_acpi_tables(
         &mem,
         &AcpiPlatform {
@@ -128,7 +144,13 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
         1,
     )?;
     let pio = pio.build();
-    let mmio = BusBuilder::new().build();
+    let mut mmio = BusBuilder::new();
+    let mut keepalives = Vec::new();
+    for (net, slot) in config.nets.drain(..).zip(&virtio_mmio) {
+        keepalives.push(net.keepalive);
+        attach_virtio_net(&vm, &mem, &mut mmio, *slot, net.config, net.backends)?;
+    }
+    let mmio = mmio.build();
 
     let report = Arc::new(StopReport::new(new_evt()?));
     let stop = Arc::new(AtomicBool::new(false));
@@ -207,7 +229,51 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
         handle.stop(Duration::from_secs(2));
     }
     drop(raw_terminal);
+    // Devices (and their IO threads) go before what keeps their backends alive.
+    drop(pio);
+    drop(mmio);
+    drop(keepalives);
     outcome
+}
+
+/// Puts a virtio-net device behind a virtio-mmio window: registers on the
+/// MMIO bus, an irqfd for its interrupt, an ioeventfd per queue.
+fn attach_virtio_net(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut BusBuilder,
+    slot: MmioSlot,
+    config: NetConfig,
+    backends: Vec<Box<dyn NetBackend>>,
+) -> Result<(), VmmError> {
+    let id = config.id.clone();
+    let net = Net::new(config, backends)
+        .map_err(|e| VmmError::VirtioDevice(id.clone(), e.to_string()))?;
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| VmmError::Io {
+        what: "cannot create an eventfd",
+        source,
+    })?;
+    vm.register_irqfd(&irq, slot.irq)
+        .map_err(|source| VmmError::Kvm {
+            what: "connect a virtio interrupt",
+            source,
+        })?;
+    let transport = MmioTransport::new(Box::new(net), mem.clone(), irq)
+        .map_err(|e| VmmError::VirtioDevice(id.clone(), e.to_string()))?;
+    for (index, event) in transport.queue_events().iter().enumerate() {
+        vm.register_ioevent(
+            event,
+            &IoEventAddress::Mmio(slot.base + REG_QUEUE_NOTIFY),
+            index as u32,
+        )
+        .map_err(|source| VmmError::Kvm {
+            what: "register a queue notification ioeventfd",
+            source,
+        })?;
+    }
+    mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)?;
+    log::info!("{id}: virtio-mmio at {:#x}, IRQ {}", slot.base, slot.irq);
+    Ok(())
 }
 
 fn check_config(config: &VmConfig) -> Result<u8, VmmError> {
