@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Builds the xskvm guest image from Debian packages:
+#   $XSKVM_CACHE/guest/bzImage            Debian cloud kernel (bookworm-backports)
+#   $XSKVM_CACHE/guest/vmlinux            the same kernel as an ELF
+#   $XSKVM_CACHE/guest/initramfs.cpio.gz  busybox, iperf3, virtio_mmio/virtio_net, guest-init.sh
+# Rebuilt only when an input changes; prints the three paths.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+# Words after "--" on the guest's command line run as a command (guest-init.sh).
+GUEST_MODULES=(virtio_mmio virtio_net)
+
+fetch_kernel
+ensure_packages busybox-static iperf3
+out=$XSKVM_CACHE/guest
+stamp=$(stamp_of "$RESOURCES_DIR/guest-image.sh" "$RESOURCES_DIR/guest-init.sh" "$RESOURCES_DIR/lib.sh" \
+    <(dpkg-query -W busybox-static iperf3))
+
+if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$stamp" ]; then
+    log "building the guest image in $out"
+    rm -rf "$out"
+    mkdir -p "$out"
+    cp "$KERNEL_IMAGE" "$out/bzImage"
+
+    # The bzImage payload is one zstd frame; what follows it is not ours.
+    offset=$(LC_ALL=C grep -obUaP -m1 '\x28\xb5\x2f\xfd' "$out/bzImage" | cut -d: -f1 | head -n1 || true)
+    [ -n "$offset" ] || die "no zstd payload in $KERNEL_IMAGE"
+    tail -c +$((offset + 1)) "$out/bzImage" | zstd -qdc > "$out/vmlinux" 2>/dev/null || true
+    [ "$(head -c 4 "$out/vmlinux")" = $'\x7fELF' ] || die "could not extract vmlinux from $KERNEL_IMAGE"
+
+    stage=$(mktemp -d)
+    trap 'rm -rf "$stage"' EXIT
+    mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,run,root,etc}
+    mknod -m 600 "$stage/dev/console" c 5 1
+    cp /bin/busybox "$stage/bin/busybox"
+    install -m 755 "$RESOURCES_DIR/guest-init.sh" "$stage/init"
+    stage_modules "$stage" "${GUEST_MODULES[@]}"
+    copy_with_libs "$stage" /usr/bin/iperf3
+    (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet) | gzip -9 > "$out/initramfs.cpio.gz"
+    echo "$stamp" > "$out/.stamp"
+fi
+echo "$out/bzImage"
+echo "$out/vmlinux"
+echo "$out/initramfs.cpio.gz"

@@ -1,0 +1,25 @@
+#!/bin/busybox sh
+# /init of the xskvm guest image. Words after "--" on the kernel command
+# line arrive here as arguments: run them as one shell command, report its
+# status, power off. Without arguments, give the console a shell.
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+while read -r module; do
+    insmod "/modules/$module" 2>/dev/null || echo "guest: cannot load $module" >&2
+done < /modules.list
+ip link set lo up
+hostname xskvm-guest
+echo XSKVM-GUEST-READY
+if [ $# -gt 0 ]; then
+    sh -c "$*"
+    echo "XSKVM-GUEST-EXIT=$?"
+else
+    echo "xskvm guest shell: 'poweroff' to leave (or Ctrl-A x)"
+    setsid cttyhack sh -l
+fi
+poweroff -f

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# run-scenario.sh [--file PATH]... SCRIPT
+# Runs the bash script SCRIPT where KVM can boot Linux guests, with each PATH
+# available at the same absolute path, and exits with SCRIPT's status:
+#  - directly, when this host has hardware virtualization (vmx/svm);
+#  - otherwise inside the nested test host: QEMU TCG with an emulated AMD
+#    SVM CPU, the Debian cloud kernel with kvm-amd loaded, and an initramfs
+#    holding busybox, bash, iproute2, ethtool, iperf3, the PATHs (ELF
+#    programs with their shared libraries) and SCRIPT.
+# It says which on stderr. Environment: XSKVM_SCENARIO_MODE=direct|nested
+# forces one; XSKVM_TESTHOST_MEM (default 3G), XSKVM_TESTHOST_TIMEOUT
+# (seconds, default 600).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+# Kernel modules and programs every scenario may use in the test host.
+TESTHOST_MODULES=(kvm_amd veth tun vhost_net)
+TESTHOST_PROGRAMS=(/bin/bash /usr/bin/ip /usr/sbin/ethtool /usr/bin/iperf3 /usr/sbin/tc /usr/bin/nproc)
+
+files=()
+while [ $# -gt 1 ]; do
+    case "$1" in
+        --file) files+=("$2"); shift 2 ;;
+        *) die "usage: run-scenario.sh [--file PATH]... SCRIPT" ;;
+    esac
+done
+[ $# -eq 1 ] && [ -f "$1" ] || die "usage: run-scenario.sh [--file PATH]... SCRIPT"
+script=$1
+
+mode=${XSKVM_SCENARIO_MODE:-auto}
+if [ "$mode" = auto ]; then
+    if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -c /dev/kvm ]; then mode=direct; else mode=nested; fi
+fi
+if [ "$mode" = direct ]; then
+    echo "run-scenario: running directly (hardware virtualization)" >&2
+    exec bash "$script"
+fi
+echo "run-scenario: running in the nested test host (QEMU TCG, EPYC+svm)" >&2
+
+fetch_kernel
+ensure_packages busybox-static iperf3 iproute2 ethtool
+ensure_packages -t bookworm-backports qemu-system-x86
+
+base=$XSKVM_CACHE/testhost/base.cpio
+stamp=$(stamp_of "$RESOURCES_DIR/run-scenario.sh" "$RESOURCES_DIR/testhost-init.sh" "$RESOURCES_DIR/lib.sh" \
+    <(dpkg-query -W busybox-static iperf3 iproute2 ethtool bash))
+if [ "$(cat "$base.stamp" 2>/dev/null)" != "$stamp" ]; then
+    log "building the test host initramfs"
+    mkdir -p "$(dirname "$base")"
+    stage=$(mktemp -d)
+    mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,run,root,etc}
+    mknod -m 600 "$stage/dev/console" c 5 1
+    cp /bin/busybox "$stage/bin/busybox"
+    install -m 755 "$RESOURCES_DIR/testhost-init.sh" "$stage/init"
+    stage_modules "$stage" "${TESTHOST_MODULES[@]}"
+    copy_with_libs "$stage" "${TESTHOST_PROGRAMS[@]}"
+    echo "root:x:0:0:root:/root:/bin/bash" > "$stage/etc/passwd"
+    echo "nobody:x:65534:65534:nobody:/nonexistent:/bin/false" >> "$stage/etc/passwd"
+    printf 'root:x:0:\nnogroup:x:65534:\n' > "$stage/etc/group"
+    make_cpio "$stage" "$base"
+    rm -rf "$stage"
+    echo "$stamp" > "$base.stamp"
+fi
+
+work=$(mktemp -d /tmp/xskvm-testhost.XXXXXX)
+stage=$work/stage
+mkdir -p "$stage"
+[ ${#files[@]} -eq 0 ] || copy_with_libs "$stage" "${files[@]}"
+install -m 755 "$script" "$stage/scenario.sh"
+make_cpio "$stage" "$work/scenario.cpio"
+rm -rf "$stage"
+# The kernel unpacks concatenated archives in order: base, then this run's files.
+cat "$base" "$work/scenario.cpio" > "$work/initrd"
+: > "$work/out"; : > "$work/err"; : > "$work/rc"
+
+port() { echo "-chardev file,id=$1,path=$work/$1 -device virtserialport,bus=vs.0,chardev=$1,name=$1"; }
+# shellcheck disable=SC2046
+timeout -k 10 "${XSKVM_TESTHOST_TIMEOUT:-600}" qemu-system-x86_64 \
+    -M q35,accel=tcg -cpu EPYC,+svm -smp 2 -m "${XSKVM_TESTHOST_MEM:-3G}" \
+    -nodefaults -no-user-config -display none -no-reboot \
+    -serial "file:$work/console.log" \
+    -kernel "$KERNEL_IMAGE" -initrd "$work/initrd" \
+    -append "console=ttyS0 panic=-1 quiet loglevel=4" \
+    -device virtio-serial-pci,id=vs $(port out) $(port err) $(port rc) \
+    </dev/null 2>"$work/qemu.log" || true
+
+cat "$work/out"
+cat "$work/err" >&2
+rc=$(tr -dc '0-9' < "$work/rc")
+if [ -z "$rc" ]; then
+    echo "run-scenario: the test host did not finish the scenario; its console log: $work/console.log" >&2
+    grep -v "TCG doesn't support" "$work/qemu.log" >&2 || true
+    tail -n 20 "$work/console.log" >&2 || true
+    exit 125
+fi
+rm -rf "$work"
+exit "$rc"

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every xskvm test on a fresh Debian bookworm machine (as root):
+# installs what is missing, builds the guest image, then `cargo test` for
+# the whole workspace — unit and device tests, AF_XDP tests on veth pairs,
+# and boot tests (directly with hardware virtualization, else in the nested
+# test host).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash resources/install-deps.sh > /tmp/xskvm-install-deps.log 2>&1 \
+    || { cat /tmp/xskvm-install-deps.log >&2; echo "test: installing packages failed" >&2; exit 1; }
+command -v cargo >/dev/null || { echo "test: cargo not found (install Rust with rustup)" >&2; exit 1; }
+
+echo "== guest image"
+bash resources/guest-image.sh
+if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -c /dev/kvm ]; then
+    echo "== boot tests will run directly (this host has hardware virtualization)"
+else
+    echo "== boot tests will run in the nested test host (QEMU TCG with an emulated AMD SVM CPU)"
+fi
+
+echo "== cargo test"
+cargo test --workspace --all-targets "$@"
