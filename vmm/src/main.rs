@@ -30,7 +30,7 @@ fn main() -> ExitCode {
                 VmExit::Quit => "quit from the console".to_string(),
                 VmExit::Signal(sig) => format!("stopped by signal {sig}"),
             };
-            log::info!("{how}");
+            log::info!("{how}; peak RSS {}", peak_rss());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -38,4 +38,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// VmHWM from /proc/self/status: what the guest and xskvm touched at most.
+fn peak_rss() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
