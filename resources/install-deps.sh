@@ -14,7 +14,7 @@ apt-get update -q
 # Tests: iproute2 and ethtool (veth, netns), util-linux (setpriv).
 apt-get install -y -q \
     clang llvm libelf-dev zlib1g-dev pkg-config make gcc \
-    busybox-static iperf3 kmod xz-utils zstd cpio iproute2 ethtool util-linux
+    busybox-static iperf3 kmod xz-utils zstd cpio iproute2 ethtool util-linux time
 # QEMU (the nested test host) from backports: the image's qemu-utils is the
 # backports build, and bookworm's qemu-system would conflict with it.
 apt-get install -y -q -t bookworm-backports qemu-system-x86
