@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{guest_image, run_scenario, ScenarioOutput};
+use common::{guest_image, run_scenario, run_scenario_with_env, ScenarioOutput};
 
 const XSKVM: &str = env!("CARGO_BIN_EXE_xskvm");
 const GUEST_READY: &str = "XSKVM-GUEST-READY";
@@ -145,4 +145,93 @@ cat $out
         None,
         "guest was still sleeping"
     );
+}
+
+#[test]
+fn guest_ram_above_the_mmio_hole() {
+    // 3.5 GiB: 3 GiB below the 32-bit MMIO hole, the rest above 4 GiB. The
+    // test host gets enough RAM for it (guest memory is touched lazily).
+    let image = guest_image();
+    let script = format!(
+        r#"
+{XSKVM} --kernel {kernel} --initrd {initrd} --memory 3584M \
+    --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet -- free -m" </dev/null
+echo "XSKVM-RC=$?"
+"#,
+        kernel = image.bzimage.display(),
+        initrd = image.initramfs.display(),
+    );
+    let out = run_scenario_with_env(
+        &script,
+        &[Path::new(XSKVM), &image.bzimage, &image.initramfs],
+        &[("XSKVM_TESTHOST_MEM", "6G")],
+    );
+    assert_eq!(out.value_of("XSKVM-RC"), Some("0"), "{}", out.describe());
+    let mib: u64 = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Mem:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|total| total.parse().ok())
+        .unwrap_or_else(|| panic!("no free -m output\n{}", out.describe()));
+    // The kernel keeps some for itself; well over 3 GiB means both regions are in use.
+    assert!(
+        mib > 3200 && mib <= 3584,
+        "guest sees {mib} MiB\n{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn guest_triple_fault_ends_xskvm_with_a_reason() {
+    // A "kernel" whose first instruction is ud2: with the boot IDT empty,
+    // the exception escalates to a triple fault.
+    let dir = common::TempDir::new("triple-fault");
+    let kernel = dir.path().join("ud2.elf");
+    std::fs::write(&kernel, ud2_elf()).unwrap();
+    let script = format!(
+        "{XSKVM} --kernel {} --memory 64M </dev/null 2>&1\necho \"XSKVM-RC=$?\"\n",
+        kernel.display()
+    );
+    let out = run_scenario(&script, &[Path::new(XSKVM), &kernel]);
+    assert_eq!(out.value_of("XSKVM-RC"), Some("1"), "{}", out.describe());
+    assert!(
+        out.stdout
+            .contains("xskvm: guest stopped: vCPU 0: guest triple fault"),
+        "{}",
+        out.describe()
+    );
+}
+
+/// A minimal x86-64 ELF executable: one PT_LOAD at 2 MiB holding `ud2`.
+fn ud2_elf() -> Vec<u8> {
+    const ENTRY: u64 = 0x20_0000;
+    const CODE_OFFSET: u64 = 64 + 56;
+    let code = [0x0f, 0x0b];
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&ENTRY.to_le_bytes());
+    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        elf.extend_from_slice(&v.to_le_bytes()); // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for v in [
+        CODE_OFFSET,
+        ENTRY,
+        ENTRY,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
+        elf.extend_from_slice(&v.to_le_bytes()); // offset, vaddr, paddr, filesz, memsz, align
+    }
+    elf.extend_from_slice(&code);
+    elf
 }

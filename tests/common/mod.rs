@@ -107,6 +107,16 @@ impl ScenarioOutput {
 /// (resources/run-scenario.sh decides and says which on stderr). `files`
 /// are made available at the same paths.
 pub fn run_scenario(script: &str, files: &[&Path]) -> ScenarioOutput {
+    run_scenario_with_env(script, files, &[])
+}
+
+/// [`run_scenario`] with environment variables for run-scenario.sh
+/// (e.g. `XSKVM_TESTHOST_MEM`).
+pub fn run_scenario_with_env(
+    script: &str,
+    files: &[&Path],
+    env: &[(&str, &str)],
+) -> ScenarioOutput {
     let _serial = SCENARIO_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let dir = TempDir::new("scenario");
     let script_path = dir.path().join("scenario.sh");
@@ -116,6 +126,7 @@ pub fn run_scenario(script: &str, files: &[&Path]) -> ScenarioOutput {
     for file in files {
         cmd.arg("--file").arg(file);
     }
+    cmd.envs(env.iter().copied());
     let output = cmd
         .arg(&script_path)
         .stdin(std::process::Stdio::null())
