@@ -36,6 +36,13 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub vcpus: u32,
 
+    /// A NIC backed by AF_XDP sockets on a host interface (repeatable):
+    /// af-xdp,ifname=IF[,mac=MAC][,queues=N][,start-queue=M][,mode=native|skb]
+    /// [,force-copy=on][,inhibit=on][,sock-fds=a:b]. The guest gets one
+    /// virtio-net queue pair per queue.
+    #[arg(long, value_name = "SPEC")]
+    pub net: Vec<crate::net::NetSpec>,
+
     /// KVM device node (for containers and tests that need another path).
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
     pub kvm_device: PathBuf,

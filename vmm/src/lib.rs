@@ -2,6 +2,7 @@
 //! runs a guest until it powers off, resets or fails.
 
 pub mod acpi;
+pub mod afxdp;
 pub mod boot;
 pub mod cli;
 pub mod console;
@@ -59,6 +60,8 @@ pub enum VmmError {
     },
     #[error("{0}: {1}")]
     VirtioDevice(String, String),
+    #[error("{0}")]
+    Net(String),
     #[error(transparent)]
     Resources(#[from] devices::ResourceError),
     #[error("guest stopped: {0}")]

@@ -13,6 +13,16 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
 
+    let mut nets = Vec::new();
+    for (index, spec) in args.net.iter().enumerate() {
+        match vmm::afxdp::open_net_device(index, spec) {
+            Ok(device) => nets.push(device),
+            Err(e) => {
+                eprintln!("xskvm: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -20,7 +30,7 @@ fn main() -> ExitCode {
         memory: args.memory,
         vcpus: args.vcpus,
         kvm_device: args.kvm_device,
-        nets: Vec::new(),
+        nets,
     };
     match vm::run(config) {
         Ok(exit) => {

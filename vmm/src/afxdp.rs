@@ -1,0 +1,86 @@
+//! Connects virtio-net queue pairs to AF_XDP sockets: opens a NIC with
+//! net-afxdp and adapts each of its queues to [`NetBackend`].
+
+use std::os::fd::RawFd;
+
+use devices::virtio::net::{NetBackend, NetConfig};
+use net_afxdp::{AfXdpConfig, AfXdpNic, XskQueue};
+
+use crate::net::{MacAddr, NetSpec};
+use crate::vm::NetDevice;
+
+/// Frames moved per call: bounds the time one queue spends before the
+/// worker looks at its other events again.
+const RX_BATCH: usize = 64;
+const TX_BATCH: usize = 64;
+/// Ethernet header plus one VLAN tag: what a frame adds to the MTU.
+const L2_OVERHEAD: u32 = 18;
+
+/// One AF_XDP socket serving one virtio-net queue pair.
+struct XskBackend {
+    queue: XskQueue,
+}
+
+impl NetBackend for XskBackend {
+    fn fd(&self) -> RawFd {
+        self.queue.fd()
+    }
+
+    fn receive(&mut self, deliver: &mut dyn FnMut(&[u8]) -> bool) -> usize {
+        self.queue.rx_batch(RX_BATCH, deliver)
+    }
+
+    fn transmit(&mut self, fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>) -> (usize, bool) {
+        if self.queue.tx_kick_pending() {
+            self.queue.kick_tx();
+        }
+        let batch = self.queue.tx_batch(TX_BATCH, fill);
+        // Frames still waiting for a kick count as "no room": the worker
+        // then waits for the socket to turn writable and tries again.
+        (batch.sent, batch.out_of_room || batch.kick_pending)
+    }
+}
+
+/// Opens the host side of `--net` number `index` and describes the device.
+pub fn open_net_device(index: usize, spec: &NetSpec) -> Result<NetDevice, crate::VmmError> {
+    let config: AfXdpConfig = spec
+        .backend_options
+        .parse()
+        .map_err(|e: net_afxdp::ConfigError| crate::VmmError::Net(e.to_string()))?;
+    let mtu = interface_mtu(&config.ifname)
+        .unwrap_or(1500)
+        .min(config.umem.max_rx_frame().saturating_sub(L2_OVERHEAD));
+    let nic = AfXdpNic::open(&config).map_err(|e| crate::VmmError::Net(e.to_string()))?;
+    let (owner, queues) = nic.into_parts();
+    let mac = spec.mac.unwrap_or_else(|| MacAddr::generate(index));
+    let id = format!("net{index}");
+    log::info!(
+        "{id}: af-xdp on {} queues {:?} ({}), MAC {mac}, MTU {mtu}",
+        config.ifname,
+        owner.info().queue_ids,
+        owner
+            .info()
+            .attach_mode
+            .map_or("no program: inhibit=on".to_string(), |m| format!("{m} XDP")),
+    );
+    Ok(NetDevice {
+        config: NetConfig {
+            id,
+            mac: mac.0,
+            mtu: mtu.min(u32::from(u16::MAX)) as u16,
+        },
+        backends: queues
+            .into_iter()
+            .map(|queue| Box::new(XskBackend { queue }) as Box<dyn NetBackend>)
+            .collect(),
+        keepalive: Box::new(owner),
+    })
+}
+
+fn interface_mtu(ifname: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/sys/class/net/{ifname}/mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
