@@ -1,0 +1,115 @@
+//! AF_XDP backend for xskvm: moves Ethernet frames between xskvm and a
+//! host interface through AF_XDP sockets. It knows nothing of virtio; the
+//! virtio-net device copies between guest memory and the frames this
+//! crate hands out.
+//!
+//! # Pieces
+//!
+//! - `bpf/xsk_redirect.bpf.c`, built with clang into a libbpf-rs skeleton
+//!   at compile time: redirects a frame received on queue *i* to the
+//!   socket in `xsks_map[i]`, passes everything else to the kernel.
+//! - [`AfXdpConfig`]: the options, with QEMU `-netdev af-xdp` semantics
+//!   (`ifname=IF[,queues=N][,start-queue=M][,mode=native|skb]
+//!   [,force-copy=on][,inhibit=on][,sock-fds=a:b]`), parsed with
+//!   [`AfXdpConfig::parse`] or [`AfXdpConfig::parse_allowing`] (which hands
+//!   keys the caller owns, like `mac`, back instead of rejecting them).
+//! - [`AfXdpNic::open`]: checks the interface and queue range, creates (or
+//!   adopts, with `sock-fds`) one AF_XDP socket per queue, attaches the
+//!   program with a BPF link (native first, skb as fallback, unless
+//!   `inhibit=on`; another program already attached is never replaced),
+//!   raises RLIMIT_MEMLOCK, registers one UMEM per queue, binds with
+//!   need-wakeup and fills the XSKMAP. Any error leaves nothing attached.
+//! - [`AfXdpNic::into_parts`] → [`NicOwner`] (holds the link; its drop —
+//!   or the process dying, even by SIGKILL — detaches the program) and one
+//!   [`XskQueue`] per queue, each `Send`, for one IO thread each.
+//!
+//! # Datapath (per queue, no allocation, no locks)
+//!
+//! ```no_run
+//! # use net_afxdp::{AfXdpConfig, AfXdpNic};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config: AfXdpConfig = "ifname=veth0,queues=2".parse()?;
+//! let (owner, queues) = AfXdpNic::open(&config)?.into_parts();
+//! for mut q in queues {
+//!     std::thread::spawn(move || loop {
+//!         // Block until frames arrive (or use q.fd() with epoll).
+//!         let _ = q.poll(true, false, None);
+//!         // Up to 64 frames; the closure copies each into a guest buffer
+//!         // and returns false when it has no buffer left (that frame and
+//!         // the rest stay queued). Frames go back to the fill ring in bulk.
+//!         q.rx_batch(64, |frame| { let _ = frame; true });
+//!         // Copy up to 64 frames into free UMEM frames; one kick at most.
+//!         let done = q.tx_batch(64, |buf| { buf[..60].fill(0); Some(60) });
+//!         if done.kick_pending { q.kick_tx(); }
+//!     });
+//! }
+//! # drop(owner); Ok(()) }
+//! ```
+//!
+//! - [`XskQueue::fd`]: poll/epoll it; readable = frames in the rx ring,
+//!   writable = tx ring at most half full (in copy mode a poll also
+//!   drives pending transmissions).
+//! - [`XskQueue::rx_batch`]: frames as `&[u8]` to a closure, recycled to
+//!   the fill ring in bulk afterwards; the driver is woken only when it
+//!   asked (need-wakeup).
+//! - [`XskQueue::tx_batch`]: the closure writes into `&mut [u8]` (one UMEM
+//!   frame, [`XskQueue::frame_size`] bytes) and returns the length; all
+//!   frames are submitted together with at most one `sendto` kick. It
+//!   reclaims completions itself when short of frames; [`TxBatch`] says
+//!   whether it ran out of frames or the kernel left frames for another
+//!   kick ([`XskQueue::kick_tx`]).
+//! - [`XskQueue::reclaim`]: completion ring → free frames, in bulk.
+//! - Counters: [`XskQueue::counters`] / [`XskQueue::stats_handle`] (for
+//!   another thread) give packets, bytes, batches, kicks, wake-ups, and
+//!   the kernel's drops by cause ([`XdpStatistics`]: rx_dropped,
+//!   rx_ring_full, rx_fill_ring_empty_descs, invalid descriptors).
+//!
+//! # Frames and memory
+//!
+//! Each queue has its own UMEM: [`UmemConfig`] (default 2048 receive +
+//! 2048 transmit frames of 4096 bytes = 16 MiB, locked). The receive pool
+//! cycles fill → rx → caller → fill, the transmit pool free → tx →
+//! completion → free; the rings are as large as their pool, so rings never
+//! overflow — when the caller is slow, the kernel counts the drop as
+//! `rx_fill_ring_empty_descs`/`rx_dropped`. A ledger records the owner of
+//! every frame and checks every address the kernel returns, so no frame
+//! is leaked or handed out twice ([`XskQueue::frame_accounting`]).
+//! Received frames start 256 bytes into their UMEM frame, so the largest
+//! receivable frame is `frame_size - 256` (3840 by default).
+//!
+//! # Privileges
+//!
+//! Creating AF_XDP sockets needs CAP_NET_RAW; loading and attaching the
+//! program CAP_BPF + CAP_NET_ADMIN (or CAP_SYS_ADMIN); registering the
+//! UMEM needs RLIMIT_MEMLOCK room or CAP_IPC_LOCK. Without any of them,
+//! a privileged helper uses [`PreparedSockets::create`] and passes the
+//! sockets to xskvm, which opens with `inhibit=on,sock-fds=a:b`.
+//!
+//! [`testbed`] holds the veth/namespace helpers the tests and the
+//! `xsk-bench` binary use.
+
+mod config;
+mod error;
+mod nic;
+mod program;
+mod queue;
+mod ring;
+mod sys;
+pub mod testbed;
+mod umem;
+
+pub use config::{AfXdpConfig, CallerOptions, UmemConfig, XdpMode, OPTION_KEYS};
+pub use error::{ConfigError, Error, Result};
+pub use nic::{AfXdpNic, NicInfo, NicOwner, PreparedSockets};
+pub use program::{attached_program, AttachedProgram, XdpAttachment, XdpProgram};
+pub use queue::{
+    CounterSnapshot, QueueCounters, QueueStats, QueueStatsHandle, Readiness, TxBatch,
+    XdpStatistics, XskQueue,
+};
+pub use umem::FrameAccounting;
+
+/// The interface index of `ifname` in the calling thread's network
+/// namespace.
+pub fn ifindex(ifname: &str) -> Option<u32> {
+    sys::ifindex(ifname)
+}

@@ -1,0 +1,507 @@
+//! The backend's options, with QEMU `-netdev af-xdp` semantics:
+//! `ifname=IF[,queues=N][,start-queue=M][,mode=native|skb][,force-copy=on]
+//! [,inhibit=on][,sock-fds=a:b:...]`.
+
+use std::os::fd::RawFd;
+use std::str::FromStr;
+
+use crate::error::ConfigError;
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum XdpMode {
+    /// In the driver (`XDP_FLAGS_DRV_MODE`): fast; zero-copy possible.
+    Native,
+    /// Generic XDP on the skb path (`XDP_FLAGS_SKB_MODE`): any driver,
+    /// always copy mode.
+    Skb,
+}
+
+impl XdpMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdpMode::Native => "native",
+            XdpMode::Skb => "skb",
+        }
+    }
+}
+
+impl std::fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// UMEM geometry per queue. Not part of the option string (QEMU has no
+/// such keys); set it on the config in code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UmemConfig {
+    /// Bytes per frame (power of two, 2048..=page size). The kernel puts
+    /// received frames 256 bytes into a frame (XDP headroom), so the
+    /// largest frame received is `frame_size - 256`: 3840 bytes at the
+    /// default 4096, room for an MTU of ~3800.
+    pub frame_size: u32,
+    /// Frames for receiving; also the fill and rx ring sizes (power of two).
+    pub rx_frames: u32,
+    /// Frames for transmitting; also the tx and completion ring sizes
+    /// (power of two).
+    pub tx_frames: u32,
+}
+
+impl Default for UmemConfig {
+    fn default() -> Self {
+        UmemConfig {
+            frame_size: 4096,
+            rx_frames: 2048,
+            tx_frames: 2048,
+        }
+    }
+}
+
+/// Largest ring the kernel accepts without complaint in practice; more is
+/// only memory.
+const MAX_FRAMES: u32 = 1 << 16;
+/// Smallest pool that still allows a useful batch.
+const MIN_FRAMES: u32 = 8;
+/// Where the kernel copies a received frame inside its UMEM frame.
+pub(crate) const XDP_PACKET_HEADROOM: u32 = 256;
+
+impl UmemConfig {
+    /// Bytes of UMEM one queue registers (and locks).
+    pub fn bytes(&self) -> u64 {
+        u64::from(self.frame_size) * u64::from(self.rx_frames + self.tx_frames)
+    }
+
+    /// The longest frame that can be received (frame size minus the XDP
+    /// headroom the kernel leaves in front of it).
+    pub fn max_rx_frame(&self) -> u32 {
+        self.frame_size - XDP_PACKET_HEADROOM
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
+        if !self.frame_size.is_power_of_two() || self.frame_size < 2048 || self.frame_size > page {
+            return Err(ConfigError::BadUmem(format!(
+                "frame size {} must be a power of two from 2048 to the page size {page}",
+                self.frame_size
+            )));
+        }
+        for (what, n) in [("rx_frames", self.rx_frames), ("tx_frames", self.tx_frames)] {
+            if !n.is_power_of_two() || !(MIN_FRAMES..=MAX_FRAMES).contains(&n) {
+                return Err(ConfigError::BadUmem(format!(
+                    "{what}={n} must be a power of two from {MIN_FRAMES} to {MAX_FRAMES}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A parsed and validated `af-xdp` backend configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AfXdpConfig {
+    /// Host interface (`ifname=`).
+    pub ifname: String,
+    /// Queue pairs, one AF_XDP socket each (`queues=`, default 1).
+    pub queues: u32,
+    /// First device queue used (`start-queue=`, default 0).
+    pub start_queue: u32,
+    /// `mode=`; `None` (the default) tries native and falls back to skb.
+    pub mode: Option<XdpMode>,
+    /// `force-copy=on`: never zero-copy.
+    pub force_copy: bool,
+    /// `inhibit=on`: load and attach no XDP program.
+    pub inhibit: bool,
+    /// `sock-fds=a:b:...`: adopt these AF_XDP sockets, one per queue.
+    pub sock_fds: Option<Vec<RawFd>>,
+    /// Whether `queues=` was given (only for error messages).
+    pub queues_given: bool,
+    /// UMEM geometry per queue.
+    pub umem: UmemConfig,
+}
+
+/// The option keys this crate understands.
+pub const OPTION_KEYS: [&str; 7] = [
+    "ifname",
+    "queues",
+    "start-queue",
+    "mode",
+    "force-copy",
+    "inhibit",
+    "sock-fds",
+];
+
+/// `(key, value)` pairs handed back by [`AfXdpConfig::parse_allowing`].
+pub type CallerOptions<'a> = Vec<(&'a str, &'a str)>;
+
+/// Most queue pairs accepted (QEMU's limit for a NIC).
+const MAX_QUEUES: u32 = 1024;
+
+fn parse_bool(key: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(ConfigError::BadValue {
+            key,
+            value: value.to_string(),
+            expected: "on or off",
+        }),
+    }
+}
+
+fn parse_u32(key: &'static str, value: &str, expected: &'static str) -> Result<u32, ConfigError> {
+    value.parse::<u32>().map_err(|_| ConfigError::BadValue {
+        key,
+        value: value.to_string(),
+        expected,
+    })
+}
+
+impl AfXdpConfig {
+    /// A configuration with every option at its default.
+    pub fn new(ifname: impl Into<String>) -> Self {
+        AfXdpConfig {
+            ifname: ifname.into(),
+            queues: 1,
+            start_queue: 0,
+            mode: None,
+            force_copy: false,
+            inhibit: false,
+            sock_fds: None,
+            queues_given: false,
+            umem: UmemConfig::default(),
+        }
+    }
+
+    /// Parses the option string; every key must be one of [`OPTION_KEYS`].
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        Self::parse_allowing(text, &[]).map(|(config, _)| config)
+    }
+
+    /// Parses the option string, passing keys listed in `caller_keys` back
+    /// to the caller (in order, as `(key, value)`) instead of rejecting
+    /// them: the VMM lists the keys it owns (e.g. `mac`) and interprets
+    /// them itself. The crate's own keys always win; any other key is an
+    /// error.
+    pub fn parse_allowing<'a>(
+        text: &'a str,
+        caller_keys: &[&str],
+    ) -> Result<(Self, CallerOptions<'a>), ConfigError> {
+        let mut config = AfXdpConfig::new(String::new());
+        let mut passed = Vec::new();
+        let mut seen: Vec<&str> = Vec::new();
+        for item in text.split(',').filter(|i| !i.is_empty()) {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| ConfigError::NotKeyValue(item.to_string()))?;
+            if !OPTION_KEYS.contains(&key) {
+                if caller_keys.contains(&key) {
+                    passed.push((key, value));
+                    continue;
+                }
+                return Err(ConfigError::UnknownOption(key.to_string()));
+            }
+            if seen.contains(&key) {
+                return Err(ConfigError::Duplicate(key.to_string()));
+            }
+            seen.push(key);
+            match key {
+                "ifname" => config.ifname = value.to_string(),
+                "queues" => {
+                    let n = parse_u32("queues", value, "a number from 1 to 1024")?;
+                    if !(1..=MAX_QUEUES).contains(&n) {
+                        return Err(ConfigError::BadValue {
+                            key: "queues",
+                            value: value.to_string(),
+                            expected: "a number from 1 to 1024",
+                        });
+                    }
+                    config.queues = n;
+                    config.queues_given = true;
+                }
+                "start-queue" => {
+                    config.start_queue =
+                        parse_u32("start-queue", value, "a queue number (0 or more)")?;
+                }
+                "mode" => {
+                    config.mode = Some(match value {
+                        "native" => XdpMode::Native,
+                        "skb" => XdpMode::Skb,
+                        _ => {
+                            return Err(ConfigError::BadValue {
+                                key: "mode",
+                                value: value.to_string(),
+                                expected: "native or skb",
+                            })
+                        }
+                    })
+                }
+                "force-copy" => config.force_copy = parse_bool("force-copy", value)?,
+                "inhibit" => config.inhibit = parse_bool("inhibit", value)?,
+                "sock-fds" => {
+                    let fds = value
+                        .split(':')
+                        .map(|fd| {
+                            fd.parse::<RawFd>()
+                                .ok()
+                                .filter(|&fd| fd >= 0)
+                                .ok_or_else(|| ConfigError::BadValue {
+                                    key: "sock-fds",
+                                    value: value.to_string(),
+                                    expected: "file descriptor numbers separated by ':' (e.g. 3:4)",
+                                })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    config.sock_fds = Some(fds);
+                }
+                _ => unreachable!("key checked against OPTION_KEYS"),
+            }
+        }
+        config.validate()?;
+        Ok((config, passed))
+    }
+
+    /// Checks the combination of options (also for configs built in code).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.ifname.is_empty() {
+            return Err(ConfigError::MissingIfname);
+        }
+        if self.ifname.len() >= libc::IFNAMSIZ
+            || self.ifname.contains(['/', '\0', ':'])
+            || self.ifname.chars().any(char::is_whitespace)
+        {
+            return Err(ConfigError::BadValue {
+                key: "ifname",
+                value: self.ifname.clone(),
+                expected: "an interface name (at most 15 characters, no '/', ':' or spaces)",
+            });
+        }
+        if !(1..=MAX_QUEUES).contains(&self.queues) {
+            return Err(ConfigError::BadValue {
+                key: "queues",
+                value: self.queues.to_string(),
+                expected: "a number from 1 to 1024",
+            });
+        }
+        if self.start_queue.checked_add(self.queues).is_none() {
+            return Err(ConfigError::BadValue {
+                key: "start-queue",
+                value: self.start_queue.to_string(),
+                expected: "a queue number that leaves room for all queues",
+            });
+        }
+        if let Some(fds) = &self.sock_fds {
+            if !self.inhibit {
+                return Err(ConfigError::SockFdsWithoutInhibit);
+            }
+            if fds.len() != self.queues as usize {
+                return Err(ConfigError::SockFdsCount {
+                    fds: fds.len(),
+                    queues: self.queues,
+                    queues_given: self.queues_given,
+                });
+            }
+            for (i, fd) in fds.iter().enumerate() {
+                if fds[..i].contains(fd) {
+                    return Err(ConfigError::DuplicateSockFd(*fd));
+                }
+            }
+        }
+        self.umem.validate()
+    }
+
+    /// The device queue ids this config uses.
+    pub fn queue_ids(&self) -> std::ops::Range<u32> {
+        self.start_queue..self.start_queue + self.queues
+    }
+}
+
+impl FromStr for AfXdpConfig {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        AfXdpConfig::parse(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c: AfXdpConfig = "ifname=eth0".parse().unwrap();
+        assert_eq!(c, AfXdpConfig::new("eth0"));
+        assert_eq!(c.queues, 1);
+        assert_eq!(c.start_queue, 0);
+        assert_eq!(c.mode, None);
+        assert!(!c.force_copy && !c.inhibit);
+        assert_eq!(c.umem.frame_size, 4096);
+        assert_eq!(c.umem.max_rx_frame(), 3840);
+        assert_eq!(c.queue_ids(), 0..1);
+    }
+
+    #[test]
+    fn every_option() {
+        let c = AfXdpConfig::parse(
+            "ifname=veth0,queues=2,start-queue=3,mode=skb,force-copy=on,inhibit=on,sock-fds=7:9",
+        )
+        .unwrap();
+        assert_eq!(c.ifname, "veth0");
+        assert_eq!(c.queues, 2);
+        assert_eq!(c.queue_ids(), 3..5);
+        assert_eq!(c.mode, Some(XdpMode::Skb));
+        assert!(c.force_copy && c.inhibit);
+        assert_eq!(c.sock_fds, Some(vec![7, 9]));
+        let c = AfXdpConfig::parse("mode=native,force-copy=off,ifname=x").unwrap();
+        assert_eq!(c.mode, Some(XdpMode::Native));
+        assert!(!c.force_copy);
+    }
+
+    #[test]
+    fn caller_keys_are_passed_back_and_others_rejected() {
+        let (c, passed) =
+            AfXdpConfig::parse_allowing("ifname=eth1,mac=52:54:00:12:34:56,queues=2", &["mac"])
+                .unwrap();
+        assert_eq!(c.queues, 2);
+        assert_eq!(passed, vec![("mac", "52:54:00:12:34:56")]);
+        assert_eq!(
+            AfXdpConfig::parse("ifname=eth1,mac=52:54:00:12:34:56"),
+            Err(ConfigError::UnknownOption("mac".into()))
+        );
+        // The crate's own keys cannot be taken over by the caller.
+        let (c, passed) = AfXdpConfig::parse_allowing("ifname=a,queues=3", &["queues"]).unwrap();
+        assert_eq!((c.queues, passed.len()), (3, 0));
+    }
+
+    #[test]
+    fn each_bad_value_has_its_error() {
+        use ConfigError::*;
+        let err = |s: &str| AfXdpConfig::parse(s).unwrap_err();
+        assert_eq!(err(""), MissingIfname);
+        assert_eq!(err("queues=2"), MissingIfname);
+        assert_eq!(err("ifname"), NotKeyValue("ifname".into()));
+        assert_eq!(err("ifname=a,bogus=1"), UnknownOption("bogus".into()));
+        assert_eq!(err("ifname=a,ifname=b"), Duplicate("ifname".into()));
+        assert!(matches!(
+            err("ifname=a,queues=0"),
+            BadValue { key: "queues", .. }
+        ));
+        assert!(matches!(
+            err("ifname=a,queues=x"),
+            BadValue { key: "queues", .. }
+        ));
+        assert!(matches!(
+            err("ifname=a,queues=5000"),
+            BadValue { key: "queues", .. }
+        ));
+        assert!(matches!(
+            err("ifname=a,start-queue=-1"),
+            BadValue {
+                key: "start-queue",
+                ..
+            }
+        ));
+        assert!(matches!(
+            err("ifname=a,start-queue=4294967295,queues=2"),
+            BadValue {
+                key: "start-queue",
+                ..
+            }
+        ));
+        assert!(matches!(
+            err("ifname=a,mode=drv"),
+            BadValue { key: "mode", .. }
+        ));
+        assert!(matches!(
+            err("ifname=a,force-copy=1"),
+            BadValue {
+                key: "force-copy",
+                ..
+            }
+        ));
+        assert!(matches!(
+            err("ifname=a,inhibit=maybe"),
+            BadValue { key: "inhibit", .. }
+        ));
+        assert!(matches!(
+            err("ifname=a,inhibit=on,sock-fds=3:x"),
+            BadValue {
+                key: "sock-fds",
+                ..
+            }
+        ));
+        assert!(matches!(
+            err("ifname=a,inhibit=on,sock-fds="),
+            BadValue {
+                key: "sock-fds",
+                ..
+            }
+        ));
+        assert!(matches!(
+            err("ifname=a,inhibit=on,sock-fds=-3"),
+            BadValue {
+                key: "sock-fds",
+                ..
+            }
+        ));
+        assert!(matches!(
+            err("ifname=this-name-is-too-long"),
+            BadValue { key: "ifname", .. }
+        ));
+        assert!(matches!(err("ifname=a/b"), BadValue { key: "ifname", .. }));
+        assert_eq!(err("ifname=a,sock-fds=3"), SockFdsWithoutInhibit);
+        assert_eq!(
+            err("ifname=a,inhibit=on,sock-fds=3:4"),
+            SockFdsCount {
+                fds: 2,
+                queues: 1,
+                queues_given: false
+            }
+        );
+        assert_eq!(
+            err("ifname=a,inhibit=on,queues=3,sock-fds=3:4"),
+            SockFdsCount {
+                fds: 2,
+                queues: 3,
+                queues_given: true
+            }
+        );
+        assert_eq!(
+            err("ifname=a,inhibit=on,queues=2,sock-fds=3:3"),
+            DuplicateSockFd(3)
+        );
+    }
+
+    #[test]
+    fn messages_name_the_problem() {
+        let e = AfXdpConfig::parse("ifname=a,inhibit=on,sock-fds=3:4").unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("2 socket(s)") && text.contains("queues=1 (the default)"),
+            "{text}"
+        );
+        let e = AfXdpConfig::parse("ifname=a,mode=drv").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "af-xdp: mode=\"drv\" is not valid: expected native or skb"
+        );
+    }
+
+    #[test]
+    fn umem_geometry_is_checked() {
+        let mut c = AfXdpConfig::new("a");
+        c.umem.frame_size = 3000;
+        assert!(matches!(c.validate(), Err(ConfigError::BadUmem(_))));
+        c.umem.frame_size = 2048;
+        c.umem.rx_frames = 100;
+        assert!(matches!(c.validate(), Err(ConfigError::BadUmem(_))));
+        c.umem.rx_frames = 64;
+        c.umem.tx_frames = 4;
+        assert!(matches!(c.validate(), Err(ConfigError::BadUmem(_))));
+        c.umem.tx_frames = 64;
+        assert!(c.validate().is_ok());
+        assert_eq!(c.umem.bytes(), 128 * 2048);
+    }
+}

@@ -1,0 +1,152 @@
+//! The crate's errors: one variant per thing a user can get wrong or lack,
+//! each with a message that says what to do about it.
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// What the privileged operations need, for [`Error::PermissionDenied`].
+pub(crate) const PRIVILEGE_HINT: &str =
+    "run xskvm as root or grant it CAP_NET_RAW, CAP_NET_ADMIN, \
+     CAP_BPF and CAP_IPC_LOCK (e.g. setcap cap_net_raw,cap_net_admin,cap_bpf,cap_ipc_lock+ep), \
+     or let a privileged helper create the sockets and pass them with inhibit=on,sock-fds=...";
+
+/// An error in the `af-xdp` option string or a [`crate::AfXdpConfig`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("af-xdp: ifname=IF is required")]
+    MissingIfname,
+    #[error("af-xdp: option {0:?} is not key=value")]
+    NotKeyValue(String),
+    #[error(
+        "af-xdp: unknown option {0:?} (known: ifname, queues, start-queue, mode, force-copy, \
+         inhibit, sock-fds)"
+    )]
+    UnknownOption(String),
+    #[error("af-xdp: option {0} given twice")]
+    Duplicate(String),
+    #[error("af-xdp: {key}={value:?} is not valid: expected {expected}")]
+    BadValue {
+        key: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error(
+        "af-xdp: sock-fds lists {fds} socket(s) but queues={queues}{}; give one socket per queue",
+        if *.queues_given { "" } else { " (the default)" }
+    )]
+    SockFdsCount {
+        fds: usize,
+        queues: u32,
+        queues_given: bool,
+    },
+    #[error("af-xdp: sock-fds needs inhibit=on (the sockets must already be in an XSKMAP that someone else loaded)")]
+    SockFdsWithoutInhibit,
+    #[error("af-xdp: sock-fds lists fd {0} twice")]
+    DuplicateSockFd(RawFd),
+    #[error("af-xdp: UMEM: {0}")]
+    BadUmem(String),
+}
+
+/// Everything opening or running an AF_XDP NIC can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+
+    #[error("af-xdp: no network interface {ifname:?} in this network namespace")]
+    NoSuchInterface { ifname: String },
+
+    #[error(
+        "af-xdp: {ifname} has {available} receive queue(s) (0..{available}), but start-queue={start_queue} \
+         with queues={queues} needs queues {start_queue}..{}; lower queues/start-queue or add \
+         channels (ethtool -L {ifname} combined N)",
+        u64::from(*.start_queue) + u64::from(*.queues)
+    )]
+    QueueOutOfRange {
+        ifname: String,
+        start_queue: u32,
+        queues: u32,
+        available: u32,
+    },
+
+    #[error(
+        "af-xdp: queue {queue} of {ifname} is already bound by another AF_XDP socket \
+         (another xskvm or AF_XDP program uses it); pick another start-queue or stop that program"
+    )]
+    QueueBusy { ifname: String, queue: u32 },
+
+    #[error("af-xdp: {action} was refused ({source}): {hint}")]
+    PermissionDenied {
+        action: &'static str,
+        hint: &'static str,
+        source: io::Error,
+    },
+
+    #[error("af-xdp: this kernel has no AF_XDP sockets (it was built without CONFIG_XDP_SOCKETS)")]
+    NoAfXdp,
+
+    #[error("af-xdp: sock-fds: fd {fd} {reason}")]
+    BadSockFd { fd: RawFd, reason: String },
+
+    #[error(
+        "af-xdp: registering the UMEM ({needed_kib} KiB for {queues} queue(s)) exceeds the locked-memory \
+         limit (RLIMIT_MEMLOCK {}); raise it to at least {needed_kib} KiB plus what the process \
+         already locks (ulimit -l, LimitMEMLOCK= in systemd, limits.conf) or grant CAP_IPC_LOCK",
+        match .limit_kib { Some(k) => format!("{k} KiB"), None => "unknown".to_string() }
+    )]
+    Memlock {
+        needed_kib: u64,
+        queues: u32,
+        limit_kib: Option<u64>,
+    },
+
+    #[error(
+        "af-xdp: {ifname} already has XDP program {prog_name:?} (id {prog_id}) attached in {mode} mode; \
+         xskvm never replaces another program. Remove it with `ip link set dev {ifname} xdp off` \
+         (or `xdp-loader unload {ifname} --all`), or keep it, put xskvm's sockets in its XSKMAP and \
+         use inhibit=on,sock-fds=..."
+    )]
+    ProgramAlreadyAttached {
+        ifname: String,
+        prog_id: u32,
+        prog_name: String,
+        mode: &'static str,
+    },
+
+    #[error("af-xdp: loading the XDP program failed: {0}")]
+    ProgramLoad(String),
+
+    #[error("af-xdp: attaching the XDP program to {ifname} in {mode} mode failed: {source}")]
+    Attach {
+        ifname: String,
+        mode: &'static str,
+        source: io::Error,
+    },
+
+    #[error("af-xdp: {op} for queue {queue} failed: {source}")]
+    Socket {
+        op: &'static str,
+        queue: u32,
+        source: io::Error,
+    },
+
+    #[error("af-xdp: {op} failed: {source}")]
+    Io { op: &'static str, source: io::Error },
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// For syscalls whose EPERM means "not privileged enough".
+    pub(crate) fn from_privileged(action: &'static str, source: io::Error) -> Self {
+        match source.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EACCES) => Error::PermissionDenied {
+                action,
+                hint: PRIVILEGE_HINT,
+                source,
+            },
+            _ => Error::Io { op: action, source },
+        }
+    }
+}

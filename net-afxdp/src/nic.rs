@@ -1,0 +1,375 @@
+//! Opening a NIC: checks, the XDP program, one socket per queue.
+
+use std::io;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::config::{AfXdpConfig, XdpMode};
+use crate::error::{Error, Result, PRIVILEGE_HINT};
+use crate::program::{attached_program, XdpAttachment, XdpProgram};
+use crate::queue::{QueueSetup, XskQueue};
+use crate::sys;
+
+/// What was set up, for logs and the VMM's status output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicInfo {
+    pub ifname: String,
+    pub ifindex: u32,
+    /// How our program is attached; None with `inhibit=on`.
+    pub attach_mode: Option<XdpMode>,
+    /// Kernel id of our program (None with `inhibit=on`).
+    pub program_id: Option<u32>,
+    /// Device queues, one per [`XskQueue`], in order.
+    pub queue_ids: Vec<u32>,
+    /// Whether each queue runs zero-copy.
+    pub zero_copy: Vec<bool>,
+}
+
+/// Owns the XDP program link of an opened NIC. Dropping it detaches the
+/// program (so does the process dying, even by SIGKILL). The queues keep
+/// working without it, they just stop receiving.
+#[derive(Debug)]
+pub struct NicOwner {
+    info: NicInfo,
+    attachment: Option<XdpAttachment>,
+}
+
+impl NicOwner {
+    pub fn info(&self) -> &NicInfo {
+        &self.info
+    }
+
+    /// The program link, if we attached one.
+    pub fn attachment(&self) -> Option<&XdpAttachment> {
+        self.attachment.as_ref()
+    }
+}
+
+impl Drop for NicOwner {
+    fn drop(&mut self) {
+        if self.attachment.take().is_some() {
+            log::info!("af-xdp: detached the XDP program from {}", self.info.ifname);
+        }
+    }
+}
+
+/// An opened AF_XDP NIC: the program link and one [`XskQueue`] per queue.
+/// Use [`AfXdpNic::into_parts`] to move each queue to its own thread.
+#[derive(Debug)]
+pub struct AfXdpNic {
+    queues: Vec<XskQueue>,
+    owner: NicOwner,
+}
+
+/// Interface name → index, or the "no such interface" error.
+fn resolve(config: &AfXdpConfig) -> Result<u32> {
+    sys::ifindex(&config.ifname).ok_or_else(|| Error::NoSuchInterface {
+        ifname: config.ifname.clone(),
+    })
+}
+
+/// Rejects queue ids beyond the device's receive queues.
+fn check_queue_range(config: &AfXdpConfig, ifindex: u32) -> Result<()> {
+    if let Some(available) = sys::rx_queue_count(&config.ifname, ifindex) {
+        if config.start_queue + config.queues > available {
+            return Err(Error::QueueOutOfRange {
+                ifname: config.ifname.clone(),
+                start_queue: config.start_queue,
+                queues: config.queues,
+                available,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A new AF_XDP socket, with the errors a user can act on.
+pub(crate) fn new_xsk_socket() -> Result<OwnedFd> {
+    // SAFETY: plain socket creation; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        let source = io::Error::last_os_error();
+        return Err(match source.raw_os_error() {
+            Some(libc::EAFNOSUPPORT) => Error::NoAfXdp,
+            Some(libc::EPERM) | Some(libc::EACCES) => Error::PermissionDenied {
+                action: "creating an AF_XDP socket (needs CAP_NET_RAW)",
+                hint: PRIVILEGE_HINT,
+                source,
+            },
+            _ => Error::Io {
+                op: "creating an AF_XDP socket",
+                source,
+            },
+        });
+    }
+    // SAFETY: a fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Checks that every sock-fds entry is an open AF_XDP socket, then takes
+/// ownership of them (they are closed with the queues).
+fn adopt_sock_fds(fds: &[RawFd]) -> Result<Vec<OwnedFd>> {
+    for &fd in fds {
+        if !sys::fd_is_open(fd) {
+            return Err(Error::BadSockFd {
+                fd,
+                reason: "is not an open file descriptor of this process".to_string(),
+            });
+        }
+        match sys::socket_domain(fd) {
+            Ok(libc::AF_XDP) => {}
+            Ok(domain) => {
+                return Err(Error::BadSockFd {
+                    fd,
+                    reason: format!(
+                        "is a socket of address family {domain}, not AF_XDP ({})",
+                        libc::AF_XDP
+                    ),
+                })
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
+                return Err(Error::BadSockFd {
+                    fd,
+                    reason: "is not a socket".to_string(),
+                })
+            }
+            Err(e) => {
+                return Err(Error::BadSockFd {
+                    fd,
+                    reason: format!("cannot be inspected: {e}"),
+                })
+            }
+        }
+    }
+    Ok(fds
+        .iter()
+        // SAFETY: checked open above, listed once (config validation), and
+        // handed to us by the option: from here on we own and close them.
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect())
+}
+
+/// Loads and attaches the program unless `inhibit=on`: refuses when
+/// another program is attached; with no mode given, tries native and
+/// falls back to skb.
+pub(crate) fn attach_program(config: &AfXdpConfig, ifindex: u32) -> Result<Option<XdpAttachment>> {
+    if config.inhibit {
+        match attached_program(ifindex) {
+            Some(p) => log::info!(
+                "af-xdp: inhibit=on: using XDP program {:?} (id {}, {} mode) already attached to {}",
+                p.name,
+                p.id,
+                p.mode,
+                config.ifname
+            ),
+            None => log::warn!(
+                "af-xdp: inhibit=on but {} has no XDP program attached: the sockets will receive \
+                 nothing until a program redirects to them",
+                config.ifname
+            ),
+        }
+        return Ok(None);
+    }
+    if let Some(p) = attached_program(ifindex) {
+        return Err(Error::ProgramAlreadyAttached {
+            ifname: config.ifname.clone(),
+            prog_id: p.id,
+            prog_name: p.name,
+            mode: p.mode,
+        });
+    }
+    let entries = sys::rx_queue_count(&config.ifname, ifindex)
+        .unwrap_or(0)
+        .max(config.start_queue + config.queues);
+    let program = XdpProgram::load(entries)?;
+    let (link, mode) = match config.mode {
+        Some(mode) => (program.attach(&config.ifname, ifindex, mode)?, mode),
+        None => match program.attach(&config.ifname, ifindex, XdpMode::Native) {
+            Ok(link) => (link, XdpMode::Native),
+            Err(Error::Attach { source, .. }) => {
+                log::warn!(
+                    "af-xdp: native XDP is not available on {} ({source}); falling back to skb mode \
+                     (generic XDP, copy mode, slower)",
+                    config.ifname
+                );
+                (
+                    program.attach(&config.ifname, ifindex, XdpMode::Skb)?,
+                    XdpMode::Skb,
+                )
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    log::info!(
+        "af-xdp: attached XDP program id {} to {} in {mode} mode (BPF link: detached when xskvm exits)",
+        program.id().unwrap_or(0),
+        config.ifname
+    );
+    Ok(Some(XdpAttachment::new(link, program, mode, ifindex)))
+}
+
+/// XDP_COPY or 0 (try zero-copy, fall back to copy) for the bind.
+fn copy_flag(config: &AfXdpConfig, attach_mode: Option<XdpMode>, ifindex: u32) -> u16 {
+    let skb = match attach_mode {
+        Some(mode) => mode == XdpMode::Skb,
+        // inhibit=on: follow the mode asked for, else how the foreign
+        // program is attached (generic XDP cannot feed zero-copy sockets).
+        None => {
+            config.mode == Some(XdpMode::Skb)
+                || attached_program(ifindex).is_some_and(|p| p.mode == "skb")
+        }
+    };
+    if config.force_copy || skb {
+        libc::XDP_COPY
+    } else {
+        0
+    }
+}
+
+impl AfXdpNic {
+    /// Opens the NIC: checks the interface and queues, creates (or adopts
+    /// with `sock-fds`) one AF_XDP socket per queue, attaches the program
+    /// (unless `inhibit=on`), registers a UMEM per queue, binds, and puts
+    /// the sockets in the XSKMAP. On any error nothing stays attached and
+    /// every socket is closed.
+    pub fn open(config: &AfXdpConfig) -> Result<AfXdpNic> {
+        config.validate()?;
+        let ifindex = resolve(config)?;
+        check_queue_range(config, ifindex)?;
+
+        // Sockets first: a missing capability fails here, before the
+        // interface is touched.
+        let sockets = match &config.sock_fds {
+            Some(fds) => adopt_sock_fds(fds)?,
+            None => (0..config.queues)
+                .map(|_| new_xsk_socket())
+                .collect::<Result<Vec<_>>>()?,
+        };
+
+        let attachment = attach_program(config, ifindex)?;
+        let attach_mode = attachment.as_ref().map(|a| a.mode());
+        let copy = copy_flag(config, attach_mode, ifindex);
+
+        sys::raise_memlock();
+        let mut queues = Vec::with_capacity(sockets.len());
+        for (fd, queue_id) in sockets.into_iter().zip(config.queue_ids()) {
+            let setup = QueueSetup {
+                ifname: &config.ifname,
+                ifindex,
+                queue_id,
+                umem: config.umem,
+                copy_flag: copy,
+                total_queues: config.queues,
+                adopted: config.sock_fds.is_some(),
+            };
+            let queue = XskQueue::setup(fd, &setup)?;
+            log::info!(
+                "af-xdp: {} queue {queue_id}: {}",
+                config.ifname,
+                if queue.is_zero_copy() {
+                    "zero-copy"
+                } else if config.force_copy {
+                    "copy mode (force-copy=on)"
+                } else if copy != 0 {
+                    "copy mode (skb mode)"
+                } else {
+                    "copy mode (the driver has no zero-copy support)"
+                }
+            );
+            queues.push(queue);
+        }
+        if let Some(attachment) = &attachment {
+            for queue in &queues {
+                attachment
+                    .program()
+                    .insert_socket(queue.queue_id(), queue.as_fd())?;
+            }
+        }
+        let info = NicInfo {
+            ifname: config.ifname.clone(),
+            ifindex,
+            attach_mode,
+            program_id: attachment.as_ref().and_then(|a| a.program().id()),
+            queue_ids: config.queue_ids().collect(),
+            zero_copy: queues.iter().map(XskQueue::is_zero_copy).collect(),
+        };
+        Ok(AfXdpNic {
+            queues,
+            owner: NicOwner { info, attachment },
+        })
+    }
+
+    pub fn info(&self) -> &NicInfo {
+        &self.owner.info
+    }
+
+    pub fn queues(&self) -> &[XskQueue] {
+        &self.queues
+    }
+
+    pub fn queues_mut(&mut self) -> &mut [XskQueue] {
+        &mut self.queues
+    }
+
+    /// Splits into the owner of the program link (keep it on the main
+    /// thread; its drop detaches) and the per-queue objects (each `Send`,
+    /// one per IO thread).
+    pub fn into_parts(self) -> (NicOwner, Vec<XskQueue>) {
+        (self.owner, self.queues)
+    }
+}
+
+/// For the privileged side of `inhibit=on,sock-fds=...`: attaches the
+/// program and creates one bare AF_XDP socket per queue, already in the
+/// XSKMAP and tied to the interface (SO_BINDTODEVICE, so the receiver
+/// cannot bind it elsewhere). Hand the sockets to xskvm (SCM_RIGHTS or fd
+/// inheritance) and keep this alive while xskvm runs: dropping it (or
+/// exiting) detaches the program.
+#[derive(Debug)]
+pub struct PreparedSockets {
+    pub sockets: Vec<OwnedFd>,
+    pub owner: NicOwner,
+}
+
+impl PreparedSockets {
+    /// `config` as for [`AfXdpNic::open`]; `inhibit` and `sock-fds` are
+    /// ignored (this is the side that loads the program).
+    pub fn create(config: &AfXdpConfig) -> Result<PreparedSockets> {
+        let mut config = config.clone();
+        config.inhibit = false;
+        config.sock_fds = None;
+        config.validate()?;
+        let ifindex = resolve(&config)?;
+        check_queue_range(&config, ifindex)?;
+        let sockets = (0..config.queues)
+            .map(|_| new_xsk_socket())
+            .collect::<Result<Vec<_>>>()?;
+        for s in &sockets {
+            if let Err(e) = sys::setsockopt_bytes(
+                s.as_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                config.ifname.as_bytes(),
+            ) {
+                log::debug!("af-xdp: SO_BINDTODEVICE on an AF_XDP socket: {e}");
+            }
+        }
+        let attachment = attach_program(&config, ifindex)?;
+        if let Some(attachment) = &attachment {
+            for (s, q) in sockets.iter().zip(config.queue_ids()) {
+                attachment.program().insert_socket(q, s.as_fd())?;
+            }
+        }
+        let info = NicInfo {
+            ifname: config.ifname.clone(),
+            ifindex,
+            attach_mode: attachment.as_ref().map(|a| a.mode()),
+            program_id: attachment.as_ref().and_then(|a| a.program().id()),
+            queue_ids: config.queue_ids().collect(),
+            zero_copy: vec![false; config.queues as usize],
+        };
+        Ok(PreparedSockets {
+            sockets,
+            owner: NicOwner { info, attachment },
+        })
+    }
+}

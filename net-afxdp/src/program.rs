@@ -1,0 +1,277 @@
+//! The XDP program (bpf/xsk_redirect.bpf.c): loading it, filling its
+//! XSKMAP, attaching it with a BPF link, and finding out what else is
+//! attached to an interface.
+
+use std::ffi::CStr;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Once;
+
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::PrintLevel;
+
+use crate::config::XdpMode;
+use crate::error::{Error, Result, PRIVILEGE_HINT};
+
+#[allow(clippy::all, clippy::pedantic, unsafe_op_in_unsafe_fn)]
+mod skel {
+    include!(concat!(env!("OUT_DIR"), "/xsk_redirect.skel.rs"));
+}
+
+use skel::XskRedirectSkelBuilder;
+
+/// An XDP program attached to an interface (from the kernel's view).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedProgram {
+    pub id: u32,
+    /// The program's name, or "?" if it could not be read.
+    pub name: String,
+    pub mode: &'static str,
+}
+
+/// Sends libbpf's messages to the `log` crate instead of stderr.
+fn route_libbpf_logs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        libbpf_rs::set_print(Some((
+            PrintLevel::Info,
+            |level: PrintLevel, msg: String| {
+                let msg = msg.trim_end();
+                match level {
+                    PrintLevel::Warn => log::warn!("libbpf: {msg}"),
+                    PrintLevel::Info => log::info!("libbpf: {msg}"),
+                    PrintLevel::Debug => log::debug!("libbpf: {msg}"),
+                }
+            },
+        )));
+    });
+}
+
+/// The loaded program and its XSKMAP, held by their own fds so that the
+/// libbpf object (with its borrowed-lifetime skeleton) need not be kept.
+#[derive(Debug)]
+pub struct XdpProgram {
+    prog: OwnedFd,
+    map: OwnedFd,
+    map_entries: u32,
+}
+
+impl XdpProgram {
+    /// Loads the program with an XSKMAP of `map_entries` slots (one per
+    /// device queue, so any queue id can be redirected).
+    pub fn load(map_entries: u32) -> Result<XdpProgram> {
+        route_libbpf_logs();
+        let load_err = |e: libbpf_rs::Error| match e.kind() {
+            libbpf_rs::ErrorKind::PermissionDenied => Error::PermissionDenied {
+                action: "loading the XDP program",
+                hint: PRIVILEGE_HINT,
+                source: io::Error::new(io::ErrorKind::PermissionDenied, format!("{e:#}")),
+            },
+            _ => Error::ProgramLoad(format!("{e:#}")),
+        };
+        let mut object = MaybeUninit::uninit();
+        let mut open = XskRedirectSkelBuilder::default()
+            .open(&mut object)
+            .map_err(load_err)?;
+        open.maps
+            .xsks_map
+            .set_max_entries(map_entries.max(1))
+            .map_err(load_err)?;
+        let skel = open.load().map_err(load_err)?;
+        let dup = |fd: BorrowedFd<'_>| {
+            fd.try_clone_to_owned().map_err(|source| Error::Io {
+                op: "duplicating the program fd",
+                source,
+            })
+        };
+        // Own copies of the fds keep program and map alive after the
+        // skeleton (and its libbpf object) is dropped below.
+        Ok(XdpProgram {
+            prog: dup(skel.progs.xskvm_redirect.as_fd())?,
+            map: dup(skel.maps.xsks_map.as_fd())?,
+            map_entries: map_entries.max(1),
+        })
+    }
+
+    /// Puts `socket` in slot `queue` of the XSKMAP.
+    pub fn insert_socket(&self, queue: u32, socket: BorrowedFd<'_>) -> Result<()> {
+        if queue >= self.map_entries {
+            return Err(Error::Io {
+                op: "adding a socket to the XSKMAP",
+                source: io::Error::from_raw_os_error(libc::E2BIG),
+            });
+        }
+        let key = queue;
+        let value: u32 = socket.as_raw_fd() as u32;
+        // SAFETY: map fd is an XSKMAP with 4-byte keys and values; key and
+        // value point to live u32s.
+        let ret = unsafe {
+            libbpf_sys::bpf_map_update_elem(
+                self.map.as_raw_fd(),
+                (&key as *const u32).cast(),
+                (&value as *const u32).cast(),
+                libbpf_sys::BPF_ANY as u64,
+            )
+        };
+        if ret < 0 {
+            return Err(Error::from_privileged(
+                "adding a socket to the XSKMAP",
+                io::Error::from_raw_os_error(-ret),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Attaches the program to `ifindex` with a BPF link in `mode`. The
+    /// link detaches the program when its fd is closed — including when
+    /// the process dies — and never replaces another program.
+    pub fn attach(&self, ifname: &str, ifindex: u32, mode: XdpMode) -> Result<OwnedFd> {
+        let flags = match mode {
+            XdpMode::Native => libbpf_sys::XDP_FLAGS_DRV_MODE,
+            XdpMode::Skb => libbpf_sys::XDP_FLAGS_SKB_MODE,
+        };
+        // SAFETY: all-zero is a valid bpf_link_create_opts; sz tells libbpf
+        // which fields exist.
+        let mut opts: libbpf_sys::bpf_link_create_opts = unsafe { std::mem::zeroed() };
+        opts.sz = std::mem::size_of::<libbpf_sys::bpf_link_create_opts>() as _;
+        opts.flags = flags;
+        // SAFETY: prog fd is a loaded XDP program; opts is initialised.
+        let fd = unsafe {
+            libbpf_sys::bpf_link_create(
+                self.prog.as_raw_fd(),
+                ifindex as libc::c_int,
+                libbpf_sys::BPF_XDP,
+                &opts,
+            )
+        };
+        if fd < 0 {
+            let source = io::Error::from_raw_os_error(-fd);
+            return Err(match source.raw_os_error() {
+                Some(libc::EPERM) | Some(libc::EACCES) => Error::PermissionDenied {
+                    action: "attaching the XDP program",
+                    hint: PRIVILEGE_HINT,
+                    source,
+                },
+                // Raced with someone attaching between our check and now.
+                Some(libc::EBUSY) | Some(libc::EEXIST) => match attached_program(ifindex) {
+                    Some(p) => Error::ProgramAlreadyAttached {
+                        ifname: ifname.to_string(),
+                        prog_id: p.id,
+                        prog_name: p.name,
+                        mode: p.mode,
+                    },
+                    None => Error::Attach {
+                        ifname: ifname.to_string(),
+                        mode: mode.as_str(),
+                        source,
+                    },
+                },
+                _ => Error::Attach {
+                    ifname: ifname.to_string(),
+                    mode: mode.as_str(),
+                    source,
+                },
+            });
+        }
+        // SAFETY: bpf_link_create returned a new fd that we now own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// The kernel's id of the loaded program.
+    pub fn id(&self) -> Option<u32> {
+        prog_info(self.prog.as_fd()).map(|(id, _)| id)
+    }
+
+    pub fn map_fd(&self) -> RawFd {
+        self.map.as_raw_fd()
+    }
+}
+
+/// id and name of a program from its fd.
+fn prog_info(fd: BorrowedFd<'_>) -> Option<(u32, String)> {
+    // SAFETY: all-zero is a valid bpf_prog_info.
+    let mut info: libbpf_sys::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
+    // SAFETY: info is writable for len bytes.
+    let ret = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
+    if ret != 0 {
+        return None;
+    }
+    let name = info.name.map(|c| c as u8);
+    let name = CStr::from_bytes_until_nul(&name)
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Some((info.id, name))
+}
+
+/// The XDP program attached to `ifindex`, if any (any mode).
+pub fn attached_program(ifindex: u32) -> Option<AttachedProgram> {
+    // SAFETY: all-zero is a valid bpf_xdp_query_opts; sz set below.
+    let mut opts: libbpf_sys::bpf_xdp_query_opts = unsafe { std::mem::zeroed() };
+    opts.sz = std::mem::size_of::<libbpf_sys::bpf_xdp_query_opts>() as _;
+    // SAFETY: opts is initialised; the call only writes into it.
+    let ret = unsafe { libbpf_sys::bpf_xdp_query(ifindex as libc::c_int, 0, &mut opts) };
+    if ret != 0 {
+        return None;
+    }
+    let (id, mode) = [
+        (opts.drv_prog_id, "native"),
+        (opts.skb_prog_id, "skb"),
+        (opts.hw_prog_id, "offload"),
+    ]
+    .into_iter()
+    .find(|(id, _)| *id != 0)?;
+    // SAFETY: plain syscall wrapper; the fd (if any) is owned right below.
+    let fd = unsafe { libbpf_sys::bpf_prog_get_fd_by_id(id) };
+    let name = if fd >= 0 {
+        // SAFETY: a new fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        prog_info(fd.as_fd()).map(|(_, n)| n)
+    } else {
+        None
+    };
+    Some(AttachedProgram {
+        id,
+        name: name.unwrap_or_else(|| "?".to_string()),
+        mode,
+    })
+}
+
+/// The program attached with a link; detached when this is dropped (or
+/// the process exits, however it exits).
+#[derive(Debug)]
+pub struct XdpAttachment {
+    // Field order: the link goes first, then the program and map.
+    link: OwnedFd,
+    program: XdpProgram,
+    mode: XdpMode,
+    ifindex: u32,
+}
+
+impl XdpAttachment {
+    pub(crate) fn new(link: OwnedFd, program: XdpProgram, mode: XdpMode, ifindex: u32) -> Self {
+        XdpAttachment {
+            link,
+            program,
+            mode,
+            ifindex,
+        }
+    }
+
+    pub fn mode(&self) -> XdpMode {
+        self.mode
+    }
+
+    pub fn program(&self) -> &XdpProgram {
+        &self.program
+    }
+
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    pub fn link_fd(&self) -> RawFd {
+        self.link.as_raw_fd()
+    }
+}

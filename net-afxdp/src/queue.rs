@@ -1,0 +1,788 @@
+//! One AF_XDP socket bound to one device queue, with its own UMEM and
+//! rings: the object a virtio-net IO thread owns and drives.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use crate::config::UmemConfig;
+use crate::error::{Error, Result, PRIVILEGE_HINT};
+use crate::ring::{Ring, RingOffsets};
+use crate::sys;
+use crate::umem::{FrameAccounting, FrameLedger, UmemArea};
+
+/// Counters of one queue, updated once per batch by the queue's thread and
+/// readable from any thread (relaxed atomics: each is exact on its own,
+/// a set read together is not a snapshot of one instant).
+#[derive(Debug, Default)]
+pub struct QueueCounters {
+    /// Frames handed to the `rx_batch` callback and taken by it.
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    /// `rx_batch` calls that found at least one frame.
+    pub rx_batches: AtomicU64,
+    /// `recvfrom` wake-ups of the driver after refilling (need-wakeup).
+    pub rx_wakeups: AtomicU64,
+    /// rx descriptors pointing at frames the kernel did not own or outside
+    /// the frame; skipped (should stay 0).
+    pub rx_bad_descs: AtomicU64,
+    /// Frames put in the tx ring.
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// `tx_batch` calls that queued at least one frame.
+    pub tx_batches: AtomicU64,
+    /// `sendto` kicks.
+    pub tx_kicks: AtomicU64,
+    /// Kicks where the kernel stopped early (EAGAIN/EBUSY/ENOBUFS: device
+    /// queue busy, peer full); frames stay queued for the next kick.
+    pub tx_kick_busy: AtomicU64,
+    /// Kicks that failed otherwise (e.g. ENETDOWN: interface down).
+    pub tx_kick_errors: AtomicU64,
+    /// Transmit frames the kernel has completed.
+    pub tx_completions: AtomicU64,
+    /// Frames the fill callback returned with length 0 or longer than the
+    /// buffer: not sent.
+    pub tx_invalid_len: AtomicU64,
+    /// Completion ring entries that were not frames in flight (should
+    /// stay 0).
+    pub tx_bad_completions: AtomicU64,
+    /// `tx_batch` calls that stopped because no transmit frame was free.
+    pub tx_out_of_room: AtomicU64,
+}
+
+fn add(counter: &AtomicU64, n: u64) {
+    if n != 0 {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The kernel's per-socket drop counters (`XDP_STATISTICS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct XdpStatistics {
+    /// Received frames dropped for other reasons (e.g. no fill ring
+    /// entry in copy mode, frame longer than the UMEM frame).
+    pub rx_dropped: u64,
+    pub rx_invalid_descs: u64,
+    pub tx_invalid_descs: u64,
+    /// Received frames dropped because the rx ring was full.
+    pub rx_ring_full: u64,
+    /// Times the kernel found the fill ring empty.
+    pub rx_fill_ring_empty_descs: u64,
+    /// Times the kernel found the tx ring empty when woken.
+    pub tx_ring_empty_descs: u64,
+}
+
+impl From<libc::xdp_statistics> for XdpStatistics {
+    fn from(s: libc::xdp_statistics) -> Self {
+        XdpStatistics {
+            rx_dropped: s.rx_dropped,
+            rx_invalid_descs: s.rx_invalid_descs,
+            tx_invalid_descs: s.tx_invalid_descs,
+            rx_ring_full: s.rx_ring_full,
+            rx_fill_ring_empty_descs: s.rx_fill_ring_empty_descs,
+            tx_ring_empty_descs: s.tx_ring_empty_descs,
+        }
+    }
+}
+
+/// Plain copy of [`QueueCounters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CounterSnapshot {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub rx_batches: u64,
+    pub rx_wakeups: u64,
+    pub rx_bad_descs: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_batches: u64,
+    pub tx_kicks: u64,
+    pub tx_kick_busy: u64,
+    pub tx_kick_errors: u64,
+    pub tx_completions: u64,
+    pub tx_invalid_len: u64,
+    pub tx_bad_completions: u64,
+    pub tx_out_of_room: u64,
+}
+
+impl QueueCounters {
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            rx_packets: r(&self.rx_packets),
+            rx_bytes: r(&self.rx_bytes),
+            rx_batches: r(&self.rx_batches),
+            rx_wakeups: r(&self.rx_wakeups),
+            rx_bad_descs: r(&self.rx_bad_descs),
+            tx_packets: r(&self.tx_packets),
+            tx_bytes: r(&self.tx_bytes),
+            tx_batches: r(&self.tx_batches),
+            tx_kicks: r(&self.tx_kicks),
+            tx_kick_busy: r(&self.tx_kick_busy),
+            tx_kick_errors: r(&self.tx_kick_errors),
+            tx_completions: r(&self.tx_completions),
+            tx_invalid_len: r(&self.tx_invalid_len),
+            tx_bad_completions: r(&self.tx_bad_completions),
+            tx_out_of_room: r(&self.tx_out_of_room),
+        }
+    }
+}
+
+/// Our counters plus the kernel's drop counters for one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueStats {
+    pub queue_id: u32,
+    pub counters: CounterSnapshot,
+    /// None once the queue is gone (or if the getsockopt failed).
+    pub kernel: Option<XdpStatistics>,
+}
+
+/// A cloneable, `Send + Sync` view of one queue's statistics for another
+/// thread (metrics, monitor). Holds no reference that keeps the socket
+/// open: once the queue is dropped, `kernel` reads as None.
+#[derive(Debug, Clone)]
+pub struct QueueStatsHandle {
+    queue_id: u32,
+    counters: Arc<QueueCounters>,
+    fd: Weak<OwnedFd>,
+}
+
+impl QueueStatsHandle {
+    pub fn queue_id(&self) -> u32 {
+        self.queue_id
+    }
+
+    pub fn counters(&self) -> &QueueCounters {
+        &self.counters
+    }
+
+    pub fn snapshot(&self) -> QueueStats {
+        QueueStats {
+            queue_id: self.queue_id,
+            counters: self.counters.snapshot(),
+            kernel: self
+                .fd
+                .upgrade()
+                .and_then(|fd| xdp_statistics(fd.as_raw_fd()).ok()),
+        }
+    }
+}
+
+fn xdp_statistics(fd: RawFd) -> io::Result<XdpStatistics> {
+    sys::getsockopt::<libc::xdp_statistics>(fd, libc::SOL_XDP, libc::XDP_STATISTICS)
+        .map(|(s, _)| s.into())
+}
+
+/// What [`XskQueue::tx_batch`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TxBatch {
+    /// Frames queued for transmission.
+    pub sent: usize,
+    /// It stopped because no transmit frame was free while the callback
+    /// might have had more: wait for completions (the frames in flight
+    /// come back via [`XskQueue::reclaim`], which `tx_batch` calls itself).
+    pub out_of_room: bool,
+    /// The kernel stopped before the tx ring was empty (device queue busy,
+    /// peer full, link down): call [`XskQueue::kick_tx`] again later (on
+    /// POLLOUT, which in copy mode itself drives transmission, or on the
+    /// next batch).
+    pub kick_pending: bool,
+}
+
+/// Readiness from [`XskQueue::poll`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Readiness {
+    /// Frames wait in the rx ring.
+    pub readable: bool,
+    /// The tx ring is at most half full.
+    pub writable: bool,
+    /// POLLERR/POLLHUP: e.g. the interface went away.
+    pub error: bool,
+}
+
+/// What setting up one socket needs.
+pub(crate) struct QueueSetup<'a> {
+    pub ifname: &'a str,
+    pub ifindex: u32,
+    pub queue_id: u32,
+    pub umem: UmemConfig,
+    /// XDP_COPY, or 0 to let the kernel try zero-copy first.
+    pub copy_flag: u16,
+    /// For the memlock error message.
+    pub total_queues: u32,
+    /// The socket came from sock-fds (changes the EBUSY messages).
+    pub adopted: bool,
+}
+
+/// One AF_XDP socket, bound to `(ifindex, queue_id)`, with its own UMEM
+/// and four rings. `Send`, not `Sync`: move it to the thread that serves
+/// the queue pair.
+///
+/// No method allocates; batches are bounded by the caller's `max`.
+pub struct XskQueue {
+    queue_id: u32,
+    frame_size: u32,
+    zero_copy: bool,
+    fill: Ring<u64>,
+    comp: Ring<u64>,
+    rx: Ring<libc::xdp_desc>,
+    tx: Ring<libc::xdp_desc>,
+    ledger: FrameLedger,
+    kick_pending: bool,
+    counters: Arc<QueueCounters>,
+    // Dropped after the rings (which are its mappings) and before the
+    // UMEM it registered.
+    fd: Arc<OwnedFd>,
+    umem: UmemArea,
+}
+
+impl std::fmt::Debug for XskQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XskQueue")
+            .field("queue_id", &self.queue_id)
+            .field("fd", &self.fd.as_raw_fd())
+            .field("zero_copy", &self.zero_copy)
+            .field("frame_size", &self.frame_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl XskQueue {
+    /// Registers a UMEM on `fd`, creates and maps the rings, fills the
+    /// fill ring and binds to the queue with need-wakeup.
+    pub(crate) fn setup(fd: OwnedFd, s: &QueueSetup<'_>) -> Result<XskQueue> {
+        let q = s.queue_id;
+        let sock_err = |op: &'static str| {
+            move |source: io::Error| Error::Socket {
+                op,
+                queue: q,
+                source,
+            }
+        };
+        let adopted_busy = |what: &str| Error::BadSockFd {
+            fd: fd.as_raw_fd(),
+            reason: format!(
+                "already has {what} (it was set up or bound by someone else); sock-fds sockets \
+                 must be fresh: created and put in the XSKMAP, nothing more"
+            ),
+        };
+
+        let umem_len = s.umem.bytes() as usize;
+        let umem = UmemArea::new(umem_len).map_err(|source| Error::Io {
+            op: "mapping the UMEM",
+            source,
+        })?;
+        let reg = libc::xdp_umem_reg {
+            addr: umem.addr(),
+            len: umem.len() as u64,
+            chunk_size: s.umem.frame_size,
+            headroom: 0,
+            flags: 0,
+            tx_metadata_len: 0,
+        };
+        if let Err(source) = sys::setsockopt(fd.as_fd(), libc::SOL_XDP, libc::XDP_UMEM_REG, &reg) {
+            return Err(match source.raw_os_error() {
+                // xdp_umem_account_pages: over RLIMIT_MEMLOCK without CAP_IPC_LOCK.
+                Some(libc::ENOBUFS) | Some(libc::ENOMEM) => Error::Memlock {
+                    needed_kib: s.umem.bytes() * u64::from(s.total_queues) / 1024,
+                    queues: s.total_queues,
+                    limit_kib: sys::memlock_limit().map(|b| b / 1024),
+                },
+                Some(libc::EBUSY) if s.adopted => adopted_busy("a UMEM"),
+                Some(libc::EPERM) => Error::PermissionDenied {
+                    action: "registering the UMEM",
+                    hint: PRIVILEGE_HINT,
+                    source,
+                },
+                _ => Error::Socket {
+                    op: "registering the UMEM (XDP_UMEM_REG)",
+                    queue: q,
+                    source,
+                },
+            });
+        }
+        let rings = [
+            (
+                libc::XDP_UMEM_FILL_RING,
+                s.umem.rx_frames,
+                "setting the fill ring size",
+            ),
+            (
+                libc::XDP_UMEM_COMPLETION_RING,
+                s.umem.tx_frames,
+                "setting the completion ring size",
+            ),
+            (
+                libc::XDP_RX_RING,
+                s.umem.rx_frames,
+                "setting the rx ring size",
+            ),
+            (
+                libc::XDP_TX_RING,
+                s.umem.tx_frames,
+                "setting the tx ring size",
+            ),
+        ];
+        for (opt, size, op) in rings {
+            if let Err(e) = sys::setsockopt(fd.as_fd(), libc::SOL_XDP, opt, &size) {
+                return Err(match e.raw_os_error() {
+                    Some(libc::EBUSY) | Some(libc::EINVAL) if s.adopted => adopted_busy("rings"),
+                    _ => sock_err(op)(e),
+                });
+            }
+        }
+        // Copy mode sends at most this many frames per kick (default 32);
+        // allow the whole ring so one kick flushes a batch. Linux < 6.17
+        // lacks the option: then a big batch may need a second kick,
+        // which tx_batch reports as kick_pending.
+        if s.umem.tx_frames >= 32 {
+            if let Err(e) = sys::setsockopt(
+                fd.as_fd(),
+                libc::SOL_XDP,
+                sys::XDP_MAX_TX_SKB_BUDGET,
+                &s.umem.tx_frames,
+            ) {
+                log::debug!("af-xdp: queue {q}: XDP_MAX_TX_SKB_BUDGET not set ({e}); copy mode sends 32 frames per kick");
+            }
+        }
+        let (off, len) = sys::getsockopt::<libc::xdp_mmap_offsets>(
+            fd.as_raw_fd(),
+            libc::SOL_XDP,
+            libc::XDP_MMAP_OFFSETS,
+        )
+        .map_err(sock_err("reading the ring offsets (XDP_MMAP_OFFSETS)"))?;
+        if len < std::mem::size_of::<libc::xdp_mmap_offsets>() {
+            // Pre-5.4 kernels have no flags field, hence no need-wakeup.
+            return Err(Error::Socket {
+                op: "reading the ring offsets",
+                queue: q,
+                source: io::Error::other(
+                    "kernel too old: no need-wakeup support (needs Linux 5.4+)",
+                ),
+            });
+        }
+        let fill = Ring::<u64>::map(
+            fd.as_fd(),
+            libc::XDP_UMEM_PGOFF_FILL_RING,
+            s.umem.rx_frames,
+            off.fr.into(),
+        )
+        .map_err(sock_err("mapping the fill ring"))?;
+        let comp = Ring::<u64>::map(
+            fd.as_fd(),
+            libc::XDP_UMEM_PGOFF_COMPLETION_RING,
+            s.umem.tx_frames,
+            off.cr.into(),
+        )
+        .map_err(sock_err("mapping the completion ring"))?;
+        let rx = Ring::<libc::xdp_desc>::map(
+            fd.as_fd(),
+            libc::XDP_PGOFF_RX_RING as u64,
+            s.umem.rx_frames,
+            RingOffsets::from(off.rx),
+        )
+        .map_err(sock_err("mapping the rx ring"))?;
+        let tx = Ring::<libc::xdp_desc>::map(
+            fd.as_fd(),
+            libc::XDP_PGOFF_TX_RING as u64,
+            s.umem.tx_frames,
+            RingOffsets::from(off.tx),
+        )
+        .map_err(sock_err("mapping the tx ring"))?;
+
+        let mut queue = XskQueue {
+            queue_id: q,
+            frame_size: s.umem.frame_size,
+            zero_copy: false,
+            fill,
+            comp,
+            rx,
+            tx,
+            ledger: FrameLedger::new(s.umem.frame_size, s.umem.rx_frames, s.umem.tx_frames),
+            kick_pending: false,
+            counters: Arc::new(QueueCounters::default()),
+            fd: Arc::new(fd),
+            umem,
+        };
+        // The whole receive pool goes to the kernel before bind, so no
+        // frame arriving right after bind finds the fill ring empty.
+        queue.refill();
+
+        let addr = libc::sockaddr_xdp {
+            sxdp_family: libc::AF_XDP as u16,
+            sxdp_flags: libc::XDP_USE_NEED_WAKEUP | s.copy_flag,
+            sxdp_ifindex: s.ifindex,
+            sxdp_queue_id: q,
+            sxdp_shared_umem_fd: 0,
+        };
+        // SAFETY: addr is a valid sockaddr_xdp of the given length.
+        let ret = unsafe {
+            libc::bind(
+                queue.fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_xdp).cast(),
+                std::mem::size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
+            )
+        };
+        if ret < 0 {
+            let source = io::Error::last_os_error();
+            return Err(match source.raw_os_error() {
+                Some(libc::EBUSY) => Error::QueueBusy {
+                    ifname: s.ifname.to_string(),
+                    queue: q,
+                },
+                Some(libc::ENODEV) => Error::NoSuchInterface {
+                    ifname: s.ifname.to_string(),
+                },
+                _ => Error::Socket {
+                    op: "binding the socket to the queue",
+                    queue: q,
+                    source,
+                },
+            });
+        }
+        queue.zero_copy = sys::getsockopt::<libc::xdp_options>(
+            queue.fd.as_raw_fd(),
+            libc::SOL_XDP,
+            libc::XDP_OPTIONS,
+        )
+        .map(|(o, _)| o.flags & libc::XDP_OPTIONS_ZEROCOPY != 0)
+        .unwrap_or(false);
+        Ok(queue)
+    }
+
+    /// The device queue this socket is bound to.
+    pub fn queue_id(&self) -> u32 {
+        self.queue_id
+    }
+
+    /// Whether the kernel runs this socket in zero-copy mode.
+    pub fn is_zero_copy(&self) -> bool {
+        self.zero_copy
+    }
+
+    /// UMEM frame size; the buffer `tx_batch` hands out is this long.
+    pub fn frame_size(&self) -> u32 {
+        self.frame_size
+    }
+
+    /// The socket, for poll/epoll: readable when frames wait in the rx
+    /// ring, writable when the tx ring is at most half full.
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// The shared counters (same object the stats handle reads).
+    pub fn counters(&self) -> &QueueCounters {
+        &self.counters
+    }
+
+    /// A handle for reading this queue's statistics from another thread.
+    pub fn stats_handle(&self) -> QueueStatsHandle {
+        QueueStatsHandle {
+            queue_id: self.queue_id,
+            counters: Arc::clone(&self.counters),
+            fd: Arc::downgrade(&self.fd),
+        }
+    }
+
+    /// Our counters and the kernel's drop counters.
+    pub fn stats(&self) -> QueueStats {
+        QueueStats {
+            queue_id: self.queue_id,
+            counters: self.counters.snapshot(),
+            kernel: self.xdp_statistics().ok(),
+        }
+    }
+
+    /// The kernel's drop counters (`XDP_STATISTICS`).
+    pub fn xdp_statistics(&self) -> io::Result<XdpStatistics> {
+        xdp_statistics(self.fd.as_raw_fd())
+    }
+
+    /// True when received frames wait in the rx ring.
+    pub fn rx_ready(&self) -> bool {
+        self.rx.cons_has_entries()
+    }
+
+    /// Offers up to `max` received frames, oldest first, to `deliver`, then
+    /// gives the frames back to the fill ring in one go. `deliver` returns
+    /// false when it cannot take a frame (e.g. no guest buffer): that frame
+    /// and the ones after it stay queued for the next call. The slice is
+    /// only valid during the call. Returns the number of frames taken.
+    pub fn rx_batch<F>(&mut self, max: usize, mut deliver: F) -> usize
+    where
+        F: FnMut(&[u8]) -> bool,
+    {
+        let want = u32::try_from(max).unwrap_or(u32::MAX);
+        let avail = self.rx.cons_available(want);
+        let frame_size = u64::from(self.frame_size);
+        let mut taken = 0u32;
+        let mut bad = 0u32;
+        let mut bytes = 0u64;
+        while taken + bad < avail {
+            let desc = self.rx.cons_read(taken + bad);
+            let Some(base) = self.ledger.check_rx(desc.addr) else {
+                // Not a frame we gave the kernel: skip it, reuse nothing.
+                bad += 1;
+                continue;
+            };
+            if desc.addr - base + u64::from(desc.len) > frame_size {
+                self.ledger.rx_done(base);
+                bad += 1;
+                continue;
+            }
+            let frame = self.umem.slice(desc.addr, desc.len as usize);
+            if !deliver(frame) {
+                break;
+            }
+            self.ledger.rx_done(base);
+            taken += 1;
+            bytes += u64::from(desc.len);
+        }
+        self.rx.cons_release(taken + bad);
+        self.refill();
+        if taken > 0 {
+            add(&self.counters.rx_packets, u64::from(taken));
+            add(&self.counters.rx_bytes, bytes);
+            add(&self.counters.rx_batches, 1);
+        }
+        add(&self.counters.rx_bad_descs, u64::from(bad));
+        taken as usize
+    }
+
+    /// Puts consumed receive frames back in the fill ring (bulk) and wakes
+    /// the driver if it asked for that.
+    fn refill(&mut self) {
+        let want = self.ledger.recycle_len() as u32;
+        if want == 0 {
+            return;
+        }
+        let n = want.min(self.fill.prod_free(want));
+        for i in 0..n {
+            if let Some(addr) = self.ledger.pop_recycle() {
+                self.fill.prod_write(i, addr);
+            }
+        }
+        self.fill.prod_submit(n);
+        if n > 0 && self.fill.needs_wakeup() {
+            // Only zero-copy drivers set the flag: they stop polling an
+            // empty fill ring and must be told it has entries again.
+            let _ = sys::wake_rx(self.fd.as_raw_fd());
+            add(&self.counters.rx_wakeups, 1);
+        }
+    }
+
+    /// Lets `fill` write up to `max` frames into free transmit buffers
+    /// (each `frame_size` bytes; return `Some(len)` to send the first
+    /// `len` bytes, `None` when there is nothing more to send), then
+    /// submits them with at most one kick. A length of 0 or beyond the
+    /// buffer drops that frame (counted in `tx_invalid_len`). Reclaims
+    /// completions itself when short of frames.
+    pub fn tx_batch<F>(&mut self, max: usize, mut fill: F) -> TxBatch
+    where
+        F: FnMut(&mut [u8]) -> Option<usize>,
+    {
+        if max == 0 {
+            return TxBatch {
+                kick_pending: self.kick_pending,
+                ..TxBatch::default()
+            };
+        }
+        let want = u32::try_from(max).unwrap_or(u32::MAX);
+        if (self.ledger.free_len() as u32) < want {
+            self.reclaim();
+        }
+        let free = self.ledger.free_len() as u32;
+        // The tx ring is as large as the transmit pool, so it has a slot
+        // for every free frame; min() only guards the invariant.
+        let room = want.min(free).min(self.tx.prod_free(want.min(free)));
+        let frame_size = self.frame_size as usize;
+        let mut sent = 0u32;
+        let mut calls = 0u32;
+        let mut invalid = 0u64;
+        let mut bytes = 0u64;
+        let mut caller_done = false;
+        while calls < room {
+            let Some(addr) = self.ledger.peek_free() else {
+                break;
+            };
+            calls += 1;
+            match fill(self.umem.slice_mut(addr, frame_size)) {
+                None => {
+                    caller_done = true;
+                    break;
+                }
+                Some(len) if len == 0 || len > frame_size => invalid += 1,
+                Some(len) => {
+                    self.ledger.pop_free();
+                    self.tx.prod_write(
+                        sent,
+                        libc::xdp_desc {
+                            addr,
+                            len: len as u32,
+                            options: 0,
+                        },
+                    );
+                    sent += 1;
+                    bytes += len as u64;
+                }
+            }
+        }
+        self.tx.prod_submit(sent);
+        let out_of_room = !caller_done && calls == room && room < want;
+        if sent > 0 || self.kick_pending {
+            self.kick();
+        }
+        if out_of_room {
+            // Copy mode completes most frames inside the kick; collect
+            // them now so the caller's retry finds room.
+            self.reclaim();
+            add(&self.counters.tx_out_of_room, 1);
+        }
+        if sent > 0 {
+            add(&self.counters.tx_packets, u64::from(sent));
+            add(&self.counters.tx_bytes, bytes);
+            add(&self.counters.tx_batches, 1);
+        }
+        add(&self.counters.tx_invalid_len, invalid);
+        TxBatch {
+            sent: sent as usize,
+            out_of_room,
+            kick_pending: self.kick_pending,
+        }
+    }
+
+    /// Wakes the kernel to transmit what is in the tx ring, if it asked to
+    /// be woken (always in copy mode). Returns whether frames are still
+    /// waiting for another kick.
+    pub fn kick_tx(&mut self) -> bool {
+        self.kick();
+        self.kick_pending
+    }
+
+    /// Whether the last kick left frames in the tx ring.
+    pub fn tx_kick_pending(&self) -> bool {
+        self.kick_pending
+    }
+
+    fn kick(&mut self) {
+        if !self.tx.needs_wakeup() {
+            self.kick_pending = false;
+            return;
+        }
+        add(&self.counters.tx_kicks, 1);
+        match sys::kick_tx(self.fd.as_raw_fd()) {
+            Ok(()) => self.kick_pending = false,
+            Err(e) => {
+                let busy = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::ENOBUFS)
+                );
+                add(
+                    if busy {
+                        &self.counters.tx_kick_busy
+                    } else {
+                        &self.counters.tx_kick_errors
+                    },
+                    1,
+                );
+                self.kick_pending = self.tx.prod_outstanding() > 0;
+            }
+        }
+    }
+
+    /// Moves completed transmit frames back to the free stack. Returns how
+    /// many came back.
+    pub fn reclaim(&mut self) -> usize {
+        let n = self.comp.cons_available(self.comp.size());
+        let mut bad = 0u64;
+        for i in 0..n {
+            let addr = self.comp.cons_read(i);
+            if !self.ledger.tx_completed(addr) {
+                bad += 1;
+            }
+        }
+        self.comp.cons_release(n);
+        add(&self.counters.tx_completions, u64::from(n) - bad);
+        add(&self.counters.tx_bad_completions, bad);
+        n as usize
+    }
+
+    /// Transmit frames free right now (without reclaiming).
+    pub fn tx_free(&self) -> usize {
+        self.ledger.free_len()
+    }
+
+    /// Transmit frames handed to the kernel and not yet reclaimed.
+    pub fn tx_in_flight(&self) -> usize {
+        self.tx.size() as usize - self.ledger.free_len()
+    }
+
+    /// Waits up to `timeout` (None: forever) for the socket to become
+    /// readable (`rx`) and/or writable (`tx`). In copy mode a poll with
+    /// frames in the tx ring also transmits them.
+    pub fn poll(&self, rx: bool, tx: bool, timeout: Option<Duration>) -> io::Result<Readiness> {
+        let mut events = 0;
+        if rx {
+            events |= libc::POLLIN;
+        }
+        if tx {
+            events |= libc::POLLOUT;
+        }
+        let ms = match timeout {
+            None => -1,
+            Some(t) => t.as_millis().min(i32::MAX as u128) as i32,
+        };
+        let revents = sys::poll_one(self.fd.as_raw_fd(), events, ms)?;
+        Ok(Readiness {
+            readable: revents & libc::POLLIN != 0,
+            writable: revents & libc::POLLOUT != 0,
+            error: revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0,
+        })
+    }
+
+    /// Frame counts by owner; Err describes any inconsistency (a frame
+    /// leaked or listed twice), which would be a bug.
+    pub fn frame_accounting(&self) -> Result<FrameAccounting, String> {
+        self.ledger.accounting()
+    }
+}
+
+impl AsRawFd for XskQueue {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for XskQueue {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>() {}
+
+    #[test]
+    fn queue_and_handles_cross_threads() {
+        assert_send::<XskQueue>();
+        assert_send::<QueueStatsHandle>();
+        fn assert_sync<T: Sync>() {}
+        assert_sync::<QueueStatsHandle>();
+    }
+
+    #[test]
+    fn counters_snapshot_reads_every_field() {
+        let c = QueueCounters::default();
+        add(&c.rx_packets, 3);
+        add(&c.tx_kick_busy, 2);
+        add(&c.tx_out_of_room, 0);
+        let s = c.snapshot();
+        assert_eq!((s.rx_packets, s.tx_kick_busy, s.tx_out_of_room), (3, 2, 0));
+    }
+}

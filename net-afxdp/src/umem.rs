@@ -1,0 +1,342 @@
+//! UMEM: the packet buffer area shared with the kernel, and the ledger that
+//! says who owns each frame.
+//!
+//! Frames are split once into two pools. The receive pool (`rx_frames`)
+//! circulates fill ring → kernel → rx ring → caller → fill ring; the
+//! transmit pool (`tx_frames`) circulates free stack → tx ring → kernel →
+//! completion ring → free stack. The rings are sized to their pool, so a
+//! producer ring always has room for every frame of its pool and neither
+//! side can ever be short of slots — only of frames.
+
+use std::io;
+use std::ptr::NonNull;
+
+/// One frame's owner. Every address the kernel hands back is checked
+/// against this, so a frame can neither leak nor be handed out twice
+/// without it showing up in [`FrameAccounting`] / the `bad_addrs` counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Owner {
+    /// In the transmit free stack, ours to write.
+    Free,
+    /// Given to the kernel for receiving (fill ring, or in the rx ring).
+    KernelRx,
+    /// Given to the kernel for transmitting (tx or completion ring).
+    KernelTx,
+    /// Received and consumed, waiting for room in the fill ring.
+    Recycling,
+}
+
+/// Frame counts by owner, from [`crate::XskQueue::frame_accounting`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FrameAccounting {
+    /// All frames in the UMEM.
+    pub total: u32,
+    /// Transmit frames free for the caller to fill.
+    pub tx_free: u32,
+    /// Transmit frames in the tx or completion ring.
+    pub tx_in_kernel: u32,
+    /// Receive frames in the fill or rx ring.
+    pub rx_in_kernel: u32,
+    /// Receive frames consumed and waiting to go back to the fill ring.
+    pub rx_recycling: u32,
+}
+
+/// The mmap'ed packet area. Registered with the kernel by the socket code.
+#[derive(Debug)]
+pub(crate) struct UmemArea {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain memory owned by this struct; access is coordinated by the
+// ledger (one owner per frame) and the rings' acquire/release protocol.
+unsafe impl Send for UmemArea {}
+
+impl UmemArea {
+    pub(crate) fn new(len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh anonymous private mapping; populated up front so
+        // the datapath never page-faults on first touch of a frame.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr =
+            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
+        Ok(UmemArea { ptr, len })
+    }
+
+    pub(crate) fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The bytes at `[addr, addr + len)`, which the caller owns (checked
+    /// by the ledger and the bounds check in the queue).
+    pub(crate) fn slice(&self, addr: u64, len: usize) -> &[u8] {
+        debug_assert!(addr as usize + len <= self.len);
+        // SAFETY: in bounds (checked by the caller against the frame);
+        // the frame is ours, so the kernel does not write it meanwhile.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(addr as usize), len) }
+    }
+
+    /// Mutable view of a frame the caller owns exclusively.
+    pub(crate) fn slice_mut(&mut self, addr: u64, len: usize) -> &mut [u8] {
+        debug_assert!(addr as usize + len <= self.len);
+        // SAFETY: in bounds; the frame is free (ledger), so neither the
+        // kernel nor any other slice touches it; &mut self prevents aliasing.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(addr as usize), len) }
+    }
+}
+
+impl Drop for UmemArea {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping. Dropped after the socket (field order in
+        // XskQueue), so the kernel has released the pages by now; even if
+        // not, the kernel holds its own page references.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// Who owns each frame, plus the transmit free stack and the receive
+/// recycle backlog. All storage is allocated once, up front.
+#[derive(Debug)]
+pub(crate) struct FrameLedger {
+    frame_shift: u32,
+    owner: Box<[Owner]>,
+    rx_frames: u32,
+    tx_frames: u32,
+    /// Transmit frames we may fill (frame base addresses).
+    free: Vec<u64>,
+    /// Received frames to give back to the fill ring (base addresses).
+    recycle: Vec<u64>,
+}
+
+impl FrameLedger {
+    /// Frames `0..rx_frames` form the receive pool (initially `Recycling`,
+    /// i.e. waiting to be put in the fill ring), the rest the transmit pool.
+    pub(crate) fn new(frame_size: u32, rx_frames: u32, tx_frames: u32) -> Self {
+        debug_assert!(frame_size.is_power_of_two());
+        let total = rx_frames + tx_frames;
+        let mut owner = vec![Owner::Free; total as usize].into_boxed_slice();
+        let mut recycle = Vec::with_capacity(rx_frames as usize);
+        for (i, o) in owner.iter_mut().enumerate().take(rx_frames as usize) {
+            *o = Owner::Recycling;
+            recycle.push((i as u64) << frame_size.trailing_zeros());
+        }
+        // Reversed so that pop() hands out the lowest frame first.
+        let free: Vec<u64> = (rx_frames..total)
+            .rev()
+            .map(|i| (i as u64) << frame_size.trailing_zeros())
+            .collect();
+        FrameLedger {
+            frame_shift: frame_size.trailing_zeros(),
+            owner,
+            rx_frames,
+            tx_frames,
+            free,
+            recycle,
+        }
+    }
+
+    /// The frame index of a UMEM address (any offset inside the frame).
+    fn index(&self, addr: u64) -> Option<usize> {
+        let i = (addr >> self.frame_shift) as usize;
+        (i < self.owner.len()).then_some(i)
+    }
+
+    pub(crate) fn frame_base(&self, addr: u64) -> u64 {
+        addr >> self.frame_shift << self.frame_shift
+    }
+
+    // ---- receive pool ----
+
+    /// A frame the kernel put in the rx ring; Some(base) if it really was
+    /// given to the kernel for receiving.
+    pub(crate) fn check_rx(&self, addr: u64) -> Option<u64> {
+        let i = self.index(addr)?;
+        (self.owner[i] == Owner::KernelRx).then(|| self.frame_base(addr))
+    }
+
+    /// The caller is done with a received frame: queue it for the fill ring.
+    pub(crate) fn rx_done(&mut self, base: u64) {
+        if let Some(i) = self.index(base) {
+            self.owner[i] = Owner::Recycling;
+            self.recycle.push(base);
+        }
+    }
+
+    pub(crate) fn recycle_len(&self) -> usize {
+        self.recycle.len()
+    }
+
+    /// Takes the next frame to put in the fill ring.
+    pub(crate) fn pop_recycle(&mut self) -> Option<u64> {
+        let base = self.recycle.pop()?;
+        if let Some(i) = self.index(base) {
+            self.owner[i] = Owner::KernelRx;
+        }
+        Some(base)
+    }
+
+    // ---- transmit pool ----
+
+    pub(crate) fn free_len(&self) -> usize {
+        self.free.len()
+    }
+
+    /// The free frame `pop_free` would return next.
+    pub(crate) fn peek_free(&self) -> Option<u64> {
+        self.free.last().copied()
+    }
+
+    /// Hands the next free frame to the kernel for transmission.
+    pub(crate) fn pop_free(&mut self) -> Option<u64> {
+        let base = self.free.pop()?;
+        if let Some(i) = self.index(base) {
+            self.owner[i] = Owner::KernelTx;
+        }
+        Some(base)
+    }
+
+    /// The kernel completed a transmit frame; false if it was not one we
+    /// gave it (then it is not reused).
+    pub(crate) fn tx_completed(&mut self, addr: u64) -> bool {
+        let Some(i) = self.index(addr) else {
+            return false;
+        };
+        if self.owner[i] != Owner::KernelTx {
+            return false;
+        }
+        self.owner[i] = Owner::Free;
+        self.free.push(self.frame_base(addr));
+        true
+    }
+
+    /// Counts frames by owner and checks that they add up: every frame in
+    /// exactly one place, the free stack and backlog matching the owners.
+    pub(crate) fn accounting(&self) -> Result<FrameAccounting, String> {
+        let mut a = FrameAccounting {
+            total: self.owner.len() as u32,
+            ..Default::default()
+        };
+        for o in self.owner.iter() {
+            match o {
+                Owner::Free => a.tx_free += 1,
+                Owner::KernelTx => a.tx_in_kernel += 1,
+                Owner::KernelRx => a.rx_in_kernel += 1,
+                Owner::Recycling => a.rx_recycling += 1,
+            }
+        }
+        let mut problems = Vec::new();
+        if a.tx_free as usize != self.free.len() {
+            problems.push(format!(
+                "{} frames marked free but the free stack holds {}",
+                a.tx_free,
+                self.free.len()
+            ));
+        }
+        if a.rx_recycling as usize != self.recycle.len() {
+            problems.push(format!(
+                "{} frames marked recycling but the backlog holds {}",
+                a.rx_recycling,
+                self.recycle.len()
+            ));
+        }
+        if a.tx_free + a.tx_in_kernel != self.tx_frames {
+            problems.push(format!(
+                "transmit pool: {} free + {} in kernel != {}",
+                a.tx_free, a.tx_in_kernel, self.tx_frames
+            ));
+        }
+        if a.rx_in_kernel + a.rx_recycling != self.rx_frames {
+            problems.push(format!(
+                "receive pool: {} in kernel + {} recycling != {}",
+                a.rx_in_kernel, a.rx_recycling, self.rx_frames
+            ));
+        }
+        let mut seen = vec![false; self.owner.len()];
+        for &base in self.free.iter().chain(self.recycle.iter()) {
+            match self.index(base) {
+                Some(i) if !seen[i] => seen[i] = true,
+                Some(i) => problems.push(format!("frame {i} listed twice")),
+                None => problems.push(format!("address {base:#x} outside the UMEM")),
+            }
+        }
+        if problems.is_empty() {
+            Ok(a)
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_start_split_and_accounted() {
+        let l = FrameLedger::new(4096, 8, 4);
+        let a = l.accounting().unwrap();
+        assert_eq!(a.total, 12);
+        assert_eq!(a.rx_recycling, 8);
+        assert_eq!(a.tx_free, 4);
+        assert_eq!(l.peek_free(), Some(8 * 4096));
+    }
+
+    #[test]
+    fn frames_move_between_owners_and_are_never_handed_out_twice() {
+        let mut l = FrameLedger::new(2048, 4, 4);
+        // Fill ring gets the whole receive pool.
+        let mut fill = Vec::new();
+        while let Some(a) = l.pop_recycle() {
+            fill.push(a);
+        }
+        assert_eq!(fill.len(), 4);
+        // An rx descriptor points 256 bytes into a frame (XDP headroom).
+        let base = l.check_rx(fill[0] + 256).unwrap();
+        assert_eq!(base, fill[0]);
+        l.rx_done(base);
+        // Delivered twice by a confused kernel: rejected the second time.
+        assert_eq!(l.check_rx(fill[0] + 256), None);
+        // A transmit-pool frame cannot come back through the rx ring.
+        assert_eq!(l.check_rx(5 * 2048), None);
+
+        let mut sent = Vec::new();
+        while let Some(a) = l.pop_free() {
+            sent.push(a);
+        }
+        assert_eq!(sent.len(), 4);
+        let mut uniq = sent.clone();
+        uniq.sort();
+        uniq.dedup();
+        assert_eq!(uniq.len(), 4, "a frame was handed out twice");
+        assert!(l.tx_completed(sent[2]));
+        assert!(!l.tx_completed(sent[2]), "double completion accepted");
+        assert!(!l.tx_completed(fill[1]), "rx frame accepted as completion");
+        assert!(
+            !l.tx_completed(1 << 40),
+            "address outside the UMEM accepted"
+        );
+        let a = l.accounting().unwrap();
+        assert_eq!(a.tx_free, 1);
+        assert_eq!(a.tx_in_kernel, 3);
+        assert_eq!(a.rx_in_kernel, 3);
+        assert_eq!(a.rx_recycling, 1);
+    }
+}
