@@ -1,7 +1,7 @@
 //! Opening a NIC: checks, the XDP program, one socket per queue.
 
 use std::io;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::config::{AfXdpConfig, XdpMode};
 use crate::error::{Error, Result, PRIVILEGE_HINT};
@@ -105,8 +105,10 @@ pub(crate) fn new_xsk_socket() -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Checks that every sock-fds entry is an open AF_XDP socket, then takes
-/// ownership of them (they are closed with the queues).
+/// Checks that every sock-fds entry is an open AF_XDP socket and returns
+/// duplicates to work on: the listed fds themselves are closed only once
+/// the open succeeded (see [`AfXdpNic::open`]), so an error leaves the
+/// caller's descriptors alone.
 fn adopt_sock_fds(fds: &[RawFd]) -> Result<Vec<OwnedFd>> {
     for &fd in fds {
         if !sys::fd_is_open(fd) {
@@ -140,12 +142,25 @@ fn adopt_sock_fds(fds: &[RawFd]) -> Result<Vec<OwnedFd>> {
             }
         }
     }
-    Ok(fds
-        .iter()
-        // SAFETY: checked open above, listed once (config validation), and
-        // handed to us by the option: from here on we own and close them.
-        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect())
+    fds.iter()
+        .map(|&fd| {
+            // SAFETY: checked open above; borrowed only for the dup.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+            borrowed.try_clone_to_owned().map_err(|source| Error::Io {
+                op: "duplicating a sock-fds descriptor",
+                source,
+            })
+        })
+        .collect()
+}
+
+/// Closes the caller's sock-fds descriptors once the NIC owns duplicates.
+fn close_sock_fds(fds: &[RawFd]) {
+    for &fd in fds {
+        // SAFETY: the option handed these descriptors to us; the NIC works
+        // on duplicates, and nothing else here refers to these numbers.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
 }
 
 /// Loads and attaches the program unless `inhibit=on`: refuses when
@@ -230,7 +245,12 @@ impl AfXdpNic {
     /// with `sock-fds`) one AF_XDP socket per queue, attaches the program
     /// (unless `inhibit=on`), registers a UMEM per queue, binds, and puts
     /// the sockets in the XSKMAP. On any error nothing stays attached and
-    /// every socket is closed.
+    /// every socket it created is closed.
+    ///
+    /// With `sock-fds`, the NIC takes over the listed descriptors: on
+    /// success they are closed (the NIC keeps its own duplicates); on
+    /// error they stay open and the caller still owns them (possibly with
+    /// a UMEM or rings already configured).
     pub fn open(config: &AfXdpConfig) -> Result<AfXdpNic> {
         config.validate()?;
         let ifindex = resolve(config)?;
@@ -283,6 +303,9 @@ impl AfXdpNic {
                     .program()
                     .insert_socket(queue.queue_id(), queue.as_fd())?;
             }
+        }
+        if let Some(fds) = &config.sock_fds {
+            close_sock_fds(fds);
         }
         let info = NicInfo {
             ifname: config.ifname.clone(),

@@ -64,7 +64,8 @@ impl XdpProgram {
         route_libbpf_logs();
         let load_err = |e: libbpf_rs::Error| match e.kind() {
             libbpf_rs::ErrorKind::PermissionDenied => Error::PermissionDenied {
-                action: "loading the XDP program",
+                action:
+                    "loading the XDP program (needs CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN)",
                 hint: PRIVILEGE_HINT,
                 source: io::Error::new(io::ErrorKind::PermissionDenied, format!("{e:#}")),
             },
@@ -149,7 +150,7 @@ impl XdpProgram {
             let source = io::Error::from_raw_os_error(-fd);
             return Err(match source.raw_os_error() {
                 Some(libc::EPERM) | Some(libc::EACCES) => Error::PermissionDenied {
-                    action: "attaching the XDP program",
+                    action: "attaching the XDP program (needs CAP_NET_ADMIN)",
                     hint: PRIVILEGE_HINT,
                     source,
                 },
@@ -181,6 +182,10 @@ impl XdpProgram {
     /// The kernel's id of the loaded program.
     pub fn id(&self) -> Option<u32> {
         prog_info(self.prog.as_fd()).map(|(id, _)| id)
+    }
+
+    pub fn prog_fd(&self) -> RawFd {
+        self.prog.as_raw_fd()
     }
 
     pub fn map_fd(&self) -> RawFd {

@@ -359,6 +359,53 @@ pub fn set_memlock_limit(bytes: u64) -> io::Result<()> {
     sys::cvt(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) }).map(drop)
 }
 
+/// Makes `socket(AF_XDP, ...)` fail with EAFNOSUPPORT in the calling
+/// thread (a seccomp filter, per thread): what a kernel built without
+/// CONFIG_XDP_SOCKETS answers. The thread keeps the filter until it ends.
+pub fn simulate_kernel_without_af_xdp() -> io::Result<()> {
+    #[repr(C)]
+    struct SockFilter {
+        code: u16,
+        jt: u8,
+        jf: u8,
+        k: u32,
+    }
+    #[repr(C)]
+    struct SockFprog {
+        len: u16,
+        filter: *const SockFilter,
+    }
+    const LD_ABS_W: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    #[cfg(target_arch = "x86_64")]
+    const AUDIT_ARCH: u32 = 0xc000_003e;
+    #[cfg(target_arch = "aarch64")]
+    const AUDIT_ARCH: u32 = 0xc000_00b7;
+    let f = |code, jt, jf, k| SockFilter { code, jt, jf, k };
+    // seccomp_data: nr at 0, arch at 4, args[0] (low half) at 16.
+    let filter = [
+        f(LD_ABS_W, 0, 0, 4),
+        f(JEQ_K, 0, 5, AUDIT_ARCH),
+        f(LD_ABS_W, 0, 0, 0),
+        f(JEQ_K, 0, 3, libc::SYS_socket as u32),
+        f(LD_ABS_W, 0, 0, 16),
+        f(JEQ_K, 0, 1, libc::AF_XDP as u32),
+        f(RET_K, 0, 0, RET_ERRNO | libc::EAFNOSUPPORT as u32),
+        f(RET_K, 0, 0, RET_ALLOW),
+    ];
+    let prog = SockFprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr(),
+    };
+    // SAFETY: prog points to a valid classic BPF program for the duration
+    // of the call (the kernel copies it); no flags, so only this thread.
+    sys::cvt(unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) })
+        .map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

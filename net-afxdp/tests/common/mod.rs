@@ -1,5 +1,5 @@
 //! Helpers shared by the veth integration tests.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
