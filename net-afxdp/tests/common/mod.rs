@@ -13,9 +13,14 @@ use net_afxdp::{AfXdpConfig, AfXdpNic, Error, XskQueue};
 macro_rules! require_root {
     () => {
         if !net_afxdp::testbed::is_root() {
-            eprintln!(
-                "\n*** SKIPPED {}: AF_XDP veth tests need root (run `sudo -E cargo test -p net-afxdp`) ***\n",
-                module_path!()
+            // Straight to the stderr handle: eprintln! would be captured
+            // by the test harness and never shown for a passing test.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n*** SKIPPED {}::{}: AF_XDP veth tests need root (sudo -E cargo test -p net-afxdp) ***",
+                module_path!(),
+                line!()
             );
             return;
         }
