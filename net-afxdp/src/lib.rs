@@ -85,6 +85,25 @@
 //! a privileged helper uses [`PreparedSockets::create`] and passes the
 //! sockets to xskvm, which opens with `inhibit=on,sock-fds=a:b`.
 //!
+//! `sock-fds` sockets must be fresh (created, optionally SO_BINDTODEVICE,
+//! put in the XSKMAP — nothing more): xskvm registers the UMEM, sizes and
+//! maps the rings and binds them itself.
+//!
+//! # Limits worth knowing
+//!
+//! - The completion ring has no poll event. When every transmit frame is
+//!   in flight, POLLOUT is reported at once (the tx ring is empty), so a
+//!   waiting IO thread spins until completions arrive. In copy mode they
+//!   arrive within the kick, so this only matters for zero-copy drivers.
+//! - Copy mode transmits at most 32 frames per kick before Linux 6.17
+//!   (`XDP_MAX_TX_SKB_BUDGET`, set to the ring size where available);
+//!   [`TxBatch::kick_pending`] then asks for another kick.
+//! - No multi-buffer (`XDP_USE_SG`): longer frames than `frame_size - 256`
+//!   are dropped by the kernel and counted in `rx_dropped`.
+//! - veth in skb mode reports the sender's transmit queue j+1 as receive
+//!   queue j (generic XDP reads the skb's queue mapping as a recorded
+//!   receive queue); native mode maps transmit queue j to receive queue j.
+//!
 //! [`testbed`] holds the veth/namespace helpers the tests and the
 //! `xsk-bench` binary use.
 
