@@ -1,0 +1,277 @@
+//! Network boot tests: a guest with `--net af-xdp` on a veth whose peer is
+//! in a network namespace, with the guest's real virtio_net driver and real
+//! iperf3 on both ends. Direct on hosts with hardware virtualization, in the
+//! nested test host otherwise.
+
+mod common;
+
+use std::path::Path;
+
+use common::{guest_image, run_scenario, ScenarioOutput};
+
+const XSKVM: &str = env!("CARGO_BIN_EXE_xskvm");
+const GUEST_IP: &str = "10.77.0.2";
+const PEER_IP: &str = "10.77.0.1";
+
+/// Shell that creates the veth pair (`queues` queues each way), moves the
+/// peer end into namespace `peer` with PEER_IP, and defines `boot_guest`:
+/// boot_guest OUT XSKVM-ARGS... runs xskvm in the background with the
+/// guest command in /tmp/guest-cmd, its console in OUT, its pid in $XSKVM_PID.
+fn testbed(queues: u32) -> String {
+    let image = guest_image();
+    format!(
+        r#"
+set -u
+ip netns add peer
+ip link add xs0 numtxqueues {queues} numrxqueues {queues} type veth peer name xs1 numtxqueues {queues} numrxqueues {queues}
+ip link set xs1 netns peer
+ip -n peer addr add {PEER_IP}/24 dev xs1
+# veth hands locally built TCP/UDP frames over with the checksum left to
+# "hardware"; AF_XDP copies raw frames, so the peer must fill it in itself.
+ip netns exec peer ethtool -K xs1 tx off >/dev/null
+ip -n peer link set xs1 up
+ip -n peer link set lo up
+ip link set xs0 up
+boot_guest() {{
+    local out=$1; shift
+    {XSKVM} --kernel {kernel} --initrd {initrd} --memory 512M --log-level debug "$@" \
+        --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet -- \"$(cat /tmp/guest-cmd)\"" \
+        </dev/null >$out 2>&1 &
+    XSKVM_PID=$!
+}}
+wait_for() {{
+    for i in $(seq 1200); do grep -q "$1" "$2" && return 0; kill -0 $XSKVM_PID 2>/dev/null || break; sleep 0.1; done
+    grep -q "$1" "$2"
+}}
+finish() {{
+    wait $XSKVM_PID
+    echo "XSKVM-RC=$?"
+    if ip -d link show xs0 | grep -q xdp; then echo XDP=left; else echo XDP=gone; fi
+}}
+"#,
+        kernel = image.bzimage.display(),
+        initrd = image.initramfs.display(),
+    )
+}
+
+/// Guest shell that brings eth0 up with GUEST_IP.
+const GUEST_NET_UP: &str = "ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up; sleep 1";
+
+fn run(script: String) -> ScenarioOutput {
+    let image = guest_image();
+    run_scenario(
+        &script,
+        &[Path::new(XSKVM), &image.bzimage, &image.initramfs],
+    )
+}
+
+fn assert_clean_exit(out: &ScenarioOutput) {
+    assert_eq!(out.status, Some(0), "scenario failed\n{}", out.describe());
+    assert_eq!(out.value_of("XSKVM-RC"), Some("0"), "{}", out.describe());
+    assert_eq!(
+        out.value_of("XDP"),
+        Some("gone"),
+        "XDP program left on xs0\n{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn ping_both_ways_and_no_xdp_program_left_after_exit() {
+    let script = format!(
+        r#"{testbed}
+cat > /tmp/guest-cmd <<'CMD'
+{GUEST_NET_UP}; ping -c 3 -W 5 {PEER_IP} && echo GUEST-PING=ok; sleep 120
+CMD
+boot_guest /tmp/console --net af-xdp,ifname=xs0
+wait_for GUEST-PING=ok /tmp/console
+ip -d link show xs0 | grep -q xdp && echo XDP-WHILE-RUNNING=yes
+ip netns exec peer ping -c 3 -W 5 {GUEST_IP} && echo PEER-PING=ok
+kill -TERM $XSKVM_PID
+finish
+cat /tmp/console
+"#,
+        testbed = testbed(1)
+    );
+    let out = run(script);
+    assert_eq!(out.value_of("GUEST-PING"), Some("ok"), "{}", out.describe());
+    assert_eq!(
+        out.value_of("XDP-WHILE-RUNNING"),
+        Some("yes"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(out.value_of("PEER-PING"), Some("ok"), "{}", out.describe());
+    assert_clean_exit(&out);
+}
+
+/// Mbit/s of the iperf3 "receiver" summary lines, in order.
+fn receiver_rates(out: &ScenarioOutput) -> Vec<f64> {
+    out.stdout
+        .lines()
+        .filter(|l| l.contains("receiver"))
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let unit = words.iter().position(|w| w.ends_with("bits/sec"))?;
+            let value: f64 = words.get(unit.checked_sub(1)?)?.parse().ok()?;
+            Some(match words[unit] {
+                "Gbits/sec" => value * 1000.0,
+                "Kbits/sec" => value / 1000.0,
+                _ => value,
+            })
+        })
+        .collect()
+}
+
+/// TCP through xskvm must move real bulk traffic. The floor is for the
+/// slowest place these tests run: the nested test host, where the guest
+/// runs under KVM inside QEMU's TCG emulator (every instruction of the
+/// test host, xskvm's IO thread included, is emulated). Measured there:
+/// see the issue notes; on hardware it is orders of magnitude higher.
+const IPERF_FLOOR_MBITS: f64 = 20.0;
+
+#[test]
+fn iperf3_tcp_both_ways_above_the_floor() {
+    let script = format!(
+        r#"{testbed}
+ip netns exec peer iperf3 -s -D
+cat > /tmp/guest-cmd <<'CMD'
+{GUEST_NET_UP}; iperf3 -c {PEER_IP} -t 10 -f m; iperf3 -c {PEER_IP} -t 10 -f m -R
+CMD
+boot_guest /tmp/console --net af-xdp,ifname=xs0
+finish
+cat /tmp/console
+"#,
+        testbed = testbed(1)
+    );
+    let out = run(script);
+    assert_clean_exit(&out);
+    let rates = receiver_rates(&out);
+    assert_eq!(rates.len(), 2, "two iperf3 runs\n{}", out.describe());
+    eprintln!(
+        "iperf3 guest->peer {:.0} Mbit/s, peer->guest {:.0} Mbit/s",
+        rates[0], rates[1]
+    );
+    for rate in &rates {
+        assert!(
+            *rate > IPERF_FLOOR_MBITS,
+            "{rate} Mbit/s\n{}",
+            out.describe()
+        );
+    }
+}
+
+#[test]
+fn file_of_64_mib_each_way_arrives_intact() {
+    // busybox httpd serves the file on one side, wget fetches it on the other.
+    let script = format!(
+        r#"{testbed}
+mkdir -p /tmp/www
+head -c 67108864 /dev/urandom > /tmp/www/to-guest
+echo "HOST-SENT-SHA=$(sha256sum /tmp/www/to-guest | cut -d' ' -f1)"
+ip netns exec peer busybox httpd -p 8080 -h /tmp/www
+cat > /tmp/guest-cmd <<'CMD'
+{GUEST_NET_UP}; wget -q -O /tmp/in http://{PEER_IP}:8080/to-guest && sha256sum /tmp/in | sed 's/ .*//;s/^/GUEST-GOT-SHA=/'; rm -f /tmp/in; mkdir -p /tmp/www; head -c 67108864 /dev/urandom > /tmp/www/out; sha256sum /tmp/www/out | sed 's/ .*//;s/^/GUEST-SENT-SHA=/'; httpd -p 8080 -h /tmp/www; echo GUEST-SERVER-UP; sleep 600
+CMD
+boot_guest /tmp/console --net af-xdp,ifname=xs0
+wait_for GUEST-SERVER-UP /tmp/console
+ip netns exec peer busybox wget -q -O /tmp/from-guest http://{GUEST_IP}:8080/out
+echo "HOST-GOT-SHA=$(sha256sum /tmp/from-guest | cut -d' ' -f1)"
+kill -TERM $XSKVM_PID
+finish
+cat /tmp/console
+"#,
+        testbed = testbed(1)
+    );
+    let out = run(script);
+    assert_clean_exit(&out);
+    let sha = |key| out.value_of(key).map(str::trim).filter(|s| s.len() == 64);
+    assert!(sha("HOST-SENT-SHA").is_some(), "{}", out.describe());
+    assert_eq!(
+        sha("GUEST-GOT-SHA"),
+        sha("HOST-SENT-SHA"),
+        "peer->guest\n{}",
+        out.describe()
+    );
+    assert!(sha("GUEST-SENT-SHA").is_some(), "{}", out.describe());
+    assert_eq!(
+        sha("HOST-GOT-SHA"),
+        sha("GUEST-SENT-SHA"),
+        "guest->peer\n{}",
+        out.describe()
+    );
+}
+
+/// rx and tx packet counts per queue pair from xskvm's exit log.
+fn queue_counts(out: &ScenarioOutput) -> Vec<(u64, u64)> {
+    out.stdout
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split_once(" net0 q")?.1;
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            let rx = words.iter().position(|w| *w == "rx")?;
+            let tx = words.iter().position(|w| *w == "tx")?;
+            Some((
+                words.get(rx + 1)?.parse().ok()?,
+                words.get(tx + 1)?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn two_vcpus_two_queue_pairs_both_carry_traffic() {
+    let script = format!(
+        r#"{testbed}
+ip netns exec peer iperf3 -s -D
+cat > /tmp/guest-cmd <<'CMD'
+{GUEST_NET_UP}; cat /sys/class/net/eth0/queues/*/xps_cpus 2>/dev/null; ls /sys/class/net/eth0/queues; iperf3 -c {PEER_IP} -t 5 -P 4 -f m; iperf3 -c {PEER_IP} -t 5 -P 4 -f m -R
+CMD
+boot_guest /tmp/console --vcpus 2 --net af-xdp,ifname=xs0,queues=2
+finish
+cat /tmp/console
+"#,
+        testbed = testbed(2)
+    );
+    let out = run(script);
+    assert_clean_exit(&out);
+    assert!(
+        out.stdout.contains("rx-1") && out.stdout.contains("tx-1"),
+        "guest has 2 queue pairs\n{}",
+        out.describe()
+    );
+    let counts = queue_counts(&out);
+    assert_eq!(counts.len(), 2, "{}", out.describe());
+    for (pair, (rx, tx)) in counts.iter().enumerate() {
+        assert!(
+            *rx > 100 && *tx > 100,
+            "queue pair {pair}: rx {rx} tx {tx}\n{}",
+            out.describe()
+        );
+    }
+}
+
+#[test]
+fn traffic_resumes_after_the_guest_reloads_virtio_net() {
+    let script = format!(
+        r#"{testbed}
+cat > /tmp/guest-cmd <<'CMD'
+{GUEST_NET_UP}; ping -c 2 -W 5 {PEER_IP} > /dev/null && echo FIRST-PING=ok; rmmod virtio_net && echo UNLOADED=yes; insmod /modules/virtio_net.ko; sleep 1; {GUEST_NET_UP}; ping -c 3 -W 5 {PEER_IP} && echo AFTER-RELOAD-PING=ok
+CMD
+boot_guest /tmp/console --net af-xdp,ifname=xs0
+finish
+cat /tmp/console
+"#,
+        testbed = testbed(1)
+    );
+    let out = run(script);
+    assert_clean_exit(&out);
+    assert_eq!(out.value_of("FIRST-PING"), Some("ok"), "{}", out.describe());
+    assert_eq!(out.value_of("UNLOADED"), Some("yes"), "{}", out.describe());
+    assert_eq!(
+        out.value_of("AFTER-RELOAD-PING"),
+        Some("ok"),
+        "{}",
+        out.describe()
+    );
+}
