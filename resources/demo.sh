@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The xskvm demo on a fresh Debian bookworm machine (as root): installs what
 # is missing, builds xskvm and the Debian guest image, and boots the guest —
-# directly with hardware virtualization, else in the nested test host — so
-# that you see its console: kernel, CPUs, memory, devices, then power-off.
+# directly with hardware virtualization, else in the nested test host — with
+# an AF_XDP NIC on a veth pair: the guest pings and runs iperf3 against a
+# peer in a network namespace, then powers off.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,11 +20,26 @@ guest=$(bash resources/guest-image.sh | head -n1 | xargs dirname)
 scenario=$(mktemp)
 trap 'rm -f "$scenario"' EXIT
 cat > "$scenario" <<SCENARIO
+set -e
+exec 2>&1   # one stream, in order
+# A veth pair: xskvm's NIC on xs0, a peer at 10.77.0.1 in namespace "peer".
+ip netns add peer
+ip link add xs0 type veth peer name xs1
+ip link set xs1 netns peer
+ip netns exec peer ethtool -K xs1 tx off >/dev/null   # AF_XDP copies frames: no checksum offload
+ip -n peer addr add 10.77.0.1/24 dev xs1
+ip -n peer link set xs1 up
+ip link set xs0 up
+ip netns exec peer iperf3 -s -D
+cat > /tmp/guest-cmd <<'CMD'
+echo; echo '== inside the guest'; uname -sr; echo cpus: \$(nproc); ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up; sleep 1; ip addr show eth0 | grep inet; ping -c 3 10.77.0.1; iperf3 -c 10.77.0.1 -t 5 -f m | tail -n 4; echo '== bye'
+CMD
 set -x
 $xskvm --kernel $guest/bzImage --initrd $guest/initramfs.cpio.gz --memory 512M --vcpus 2 \
-    --log-level info --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet -- \
-echo; echo '== inside the guest:'; uname -sr; echo cpus: \\\$(nproc); free -m | head -n 2; \
-cat /proc/cmdline; ls /sys/bus/platform/devices | grep -i -e LNRO -e PNP; echo '== bye'"
+    --net af-xdp,ifname=xs0 --log-level info \
+    --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet -- \"\$(cat /tmp/guest-cmd)\""
+set +x
+ip -d link show xs0 | grep -q xdp && echo "XDP program still on xs0!" || echo "== xskvm has exited; no XDP program is left on xs0"
 SCENARIO
-echo "== booting the guest"
+echo "== booting the guest with an AF_XDP NIC"
 bash resources/run-scenario.sh --file "$xskvm" --file "$guest" "$scenario"
