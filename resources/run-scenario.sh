@@ -14,7 +14,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 # Kernel modules and programs every scenario may use in the test host.
-TESTHOST_MODULES=(kvm_amd veth tun vhost_net)
+TESTHOST_MODULES=(kvm_amd veth tun vhost_net bridge)
 TESTHOST_PROGRAMS=(/bin/bash /usr/bin/ip /usr/sbin/ethtool /usr/bin/iperf3 /usr/sbin/tc /usr/bin/nproc)
 
 files=()

@@ -17,8 +17,14 @@ const TX_BATCH: usize = 64;
 const L2_OVERHEAD: u32 = 18;
 
 /// One AF_XDP socket serving one virtio-net queue pair.
-struct XskBackend {
+pub struct XskBackend {
     queue: XskQueue,
+}
+
+impl XskBackend {
+    pub fn new(queue: XskQueue) -> Self {
+        Self { queue }
+    }
 }
 
 impl NetBackend for XskBackend {
@@ -71,7 +77,7 @@ pub fn open_net_device(index: usize, spec: &NetSpec) -> Result<NetDevice, crate:
         },
         backends: queues
             .into_iter()
-            .map(|queue| Box::new(XskBackend { queue }) as Box<dyn NetBackend>)
+            .map(|queue| Box::new(XskBackend::new(queue)) as Box<dyn NetBackend>)
             .collect(),
         keepalive: Box::new(owner),
     })

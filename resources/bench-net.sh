@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# TCP throughput through xskvm (virtio-net over AF_XDP) beside QEMU's
+# microvm with a tap backend (virtio-net over virtio-mmio, tap bridged to the
+# same veth), same guest kernel and initramfs, same KVM: the nested test host
+# here, the real one with hardware virtualization. iperf3 runs in the guest
+# against a peer in a network namespace behind the veth, both directions.
+# Usage: bench-net.sh [SECONDS]   (build xskvm first: cargo build --release)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}
+xskvm=$PWD/target/release/xskvm
+[ -x "$xskvm" ] || { echo "bench-net: build xskvm first: cargo build --release" >&2; exit 1; }
+guest=$(bash resources/guest-image.sh | head -n1 | xargs dirname)
+qemu=$(command -v qemu-system-x86_64) || { echo "bench-net: install qemu-system-x86" >&2; exit 1; }
+
+scenario=$(mktemp)
+trap 'rm -f "$scenario"' EXIT
+cat > "$scenario" <<SCENARIO
+exec 2>&1
+ip netns add peer
+ip link add xs0 type veth peer name xs1
+ip link set xs1 netns peer
+ip netns exec peer ethtool -K xs1 tx off >/dev/null
+ip -n peer addr add 10.77.0.1/24 dev xs1
+ip -n peer link set xs1 up
+ip link set xs0 up
+ip netns exec peer iperf3 -s -D
+cat > /tmp/guest-cmd <<'CMD'
+ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up; sleep 2; iperf3 -c 10.77.0.1 -t $secs -f m | grep receiver | sed 's/^/GUEST-TO-PEER /'; iperf3 -c 10.77.0.1 -t $secs -f m -R | grep receiver | sed 's/^/PEER-TO-GUEST /'
+CMD
+cmdline="console=ttyS0 reboot=k panic=-1 pci=off quiet -- \"\\\$(cat /tmp/guest-cmd)\""
+echo "== xskvm, --net af-xdp,ifname=xs0"
+$xskvm --kernel $guest/bzImage --initrd $guest/initramfs.cpio.gz --memory 512M --vcpus 1 \
+    --net af-xdp,ifname=xs0,mac=52:54:00:00:00:02 --cmdline "\$cmdline" </dev/null | grep -- "-TO-"
+# The same veth, now bridged to a tap for QEMU.
+ip link add br0 type bridge
+ip link set xs0 master br0
+ip tuntap add tap0 mode tap
+ip link set tap0 master br0
+ip link set tap0 up
+ip link set br0 up
+for vhost in off on; do
+    echo "== qemu microvm, -netdev tap,vhost=\$vhost"
+    $qemu -M microvm,acpi=on,pic=off,pit=off,rtc=off -enable-kvm -cpu host -m 512M -smp 1 \
+        -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
+        -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=\$vhost \
+        -device virtio-net-device,netdev=n0,mac=52:54:00:00:00:03 \
+        -kernel $guest/bzImage -initrd $guest/initramfs.cpio.gz -append "\$cmdline" </dev/null | grep -- "-TO-"
+done
+SCENARIO
+bash resources/run-scenario.sh --file "$xskvm" --file "$guest" --file "$qemu" \
+    --file /usr/share/qemu --file /usr/share/seabios "$scenario"

@@ -1,0 +1,242 @@
+//! The virtio-net datapath against the raw AF_XDP yardstick, on a veth pair
+//! in a namespace of its own (root needed).
+//!
+//! "raw": an AF_XDP socket on one end sends (or receives) as fast as it can.
+//! "virtio-net": the same socket behind xskvm's virtio-net device, driven by
+//! the device-level driver harness (test code playing the guest's driver
+//! through the virtio-mmio registers, queue eventfds and guest memory). In
+//! both, an AF_XDP socket on the other end is the peer. Copy mode, native
+//! XDP, one queue pair. Prints Mpps, Gbit/s and virtio-net/raw ratios.
+//!
+//! cargo bench -p vmm --bench datapath [-- SECONDS]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use devices::virtio::net::harness::DriverHarness;
+use devices::virtio::net::{Net, NetConfig, VIRTIO_RING_F_EVENT_IDX};
+use devices::virtio::VIRTIO_F_VERSION_1;
+use net_afxdp::testbed::{self, VethPair};
+use net_afxdp::{AfXdpConfig, AfXdpNic, NicOwner, XskQueue};
+use vmm::afxdp::XskBackend;
+
+const BATCH: usize = 64;
+const QUEUE_SIZE: u16 = 256;
+
+fn open(pair: &VethPair, dev: &str) -> (NicOwner, XskQueue) {
+    let config: AfXdpConfig = format!("ifname={dev},mode=native,force-copy=on")
+        .parse()
+        .expect("config");
+    let nic = pair
+        .run(|| AfXdpNic::open(&config))
+        .expect("enter netns")
+        .unwrap_or_else(|e| panic!("open {dev}: {e}"));
+    let (owner, mut queues) = nic.into_parts();
+    (owner, queues.remove(0))
+}
+
+/// Sends `frame` as fast as the socket takes it, until `stop`.
+fn blast(mut q: XskQueue, frame: Vec<u8>, stop: Arc<AtomicBool>) -> XskQueue {
+    while !stop.load(Ordering::Relaxed) {
+        let batch = q.tx_batch(BATCH, |buf| {
+            buf[..frame.len()].copy_from_slice(&frame);
+            Some(frame.len())
+        });
+        if batch.sent == 0 {
+            let _ = q.poll(false, true, Some(Duration::from_millis(1)));
+            q.reclaim();
+        }
+    }
+    q
+}
+
+/// Receives and counts until `stop`; returns the queue (its counters).
+fn sink(mut q: XskQueue, stop: Arc<AtomicBool>) -> XskQueue {
+    while !stop.load(Ordering::Relaxed) {
+        if q.rx_batch(BATCH, |_| true) == 0 {
+            let _ = q.poll(true, false, Some(Duration::from_millis(1)));
+        }
+    }
+    q
+}
+
+struct Rate {
+    pps: f64,
+    size: usize,
+}
+
+impl Rate {
+    fn show(&self) -> String {
+        format!(
+            "{:6.3} Mpps {:6.2} Gbit/s",
+            self.pps / 1e6,
+            self.pps * self.size as f64 * 8.0 / 1e9
+        )
+    }
+}
+
+/// Counts packets seen by `counter` over `secs` after a warm-up.
+fn window(secs: f64, counter: impl Fn() -> u64) -> f64 {
+    thread::sleep(Duration::from_millis(300));
+    let (c0, t0) = (counter(), Instant::now());
+    thread::sleep(Duration::from_secs_f64(secs));
+    (counter() - c0) as f64 / t0.elapsed().as_secs_f64()
+}
+
+fn raw_tx(size: usize, secs: f64) -> Rate {
+    let pair = VethPair::new(1).expect("veth pair");
+    let (mac_a, mac_b) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
+    let (_oa, qa) = open(&pair, &pair.a);
+    let (_ob, qb) = open(&pair, &pair.b);
+    let peer = qb.stats_handle();
+    let stop = Arc::new(AtomicBool::new(false));
+    let frame = testbed::test_frame(mac_b, mac_a, 0, size);
+    let s = stop.clone();
+    let tx = thread::spawn(move || blast(qa, frame, s));
+    let s = stop.clone();
+    let rx = thread::spawn(move || sink(qb, s));
+    let pps = window(secs, || peer.counters().snapshot().rx_packets);
+    stop.store(true, Ordering::Relaxed);
+    drop((tx.join(), rx.join()));
+    Rate { pps, size }
+}
+
+fn raw_rx(size: usize, secs: f64) -> Rate {
+    let pair = VethPair::new(1).expect("veth pair");
+    let (mac_a, mac_b) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
+    let (_oa, qa) = open(&pair, &pair.a);
+    let (_ob, qb) = open(&pair, &pair.b);
+    let me = qa.stats_handle();
+    let stop = Arc::new(AtomicBool::new(false));
+    let frame = testbed::test_frame(mac_a, mac_b, 0, size);
+    let s = stop.clone();
+    let tx = thread::spawn(move || blast(qb, frame, s));
+    let s = stop.clone();
+    let rx = thread::spawn(move || sink(qa, s));
+    let pps = window(secs, || me.counters().snapshot().rx_packets);
+    stop.store(true, Ordering::Relaxed);
+    drop((tx.join(), rx.join()));
+    Rate { pps, size }
+}
+
+fn harness_for(qa: XskQueue) -> (DriverHarness, Arc<devices::virtio::net::QueuePairCounters>) {
+    let net = Net::new(
+        NetConfig {
+            id: "bench".into(),
+            mac: [0x02, 0, 0, 0, 0, 1],
+            mtu: 1500,
+        },
+        vec![Box::new(XskBackend::new(qa))],
+    )
+    .expect("device");
+    let counters = net.counters()[0].clone();
+    let mut h = DriverHarness::new(net);
+    h.start(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX, 3, QUEUE_SIZE);
+    (h, counters)
+}
+
+/// The harness plays the guest: keeps the TX queue full, reaps used chains.
+fn virtio_tx(size: usize, secs: f64) -> Rate {
+    let pair = VethPair::new(1).expect("veth pair");
+    let (mac_a, mac_b) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
+    let (_oa, qa) = open(&pair, &pair.a);
+    let (_ob, qb) = open(&pair, &pair.b);
+    let peer = qb.stats_handle();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let rx = thread::spawn(move || sink(qb, s));
+    let frame = testbed::test_frame(mac_b, mac_a, 0, size);
+    let s = stop.clone();
+    let driver = thread::spawn(move || {
+        let (mut h, _counters) = harness_for(qa);
+        let mut used = Vec::with_capacity(QUEUE_SIZE as usize);
+        while !s.load(Ordering::Relaxed) {
+            used.clear();
+            h.take_used(1, &mut used);
+            let mut queued = 0;
+            while h.queue_tx_frame(1, &frame) {
+                queued += 1;
+            }
+            if queued > 0 {
+                h.kick(1);
+            } else if used.is_empty() {
+                h.wait_interrupt(Duration::from_millis(1));
+            }
+        }
+    });
+    let pps = window(secs, || peer.counters().snapshot().rx_packets);
+    stop.store(true, Ordering::Relaxed);
+    drop((driver.join(), rx.join()));
+    Rate { pps, size }
+}
+
+/// The harness plays the guest: keeps RX buffers posted, reaps frames.
+fn virtio_rx(size: usize, secs: f64) -> Rate {
+    let pair = VethPair::new(1).expect("veth pair");
+    let (mac_a, mac_b) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
+    let (_oa, qa) = open(&pair, &pair.a);
+    let (_ob, qb) = open(&pair, &pair.b);
+    let stop = Arc::new(AtomicBool::new(false));
+    let frame = testbed::test_frame(mac_a, mac_b, 0, size);
+    let s = stop.clone();
+    let tx = thread::spawn(move || blast(qb, frame, s));
+    let (counter_tx, counter_rx) = std::sync::mpsc::channel();
+    let s = stop.clone();
+    let driver = thread::spawn(move || {
+        let (mut h, counters) = harness_for(qa);
+        let _ = counter_tx.send(counters);
+        let mut used = Vec::with_capacity(QUEUE_SIZE as usize);
+        while !s.load(Ordering::Relaxed) {
+            used.clear();
+            h.take_used(0, &mut used);
+            if h.post_rx_buffers(0, usize::from(QUEUE_SIZE)) > 0 {
+                h.kick(0);
+            }
+            if used.is_empty() {
+                h.wait_interrupt(Duration::from_millis(1));
+            }
+        }
+    });
+    let counters = counter_rx.recv().expect("device counters");
+    let pps = window(secs, || counters.snapshot().rx_packets);
+    stop.store(true, Ordering::Relaxed);
+    drop((driver.join(), tx.join()));
+    Rate { pps, size }
+}
+
+fn main() {
+    if !testbed::is_root() {
+        eprintln!("datapath bench: needs root (veth pairs, namespaces, AF_XDP); skipped");
+        return;
+    }
+    // `cargo bench` passes --bench; under `cargo test` this is a short smoke run.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let default = if args.iter().any(|a| a == "--bench") {
+        3.0
+    } else {
+        0.2
+    };
+    let secs: f64 = args.iter().find_map(|a| a.parse().ok()).unwrap_or(default);
+    println!("virtio-net datapath vs raw AF_XDP: veth, copy mode, native XDP, 1 queue pair, {secs} s windows");
+    for size in [64usize, 1500] {
+        for (dir, raw, virtio) in [
+            (
+                "tx",
+                raw_tx as fn(usize, f64) -> Rate,
+                virtio_tx as fn(usize, f64) -> Rate,
+            ),
+            ("rx", raw_rx, virtio_rx),
+        ] {
+            let r = raw(size, secs);
+            let v = virtio(size, secs);
+            println!(
+                "{dir} {size:4} B   raw AF_XDP {}   virtio-net {}   ratio {:.2}",
+                r.show(),
+                v.show(),
+                v.pps / r.pps.max(1.0)
+            );
+        }
+    }
+}
