@@ -3,13 +3,17 @@
 #   $XSKVM_CACHE/guest/bzImage            Debian cloud kernel (bookworm-backports)
 #   $XSKVM_CACHE/guest/vmlinux            the same kernel as an ELF
 #   $XSKVM_CACHE/guest/initramfs.cpio.gz  busybox, iperf3, virtio_mmio/virtio_net, guest-init.sh
-# Rebuilt only when an input changes; prints the three paths.
+# Rebuilt only when an input changes (this script, guest-init.sh, lib.sh,
+# the kernel and package versions); prints the three paths.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 # Words after "--" on the guest's command line run as a command (guest-init.sh).
-GUEST_MODULES=(virtio_mmio virtio_net)
+# virtio and virtio_ring are built into the cloud kernel (skipped, as are
+# built-in dependencies); virtio_net brings failover and net_failover.
+GUEST_MODULES=(virtio virtio_ring virtio_mmio virtio_net)
 
+lock_cache
 fetch_kernel
 ensure_packages busybox-static iperf3
 out=$XSKVM_CACHE/guest
@@ -18,15 +22,16 @@ stamp=$(stamp_of "$RESOURCES_DIR/guest-image.sh" "$RESOURCES_DIR/guest-init.sh" 
 
 if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$stamp" ]; then
     log "building the guest image in $out"
-    rm -rf "$out"
-    mkdir -p "$out"
-    cp "$KERNEL_IMAGE" "$out/bzImage"
+    new=$out/.new
+    rm -rf "$new"
+    mkdir -p "$new"
+    cp "$KERNEL_IMAGE" "$new/bzImage"
 
     # The bzImage payload is one zstd frame; what follows it is not ours.
-    offset=$(LC_ALL=C grep -obUaP -m1 '\x28\xb5\x2f\xfd' "$out/bzImage" | cut -d: -f1 | head -n1 || true)
+    offset=$(LC_ALL=C grep -obUaP -m1 '\x28\xb5\x2f\xfd' "$new/bzImage" | cut -d: -f1 | head -n1 || true)
     [ -n "$offset" ] || die "no zstd payload in $KERNEL_IMAGE"
-    tail -c +$((offset + 1)) "$out/bzImage" | zstd -qdc > "$out/vmlinux" 2>/dev/null || true
-    [ "$(head -c 4 "$out/vmlinux")" = $'\x7fELF' ] || die "could not extract vmlinux from $KERNEL_IMAGE"
+    tail -c +$((offset + 1)) "$new/bzImage" | zstd -qdc > "$new/vmlinux" 2>/dev/null || true
+    [ "$(head -c 4 "$new/vmlinux")" = $'\x7fELF' ] || die "could not extract vmlinux from $KERNEL_IMAGE"
 
     stage=$(mktemp -d)
     trap 'rm -rf "$stage"' EXIT
@@ -36,7 +41,11 @@ if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$stamp" ]; then
     install -m 755 "$RESOURCES_DIR/guest-init.sh" "$stage/init"
     stage_modules "$stage" "${GUEST_MODULES[@]}"
     copy_with_libs "$stage" /usr/bin/iperf3
-    (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet) | gzip -9 > "$out/initramfs.cpio.gz"
+    (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet) | gzip -9 > "$new/initramfs.cpio.gz"
+    # Renames: a VMM still reading the old files keeps them.
+    rm -f "$out/.stamp"
+    mv -f "$new"/* "$out"/
+    rmdir "$new"
     echo "$stamp" > "$out/.stamp"
 fi
 echo "$out/bzImage"

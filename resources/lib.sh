@@ -7,6 +7,16 @@ RESOURCES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 log() { echo "resources: $*" >&2; }
 die() { echo "resources: error: $*" >&2; exit 1; }
 
+# lock_cache / unlock_cache: one build at a time per cache (parallel test
+# runs share it); readers never see a half-written file, since builds write
+# aside and rename.
+lock_cache() {
+    mkdir -p "$XSKVM_CACHE"
+    exec 9>"$XSKVM_CACHE/.lock"
+    flock 9
+}
+unlock_cache() { exec 9>&-; }
+
 # ensure_packages [-t RELEASE] PKG...: installs the Debian packages that are missing.
 ensure_packages() {
     local release=()
@@ -59,8 +69,9 @@ fetch_kernel() {
         log "fetching $pkg"
         mkdir -p "$XSKVM_CACHE/dl"
         rm -rf "$KERNEL_DIR"; mkdir -p "$KERNEL_DIR"
+        rm -f "$XSKVM_CACHE/dl/${pkg}"_*.deb
         (cd "$XSKVM_CACHE/dl" && apt-get download -q -t bookworm-backports "$pkg" >&2 2>/dev/null) \
-            || die "apt-get download $pkg failed"
+            || die "apt-get download $pkg failed (network? try: apt-get update)"
         dpkg -x "$XSKVM_CACHE"/dl/"${pkg}"_*.deb "$KERNEL_DIR"
         depmod -b "$KERNEL_DIR" "$KERNEL_VERSION"
         touch "$KERNEL_DIR/.done"
@@ -111,7 +122,8 @@ copy_with_libs() {
 # make_cpio DIR OUT: packs DIR as a newc archive (uncompressed: the kernel
 # unpacks it faster than it could gunzip it under emulation).
 make_cpio() {
-    (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet) > "$2"
+    (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet) > "$2.tmp"
+    mv -f "$2.tmp" "$2"
 }
 
 # stamp_of FILE...: a hash that changes when any input changes.
