@@ -7,14 +7,20 @@
 #    SVM CPU, the Debian cloud kernel with kvm-amd loaded, and an initramfs
 #    holding busybox, bash, iproute2, ethtool, iperf3, the PATHs (ELF
 #    programs with their shared libraries) and SCRIPT.
-# It says which on stderr. Environment: XSKVM_SCENARIO_MODE=direct|nested
-# forces one; XSKVM_TESTHOST_MEM (default 3G), XSKVM_TESTHOST_TIMEOUT
-# (seconds, default 600).
+# It says which on stderr. A qemu-system-* among the PATHs brings QEMU's
+# firmware directories along. In the test host SCRIPT runs as
+# `bash /scenario.sh` in /tmp; its stdout and stderr come back live, on
+# run-scenario's stdout and stderr, without kernel messages. Exit status:
+# SCRIPT's, or 125 when the test host did not finish it (boot failure,
+# panic, timeout), with the path of its console log on stderr.
+# Environment: XSKVM_SCENARIO_MODE=direct|nested forces one;
+# XSKVM_TESTHOST_MEM (default 3G), XSKVM_TESTHOST_CPUS (default 2),
+# XSKVM_TESTHOST_TIMEOUT (seconds, default 600).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 # Kernel modules and programs every scenario may use in the test host.
-TESTHOST_MODULES=(kvm_amd veth tun vhost_net bridge)
+TESTHOST_MODULES=(kvm_amd veth tun vhost_net bridge sch_ingress cls_bpf)
 TESTHOST_PROGRAMS=(/bin/bash /usr/bin/ip /usr/sbin/ethtool /usr/bin/iperf3 /usr/sbin/tc /usr/bin/nproc)
 
 files=()
@@ -37,6 +43,16 @@ if [ "$mode" = direct ]; then
 fi
 echo "run-scenario: running in the nested test host (QEMU TCG, EPYC+svm)" >&2
 
+# QEMU inside the test host needs its firmware (Debian's search path).
+for f in "${files[@]}"; do
+    case "$(basename "$f")" in qemu-system-*)
+        for dir in /usr/share/qemu /usr/share/seabios /usr/lib/ipxe/qemu; do
+            [ -d "$dir" ] && files+=("$dir")
+        done ;;
+    esac
+done
+
+lock_cache
 fetch_kernel
 ensure_packages busybox-static iperf3 iproute2 ethtool
 ensure_packages -t bookworm-backports qemu-system-x86
@@ -61,6 +77,7 @@ if [ "$(cat "$base.stamp" 2>/dev/null)" != "$stamp" ]; then
     rm -rf "$stage"
     echo "$stamp" > "$base.stamp"
 fi
+unlock_cache
 
 work=$(mktemp -d /tmp/xskvm-testhost.XXXXXX)
 stage=$work/stage
@@ -76,19 +93,27 @@ cat "$base" "$work/scenario.cpio" > "$work/initrd"
 port() { echo "-chardev file,id=$1,path=$work/$1 -device virtserialport,bus=vs.0,chardev=$1,name=$1"; }
 # shellcheck disable=SC2046
 timeout -k 10 "${XSKVM_TESTHOST_TIMEOUT:-600}" qemu-system-x86_64 \
-    -M q35,accel=tcg -cpu EPYC,+svm -smp 2 -m "${XSKVM_TESTHOST_MEM:-3G}" \
+    -M q35,accel=tcg -cpu EPYC,+svm -smp "${XSKVM_TESTHOST_CPUS:-2}" -m "${XSKVM_TESTHOST_MEM:-3G}" \
     -nodefaults -no-user-config -display none -no-reboot \
     -serial "file:$work/console.log" \
     -kernel "$KERNEL_IMAGE" -initrd "$work/initrd" \
     -append "console=ttyS0 panic=-1 quiet loglevel=4" \
     -device virtio-serial-pci,id=vs $(port out) $(port err) $(port rc) \
-    </dev/null 2>"$work/qemu.log" || true
+    </dev/null 2>"$work/qemu.log" &
+qemu=$!
+trap 'kill -TERM $qemu 2>/dev/null; wait $qemu; rm -rf "$work"; exit 130' INT TERM
+# The scenario's output as it comes; tail reads to the end once QEMU is gone.
+tail -q -n +1 -s 0.2 --pid=$qemu -f "$work/out" &
+out_tail=$!
+tail -q -n +1 -s 0.2 --pid=$qemu -f "$work/err" >&2 &
+err_tail=$!
+wait $qemu || true
+wait $out_tail $err_tail || true
 
-cat "$work/out"
-cat "$work/err" >&2
 rc=$(tr -dc '0-9' < "$work/rc")
 if [ -z "$rc" ]; then
-    echo "run-scenario: the test host did not finish the scenario; its console log: $work/console.log" >&2
+    echo "run-scenario: the test host did not finish the scenario (boot failure, panic or" \
+        "timeout after ${XSKVM_TESTHOST_TIMEOUT:-600} s); its console log: $work/console.log" >&2
     grep -v "TCG doesn't support" "$work/qemu.log" >&2 || true
     tail -n 20 "$work/console.log" >&2 || true
     exit 125
