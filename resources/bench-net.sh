@@ -28,7 +28,7 @@ ip netns exec peer iperf3 -s -D
 cat > /tmp/guest-cmd <<'CMD'
 ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up; sleep 2; iperf3 -c 10.77.0.1 -t $secs -f m | grep receiver | sed 's/^/GUEST-TO-PEER /'; iperf3 -c 10.77.0.1 -t $secs -f m -R | grep receiver | sed 's/^/PEER-TO-GUEST /'
 CMD
-cmdline="console=ttyS0 reboot=k panic=-1 pci=off quiet -- \"\\\$(cat /tmp/guest-cmd)\""
+cmdline="console=ttyS0 reboot=k panic=-1 pci=off quiet -- \"\$(cat /tmp/guest-cmd)\""
 echo "== xskvm, --net af-xdp,ifname=xs0"
 $xskvm --kernel $guest/bzImage --initrd $guest/initramfs.cpio.gz --memory 512M --vcpus 1 \
     --net af-xdp,ifname=xs0,mac=52:54:00:00:00:02 --cmdline "\$cmdline" </dev/null | grep -- "-TO-"
