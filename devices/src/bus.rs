@@ -102,6 +102,23 @@ impl Bus {
     }
 }
 
+/// For devices with byte-wide registers: `read` answers the register at
+/// `offset` into the first byte; wider accesses read zeros beyond it.
+pub fn read_byte_register(offset: u64, data: &mut [u8], read: impl FnOnce(u8) -> u8) {
+    data.fill(0);
+    if let (Some(first), Ok(reg)) = (data.first_mut(), u8::try_from(offset)) {
+        *first = read(reg);
+    }
+}
+
+/// For devices with byte-wide registers: `write(reg, value)` gets the
+/// first byte written; wider accesses drop the rest.
+pub fn write_byte_register(offset: u64, data: &[u8], write: impl FnOnce(u8, u8)) {
+    if let (Some(&value), Ok(reg)) = (data.first(), u8::try_from(offset)) {
+        write(reg, value);
+    }
+}
+
 fn lock<'a>(
     device: &'a Mutex<dyn BusDevice + 'static>,
 ) -> std::sync::MutexGuard<'a, dyn BusDevice + 'static> {

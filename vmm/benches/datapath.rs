@@ -85,40 +85,37 @@ fn window(secs: f64, counter: impl Fn() -> u64) -> f64 {
     (counter() - c0) as f64 / t0.elapsed().as_secs_f64()
 }
 
-fn raw_tx(size: usize, secs: f64) -> Rate {
+/// An AF_XDP socket on one end of the pair blasts frames at one on the
+/// other; `tx` counts what the far end receives, rx what this end receives
+/// (the far end sending).
+fn raw(tx: bool, size: usize, secs: f64) -> Rate {
     let pair = VethPair::new(1).expect("veth pair");
     let (mac_a, mac_b) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
     let (_oa, qa) = open(&pair, &pair.a);
     let (_ob, qb) = open(&pair, &pair.b);
-    let peer = qb.stats_handle();
+    let (sender, receiver, frame) = if tx {
+        (qa, qb, testbed::test_frame(mac_b, mac_a, 0, size))
+    } else {
+        (qb, qa, testbed::test_frame(mac_a, mac_b, 0, size))
+    };
+    let counted = receiver.stats_handle();
     let stop = Arc::new(AtomicBool::new(false));
-    let frame = testbed::test_frame(mac_b, mac_a, 0, size);
     let s = stop.clone();
-    let tx = thread::spawn(move || blast(qa, frame, s));
+    let tx = thread::spawn(move || blast(sender, frame, s));
     let s = stop.clone();
-    let rx = thread::spawn(move || sink(qb, s));
-    let pps = window(secs, || peer.counters().snapshot().rx_packets);
+    let rx = thread::spawn(move || sink(receiver, s));
+    let pps = window(secs, || counted.counters().snapshot().rx_packets);
     stop.store(true, Ordering::Relaxed);
     drop((tx.join(), rx.join()));
     Rate { pps, size }
 }
 
+fn raw_tx(size: usize, secs: f64) -> Rate {
+    raw(true, size, secs)
+}
+
 fn raw_rx(size: usize, secs: f64) -> Rate {
-    let pair = VethPair::new(1).expect("veth pair");
-    let (mac_a, mac_b) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
-    let (_oa, qa) = open(&pair, &pair.a);
-    let (_ob, qb) = open(&pair, &pair.b);
-    let me = qa.stats_handle();
-    let stop = Arc::new(AtomicBool::new(false));
-    let frame = testbed::test_frame(mac_a, mac_b, 0, size);
-    let s = stop.clone();
-    let tx = thread::spawn(move || blast(qb, frame, s));
-    let s = stop.clone();
-    let rx = thread::spawn(move || sink(qa, s));
-    let pps = window(secs, || me.counters().snapshot().rx_packets);
-    stop.store(true, Ordering::Relaxed);
-    drop((tx.join(), rx.join()));
-    Rate { pps, size }
+    raw(false, size, secs)
 }
 
 fn harness_for(qa: XskQueue) -> (DriverHarness, Arc<devices::virtio::net::QueuePairCounters>) {

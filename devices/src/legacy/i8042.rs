@@ -3,7 +3,7 @@
 
 use vm_superio::I8042Device;
 
-use crate::bus::BusDevice;
+use crate::bus::{read_byte_register, write_byte_register, BusDevice};
 use crate::trigger::EventTrigger;
 
 /// Ports 0x60 (data, offset 0) and 0x64 (command, offset 4).
@@ -22,19 +22,15 @@ impl I8042 {
 
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        if let (Some(first), Ok(reg)) = (data.first_mut(), u8::try_from(offset)) {
-            *first = self.device.read(reg);
-        }
+        read_byte_register(offset, data, |reg| self.device.read(reg));
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let (Some(&value), Ok(reg)) = (data.first(), u8::try_from(offset)) else {
-            return;
-        };
-        if let Err(e) = self.device.write(reg, value) {
-            log::error!("i8042: cannot signal reset: {e}");
-        }
+        write_byte_register(offset, data, |reg, value| {
+            if let Err(e) = self.device.write(reg, value) {
+                log::error!("i8042: cannot signal reset: {e}");
+            }
+        });
     }
 }
 

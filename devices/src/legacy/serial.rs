@@ -4,7 +4,7 @@ use std::io::Write;
 
 use vm_superio::{serial::NoEvents, Serial};
 
-use crate::bus::BusDevice;
+use crate::bus::{read_byte_register, write_byte_register, BusDevice};
 use crate::trigger::EventTrigger;
 
 /// The guest console: a 16550 whose output goes to `out` and whose input is
@@ -45,21 +45,16 @@ impl SerialConsole {
 
 impl BusDevice for SerialConsole {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        // The UART has byte registers; wider accesses read the first one.
-        data.fill(0);
-        if let (Some(first), Ok(reg)) = (data.first_mut(), u8::try_from(offset)) {
-            *first = self.uart.read(reg);
-        }
+        read_byte_register(offset, data, |reg| self.uart.read(reg));
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let (Some(&value), Ok(reg)) = (data.first(), u8::try_from(offset)) else {
-            return;
-        };
-        if let Err(e) = self.uart.write(reg, value) {
-            // Host stdout closed or full: the guest keeps running, output is lost.
-            log::debug!("serial: write failed: {e:?}");
-        }
+        write_byte_register(offset, data, |reg, value| {
+            if let Err(e) = self.uart.write(reg, value) {
+                // Host stdout closed or full: the guest keeps running, output is lost.
+                log::debug!("serial: write failed: {e:?}");
+            }
+        });
     }
 }
 
