@@ -46,6 +46,8 @@ wait_for() {{
 finish() {{
     wait $XSKVM_PID
     echo "XSKVM-RC=$?"
+    # The kernel may release the BPF link a moment after the process is gone.
+    for i in $(seq 20); do ip -d link show xs0 | grep -q xdp || break; sleep 0.1; done
     if ip -d link show xs0 | grep -q xdp; then echo XDP=left; else echo XDP=gone; fi
 }}
 "#,
