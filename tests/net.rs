@@ -277,3 +277,39 @@ cat /tmp/console
         out.describe()
     );
 }
+
+#[test]
+fn sigkilled_xskvm_leaves_no_xdp_program() {
+    let script = format!(
+        r#"{testbed}
+cat > /tmp/guest-cmd <<'CMD'
+{GUEST_NET_UP}; echo GUEST-NET-UP; sleep 600
+CMD
+boot_guest /tmp/console --net af-xdp,ifname=xs0
+wait_for GUEST-NET-UP /tmp/console
+ip -d link show xs0 | grep -q xdp && echo XDP-WHILE-RUNNING=yes
+kill -KILL $XSKVM_PID
+finish
+"#,
+        testbed = testbed(1)
+    );
+    let out = run(script);
+    assert_eq!(
+        out.value_of("XDP-WHILE-RUNNING"),
+        Some("yes"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(
+        out.value_of("XSKVM-RC"),
+        Some("137"),
+        "killed by SIGKILL\n{}",
+        out.describe()
+    );
+    assert_eq!(
+        out.value_of("XDP"),
+        Some("gone"),
+        "XDP program left on xs0\n{}",
+        out.describe()
+    );
+}
