@@ -34,6 +34,8 @@ struct DriverQueue {
     used_seen: u16,
     /// Descriptor ids free for new chains.
     free: Vec<u16>,
+    /// avail_idx when the device was last notified.
+    notified_at: u16,
 }
 
 pub struct DriverHarness {
@@ -114,6 +116,7 @@ impl DriverHarness {
                 avail_idx: 0,
                 used_seen: 0,
                 free: (0..size).rev().collect(),
+                notified_at: 0,
             };
             // Zero the rings: a reused harness must not see old indices.
             self.mem
@@ -248,8 +251,36 @@ impl DriverHarness {
     }
 
     /// Notifies the device about `queue`, as the ioeventfd would.
-    pub fn kick(&self, queue: usize) {
+    pub fn kick(&mut self, queue: usize) {
+        self.queues[queue].notified_at = self.queues[queue].avail_idx;
         self.transport.queue_events()[queue].write(1).expect("kick");
+    }
+
+    /// Notifies the device only if it asked to be (with EVENT_IDX: the
+    /// avail_event it published lies among the newly added chains), as the
+    /// Linux driver does. Returns whether it kicked.
+    pub fn kick_if_needed(&mut self, queue: usize) -> bool {
+        let q = &self.queues[queue];
+        let (old, new) = (q.notified_at, q.avail_idx);
+        if old == new {
+            return false;
+        }
+        let needed = if self.event_idx {
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            let at = q.used + 4 + u64::from(q.size) * 8;
+            let event: u16 = self.mem.read_obj(GuestAddress(at)).expect("avail_event");
+            // vring_need_event(): did new pass event since old?
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            let flags: u16 = self.mem.read_obj(GuestAddress(q.used)).expect("used flags");
+            flags & 1 == 0 // VRING_USED_F_NO_NOTIFY
+        };
+        if needed {
+            self.kick(queue);
+        } else {
+            self.queues[queue].notified_at = new;
+        }
+        needed
     }
 
     /// Takes the used entries the device returned on `queue`, freeing their
