@@ -11,8 +11,10 @@
 # firmware directories along. In the test host SCRIPT runs as
 # `bash /scenario.sh` in /tmp; its stdout and stderr come back live, on
 # run-scenario's stdout and stderr, without kernel messages. Exit status:
-# SCRIPT's, or 125 when the test host did not finish it (boot failure,
-# panic, timeout), with the path of its console log on stderr.
+# SCRIPT's; 126 when the test host's own kernel crashed (a fault of the
+# emulated nested virtualization, worth one retry); 125 when the test host
+# did not finish it otherwise (boot failure, timeout); both with the path of
+# its console log on stderr.
 # Environment: XSKVM_SCENARIO_MODE=direct|nested forces one;
 # XSKVM_TESTHOST_MEM (default 3G), XSKVM_TESTHOST_CPUS (default 2),
 # XSKVM_TESTHOST_TIMEOUT (seconds, default 600).
@@ -102,15 +104,35 @@ timeout -k 10 "${XSKVM_TESTHOST_TIMEOUT:-600}" qemu-system-x86_64 \
     </dev/null 2>"$work/qemu.log" &
 qemu=$!
 trap 'kill -TERM $qemu 2>/dev/null; wait $qemu; rm -rf "$work"; exit 130' INT TERM
+# A test-host kernel that panics does not always manage to reset (so QEMU
+# would spin until the timeout): stop it as soon as the panic shows.
+(
+    while kill -0 $qemu 2>/dev/null; do
+        if grep -q "Kernel panic" "$work/console.log" 2>/dev/null; then
+            sleep 1
+            kill -TERM $qemu 2>/dev/null
+            break
+        fi
+        sleep 1
+    done
+) &
+panic_watch=$!
 # The scenario's output as it comes; tail reads to the end once QEMU is gone.
 tail -q -n +1 -s 0.2 --pid=$qemu -f "$work/out" &
 out_tail=$!
 tail -q -n +1 -s 0.2 --pid=$qemu -f "$work/err" >&2 &
 err_tail=$!
 wait $qemu || true
-wait $out_tail $err_tail || true
+kill $panic_watch 2>/dev/null || true
+wait $out_tail $err_tail $panic_watch 2>/dev/null || true
 
 rc=$(tr -dc '0-9' < "$work/rc")
+if [ -z "$rc" ] && grep -q "Kernel panic" "$work/console.log"; then
+    echo "run-scenario: the test host's own kernel crashed (the emulated nested virtualization," \
+        "not the scenario); its console log: $work/console.log" >&2
+    grep -A3 "Kernel panic" "$work/console.log" >&2 || true
+    exit 126
+fi
 if [ -z "$rc" ]; then
     echo "run-scenario: the test host did not finish the scenario (boot failure, panic or" \
         "timeout after ${XSKVM_TESTHOST_TIMEOUT:-600} s); its console log: $work/console.log" >&2

@@ -18,6 +18,8 @@ pub struct QueuePairCounters {
     pub tx_dropped: AtomicU64,
     /// Times the host transmit ring was full.
     pub tx_ring_full: AtomicU64,
+    /// Transmit retries after waiting for room timed out.
+    pub tx_retries: AtomicU64,
     pub rx_notifications: AtomicU64,
     pub tx_notifications: AtomicU64,
     pub interrupts: AtomicU64,
@@ -40,6 +42,7 @@ pub struct CountersSnapshot {
     pub tx_bytes: u64,
     pub tx_dropped: u64,
     pub tx_ring_full: u64,
+    pub tx_retries: u64,
     pub rx_notifications: u64,
     pub tx_notifications: u64,
     pub interrupts: u64,
@@ -66,6 +69,7 @@ impl QueuePairCounters {
             tx_bytes: get(&self.tx_bytes),
             tx_dropped: get(&self.tx_dropped),
             tx_ring_full: get(&self.tx_ring_full),
+            tx_retries: get(&self.tx_retries),
             rx_notifications: get(&self.rx_notifications),
             tx_notifications: get(&self.tx_notifications),
             interrupts: get(&self.interrupts),
@@ -89,7 +93,7 @@ impl std::fmt::Display for CountersSnapshot {
         write!(
             f,
             "rx {} pkts {} B (dropped: {} too big, {} bad desc; {} no-buffer waits), \
-             tx {} pkts {} B ({} dropped, {} ring full), notifications rx {} tx {}, \
+             tx {} pkts {} B ({} dropped, {} ring full, {} retries), notifications rx {} tx {}, \
              interrupts {}, mean batch rx {:.1} tx {:.1}",
             self.rx_packets,
             self.rx_bytes,
@@ -100,6 +104,7 @@ impl std::fmt::Display for CountersSnapshot {
             self.tx_bytes,
             self.tx_dropped,
             self.tx_ring_full,
+            self.tx_retries,
             self.rx_notifications,
             self.tx_notifications,
             self.interrupts,

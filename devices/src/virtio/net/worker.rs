@@ -31,6 +31,8 @@ const TOKEN_TX_QUEUE: u64 = 1;
 const TOKEN_BACKEND: u64 = 2;
 const TOKEN_STOP: u64 = 3;
 const TOKEN_CTRL_QUEUE: u64 = 4;
+/// How long transmit waits for room before it kicks the backend again.
+const TX_RETRY_MS: i32 = 1;
 
 pub(crate) struct ControlQueue {
     pub queue: Queue,
@@ -95,11 +97,20 @@ impl QueuePairWorker {
 
         let mut events = [EpollEvent::default(); 8];
         loop {
-            let n = match epoll.wait(-1, &mut events) {
+            // While transmit is out of room, also retry on a short timer: in
+            // copy mode the kernel only moves the AF_XDP TX ring when kicked,
+            // and a kick refused as busy is not always followed by POLLOUT.
+            let timeout = if tx_waiting_for_room { TX_RETRY_MS } else { -1 };
+            let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            if n == 0 && tx_waiting_for_room {
+                add(&self.counters.tx_retries, 1);
+                tx_waiting_for_room = false;
+                self.process_tx(&mut tx_waiting_for_room);
+            }
             for event in &events[..n] {
                 match event.data() {
                     TOKEN_STOP => return Ok(()),
