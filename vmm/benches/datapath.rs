@@ -91,38 +91,73 @@ fn window(secs: f64, counter: impl Fn() -> u64) -> f64 {
 /// An AF_XDP socket on one end of the pair blasts frames at one on the
 /// other; `tx` counts what the far end receives, rx what this end receives
 /// (the far end sending).
-fn raw(tx: bool, size: usize, secs: f64) -> Rate {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// A bare AF_XDP socket.
+    Raw,
+    /// The socket behind virtio-net, the driver harness playing the guest.
+    Virtio,
+}
+
+/// One run on a fresh veth pair: end `a` is xskvm's side (`side`), end `b`
+/// a bare AF_XDP peer. `tx`: `a` sends and the peer's receptions are
+/// counted; otherwise the peer sends and `a`'s receptions are counted.
+fn measure(side: Side, tx: bool, size: usize, secs: f64) -> Rate {
     let pair = VethPair::new(1).expect("veth pair");
     let (mac_a, mac_b) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
     let (_oa, qa) = open(&pair, &pair.a);
     let (_ob, qb) = open(&pair, &pair.b);
-    let (sender, receiver, frame) = if tx {
-        (qa, qb, testbed::test_frame(mac_b, mac_a, 0, size))
+    let frame = if tx {
+        testbed::test_frame(mac_b, mac_a, 0, size)
     } else {
-        (qb, qa, testbed::test_frame(mac_a, mac_b, 0, size))
+        testbed::test_frame(mac_a, mac_b, 0, size)
     };
-    let counted = receiver.stats_handle();
     let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+
+    let peer_counters = qb.stats_handle();
     let s = stop.clone();
-    let tx = thread::spawn(move || blast(sender, frame, s));
+    threads.push(if tx {
+        thread::spawn(move || drop(sink(qb, s)))
+    } else {
+        let frame = frame.clone();
+        thread::spawn(move || drop(blast(qb, frame, s)))
+    });
+
     let s = stop.clone();
-    let rx = thread::spawn(move || sink(receiver, s));
-    let pps = window(secs, || counted.counters().snapshot().rx_packets);
+    let mut device = None;
+    let mut own_counters = None;
+    match side {
+        Side::Raw if tx => threads.push(thread::spawn(move || drop(blast(qa, frame, s)))),
+        Side::Raw => {
+            own_counters = Some(qa.stats_handle());
+            threads.push(thread::spawn(move || drop(sink(qa, s))));
+        }
+        Side::Virtio => {
+            let (counters_tx, counters_rx) = std::sync::mpsc::channel();
+            threads.push(thread::spawn(move || {
+                let (h, counters) = harness_for(qa);
+                let _ = counters_tx.send(counters);
+                drive(h, tx, &frame, &s);
+            }));
+            device = Some(counters_rx.recv().expect("device counters"));
+        }
+    }
+    let pps = window(secs, || match (tx, &own_counters, &device) {
+        (true, _, _) => peer_counters.counters().snapshot().rx_packets,
+        (false, Some(own), _) => own.counters().snapshot().rx_packets,
+        (false, None, Some(dev)) => dev.snapshot().rx_packets,
+        (false, None, None) => 0,
+    });
     stop.store(true, Ordering::Relaxed);
-    drop((tx.join(), rx.join()));
+    for thread in threads {
+        let _ = thread.join();
+    }
     Rate {
         pps,
         size,
-        device: None,
+        device: device.map(|d| d.snapshot()),
     }
-}
-
-fn raw_tx(size: usize, secs: f64) -> Rate {
-    raw(true, size, secs)
-}
-
-fn raw_rx(size: usize, secs: f64) -> Rate {
-    raw(false, size, secs)
 }
 
 fn harness_for(qa: XskQueue) -> (DriverHarness, Arc<devices::virtio::net::QueuePairCounters>) {
@@ -141,83 +176,28 @@ fn harness_for(qa: XskQueue) -> (DriverHarness, Arc<devices::virtio::net::QueueP
     (h, counters)
 }
 
-/// The harness plays the guest: keeps the TX queue full, reaps used chains.
-fn virtio_tx(size: usize, secs: f64) -> Rate {
-    let pair = VethPair::new(1).expect("veth pair");
-    let (mac_a, mac_b) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
-    let (_oa, qa) = open(&pair, &pair.a);
-    let (_ob, qb) = open(&pair, &pair.b);
-    let peer = qb.stats_handle();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let rx = thread::spawn(move || sink(qb, s));
-    let frame = testbed::test_frame(mac_b, mac_a, 0, size);
-    let s = stop.clone();
-    let (counter_tx, counter_rx) = std::sync::mpsc::channel();
-    let driver = thread::spawn(move || {
-        let (mut h, counters) = harness_for(qa);
-        let _ = counter_tx.send(counters);
-        let mut used = Vec::with_capacity(QUEUE_SIZE as usize);
-        while !s.load(Ordering::Relaxed) {
-            used.clear();
-            h.take_used(1, &mut used);
+/// The guest's side: `tx` keeps the TX queue full of `frame`; otherwise
+/// keeps RX buffers posted. Used chains are reaped either way.
+fn drive(mut h: DriverHarness, tx: bool, frame: &[u8], stop: &AtomicBool) {
+    let queue = if tx { 1 } else { 0 };
+    let mut used = Vec::with_capacity(usize::from(QUEUE_SIZE));
+    while !stop.load(Ordering::Relaxed) {
+        used.clear();
+        h.take_used(queue, &mut used);
+        let added = if tx {
             let mut queued = 0;
-            while h.queue_tx_frame(1, &frame) {
+            while h.queue_tx_frame(queue, frame) {
                 queued += 1;
             }
-            if queued > 0 {
-                h.kick_if_needed(1);
-            } else if used.is_empty() {
-                h.wait_interrupt(Duration::from_millis(1));
-            }
+            queued
+        } else {
+            h.post_rx_buffers(queue, usize::from(QUEUE_SIZE))
+        };
+        if added > 0 {
+            h.kick_if_needed(queue);
+        } else if used.is_empty() {
+            h.wait_interrupt(Duration::from_millis(1));
         }
-    });
-    let counters = counter_rx.recv().expect("device counters");
-    let pps = window(secs, || peer.counters().snapshot().rx_packets);
-    stop.store(true, Ordering::Relaxed);
-    drop((driver.join(), rx.join()));
-    Rate {
-        pps,
-        size,
-        device: Some(counters.snapshot()),
-    }
-}
-
-/// The harness plays the guest: keeps RX buffers posted, reaps frames.
-fn virtio_rx(size: usize, secs: f64) -> Rate {
-    let pair = VethPair::new(1).expect("veth pair");
-    let (mac_a, mac_b) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
-    let (_oa, qa) = open(&pair, &pair.a);
-    let (_ob, qb) = open(&pair, &pair.b);
-    let stop = Arc::new(AtomicBool::new(false));
-    let frame = testbed::test_frame(mac_a, mac_b, 0, size);
-    let s = stop.clone();
-    let tx = thread::spawn(move || blast(qb, frame, s));
-    let (counter_tx, counter_rx) = std::sync::mpsc::channel();
-    let s = stop.clone();
-    let driver = thread::spawn(move || {
-        let (mut h, counters) = harness_for(qa);
-        let _ = counter_tx.send(counters);
-        let mut used = Vec::with_capacity(QUEUE_SIZE as usize);
-        while !s.load(Ordering::Relaxed) {
-            used.clear();
-            h.take_used(0, &mut used);
-            if h.post_rx_buffers(0, usize::from(QUEUE_SIZE)) > 0 {
-                h.kick_if_needed(0);
-            }
-            if used.is_empty() {
-                h.wait_interrupt(Duration::from_millis(1));
-            }
-        }
-    });
-    let counters = counter_rx.recv().expect("device counters");
-    let pps = window(secs, || counters.snapshot().rx_packets);
-    stop.store(true, Ordering::Relaxed);
-    drop((driver.join(), tx.join()));
-    Rate {
-        pps,
-        size,
-        device: Some(counters.snapshot()),
     }
 }
 
@@ -236,16 +216,9 @@ fn main() {
     let secs: f64 = args.iter().find_map(|a| a.parse().ok()).unwrap_or(default);
     println!("virtio-net datapath vs raw AF_XDP: veth, copy mode, native XDP, 1 queue pair, {secs} s windows");
     for size in [64usize, 1500] {
-        for (dir, raw, virtio) in [
-            (
-                "tx",
-                raw_tx as fn(usize, f64) -> Rate,
-                virtio_tx as fn(usize, f64) -> Rate,
-            ),
-            ("rx", raw_rx, virtio_rx),
-        ] {
-            let r = raw(size, secs);
-            let v = virtio(size, secs);
+        for (dir, tx) in [("tx", true), ("rx", false)] {
+            let r = measure(Side::Raw, tx, size, secs);
+            let v = measure(Side::Virtio, tx, size, secs);
             println!(
                 "{dir} {size:4} B   raw AF_XDP {}   virtio-net {}   ratio {:.2}",
                 r.show(),
@@ -254,7 +227,7 @@ fn main() {
             );
             if let Some(c) = v.device {
                 let per = |n: u64, d: u64| n as f64 / d.max(1) as f64;
-                let (frames, batches, notes) = if dir == "tx" {
+                let (frames, batches, notes) = if tx {
                     (c.tx_packets, c.tx_batches, c.tx_notifications)
                 } else {
                     (c.rx_packets, c.rx_batches, c.rx_notifications)

@@ -21,32 +21,33 @@ const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
 const MMIO_VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x4b53_5800; // "\0XSK"
 
-// Register offsets (virtio_bindings::virtio_mmio has the same values).
-const REG_MAGIC_VALUE: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_VENDOR_ID: u64 = 0x00c;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
+// Register offsets (virtio_bindings::virtio_mmio has the same values);
+// public for drivers in tests and the harness.
+pub const REG_MAGIC_VALUE: u64 = 0x000;
+pub const REG_VERSION: u64 = 0x004;
+pub const REG_DEVICE_ID: u64 = 0x008;
+pub const REG_VENDOR_ID: u64 = 0x00c;
+pub const REG_DEVICE_FEATURES: u64 = 0x010;
+pub const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+pub const REG_DRIVER_FEATURES: u64 = 0x020;
+pub const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+pub const REG_QUEUE_SEL: u64 = 0x030;
+pub const REG_QUEUE_NUM_MAX: u64 = 0x034;
+pub const REG_QUEUE_NUM: u64 = 0x038;
+pub const REG_QUEUE_READY: u64 = 0x044;
 /// Queue notifications: the VMM normally catches these with an ioeventfd.
 pub const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_INTERRUPT_STATUS: u64 = 0x060;
-const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-const REG_QUEUE_AVAIL_LOW: u64 = 0x090;
-const REG_QUEUE_AVAIL_HIGH: u64 = 0x094;
-const REG_QUEUE_USED_LOW: u64 = 0x0a0;
-const REG_QUEUE_USED_HIGH: u64 = 0x0a4;
-const REG_CONFIG_GENERATION: u64 = 0x0fc;
-const REG_CONFIG: u64 = 0x100;
+pub const REG_INTERRUPT_STATUS: u64 = 0x060;
+pub const REG_INTERRUPT_ACK: u64 = 0x064;
+pub const REG_STATUS: u64 = 0x070;
+pub const REG_QUEUE_DESC_LOW: u64 = 0x080;
+pub const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+pub const REG_QUEUE_AVAIL_LOW: u64 = 0x090;
+pub const REG_QUEUE_AVAIL_HIGH: u64 = 0x094;
+pub const REG_QUEUE_USED_LOW: u64 = 0x0a0;
+pub const REG_QUEUE_USED_HIGH: u64 = 0x0a4;
+pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
+pub const REG_CONFIG: u64 = 0x100;
 
 // Device status bits (virtio 1.2 section 2.1).
 pub const STATUS_ACKNOWLEDGE: u32 = 1;

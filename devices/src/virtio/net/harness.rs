@@ -10,9 +10,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Net, NET_HDR_LEN};
 use crate::bus::BusDevice;
-use crate::virtio::mmio::{
-    MmioTransport, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
-};
+use crate::virtio::mmio::*;
 
 const MEM_SIZE: usize = 64 << 20;
 /// Each queue's rings live in one 16 KiB block from here.
@@ -77,31 +75,31 @@ impl DriverHarness {
     }
 
     pub fn device_features(&mut self) -> u64 {
-        reg(&mut self.transport, 0x14, 0);
-        let low = read_reg(&mut self.transport, 0x10);
-        reg(&mut self.transport, 0x14, 1);
-        let high = read_reg(&mut self.transport, 0x10);
+        reg(&mut self.transport, REG_DEVICE_FEATURES_SEL, 0);
+        let low = read_reg(&mut self.transport, REG_DEVICE_FEATURES);
+        reg(&mut self.transport, REG_DEVICE_FEATURES_SEL, 1);
+        let high = read_reg(&mut self.transport, REG_DEVICE_FEATURES);
         u64::from(low) | (u64::from(high) << 32)
     }
 
     pub fn status(&mut self) -> u32 {
-        read_reg(&mut self.transport, 0x70)
+        read_reg(&mut self.transport, REG_STATUS)
     }
 
     /// Negotiates `features`, sets up `queue_count` queues of `size` and sets
     /// DRIVER_OK, as the Linux driver does.
     pub fn start(&mut self, features: u64, queue_count: usize, size: u16) {
         let t = &mut self.transport;
-        reg(t, 0x70, 0);
-        reg(t, 0x70, STATUS_ACKNOWLEDGE);
-        reg(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        reg(t, 0x24, 0);
-        reg(t, 0x20, features as u32);
-        reg(t, 0x24, 1);
-        reg(t, 0x20, (features >> 32) as u32);
+        reg(t, REG_STATUS, 0);
+        reg(t, REG_STATUS, STATUS_ACKNOWLEDGE);
+        reg(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        reg(t, REG_DRIVER_FEATURES_SEL, 0);
+        reg(t, REG_DRIVER_FEATURES, features as u32);
+        reg(t, REG_DRIVER_FEATURES_SEL, 1);
+        reg(t, REG_DRIVER_FEATURES, (features >> 32) as u32);
         reg(
             t,
-            0x70,
+            REG_STATUS,
             STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
         );
         self.event_idx = features & super::VIRTIO_RING_F_EVENT_IDX != 0;
@@ -123,25 +121,29 @@ impl DriverHarness {
                 .write_slice(&[0u8; RING_BLOCK as usize], GuestAddress(base))
                 .expect("zero rings");
             let t = &mut self.transport;
-            reg(t, 0x30, q as u32);
-            reg(t, 0x38, u32::from(size));
-            for (low, value) in [(0x80, queue.desc), (0x90, queue.avail), (0xa0, queue.used)] {
+            reg(t, REG_QUEUE_SEL, q as u32);
+            reg(t, REG_QUEUE_NUM, u32::from(size));
+            for (low, value) in [
+                (REG_QUEUE_DESC_LOW, queue.desc),
+                (REG_QUEUE_AVAIL_LOW, queue.avail),
+                (REG_QUEUE_USED_LOW, queue.used),
+            ] {
                 reg(t, low, value as u32);
                 reg(t, low + 4, (value >> 32) as u32);
             }
-            reg(t, 0x44, 1);
+            reg(t, REG_QUEUE_READY, 1);
             self.queues.push(queue);
         }
         reg(
             &mut self.transport,
-            0x70,
+            REG_STATUS,
             STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
         );
     }
 
     /// Resets the device (status 0), as a driver unbinding does.
     pub fn reset(&mut self) {
-        reg(&mut self.transport, 0x70, 0);
+        reg(&mut self.transport, REG_STATUS, 0);
     }
 
     fn buffer_addr(queue: usize, id: u16) -> u64 {
@@ -366,8 +368,8 @@ impl DriverHarness {
 
     /// Acknowledges interrupt causes as the driver's handler does.
     pub fn ack_interrupt(&mut self) -> u32 {
-        let status = read_reg(&mut self.transport, 0x60);
-        reg(&mut self.transport, 0x64, status);
+        let status = read_reg(&mut self.transport, REG_INTERRUPT_STATUS);
+        reg(&mut self.transport, REG_INTERRUPT_ACK, status);
         status
     }
 }

@@ -131,7 +131,8 @@ fn offers_features_and_config() {
     let offered = h.device_features();
     assert_eq!(offered & FEATURES, FEATURES);
     let mut config = [0u8; 12];
-    h.transport.read(0x100, &mut config);
+    h.transport
+        .read(crate::virtio::mmio::REG_CONFIG, &mut config);
     assert_eq!(&config[..6], &MAC);
     assert_eq!(u16::from_le_bytes([config[6], config[7]]), 1, "link up");
     assert_eq!(u16::from_le_bytes([config[8], config[9]]), 1, "one pair");
