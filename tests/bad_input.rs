@@ -195,3 +195,46 @@ fn no_permission_on_kvm_device() {
         .expect("run setpriv (util-linux)");
     assert_error(&output, "no permission to open");
 }
+
+#[test]
+fn bad_input_is_reported_before_any_nic_is_opened() {
+    // The interface does not exist either, but the kernel is checked first:
+    // nothing is attached to a NIC for a VM that cannot start.
+    assert_error(
+        &xskvm(&[
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--net",
+            "af-xdp,ifname=xsknosuch0",
+        ]),
+        "cannot open kernel image /nonexistent/vmlinux",
+    );
+}
+
+#[test]
+fn bad_net_specs() {
+    let dir = TempDir::new("bad-net");
+    let kernel = fake_bzimage(dir.path());
+    let kernel = kernel.to_str().unwrap();
+    assert_error(
+        &xskvm(&["--kernel", kernel, "--net", "tap,ifname=tap0"]),
+        "only the af-xdp backend exists",
+    );
+    assert_error(
+        &xskvm(&["--kernel", kernel, "--net", "af-xdp,ifname=xsknosuch0"]),
+        "af-xdp: no network interface \"xsknosuch0\"",
+    );
+    assert_error(
+        &xskvm(&["--kernel", kernel, "--net", "af-xdp,ifname=lo,mode=fast"]),
+        "mode",
+    );
+    assert_error(
+        &xskvm(&[
+            "--kernel",
+            kernel,
+            "--net",
+            "af-xdp,ifname=lo,mac=01:00:5e:00:00:01",
+        ]),
+        "multicast",
+    );
+}

@@ -135,10 +135,7 @@ fn build_cmdline(text: &str) -> Result<Cmdline, BootError> {
 }
 
 fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let mut file = File::open(path).map_err(|source| BootError::OpenKernel {
-        path: path.to_owned(),
-        source,
-    })?;
+    let (mut file, format) = open_kernel(path)?;
     let load_error = |e: linux_loader::loader::Error| BootError::LoadKernel {
         path: path.to_owned(),
         reason: match e {
@@ -150,10 +147,7 @@ fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootE
         },
     };
 
-    match detect_format(&mut file).map_err(|source| BootError::OpenKernel {
-        path: path.to_owned(),
-        source,
-    })? {
+    match format {
         KernelFormat::Elf => {
             let result = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
                 .map_err(load_error)?;
@@ -183,21 +177,45 @@ fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootE
                 params,
             })
         }
-        KernelFormat::Unknown => Err(BootError::NotAKernel {
+    }
+}
+
+/// Opens a kernel image and tells its format; anything else is an error.
+fn open_kernel(path: &Path) -> Result<(File, KernelFormat), BootError> {
+    let open_err = |source| BootError::OpenKernel {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = File::open(path).map_err(open_err)?;
+    match detect_format(&mut file).map_err(open_err)? {
+        Some(format) => Ok((file, format)),
+        None => Err(BootError::NotAKernel {
             path: path.to_owned(),
         }),
     }
+}
+
+/// Checks that the kernel is a kernel and the initramfs can be read, so
+/// that bad paths are reported before anything else is set up.
+pub fn check_inputs(kernel: &Path, initrd: Option<&Path>) -> Result<(), BootError> {
+    open_kernel(kernel)?;
+    if let Some(path) = initrd {
+        File::open(path).map_err(|source| BootError::ReadInitrd {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, PartialEq, Eq)]
 enum KernelFormat {
     Elf,
     BzImage,
-    Unknown,
 }
 
 /// Tells an x86-64 ELF from a bzImage by their magic numbers.
-fn detect_format<F: Read + Seek>(file: &mut F) -> std::io::Result<KernelFormat> {
+fn detect_format<F: Read + Seek>(file: &mut F) -> std::io::Result<Option<KernelFormat>> {
     let mut head = [0u8; 0x206];
     file.seek(SeekFrom::Start(0))?;
     let n = read_up_to(file, &mut head)?;
@@ -209,12 +227,12 @@ fn detect_format<F: Read + Seek>(file: &mut F) -> std::io::Result<KernelFormat> 
         && head[4] == ELFCLASS64
         && u16::from_le_bytes([head[18], head[19]]) == EM_X86_64
     {
-        return Ok(KernelFormat::Elf);
+        return Ok(Some(KernelFormat::Elf));
     }
     if n >= 0x206 && head[0x202..0x206] == KERNEL_HDR_MAGIC.to_le_bytes() {
-        return Ok(KernelFormat::BzImage);
+        return Ok(Some(KernelFormat::BzImage));
     }
-    Ok(KernelFormat::Unknown)
+    Ok(None)
 }
 
 fn read_up_to<R: Read>(reader: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -390,22 +408,19 @@ mod tests {
         elf[18] = 62;
         assert_eq!(
             detect_format(&mut Cursor::new(elf.clone())).unwrap(),
-            KernelFormat::Elf
+            Some(KernelFormat::Elf)
         );
         elf[18] = 3; // i386
-        assert_eq!(
-            detect_format(&mut Cursor::new(elf)).unwrap(),
-            KernelFormat::Unknown
-        );
+        assert_eq!(detect_format(&mut Cursor::new(elf)).unwrap(), None);
         let mut bz = vec![0u8; 0x300];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         assert_eq!(
             detect_format(&mut Cursor::new(bz)).unwrap(),
-            KernelFormat::BzImage
+            Some(KernelFormat::BzImage)
         );
         assert_eq!(
             detect_format(&mut Cursor::new(b"#!/bin/sh\n".to_vec())).unwrap(),
-            KernelFormat::Unknown
+            None
         );
     }
 

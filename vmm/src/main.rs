@@ -13,25 +13,29 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
 
-    let mut nets = Vec::new();
-    for (index, spec) in args.net.iter().enumerate() {
-        match vmm::afxdp::open_net_device(index, spec) {
-            Ok(device) => nets.push(device),
-            Err(e) => {
-                eprintln!("xskvm: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    let config = VmConfig {
+    let mut config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,
         memory: args.memory,
         vcpus: args.vcpus,
         kvm_device: args.kvm_device,
-        nets,
+        nets: Vec::new(),
     };
+    // Bad paths and sizes are reported before any XDP program is attached.
+    if let Err(e) = vm::check_config(&config) {
+        eprintln!("xskvm: {e}");
+        return ExitCode::FAILURE;
+    }
+    for (index, spec) in args.net.iter().enumerate() {
+        match vmm::afxdp::open_net_device(index, spec) {
+            Ok(device) => config.nets.push(device),
+            Err(e) => {
+                eprintln!("xskvm: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     match vm::run(config) {
         Ok(exit) => {
             let how = match exit {

@@ -276,7 +276,9 @@ fn attach_virtio_net(
     Ok(())
 }
 
-fn check_config(config: &VmConfig) -> Result<u8, VmmError> {
+/// Checks everything about `config` that needs neither KVM nor the NICs;
+/// returns the vCPU count. `run` calls it too.
+pub fn check_config(config: &VmConfig) -> Result<u8, VmmError> {
     if config.memory < MIN_MEMORY_MIB << 20 {
         return Err(VmmError::MemoryTooSmall {
             got: config.memory,
@@ -295,13 +297,15 @@ fn check_config(config: &VmConfig) -> Result<u8, VmmError> {
         return Err(VmmError::NoVcpus);
     }
     // APIC ids are 8 bits and the I/O APIC takes the one after the last vCPU.
-    u8::try_from(config.vcpus)
+    let vcpus = u8::try_from(config.vcpus)
         .ok()
         .filter(|&n| n < u8::MAX)
         .ok_or(VmmError::TooManyVcpus {
             requested: config.vcpus,
             max: 254,
-        })
+        })?;
+    crate::boot::check_inputs(&config.kernel, config.initrd.as_deref())?;
+    Ok(vcpus)
 }
 
 /// MemTotal from /proc/meminfo, if readable.
