@@ -6,6 +6,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod ratelimit;
 pub mod resources;
 pub mod trigger;
 pub mod virtio;

@@ -10,6 +10,9 @@ fn main() -> ExitCode {
     let args = Args::parse();
     env_logger::Builder::new()
         .filter_level(args.log_level)
+        // virtio-queue logs every bad ring or descriptor a guest hands it,
+        // unlimited; the devices report those themselves, rate-limited.
+        .filter_module("virtio_queue", log::LevelFilter::Off)
         .format_timestamp_millis()
         .init();
 

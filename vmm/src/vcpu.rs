@@ -121,14 +121,20 @@ impl Vcpu {
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if !self.mmio.read(addr, data) {
-                    log::debug!("vCPU {index}: read of unmapped MMIO {addr:#x}");
+                    devices::log_ratelimited!(
+                        log::Level::Debug,
+                        "vCPU {index}: read of unmapped MMIO {addr:#x}"
+                    );
                     data.fill(0xff);
                 }
                 None
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 if !self.mmio.write(addr, data) {
-                    log::debug!("vCPU {index}: write to unmapped MMIO {addr:#x}");
+                    devices::log_ratelimited!(
+                        log::Level::Debug,
+                        "vCPU {index}: write to unmapped MMIO {addr:#x}"
+                    );
                 }
                 None
             }

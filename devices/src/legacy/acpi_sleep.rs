@@ -41,7 +41,9 @@ impl BusDevice for AcpiSleepControl {
                 log::error!("acpi: cannot signal power-off: {e}");
             }
         } else {
-            log::warn!("acpi: guest asked for sleep state S{sleep_type}, not supported");
+            crate::warn_ratelimited!(
+                "acpi: guest asked for sleep state S{sleep_type}, not supported"
+            );
         }
     }
 }

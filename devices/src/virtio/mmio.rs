@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
@@ -108,7 +108,17 @@ impl MmioTransport {
     }
 
     pub fn status(&self) -> u32 {
-        self.status
+        self.status | self.device_needs_reset()
+    }
+
+    /// DEVICE_NEEDS_RESET if a device thread asked for it (a queue it
+    /// cannot serve); the driver sees it until it resets the device.
+    fn device_needs_reset(&self) -> u32 {
+        if self.interrupt.needs_reset() {
+            STATUS_DEVICE_NEEDS_RESET
+        } else {
+            0
+        }
     }
 
     pub fn interrupt(&self) -> &Arc<Interrupt> {
@@ -145,10 +155,13 @@ impl MmioTransport {
             REG_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
             REG_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
-            REG_STATUS => self.status,
+            REG_STATUS => self.status(),
             REG_CONFIG_GENERATION => self.config_generation,
             _ => {
-                log::debug!("virtio-mmio: read of unknown register {offset:#x}");
+                crate::log_ratelimited!(
+                    log::Level::Debug,
+                    "virtio-mmio: read of unknown register {offset:#x}"
+                );
                 0
             }
         }
@@ -160,7 +173,7 @@ impl MmioTransport {
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             REG_DRIVER_FEATURES => {
                 if !self.features_writable() {
-                    log::warn!(
+                    crate::warn_ratelimited!(
                         "virtio-mmio: driver features written in status {:#x}; ignored",
                         self.status
                     );
@@ -184,46 +197,80 @@ impl MmioTransport {
                 match self.queue_events.get(value as usize) {
                     Some(evt) => {
                         if let Err(e) = evt.write(1) {
-                            log::error!("virtio-mmio: cannot forward a queue notification: {e}");
+                            crate::error_ratelimited!(
+                                "virtio-mmio: cannot forward a queue notification: {e}"
+                            );
                         }
                     }
                     None => {
-                        log::warn!("virtio-mmio: notify for queue {value}, which does not exist")
+                        crate::warn_ratelimited!(
+                            "virtio-mmio: notify for queue {value}, which does not exist"
+                        )
                     }
                 }
             }
             REG_INTERRUPT_ACK => self.interrupt.acknowledge(value),
             REG_STATUS => self.write_status(value),
-            _ => log::debug!("virtio-mmio: write of {value:#x} to unknown register {offset:#x}"),
+            _ => crate::log_ratelimited!(
+                log::Level::Debug,
+                "virtio-mmio: write of {value:#x} to unknown register {offset:#x}"
+            ),
         }
     }
 
     fn write_queue_register(&mut self, offset: u64, value: u32) {
         if !self.queue_setup_allowed() {
-            log::warn!(
+            crate::warn_ratelimited!(
                 "virtio-mmio: queue register {offset:#x} written in status {:#x}; ignored",
                 self.status
             );
             return;
         }
         let Some(queue) = self.selected_queue() else {
-            log::warn!(
+            crate::warn_ratelimited!(
                 "virtio-mmio: queue register {offset:#x} written for a queue that does not exist"
             );
             return;
         };
-        match offset {
-            // virtio-queue ignores (and logs) sizes that are not a power of
-            // two or exceed the maximum, leaving the queue invalid.
-            REG_QUEUE_NUM => queue.set_size(value as u16),
-            REG_QUEUE_READY => queue.set_ready(value == 1),
-            REG_QUEUE_DESC_LOW => queue.set_desc_table_address(Some(value), None),
-            REG_QUEUE_DESC_HIGH => queue.set_desc_table_address(None, Some(value)),
-            REG_QUEUE_AVAIL_LOW => queue.set_avail_ring_address(Some(value), None),
-            REG_QUEUE_AVAIL_HIGH => queue.set_avail_ring_address(None, Some(value)),
-            REG_QUEUE_USED_LOW => queue.set_used_ring_address(Some(value), None),
-            REG_QUEUE_USED_HIGH => queue.set_used_ring_address(None, Some(value)),
-            _ => {}
+        // virtio-queue's setters log at error level on bad values; the
+        // try_ forms let us log (rate-limited) ourselves. A refused value
+        // leaves the queue as it was, and invalid queues are caught at
+        // DRIVER_OK.
+        let with_low = |addr: u64| (addr & !0xffff_ffff) | u64::from(value);
+        let with_high = |addr: u64| (addr & 0xffff_ffff) | (u64::from(value) << 32);
+        let result = match offset {
+            REG_QUEUE_NUM => u16::try_from(value)
+                .map_err(|_| virtio_queue::Error::InvalidSize)
+                .and_then(|size| queue.try_set_size(size)),
+            REG_QUEUE_READY => {
+                queue.set_ready(value == 1);
+                Ok(())
+            }
+            REG_QUEUE_DESC_LOW => {
+                queue.try_set_desc_table_address(GuestAddress(with_low(queue.desc_table())))
+            }
+            REG_QUEUE_DESC_HIGH => {
+                queue.try_set_desc_table_address(GuestAddress(with_high(queue.desc_table())))
+            }
+            REG_QUEUE_AVAIL_LOW => {
+                queue.try_set_avail_ring_address(GuestAddress(with_low(queue.avail_ring())))
+            }
+            REG_QUEUE_AVAIL_HIGH => {
+                queue.try_set_avail_ring_address(GuestAddress(with_high(queue.avail_ring())))
+            }
+            REG_QUEUE_USED_LOW => {
+                queue.try_set_used_ring_address(GuestAddress(with_low(queue.used_ring())))
+            }
+            REG_QUEUE_USED_HIGH => {
+                queue.try_set_used_ring_address(GuestAddress(with_high(queue.used_ring())))
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            crate::warn_ratelimited!(
+                "virtio-mmio: queue {} register {offset:#x} = {value:#x} refused: {e}",
+                self.queue_sel
+            );
         }
     }
 
@@ -232,9 +279,10 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        self.status |= self.device_needs_reset();
         // The driver only ever adds bits (section 3.1.1); anything else is a bug.
         if value & self.status != self.status {
-            log::warn!(
+            crate::warn_ratelimited!(
                 "virtio-mmio: status {value:#x} clears bits of {:#x}; ignored",
                 self.status
             );
@@ -242,7 +290,7 @@ impl MmioTransport {
         }
         let added = value & !self.status;
         if added & STATUS_FEATURES_OK != 0 && !self.features_acceptable() {
-            log::warn!(
+            crate::warn_ratelimited!(
                 "virtio-mmio: driver features {:#x} are not acceptable (offered {:#x}); FEATURES_OK refused",
                 self.driver_features,
                 self.device.device_features()
@@ -272,7 +320,7 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         if let Err(e) = self.try_activate() {
-            log::error!("virtio-mmio: {e}; device needs reset");
+            crate::warn_ratelimited!("virtio-mmio: {e}; device needs reset");
             self.needs_reset();
         }
     }
@@ -307,7 +355,7 @@ impl MmioTransport {
     fn needs_reset(&mut self) {
         self.status |= STATUS_DEVICE_NEEDS_RESET;
         if let Err(e) = self.interrupt.signal(INTERRUPT_CONFIG_CHANGE) {
-            log::error!("virtio-mmio: cannot raise the interrupt: {e}");
+            crate::error_ratelimited!("virtio-mmio: cannot raise the interrupt: {e}");
         }
     }
 
@@ -370,7 +418,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            log::warn!(
+            crate::warn_ratelimited!(
                 "virtio-mmio: {}-byte read at {offset:#x}; registers are 32-bit",
                 data.len()
             );
@@ -389,14 +437,14 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            log::warn!(
+            crate::warn_ratelimited!(
                 "virtio-mmio: {}-byte write at {offset:#x}; registers are 32-bit",
                 data.len()
             );
             return;
         };
         if !offset.is_multiple_of(4) {
-            log::warn!("virtio-mmio: unaligned write at {offset:#x}");
+            crate::warn_ratelimited!("virtio-mmio: unaligned write at {offset:#x}");
             return;
         }
         self.write_register(offset, u32::from_le_bytes(bytes));
@@ -407,7 +455,6 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use std::sync::Mutex;
-    use vm_memory::GuestAddress;
 
     #[derive(Default)]
     struct Record {

@@ -3,7 +3,7 @@
 pub mod mmio;
 pub mod net;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -57,11 +57,15 @@ pub struct ActivateResources {
     pub interrupt: std::sync::Arc<Interrupt>,
 }
 
-/// The device's interrupt line plus the status register that says why it fired.
+/// The device's interrupt line plus the status register that says why it
+/// fired, and the device's way to tell the transport it needs a reset.
 #[derive(Debug)]
 pub struct Interrupt {
     status: AtomicU32,
     line: EventFd,
+    /// Set by a device thread that found a queue it cannot serve; the
+    /// transport shows it as DEVICE_NEEDS_RESET until the driver resets.
+    needs_reset: AtomicBool,
 }
 
 impl Interrupt {
@@ -70,7 +74,19 @@ impl Interrupt {
         Self {
             status: AtomicU32::new(0),
             line,
+            needs_reset: AtomicBool::new(false),
         }
+    }
+
+    /// The device cannot go on without a reset (virtio 1.2 section 2.1.2):
+    /// sets DEVICE_NEEDS_RESET and raises a configuration-change interrupt.
+    pub fn signal_needs_reset(&self) -> std::io::Result<()> {
+        self.needs_reset.store(true, Ordering::Release);
+        self.signal(INTERRUPT_CONFIG_CHANGE)
+    }
+
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
     }
 
     /// Raises the line with `cause` set in the status register.
@@ -87,8 +103,10 @@ impl Interrupt {
         self.status.fetch_and(!causes, Ordering::AcqRel);
     }
 
+    /// Back to the reset state: no cause pending, no reset needed.
     pub fn clear(&self) {
         self.status.store(0, Ordering::Release);
+        self.needs_reset.store(false, Ordering::Release);
     }
 
     pub fn line(&self) -> &EventFd {

@@ -16,6 +16,8 @@ pub struct QueuePairCounters {
     pub tx_bytes: AtomicU64,
     /// Chains dropped for bad descriptors, oversize or runt frames.
     pub tx_dropped: AtomicU64,
+    /// Of those, chains longer than the queue size (virtio 1.2 2.7.5.2).
+    pub tx_chains_too_long: AtomicU64,
     /// Times the host transmit ring was full.
     pub tx_ring_full: AtomicU64,
     /// Transmit retries after waiting for room timed out.
@@ -28,6 +30,9 @@ pub struct QueuePairCounters {
     pub rx_batches: AtomicU64,
     pub tx_batch_frames: AtomicU64,
     pub tx_batches: AtomicU64,
+    /// Queues found unusable (bad avail index or ring, head outside the
+    /// queue) or a worker that failed: each put the device in DEVICE_NEEDS_RESET.
+    pub queue_errors: AtomicU64,
 }
 
 /// A point-in-time copy, for tests and logs.
@@ -41,6 +46,7 @@ pub struct CountersSnapshot {
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub tx_dropped: u64,
+    pub tx_chains_too_long: u64,
     pub tx_ring_full: u64,
     pub tx_retries: u64,
     pub rx_notifications: u64,
@@ -50,6 +56,7 @@ pub struct CountersSnapshot {
     pub rx_batches: u64,
     pub tx_batch_frames: u64,
     pub tx_batches: u64,
+    pub queue_errors: u64,
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
@@ -68,6 +75,7 @@ impl QueuePairCounters {
             tx_packets: get(&self.tx_packets),
             tx_bytes: get(&self.tx_bytes),
             tx_dropped: get(&self.tx_dropped),
+            tx_chains_too_long: get(&self.tx_chains_too_long),
             tx_ring_full: get(&self.tx_ring_full),
             tx_retries: get(&self.tx_retries),
             rx_notifications: get(&self.rx_notifications),
@@ -77,6 +85,7 @@ impl QueuePairCounters {
             rx_batches: get(&self.rx_batches),
             tx_batch_frames: get(&self.tx_batch_frames),
             tx_batches: get(&self.tx_batches),
+            queue_errors: get(&self.queue_errors),
         }
     }
 }
@@ -93,8 +102,9 @@ impl std::fmt::Display for CountersSnapshot {
         write!(
             f,
             "rx {} pkts {} B (dropped: {} too big, {} bad desc; {} no-buffer waits), \
-             tx {} pkts {} B ({} dropped, {} ring full, {} retries), notifications rx {} tx {}, \
-             interrupts {}, mean batch rx {:.1} tx {:.1}",
+             tx {} pkts {} B ({} dropped, {} too long, {} ring full, {} retries), \
+             notifications rx {} tx {}, interrupts {}, mean batch rx {:.1} tx {:.1}, \
+             queue errors {}",
             self.rx_packets,
             self.rx_bytes,
             self.rx_dropped_too_big,
@@ -103,6 +113,7 @@ impl std::fmt::Display for CountersSnapshot {
             self.tx_packets,
             self.tx_bytes,
             self.tx_dropped,
+            self.tx_chains_too_long,
             self.tx_ring_full,
             self.tx_retries,
             self.rx_notifications,
@@ -110,6 +121,7 @@ impl std::fmt::Display for CountersSnapshot {
             self.interrupts,
             mean(self.rx_batch_frames, self.rx_batches),
             mean(self.tx_batch_frames, self.tx_batches),
+            self.queue_errors,
         )
     }
 }

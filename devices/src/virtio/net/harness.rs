@@ -20,7 +20,8 @@ const RING_BLOCK: u64 = 0x4000;
 const BUFFERS_START: u64 = 0x100_0000;
 pub const BUFFER_SIZE: u32 = 2048;
 const VIRTQ_DESC_F_NEXT: u16 = 1;
-const VIRTQ_DESC_F_WRITE: u16 = 2;
+pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 
 /// Driver-side state of one virtqueue.
 struct DriverQueue {
@@ -89,6 +90,19 @@ impl DriverHarness {
     /// Negotiates `features`, sets up `queue_count` queues of `size` and sets
     /// DRIVER_OK, as the Linux driver does.
     pub fn start(&mut self, features: u64, queue_count: usize, size: u16) {
+        self.start_with_avail_rings(features, queue_count, size, &[]);
+    }
+
+    /// [`DriverHarness::start`], with the avail ring of some queues placed
+    /// at a given address instead (`(queue, address)`), as a broken or
+    /// hostile driver might.
+    pub fn start_with_avail_rings(
+        &mut self,
+        features: u64,
+        queue_count: usize,
+        size: u16,
+        avail_at: &[(usize, u64)],
+    ) {
         let t = &mut self.transport;
         reg(t, REG_STATUS, 0);
         reg(t, REG_STATUS, STATUS_ACKNOWLEDGE);
@@ -106,10 +120,14 @@ impl DriverHarness {
         self.queues.clear();
         for q in 0..queue_count {
             let base = RINGS_START + q as u64 * RING_BLOCK;
+            let avail = avail_at
+                .iter()
+                .find(|(queue, _)| *queue == q)
+                .map_or(base + 0x1000, |&(_, addr)| addr);
             let queue = DriverQueue {
                 size,
                 desc: base,
-                avail: base + 0x1000,
+                avail,
                 used: base + 0x2000,
                 avail_idx: 0,
                 used_seen: 0,
@@ -242,6 +260,53 @@ impl DriverHarness {
             self.write_desc(queue, id, addr, len, flags, next.unwrap_or(0));
         }
         self.publish(queue, ids[0]);
+    }
+
+    /// Publishes one chain whose head points to an indirect table at
+    /// `table_addr` holding `descs` (addr, len, flags), chained in order.
+    pub fn queue_indirect_chain(
+        &mut self,
+        queue: usize,
+        table_addr: u64,
+        descs: &[(u64, u32, u16)],
+    ) {
+        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+            let last = i + 1 == descs.len();
+            let flags = flags | if last { 0 } else { VIRTQ_DESC_F_NEXT };
+            let next = if last { 0 } else { (i + 1) as u16 };
+            let mut raw = [0u8; 16];
+            raw[..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.to_le_bytes());
+            self.mem
+                .write_slice(&raw, GuestAddress(table_addr + i as u64 * 16))
+                .expect("indirect descriptor");
+        }
+        let id = self.queues[queue].free.pop().expect("free descriptor");
+        let table_len = u32::try_from(descs.len() * 16).expect("table length");
+        self.write_desc(queue, id, table_addr, table_len, VIRTQ_DESC_F_INDIRECT, 0);
+        self.publish(queue, id);
+    }
+
+    /// Writes `idx` as the avail ring's index without publishing entries:
+    /// a driver claiming chains it never made.
+    pub fn set_avail_idx(&mut self, queue: usize, idx: u16) {
+        let q = &mut self.queues[queue];
+        q.avail_idx = idx;
+        self.mem
+            .write_obj(idx, GuestAddress(q.avail + 2))
+            .expect("avail idx");
+    }
+
+    /// Guest-physical address of `queue`'s avail ring, for tests that drive
+    /// the ring from elsewhere.
+    pub fn avail_ring_addr(&self, queue: usize) -> u64 {
+        self.queues[queue].avail
+    }
+
+    pub fn avail_idx(&self, queue: usize) -> u16 {
+        self.queues[queue].avail_idx
     }
 
     /// Publishes descriptor `id` chained to itself: a descriptor loop.

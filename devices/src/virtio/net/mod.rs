@@ -6,7 +6,7 @@ mod backend;
 mod counters;
 mod worker;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -17,6 +17,8 @@ pub use worker::NET_HDR_LEN;
 
 #[cfg(any(test, feature = "test-harness"))]
 pub mod harness;
+#[cfg(test)]
+mod hostile_tests;
 #[cfg(test)]
 mod tests;
 
@@ -48,7 +50,19 @@ pub struct NetConfig {
 
 struct Worker {
     stop: EventFd,
-    thread: JoinHandle<Box<dyn NetBackend>>,
+    /// Gives the backend back; `None` only if the thread never got it.
+    thread: JoinHandle<Option<Box<dyn NetBackend>>>,
+}
+
+/// Hands a backend to a worker thread: if the thread cannot be spawned,
+/// the backend is still here and is not lost with the closure.
+type BackendHandoff = Arc<Mutex<Option<Box<dyn NetBackend>>>>;
+
+fn take_backend(handoff: &BackendHandoff) -> Option<Box<dyn NetBackend>> {
+    handoff
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
 }
 
 pub struct Net {
@@ -61,6 +75,9 @@ pub struct Net {
     backends: Vec<Option<Box<dyn NetBackend>>>,
     workers: Vec<(usize, Worker)>,
     counters: Vec<Arc<QueuePairCounters>>,
+    /// Tests: make spawning this pair's thread fail once.
+    #[cfg(test)]
+    fail_spawn_at: Option<usize>,
 }
 
 impl Net {
@@ -86,6 +103,8 @@ impl Net {
             backends: backends.into_iter().map(Some).collect(),
             workers: Vec::new(),
             counters: (0..pairs).map(|_| Arc::default()).collect(),
+            #[cfg(test)]
+            fail_spawn_at: None,
         })
     }
 
@@ -98,16 +117,127 @@ impl Net {
         &self.counters
     }
 
+    /// Stops every worker and takes their backends back.
     fn stop_workers(&mut self) {
         for (pair, worker) in self.workers.drain(..) {
             if let Err(e) = worker.stop.write(1) {
                 log::error!("{}: cannot stop queue pair {pair}: {e}", self.config.id);
             }
             match worker.thread.join() {
-                Ok(backend) => self.backends[pair] = Some(backend),
-                Err(_) => log::error!("{}: queue pair {pair} thread panicked", self.config.id),
+                Ok(Some(backend)) => self.backends[pair] = Some(backend),
+                Ok(None) => {}
+                // Workers catch their own panics; this is a panic while
+                // unwinding, and the backend went with it.
+                Err(_) => log::error!("{}: queue pair {pair} thread died", self.config.id),
             }
         }
+    }
+
+    fn spawn_worker(
+        &mut self,
+        pair: usize,
+        worker: impl FnOnce(Box<dyn NetBackend>) -> Box<dyn NetBackend> + Send + 'static,
+        handoff: &BackendHandoff,
+    ) -> std::io::Result<JoinHandle<Option<Box<dyn NetBackend>>>> {
+        #[cfg(test)]
+        if self.fail_spawn_at == Some(pair) {
+            self.fail_spawn_at = None;
+            return Err(std::io::Error::other("spawn failure injected by a test"));
+        }
+        let theirs = Arc::clone(handoff);
+        std::thread::Builder::new()
+            .name(format!("xskvm-{}-q{pair}", self.config.id))
+            .spawn(move || take_backend(&theirs).map(worker))
+    }
+
+    /// Starts one worker per queue pair the driver uses. On error the
+    /// caller stops those already started.
+    fn start_workers(&mut self, mut resources: ActivateResources) -> Result<(), VirtioError> {
+        let pairs = self.backends.len();
+        let mq = self.acked_features & VIRTIO_NET_F_MQ != 0;
+        let used_pairs = if mq { pairs } else { 1 };
+        // The control queue follows the pairs the driver knows of: queue 2
+        // without MQ, 2 * max_virtqueue_pairs with it (virtio 1.2 5.1.2).
+        let ctrl_index = 2 * used_pairs;
+        let mut queues: Vec<Option<virtio_queue::Queue>> =
+            resources.queues.drain(..).map(Some).collect();
+        let mut events: Vec<Option<EventFd>> = resources.queue_events.drain(..).map(Some).collect();
+        let mut ctrl = match (
+            self.acked_features & VIRTIO_NET_F_CTRL_VQ != 0,
+            queues.get_mut(ctrl_index).and_then(Option::take),
+            events.get_mut(ctrl_index).and_then(Option::take),
+        ) {
+            (true, Some(queue), Some(event)) if virtio_queue::QueueT::ready(&queue) => {
+                Some(ControlQueue {
+                    queue,
+                    event,
+                    max_pairs: pairs as u16,
+                    mq,
+                })
+            }
+            _ => None,
+        };
+        for pair in 0..used_pairs {
+            let (rx, tx) = (2 * pair, 2 * pair + 1);
+            let taken = (
+                queues.get_mut(rx).and_then(Option::take),
+                queues.get_mut(tx).and_then(Option::take),
+                events.get_mut(rx).and_then(Option::take),
+                events.get_mut(tx).and_then(Option::take),
+            );
+            let (Some(rx), Some(tx), Some(rx_event), Some(tx_event)) = taken else {
+                return Err(VirtioError::MissingQueues {
+                    needed: 2 * used_pairs,
+                    ready: 2 * pair,
+                });
+            };
+            if !virtio_queue::QueueT::ready(&rx) || !virtio_queue::QueueT::ready(&tx) {
+                crate::warn_ratelimited!(
+                    "{}: queue pair {pair} not ready; not served",
+                    self.config.id
+                );
+                continue;
+            }
+            let Some(backend) = self.backends[pair].take() else {
+                continue;
+            };
+            let handoff: BackendHandoff = Arc::new(Mutex::new(Some(backend)));
+            let started = EventFd::new(EFD_NONBLOCK)
+                .and_then(|stop| Ok((stop.try_clone()?, stop)))
+                .and_then(|(stop, theirs)| {
+                    let mem = resources.mem.clone();
+                    let ctrl = if pair == 0 { ctrl.take() } else { None };
+                    let interrupt = resources.interrupt.clone();
+                    let counters = self.counters[pair].clone();
+                    let run = move |backend| {
+                        QueuePairWorker {
+                            mem,
+                            rx,
+                            tx,
+                            rx_event,
+                            tx_event,
+                            ctrl,
+                            backend,
+                            interrupt,
+                            counters,
+                            stop: theirs,
+                        }
+                        .run()
+                    };
+                    let thread = self.spawn_worker(pair, run, &handoff)?;
+                    Ok(Worker { stop, thread })
+                });
+            match started {
+                Ok(worker) => self.workers.push((pair, worker)),
+                Err(e) => {
+                    self.backends[pair] = take_backend(&handoff);
+                    return Err(VirtioError::Activate(format!(
+                        "queue pair {pair}: cannot start its thread: {e}"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -152,74 +282,13 @@ impl VirtioDevice for Net {
         log::debug!("{}: ignoring config write at {offset:#x}", self.config.id);
     }
 
-    fn activate(&mut self, mut resources: ActivateResources) -> Result<(), VirtioError> {
+    fn activate(&mut self, resources: ActivateResources) -> Result<(), VirtioError> {
         self.stop_workers();
-        let pairs = self.backends.len();
-        let mq = self.acked_features & VIRTIO_NET_F_MQ != 0;
-        let used_pairs = if mq { pairs } else { 1 };
-        let ctrl_index = 2 * pairs;
-        let mut queues: Vec<Option<virtio_queue::Queue>> =
-            resources.queues.drain(..).map(Some).collect();
-        let mut events: Vec<Option<EventFd>> = resources.queue_events.drain(..).map(Some).collect();
-        let mut ctrl = match (
-            self.acked_features & VIRTIO_NET_F_CTRL_VQ != 0,
-            queues.get_mut(ctrl_index).and_then(Option::take),
-            events.get_mut(ctrl_index).and_then(Option::take),
-        ) {
-            (true, Some(queue), Some(event)) if virtio_queue::QueueT::ready(&queue) => {
-                Some(ControlQueue {
-                    queue,
-                    event,
-                    max_pairs: pairs as u16,
-                })
-            }
-            _ => None,
-        };
-        for pair in 0..used_pairs {
-            let (rx, tx) = (2 * pair, 2 * pair + 1);
-            let taken = (
-                queues.get_mut(rx).and_then(Option::take),
-                queues.get_mut(tx).and_then(Option::take),
-                events.get_mut(rx).and_then(Option::take),
-                events.get_mut(tx).and_then(Option::take),
-            );
-            let (Some(rx), Some(tx), Some(rx_event), Some(tx_event)) = taken else {
-                return Err(VirtioError::MissingQueues {
-                    needed: 2 * used_pairs,
-                    ready: 2 * pair,
-                });
-            };
-            if !virtio_queue::QueueT::ready(&rx) || !virtio_queue::QueueT::ready(&tx) {
-                log::warn!(
-                    "{}: queue pair {pair} not ready; not served",
-                    self.config.id
-                );
-                continue;
-            }
-            let Some(backend) = self.backends[pair].take() else {
-                continue;
-            };
-            let stop =
-                EventFd::new(EFD_NONBLOCK).map_err(|e| VirtioError::Activate(e.to_string()))?;
-            let worker = QueuePairWorker {
-                mem: resources.mem.clone(),
-                rx,
-                tx,
-                rx_event,
-                tx_event,
-                ctrl: if pair == 0 { ctrl.take() } else { None },
-                backend,
-                interrupt: resources.interrupt.clone(),
-                counters: self.counters[pair].clone(),
-                stop: stop
-                    .try_clone()
-                    .map_err(|e| VirtioError::Activate(e.to_string()))?,
-            };
-            let thread = std::thread::Builder::new()
-                .name(format!("xskvm-{}-q{pair}", self.config.id))
-                .spawn(move || worker.run())
-                .map_err(|e| VirtioError::Activate(e.to_string()))?;
-            self.workers.push((pair, Worker { stop, thread }));
+        if let Err(e) = self.start_workers(resources) {
+            // Nothing half-started: every pair's backend is back in place
+            // for the next activation after the driver resets the device.
+            self.stop_workers();
+            return Err(e);
         }
         log::debug!(
             "{}: active with {} queue pair thread(s), features {:#x}",

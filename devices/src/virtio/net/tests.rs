@@ -11,7 +11,7 @@ use crate::bus::BusDevice;
 use vm_memory::Bytes;
 
 /// The host side of one queue pair over a datagram socket.
-struct SocketBackend {
+pub(super) struct SocketBackend {
     sock: UnixDatagram,
     buf: Box<[u8; 65536]>,
     pending: Option<usize>,
@@ -20,7 +20,7 @@ struct SocketBackend {
 }
 
 impl SocketBackend {
-    fn pair() -> (Box<dyn NetBackend>, UnixDatagram) {
+    pub(super) fn pair() -> (Box<dyn NetBackend>, UnixDatagram) {
         let (a, b) = UnixDatagram::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -74,8 +74,8 @@ impl NetBackend for SocketBackend {
     }
 }
 
-const MAC: [u8; 6] = [0x02, 0x58, 0x53, 0x4b, 0x00, 0x01];
-const FEATURES: u64 = VIRTIO_F_VERSION_1
+pub(super) const MAC: [u8; 6] = [0x02, 0x58, 0x53, 0x4b, 0x00, 0x01];
+pub(super) const FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_NET_F_MAC
     | VIRTIO_NET_F_MTU
     | VIRTIO_NET_F_STATUS
@@ -97,7 +97,7 @@ fn net(backends: Vec<Box<dyn NetBackend>>) -> (Net, Vec<Arc<QueuePairCounters>>)
     (net, counters)
 }
 
-fn frame(seq: u32, len: usize) -> Vec<u8> {
+pub(super) fn frame(seq: u32, len: usize) -> Vec<u8> {
     let mut f = vec![0u8; len];
     f[..6].copy_from_slice(&[0xff; 6]);
     f[6..12].copy_from_slice(&MAC);
@@ -110,7 +110,7 @@ fn frame(seq: u32, len: usize) -> Vec<u8> {
 }
 
 /// Waits until `queue` returns `n` used entries in total.
-fn collect_used(h: &mut DriverHarness, queue: usize, n: usize) -> Vec<(u16, u32)> {
+pub(super) fn collect_used(h: &mut DriverHarness, queue: usize, n: usize) -> Vec<(u16, u32)> {
     let mut used = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while used.len() < n && Instant::now() < deadline {

@@ -1,11 +1,21 @@
 //! The IO thread of one queue pair: moves frames between the guest's RX/TX
 //! virtqueues and a [`NetBackend`], many frames per wake-up, one interrupt
 //! per batch. Queue pair 0's thread also serves the control queue.
+//!
+//! The guest is untrusted. Work per wake-up is bounded (at most a queue's
+//! worth of chains per queue, then the other queues and the stop event get
+//! their turn), chains longer than the queue are dropped, and a queue the
+//! device cannot use (an avail index more than the queue size ahead, an
+//! avail ring that is not there, a chain head outside the queue) stops this
+//! worker's serving and puts the device into DEVICE_NEEDS_RESET; reset and
+//! exit keep working.
 
 use std::os::fd::AsRawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -32,12 +42,14 @@ const TOKEN_BACKEND: u64 = 2;
 const TOKEN_STOP: u64 = 3;
 const TOKEN_CTRL_QUEUE: u64 = 4;
 /// How long transmit waits for room before it kicks the backend again.
-const TX_RETRY_MS: i32 = 1;
+const TX_RETRY: Duration = Duration::from_millis(1);
 
 pub(crate) struct ControlQueue {
     pub queue: Queue,
     pub event: EventFd,
     pub max_pairs: u16,
+    /// Whether VIRTIO_NET_F_MQ was negotiated (VQ_PAIRS_SET allowed).
+    pub mq: bool,
 }
 
 pub(crate) struct QueuePairWorker {
@@ -61,19 +73,105 @@ enum ChainError {
     TooBig,
     /// Not even an Ethernet header.
     Runt,
+    /// More descriptors than the queue has entries.
+    TooLong,
+}
+
+/// Why a worker stopped serving before it was told to stop.
+#[derive(Debug, thiserror::Error)]
+enum WorkerFault {
+    #[error("{queue} queue unusable: {reason}")]
+    Queue { queue: &'static str, reason: String },
+    #[error("event loop failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl WorkerFault {
+    fn queue(queue: &'static str, reason: impl std::fmt::Display) -> Self {
+        Self::Queue {
+            queue,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// What a bounded pass over one queue left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Nothing left to do until the next event.
+    Done,
+    /// The budget ran out with work left: come back after the other queues.
+    MoreWork,
+    /// TX: the backend is out of room. RX: the guest has no buffers.
+    Blocked,
+}
+
+/// The next available chain, or why the queue cannot be used. Unlike
+/// `pop_descriptor_chain` this tells "nothing available" apart from "the
+/// driver broke the ring", which must not be retried forever.
+fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    name: &'static str,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, WorkerFault> {
+    let size = queue.size();
+    let next_avail = queue.next_avail();
+    let mut iter = queue.iter(mem).map_err(|e| WorkerFault::queue(name, e))?;
+    match iter.next() {
+        Some(chain) if chain.head_index() < size => Ok(Some(chain)),
+        Some(chain) => Err(WorkerFault::queue(
+            name,
+            format!(
+                "chain head {} outside a queue of {size}",
+                chain.head_index()
+            ),
+        )),
+        None => {
+            // The iterator also ends when it cannot read the ring: then
+            // the ring says there is more but nothing can be taken.
+            match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+                Ok(idx) if idx.0 == next_avail => Ok(None),
+                Ok(_) => Err(WorkerFault::queue(name, "avail ring unreadable")),
+                Err(e) => Err(WorkerFault::queue(name, e)),
+            }
+        }
+    }
+}
+
+/// Re-enables notifications; true if chains arrived meanwhile.
+fn more_after_enable(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    name: &'static str,
+) -> Result<bool, WorkerFault> {
+    queue
+        .enable_notification(mem)
+        .map_err(|e| WorkerFault::queue(name, e))
 }
 
 impl QueuePairWorker {
     /// Serves the queues until `stop` is signalled; returns the backend so
-    /// that a reset device can start again.
+    /// that a reset device can start again. A broken queue or a panic puts
+    /// the device into DEVICE_NEEDS_RESET; the thread then only waits for
+    /// `stop`, and the backend still comes back.
     pub fn run(mut self) -> Box<dyn NetBackend> {
-        if let Err(e) = self.event_loop() {
-            log::error!("virtio-net worker stopped: {e}");
+        // The worker owns everything the closure touches; after a panic it
+        // is only asked for its backend and dropped.
+        let fault = match catch_unwind(AssertUnwindSafe(|| self.event_loop())) {
+            Ok(Ok(())) => return self.backend,
+            Ok(Err(fault)) => fault.to_string(),
+            Err(_) => "the IO thread panicked".to_string(),
+        };
+        crate::error_ratelimited!("virtio-net: {fault}; device needs reset");
+        add(&self.counters.queue_errors, 1);
+        if let Err(e) = self.interrupt.signal_needs_reset() {
+            crate::error_ratelimited!("virtio-net: cannot raise the interrupt: {e}");
         }
+        wait_readable(&self.stop);
         self.backend
     }
 
-    fn event_loop(&mut self) -> std::io::Result<()> {
+    fn event_loop(&mut self) -> Result<(), WorkerFault> {
         let epoll = Epoll::new()?;
         let add_fd = |fd: i32, token: u64, events: EventSet| {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
@@ -87,72 +185,90 @@ impl QueuePairWorker {
         }
         // Backend interest: IN unless the guest has no RX buffers (the frames
         // wait and we would spin), OUT only while transmit is out of room.
-        let mut rx_waiting_for_buffers = false;
-        let mut tx_waiting_for_room = false;
         let mut interest = EventSet::IN;
-
         // Frames or chains may already be waiting from before activation.
-        self.process_tx(&mut tx_waiting_for_room);
-        self.process_rx(&mut rx_waiting_for_buffers);
+        let mut tx = Pass::MoreWork;
+        let mut rx = Pass::MoreWork;
+        let mut ctrl = Pass::MoreWork;
+        let mut tx_retry_at: Option<Instant> = None;
 
         let mut events = [EpollEvent::default(); 8];
         loop {
             // While transmit is out of room, also retry on a short timer: in
             // copy mode the kernel only moves the AF_XDP TX ring when kicked,
             // and a kick refused as busy is not always followed by POLLOUT.
-            let timeout = if tx_waiting_for_room { TX_RETRY_MS } else { -1 };
+            let now = Instant::now();
+            let timeout = if tx == Pass::MoreWork || rx == Pass::MoreWork || ctrl == Pass::MoreWork
+            {
+                0
+            } else if let Some(at) = tx_retry_at {
+                at.saturating_duration_since(now).as_millis().max(1) as i32
+            } else {
+                -1
+            };
             let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
-            if n == 0 && tx_waiting_for_room {
-                add(&self.counters.tx_retries, 1);
-                tx_waiting_for_room = false;
-                self.process_tx(&mut tx_waiting_for_room);
-            }
             for event in &events[..n] {
                 match event.data() {
                     TOKEN_STOP => return Ok(()),
                     TOKEN_TX_QUEUE => {
                         let _ = self.tx_event.read();
                         add(&self.counters.tx_notifications, 1);
-                        if !tx_waiting_for_room {
-                            self.process_tx(&mut tx_waiting_for_room);
+                        // While out of room the chains wait for POLLOUT or
+                        // the retry timer, not for the guest.
+                        if tx == Pass::Done {
+                            tx = Pass::MoreWork;
                         }
                     }
                     TOKEN_RX_QUEUE => {
                         let _ = self.rx_event.read();
                         add(&self.counters.rx_notifications, 1);
-                        rx_waiting_for_buffers = false;
-                        self.process_rx(&mut rx_waiting_for_buffers);
+                        rx = Pass::MoreWork;
                     }
                     TOKEN_BACKEND => {
                         let ready = event.event_set();
                         if ready.contains(EventSet::OUT) {
-                            tx_waiting_for_room = false;
-                            self.process_tx(&mut tx_waiting_for_room);
+                            tx = Pass::MoreWork;
                         }
                         if ready.intersects(EventSet::IN | EventSet::ERROR | EventSet::HANG_UP)
-                            && !rx_waiting_for_buffers
+                            && rx == Pass::Done
                         {
-                            self.process_rx(&mut rx_waiting_for_buffers);
+                            rx = Pass::MoreWork;
                         }
                     }
                     TOKEN_CTRL_QUEUE => {
-                        if let Some(ctrl) = &self.ctrl {
-                            let _ = ctrl.event.read();
+                        if let Some(c) = &self.ctrl {
+                            let _ = c.event.read();
                         }
-                        self.process_ctrl();
+                        ctrl = Pass::MoreWork;
                     }
                     _ => {}
                 }
             }
+            if tx == Pass::Blocked && tx_retry_at.is_some_and(|at| Instant::now() >= at) {
+                add(&self.counters.tx_retries, 1);
+                tx = Pass::MoreWork;
+            }
+            // One bounded pass over each queue with work, then back to
+            // epoll: the stop event and the other queues are never starved.
+            if tx == Pass::MoreWork {
+                tx = self.process_tx()?;
+                tx_retry_at = (tx == Pass::Blocked).then(|| Instant::now() + TX_RETRY);
+            }
+            if rx == Pass::MoreWork {
+                rx = self.process_rx()?;
+            }
+            if ctrl == Pass::MoreWork {
+                ctrl = self.process_ctrl()?;
+            }
             let mut wanted = EventSet::empty();
-            if !rx_waiting_for_buffers {
+            if rx != Pass::Blocked {
                 wanted |= EventSet::IN;
             }
-            if tx_waiting_for_room {
+            if tx == Pass::Blocked {
                 wanted |= EventSet::OUT;
             }
             if wanted != interest {
@@ -166,8 +282,8 @@ impl QueuePairWorker {
         }
     }
 
-    /// Drains every available TX chain into the backend, in batches.
-    fn process_tx(&mut self, waiting_for_room: &mut bool) {
+    /// Moves up to a queue's worth of TX chains into the backend, in batches.
+    fn process_tx(&mut self) -> Result<Pass, WorkerFault> {
         let Self {
             mem,
             tx,
@@ -175,18 +291,31 @@ impl QueuePairWorker {
             counters,
             ..
         } = self;
-        loop {
-            if let Err(e) = tx.disable_notification(mem) {
-                log::warn!("virtio-net: tx queue unusable: {e:?}");
-                return;
-            }
+        let budget = usize::from(tx.size());
+        let mut taken = 0usize;
+        let mut fault = None;
+        let pass = loop {
+            tx.disable_notification(mem)
+                .map_err(|e| WorkerFault::queue("tx", e))?;
             let mut bytes = 0u64;
             let (sent, out_of_room) = backend.transmit(&mut |buf: &mut [u8]| loop {
-                let chain = tx.pop_descriptor_chain(&*mem)?;
+                if taken == budget || fault.is_some() {
+                    return None;
+                }
+                let chain = match next_chain(tx, mem, "tx") {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => return None,
+                    Err(e) => {
+                        fault = Some(e);
+                        return None;
+                    }
+                };
+                taken += 1;
                 let head = chain.head_index();
-                let result = copy_tx_chain(mem, chain, buf);
+                let result = copy_tx_chain(mem, chain, buf, budget);
                 if let Err(e) = tx.add_used(&*mem, head, 0) {
-                    log::warn!("virtio-net: cannot return a tx buffer: {e:?}");
+                    fault = Some(WorkerFault::queue("tx", e));
+                    return None;
                 }
                 match result {
                     Ok(len) => {
@@ -194,7 +323,9 @@ impl QueuePairWorker {
                         return Some(len);
                     }
                     Err(e) => {
-                        log::debug!("virtio-net: tx chain dropped: {e:?}");
+                        if matches!(e, ChainError::TooLong) {
+                            add(&counters.tx_chains_too_long, 1);
+                        }
                         add(&counters.tx_dropped, 1);
                     }
                 }
@@ -205,27 +336,32 @@ impl QueuePairWorker {
                 add(&counters.tx_batch_frames, sent as u64);
                 add(&counters.tx_batches, 1);
             }
+            if fault.is_some() {
+                break Pass::Done;
+            }
             if out_of_room {
                 // Chains stay in the ring; the backend's fd turns writable when
                 // there is room, and the guest need not notify meanwhile.
-                *waiting_for_room = true;
                 add(&counters.tx_ring_full, 1);
-                break;
+                break Pass::Blocked;
             }
-            match tx.enable_notification(mem) {
-                Ok(true) => continue, // more chains arrived while we worked
-                Ok(false) => break,
-                Err(e) => {
-                    log::warn!("virtio-net: tx queue unusable: {e:?}");
-                    break;
-                }
+            if taken == budget {
+                break Pass::MoreWork;
             }
-        }
+            if !more_after_enable(tx, mem, "tx")? {
+                break Pass::Done;
+            }
+        };
+        // Return what was used before a fault, then report it.
         signal_used(&mut self.tx, &self.mem, &self.interrupt, &self.counters);
+        match fault {
+            Some(fault) => Err(fault),
+            None => Ok(pass),
+        }
     }
 
-    /// Delivers waiting frames into guest RX buffers.
-    fn process_rx(&mut self, waiting_for_buffers: &mut bool) {
+    /// Delivers up to a queue's worth of waiting frames into guest RX buffers.
+    fn process_rx(&mut self) -> Result<Pass, WorkerFault> {
         let Self {
             mem,
             rx,
@@ -233,17 +369,30 @@ impl QueuePairWorker {
             counters,
             ..
         } = self;
-        let mut delivered_any = false;
-        loop {
+        let budget = usize::from(rx.size());
+        let mut taken = 0usize;
+        let mut fault = None;
+        let pass = loop {
             let mut no_buffer = false;
             let mut bytes = 0u64;
             let delivered = backend.receive(&mut |frame: &[u8]| {
-                let Some(chain) = rx.pop_descriptor_chain(&*mem) else {
-                    no_buffer = true;
+                if taken == budget || fault.is_some() {
                     return false;
+                }
+                let chain = match next_chain(rx, mem, "rx") {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => {
+                        no_buffer = true;
+                        return false;
+                    }
+                    Err(e) => {
+                        fault = Some(e);
+                        return false;
+                    }
                 };
+                taken += 1;
                 let head = chain.head_index();
-                let used_len = match write_rx_chain(mem, chain, frame) {
+                let used_len = match write_rx_chain(mem, chain, frame, budget) {
                     Ok(len) => {
                         bytes += frame.len() as u64;
                         len
@@ -258,54 +407,83 @@ impl QueuePairWorker {
                     }
                 };
                 if let Err(e) = rx.add_used(&*mem, head, used_len) {
-                    log::warn!("virtio-net: cannot return an rx buffer: {e:?}");
+                    fault = Some(WorkerFault::queue("rx", e));
                 }
                 true
             });
             if delivered > 0 {
-                delivered_any = true;
                 add(&counters.rx_packets, delivered as u64);
                 add(&counters.rx_bytes, bytes);
                 add(&counters.rx_batch_frames, delivered as u64);
                 add(&counters.rx_batches, 1);
             }
+            if fault.is_some() {
+                break Pass::Done;
+            }
+            if taken == budget {
+                break Pass::MoreWork;
+            }
             if !no_buffer {
-                break;
+                break Pass::Done;
             }
             // Out of guest buffers: ask for a notification, then look again
             // in case buffers arrived before the request was visible.
-            match rx.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => {
-                    *waiting_for_buffers = true;
-                    add(&counters.rx_no_buffer_waits, 1);
-                    break;
-                }
-                Err(e) => {
-                    log::warn!("virtio-net: rx queue unusable: {e:?}");
-                    *waiting_for_buffers = true;
-                    break;
-                }
+            if !more_after_enable(rx, mem, "rx")? {
+                add(&counters.rx_no_buffer_waits, 1);
+                break Pass::Blocked;
             }
-        }
-        if delivered_any {
+        };
+        if taken > 0 {
             signal_used(&mut self.rx, &self.mem, &self.interrupt, &self.counters);
+        }
+        match fault {
+            Some(fault) => Err(fault),
+            None => Ok(pass),
         }
     }
 
-    fn process_ctrl(&mut self) {
+    /// Answers up to a queue's worth of control commands.
+    fn process_ctrl(&mut self) -> Result<Pass, WorkerFault> {
         let Some(ctrl) = self.ctrl.as_mut() else {
-            return;
+            return Ok(Pass::Done);
         };
         let mem = &self.mem;
-        while let Some(chain) = ctrl.queue.pop_descriptor_chain(mem) {
+        let budget = usize::from(ctrl.queue.size());
+        let mut pass = Pass::Done;
+        for taken in 0.. {
+            let Some(chain) = next_chain(&mut ctrl.queue, mem, "control")? else {
+                break;
+            };
             let head = chain.head_index();
-            let used = handle_ctrl_chain(mem, chain, ctrl.max_pairs);
-            if let Err(e) = ctrl.queue.add_used(mem, head, used) {
-                log::warn!("virtio-net: cannot return a control buffer: {e:?}");
+            let used = handle_ctrl_chain(mem, chain, ctrl.max_pairs, ctrl.mq, budget);
+            ctrl.queue
+                .add_used(mem, head, used)
+                .map_err(|e| WorkerFault::queue("control", e))?;
+            if taken + 1 == budget {
+                pass = Pass::MoreWork;
+                break;
             }
         }
         signal_used(&mut ctrl.queue, mem, &self.interrupt, &self.counters);
+        Ok(pass)
+    }
+}
+
+/// Blocks until `fd` is readable (the stop event), however long that is.
+fn wait_readable(event: &EventFd) {
+    let mut pfd = libc::pollfd {
+        fd: event.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if n > 0
+            || (n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted)
+        {
+            return;
+        }
     }
 }
 
@@ -320,12 +498,12 @@ fn signal_used(
     match needs {
         Ok(true) => {
             if let Err(e) = interrupt.signal(INTERRUPT_USED_RING) {
-                log::error!("virtio-net: cannot raise the interrupt: {e}");
+                crate::error_ratelimited!("virtio-net: cannot raise the interrupt: {e}");
             }
             add(&counters.interrupts, 1);
         }
         Ok(false) => {}
-        Err(e) => log::warn!("virtio-net: cannot read the notification state: {e:?}"),
+        Err(e) => crate::warn_ratelimited!("virtio-net: cannot read the notification state: {e}"),
     }
 }
 
@@ -334,10 +512,14 @@ fn copy_tx_chain(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     buf: &mut [u8],
+    max_descs: usize,
 ) -> Result<usize, ChainError> {
     let mut skip = NET_HDR_LEN as u64;
     let mut len = 0usize;
-    for desc in chain {
+    for (i, desc) in chain.enumerate() {
+        if i == max_descs {
+            return Err(ChainError::TooLong);
+        }
         if desc.is_write_only() {
             return Err(ChainError::Bad);
         }
@@ -369,12 +551,16 @@ fn write_rx_chain(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     frame: &[u8],
+    max_descs: usize,
 ) -> Result<u32, ChainError> {
     let total = NET_HDR_LEN + frame.len();
     let mut written = 0usize;
-    for desc in chain {
+    for (i, desc) in chain.enumerate() {
         if written == total {
             break;
+        }
+        if i == max_descs {
+            return Err(ChainError::TooLong);
         }
         if !desc.is_write_only() {
             return Err(ChainError::Bad);
@@ -410,13 +596,18 @@ fn handle_ctrl_chain(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     max_pairs: u16,
+    mq: bool,
+    max_descs: usize,
 ) -> u32 {
     let mut command = [0u8; 4]; // class, cmd, then up to 2 bytes of data
     let mut command_len = 0usize;
     let mut ack_addr = None;
-    for desc in chain {
+    for desc in chain.take(max_descs) {
         if desc.is_write_only() {
-            ack_addr.get_or_insert(desc.addr());
+            // The ack is one byte: only a buffer with room for it will do.
+            if desc.len() > 0 {
+                ack_addr.get_or_insert(desc.addr());
+            }
             continue;
         }
         let n = (desc.len() as usize).min(command.len() - command_len);
@@ -429,7 +620,7 @@ fn handle_ctrl_chain(
         }
     }
     let status = match (command_len, command[0], command[1]) {
-        (4, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) => {
+        (4, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) if mq => {
             let pairs = u16::from_le_bytes([command[2], command[3]]);
             // Every pair's thread serves its queues regardless; the guest
             // simply stops using the ones beyond `pairs`.
