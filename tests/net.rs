@@ -253,6 +253,78 @@ cat /tmp/console
     }
 }
 
+/// Frames dropped because they arrived on a queue pair the guest does not
+/// use, per queue pair, from xskvm's exit log.
+fn dropped_on_unused_pairs(out: &ScenarioOutput) -> Vec<u64> {
+    out.stdout
+        .lines()
+        .filter(|l| l.contains(" net0 q"))
+        .filter_map(|l| {
+            let before = l.split_once(" on an unused pair")?.0;
+            before.split_whitespace().last()?.parse().ok()
+        })
+        .collect()
+}
+
+#[test]
+fn one_vcpu_with_two_queues_counts_every_frame_it_cannot_deliver() {
+    const DATAGRAMS: u64 = 200;
+    let script = format!(
+        r#"{testbed}
+cat > /tmp/guest-cmd <<'CMD'
+{GUEST_NET_UP}; echo GUEST-QUEUES=$(ls /sys/class/net/eth0/queues | tr '\n' ' '); echo GUEST-NET-UP; sleep 25
+CMD
+boot_guest /tmp/console --vcpus 1 --net af-xdp,ifname=xs0,queues=2,mac=52:54:00:12:34:56
+wait_for GUEST-NET-UP /tmp/console
+# A static neighbour: ARP itself could land on the unused queue.
+ip -n peer neigh replace {GUEST_IP} lladdr 52:54:00:12:34:56 dev xs1 nud permanent
+# Each datagram from a new socket: a new flow hash, so the peer's veth
+# spreads them over both queues.
+ip netns exec peer bash -c 'for i in $(seq {DATAGRAMS}); do echo x > /dev/udp/{GUEST_IP}/9; done'
+echo SENT=done
+finish
+cat /tmp/console
+"#,
+        testbed = testbed(2)
+    );
+    let out = run(script);
+    assert_clean_exit(&out);
+    assert!(
+        out.stdout.contains("2 queues but 1 vCPU(s)"),
+        "xskvm warns at start\n{}",
+        out.describe()
+    );
+    assert_eq!(
+        out.value_of("GUEST-QUEUES").map(str::trim),
+        Some("rx-0 tx-0"),
+        "a 1-vCPU Linux guest uses one pair\n{}",
+        out.describe()
+    );
+    let counts = queue_counts(&out);
+    let dropped = dropped_on_unused_pairs(&out);
+    eprintln!("(rx, tx) per pair {counts:?}, dropped on an unused pair {dropped:?}");
+    assert_eq!((counts.len(), dropped.len()), (2, 2), "{}", out.describe());
+    assert_eq!(dropped[0], 0, "pair 0 is in use\n{}", out.describe());
+    assert!(
+        dropped[1] > 0,
+        "some flows hash to queue 1\n{}",
+        out.describe()
+    );
+    assert_eq!(
+        counts[1].0,
+        0,
+        "nothing delivered on pair 1\n{}",
+        out.describe()
+    );
+    assert!(
+        counts[0].0 + dropped[1] >= DATAGRAMS,
+        "every datagram is delivered or counted: {} + {} < {DATAGRAMS}\n{}",
+        counts[0].0,
+        dropped[1],
+        out.describe()
+    );
+}
+
 #[test]
 fn traffic_resumes_after_the_guest_reloads_virtio_net() {
     let script = format!(

@@ -147,6 +147,19 @@ pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
     let mut mmio = BusBuilder::new();
     let mut keepalives = Vec::new();
     for (net, slot) in config.nets.drain(..).zip(&virtio_mmio) {
+        if net.backends.len() > usize::from(vcpu_count) {
+            // Linux uses min(queue pairs, CPUs) pairs; frames the NIC puts
+            // on the other queues cannot reach the guest (an AF_XDP socket
+            // receives from its own queue only) and are dropped, counted.
+            log::warn!(
+                "{}: {} queues but {vcpu_count} vCPU(s): a Linux guest uses {vcpu_count} queue \
+                 pair(s), and frames on the other queues are dropped (counted as \
+                 rx_dropped_inactive); use queues={vcpu_count}, or steer the NIC's traffic \
+                 to those queues (ethtool -L/-X)",
+                net.config.id,
+                net.backends.len(),
+            );
+        }
         keepalives.push(net.keepalive);
         attach_virtio_net(&vm, &mem, &mut mmio, *slot, net.config, net.backends)?;
     }

@@ -22,8 +22,6 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub enum VirtioError {
     #[error("queue {0} is not usable: bad size or addresses outside guest memory")]
     InvalidQueue(usize),
-    #[error("the device needs {needed} queues, the driver made {ready} ready")]
-    MissingQueues { needed: usize, ready: usize },
     #[error("cannot start the device: {0}")]
     Activate(String),
 }

@@ -12,6 +12,8 @@ pub struct QueuePairCounters {
     pub rx_bad_descriptors: AtomicU64,
     /// Times frames had to wait because the guest posted no buffers.
     pub rx_no_buffer_waits: AtomicU64,
+    /// Frames that arrived for a queue pair the guest does not use, dropped.
+    pub rx_dropped_inactive: AtomicU64,
     pub tx_packets: AtomicU64,
     pub tx_bytes: AtomicU64,
     /// Chains dropped for bad descriptors, oversize or runt frames.
@@ -43,6 +45,7 @@ pub struct CountersSnapshot {
     pub rx_dropped_too_big: u64,
     pub rx_bad_descriptors: u64,
     pub rx_no_buffer_waits: u64,
+    pub rx_dropped_inactive: u64,
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub tx_dropped: u64,
@@ -72,6 +75,7 @@ impl QueuePairCounters {
             rx_dropped_too_big: get(&self.rx_dropped_too_big),
             rx_bad_descriptors: get(&self.rx_bad_descriptors),
             rx_no_buffer_waits: get(&self.rx_no_buffer_waits),
+            rx_dropped_inactive: get(&self.rx_dropped_inactive),
             tx_packets: get(&self.tx_packets),
             tx_bytes: get(&self.tx_bytes),
             tx_dropped: get(&self.tx_dropped),
@@ -101,7 +105,8 @@ impl std::fmt::Display for CountersSnapshot {
         };
         write!(
             f,
-            "rx {} pkts {} B (dropped: {} too big, {} bad desc; {} no-buffer waits), \
+            "rx {} pkts {} B (dropped: {} too big, {} bad desc, {} on an unused pair; \
+             {} no-buffer waits), \
              tx {} pkts {} B ({} dropped, {} too long, {} ring full, {} retries), \
              notifications rx {} tx {}, interrupts {}, mean batch rx {:.1} tx {:.1}, \
              queue errors {}",
@@ -109,6 +114,7 @@ impl std::fmt::Display for CountersSnapshot {
             self.rx_bytes,
             self.rx_dropped_too_big,
             self.rx_bad_descriptors,
+            self.rx_dropped_inactive,
             self.rx_no_buffer_waits,
             self.tx_packets,
             self.tx_bytes,

@@ -317,6 +317,35 @@ impl DriverHarness {
         self.publish(queue, id);
     }
 
+    /// Sends VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET on control queue `ctrl`, as
+    /// Linux does after probing; returns the ack (0 = OK), None if the
+    /// device did not answer within `timeout`.
+    pub fn set_queue_pairs(&mut self, ctrl: usize, pairs: u16, timeout: Duration) -> Option<u8> {
+        // Scratch space past the per-queue buffers.
+        const CMD: u64 = 0x3f0_0000;
+        const ACK: u64 = CMD + 0x100;
+        let mut cmd = [4u8, 0, 0, 0];
+        cmd[2..].copy_from_slice(&pairs.to_le_bytes());
+        self.mem
+            .write_slice(&cmd, GuestAddress(CMD))
+            .expect("command");
+        self.mem.write_obj(0xffu8, GuestAddress(ACK)).expect("ack");
+        self.queue_raw_chain(ctrl, &[(CMD, 4, 0), (ACK, 1, VIRTQ_DESC_F_WRITE)]);
+        self.kick(ctrl);
+        let deadline = Instant::now() + timeout;
+        let mut used = Vec::new();
+        while used.is_empty() && Instant::now() < deadline {
+            self.take_used(ctrl, &mut used);
+            if used.is_empty() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        if used.is_empty() {
+            return None;
+        }
+        Some(self.mem.read_obj(GuestAddress(ACK)).expect("ack"))
+    }
+
     /// Notifies the device about `queue`, as the ioeventfd would.
     pub fn kick(&mut self, queue: usize) {
         self.queues[queue].notified_at = self.queues[queue].avail_idx;

@@ -6,6 +6,7 @@ mod backend;
 mod counters;
 mod worker;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -35,7 +36,7 @@ pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const VIRTIO_NET_S_LINK_UP: u16 = 1;
 
-const QUEUE_SIZE: u16 = 256;
+pub(crate) const QUEUE_SIZE: u16 = 256;
 const CTRL_QUEUE_SIZE: u16 = 64;
 /// mac(6) status(2) max_virtqueue_pairs(2) mtu(2).
 const CONFIG_LEN: usize = 12;
@@ -75,6 +76,8 @@ pub struct Net {
     backends: Vec<Option<Box<dyn NetBackend>>>,
     workers: Vec<(usize, Worker)>,
     counters: Vec<Arc<QueuePairCounters>>,
+    /// Pairs the guest uses (see `QueuePairWorker::active_pairs`).
+    active_pairs: Arc<AtomicUsize>,
     /// Tests: make spawning this pair's thread fail once.
     #[cfg(test)]
     fail_spawn_at: Option<usize>,
@@ -103,6 +106,7 @@ impl Net {
             backends: backends.into_iter().map(Some).collect(),
             workers: Vec::new(),
             counters: (0..pairs).map(|_| Arc::default()).collect(),
+            active_pairs: Arc::default(),
             #[cfg(test)]
             fail_spawn_at: None,
         })
@@ -150,9 +154,11 @@ impl Net {
             .spawn(move || take_backend(&theirs).map(worker))
     }
 
-    /// Starts one worker per queue pair the driver uses. On error the
-    /// caller stops those already started.
+    /// Starts one worker per queue pair, also for pairs the driver does
+    /// not use (their frames are dropped and counted, not left to pile up
+    /// unseen). On error the caller stops those already started.
     fn start_workers(&mut self, mut resources: ActivateResources) -> Result<(), VirtioError> {
+        let activate_err = |e: std::io::Error| VirtioError::Activate(e.to_string());
         let pairs = self.backends.len();
         let mq = self.acked_features & VIRTIO_NET_F_MQ != 0;
         let used_pairs = if mq { pairs } else { 1 };
@@ -162,41 +168,65 @@ impl Net {
         let mut queues: Vec<Option<virtio_queue::Queue>> =
             resources.queues.drain(..).map(Some).collect();
         let mut events: Vec<Option<EventFd>> = resources.queue_events.drain(..).map(Some).collect();
-        let mut ctrl = match (
-            self.acked_features & VIRTIO_NET_F_CTRL_VQ != 0,
-            queues.get_mut(ctrl_index).and_then(Option::take),
-            events.get_mut(ctrl_index).and_then(Option::take),
-        ) {
-            (true, Some(queue), Some(event)) if virtio_queue::QueueT::ready(&queue) => {
-                Some(ControlQueue {
+        let mut take = |index: usize| -> std::io::Result<(virtio_queue::Queue, EventFd)> {
+            match (
+                queues.get_mut(index).and_then(Option::take),
+                events.get_mut(index).and_then(Option::take),
+            ) {
+                (Some(queue), Some(event)) => Ok((queue, event)),
+                // Beyond the pairs the driver knows of: a queue that is
+                // never ready and an event nobody signals.
+                _ => Ok((
+                    <virtio_queue::Queue as virtio_queue::QueueT>::new(QUEUE_SIZE)
+                        .map_err(|e| std::io::Error::other(format!("{e:?}")))?,
+                    EventFd::new(EFD_NONBLOCK)?,
+                )),
+            }
+        };
+        let mut ctrl = None;
+        if self.acked_features & VIRTIO_NET_F_CTRL_VQ != 0 && ctrl_index < 2 * pairs + 1 {
+            let (queue, event) = take(ctrl_index).map_err(activate_err)?;
+            if virtio_queue::QueueT::ready(&queue) {
+                ctrl = Some(ControlQueue {
                     queue,
                     event,
                     max_pairs: pairs as u16,
                     mq,
-                })
-            }
-            _ => None,
-        };
-        for pair in 0..used_pairs {
-            let (rx, tx) = (2 * pair, 2 * pair + 1);
-            let taken = (
-                queues.get_mut(rx).and_then(Option::take),
-                queues.get_mut(tx).and_then(Option::take),
-                events.get_mut(rx).and_then(Option::take),
-                events.get_mut(tx).and_then(Option::take),
-            );
-            let (Some(rx), Some(tx), Some(rx_event), Some(tx_event)) = taken else {
-                return Err(VirtioError::MissingQueues {
-                    needed: 2 * used_pairs,
-                    ready: 2 * pair,
+                    wakers: Vec::new(),
                 });
+            }
+        }
+        // Until VQ_PAIRS_SET, the driver uses the first pair (5.1.6.5.5).
+        self.active_pairs.store(1, Ordering::Release);
+        let wakes = (0..pairs)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(activate_err)?;
+        if let Some(ctrl) = &mut ctrl {
+            ctrl.wakers = wakes
+                .iter()
+                .map(EventFd::try_clone)
+                .collect::<std::io::Result<_>>()
+                .map_err(activate_err)?;
+        }
+        for (pair, wake) in wakes.into_iter().enumerate() {
+            let (rx, rx_event) = if pair < used_pairs {
+                take(2 * pair).map_err(activate_err)?
+            } else {
+                take(usize::MAX).map_err(activate_err)?
             };
-            if !virtio_queue::QueueT::ready(&rx) || !virtio_queue::QueueT::ready(&tx) {
+            let (tx, tx_event) = if pair < used_pairs {
+                take(2 * pair + 1).map_err(activate_err)?
+            } else {
+                take(usize::MAX).map_err(activate_err)?
+            };
+            if pair < used_pairs
+                && (!virtio_queue::QueueT::ready(&rx) || !virtio_queue::QueueT::ready(&tx))
+            {
                 crate::warn_ratelimited!(
-                    "{}: queue pair {pair} not ready; not served",
+                    "{}: queue pair {pair} not set up by the driver; its frames are dropped",
                     self.config.id
                 );
-                continue;
             }
             let Some(backend) = self.backends[pair].take() else {
                 continue;
@@ -209,8 +239,12 @@ impl Net {
                     let ctrl = if pair == 0 { ctrl.take() } else { None };
                     let interrupt = resources.interrupt.clone();
                     let counters = self.counters[pair].clone();
+                    let active_pairs = self.active_pairs.clone();
                     let run = move |backend| {
                         QueuePairWorker {
+                            pair,
+                            active_pairs,
+                            wake,
                             mem,
                             rx,
                             tx,

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use super::harness::DriverHarness;
 use super::*;
 use crate::bus::BusDevice;
-use vm_memory::Bytes;
 
 /// The host side of one queue pair over a datagram socket.
 pub(super) struct SocketBackend {
@@ -237,6 +236,7 @@ fn two_queue_pairs_carry_their_own_traffic() {
     let (dev, counters) = net(vec![b0, b1]);
     let mut h = DriverHarness::new(dev);
     h.start(FEATURES, 5, 256);
+    assert_eq!(h.set_queue_pairs(4, 2, Duration::from_secs(5)), Some(0));
     h.queue_tx_frame(1, &frame(1, 64));
     h.queue_tx_frame(3, &frame(3, 64));
     h.kick(1);
@@ -264,27 +264,73 @@ fn control_queue_accepts_valid_pair_counts_only() {
     let (dev, _) = net(vec![b0, b1]);
     let mut h = DriverHarness::new(dev);
     h.start(FEATURES, 5, 64);
-    for (pairs, expect) in [(2u16, 0u8), (3, 1), (0, 1)] {
-        let cmd_addr = 0x20_0000u64;
-        let ack_addr = 0x20_1000u64;
-        let mut cmd = vec![4u8, 0];
-        cmd.extend_from_slice(&pairs.to_le_bytes());
-        h.mem
-            .write_slice(&cmd, vm_memory::GuestAddress(cmd_addr))
-            .unwrap();
-        h.mem
-            .write_obj(0xffu8, vm_memory::GuestAddress(ack_addr))
-            .unwrap();
-        h.queue_raw_chain(
-            4,
-            &[(cmd_addr, 2, 0), (cmd_addr + 2, 2, 0), (ack_addr, 1, 2)],
-        );
-        h.kick(4);
-        let used = collect_used(&mut h, 4, 1);
-        assert_eq!(used.len(), 1, "pairs {pairs}");
-        let ack: u8 = h.mem.read_obj(vm_memory::GuestAddress(ack_addr)).unwrap();
-        assert_eq!(ack, expect, "pairs {pairs}");
+    for (pairs, expect) in [(2u16, 0u8), (3, 1), (0, 1), (1, 0)] {
+        let ack = h.set_queue_pairs(4, pairs, Duration::from_secs(5));
+        assert_eq!(ack, Some(expect), "pairs {pairs}");
     }
+}
+
+/// Sends `seq` from `peer` and says whether it reached RX queue `queue`
+/// (which has buffers posted) within a short wait.
+fn arrives(h: &mut DriverHarness, peer: &UnixDatagram, queue: usize, seq: u32) -> bool {
+    peer.send(&frame(seq, 80)).unwrap();
+    let mut used = Vec::new();
+    let deadline = Instant::now() + Duration::from_millis(300);
+    while used.is_empty() && Instant::now() < deadline {
+        h.take_used(queue, &mut used);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    h.post_rx_buffers(queue, used.len());
+    used.iter().any(|&(id, len)| {
+        let mut got = Vec::new();
+        h.rx_frame(queue, id, len, &mut got);
+        got == frame(seq, 80)
+    })
+}
+
+#[test]
+fn vq_pairs_set_decides_which_pairs_receive_and_the_rest_is_counted() {
+    let (b0, peer0) = SocketBackend::pair();
+    let (b1, peer1) = SocketBackend::pair();
+    let (dev, counters) = net(vec![b0, b1]);
+    let mut h = DriverHarness::new(dev);
+    h.start(FEATURES, 5, 256);
+    h.post_rx_buffers(0, 16);
+    h.post_rx_buffers(2, 16);
+    h.kick(0);
+    h.kick(2);
+    // Before VQ_PAIRS_SET only the first pair is in use (virtio 5.1.6.5.5).
+    assert!(arrives(&mut h, &peer0, 0, 1));
+    assert!(!arrives(&mut h, &peer1, 2, 2), "pair 1 is not in use yet");
+    assert_eq!(counters[1].snapshot().rx_dropped_inactive, 1);
+    assert_eq!(h.set_queue_pairs(4, 2, Duration::from_secs(5)), Some(0));
+    assert!(arrives(&mut h, &peer1, 2, 3), "pair 1 in use");
+    assert_eq!(h.set_queue_pairs(4, 1, Duration::from_secs(5)), Some(0));
+    assert!(!arrives(&mut h, &peer1, 2, 4), "pair 1 given up");
+    assert!(arrives(&mut h, &peer0, 0, 5));
+    let c = counters[1].snapshot();
+    assert_eq!((c.rx_packets, c.rx_dropped_inactive), (1, 2), "{c}");
+}
+
+#[test]
+fn without_mq_the_second_pair_drops_and_counts_its_frames() {
+    let (b0, peer0) = SocketBackend::pair();
+    let (b1, peer1) = SocketBackend::pair();
+    let (dev, counters) = net(vec![b0, b1]);
+    let mut h = DriverHarness::new(dev);
+    // rx0, tx0, control: a driver that knows one pair only.
+    h.start(FEATURES & !VIRTIO_NET_F_MQ, 3, 256);
+    h.post_rx_buffers(0, 16);
+    h.kick(0);
+    for seq in 0..10 {
+        peer1.send(&frame(seq, 80)).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counters[1].snapshot().rx_dropped_inactive < 10 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(counters[1].snapshot().rx_dropped_inactive, 10);
+    assert!(arrives(&mut h, &peer0, 0, 99));
 }
 
 #[test]

@@ -12,6 +12,7 @@
 
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,7 @@ const TOKEN_TX_QUEUE: u64 = 1;
 const TOKEN_BACKEND: u64 = 2;
 const TOKEN_STOP: u64 = 3;
 const TOKEN_CTRL_QUEUE: u64 = 4;
+const TOKEN_WAKE: u64 = 5;
 /// How long transmit waits for room before it kicks the backend again.
 const TX_RETRY: Duration = Duration::from_millis(1);
 
@@ -50,9 +52,20 @@ pub(crate) struct ControlQueue {
     pub max_pairs: u16,
     /// Whether VIRTIO_NET_F_MQ was negotiated (VQ_PAIRS_SET allowed).
     pub mq: bool,
+    /// Each pair's wake-up, written when the number of active pairs
+    /// changes so that a pair that stops being used drains its backend.
+    pub wakers: Vec<EventFd>,
 }
 
 pub(crate) struct QueuePairWorker {
+    /// This pair's index: it receives for the guest only while it is below
+    /// `active_pairs`.
+    pub pair: usize,
+    /// Pairs the guest uses: 1 after activation, then what VQ_PAIRS_SET
+    /// says. The device must not fill receive queues beyond them (virtio
+    /// 1.2 5.1.6.5.5); frames that arrive there are dropped and counted.
+    pub active_pairs: Arc<AtomicUsize>,
+    pub wake: EventFd,
     pub mem: GuestMemoryMmap,
     pub rx: Queue,
     pub tx: Queue,
@@ -180,6 +193,7 @@ impl QueuePairWorker {
         add_fd(self.tx_event.as_raw_fd(), TOKEN_TX_QUEUE, EventSet::IN)?;
         add_fd(self.stop.as_raw_fd(), TOKEN_STOP, EventSet::IN)?;
         add_fd(self.backend.fd(), TOKEN_BACKEND, EventSet::IN)?;
+        add_fd(self.wake.as_raw_fd(), TOKEN_WAKE, EventSet::IN)?;
         if let Some(ctrl) = &self.ctrl {
             add_fd(ctrl.event.as_raw_fd(), TOKEN_CTRL_QUEUE, EventSet::IN)?;
         }
@@ -245,6 +259,10 @@ impl QueuePairWorker {
                         }
                         ctrl = Pass::MoreWork;
                     }
+                    TOKEN_WAKE => {
+                        let _ = self.wake.read();
+                        rx = Pass::MoreWork;
+                    }
                     _ => {}
                 }
             }
@@ -284,6 +302,10 @@ impl QueuePairWorker {
 
     /// Moves up to a queue's worth of TX chains into the backend, in batches.
     fn process_tx(&mut self) -> Result<Pass, WorkerFault> {
+        // A pair the guest never set up (no MQ, or fewer pairs) has no queues.
+        if !self.tx.ready() {
+            return Ok(Pass::Done);
+        }
         let Self {
             mem,
             tx,
@@ -362,6 +384,9 @@ impl QueuePairWorker {
 
     /// Delivers up to a queue's worth of waiting frames into guest RX buffers.
     fn process_rx(&mut self) -> Result<Pass, WorkerFault> {
+        if self.pair >= self.active_pairs.load(Ordering::Acquire) || !self.rx.ready() {
+            return Ok(self.drop_rx());
+        }
         let Self {
             mem,
             rx,
@@ -442,6 +467,37 @@ impl QueuePairWorker {
         }
     }
 
+    /// Drops (and counts) up to a queue's worth of frames that arrived for
+    /// a pair the guest does not use: they must not wait in the backend to
+    /// reach the guest stale, or fill its ring unnoticed.
+    fn drop_rx(&mut self) -> Pass {
+        let budget = usize::from(super::QUEUE_SIZE);
+        let mut dropped = 0usize;
+        let mut more = false;
+        self.backend.receive(&mut |_frame: &[u8]| {
+            if dropped == budget {
+                more = true;
+                return false;
+            }
+            dropped += 1;
+            true
+        });
+        if dropped > 0 {
+            add(&self.counters.rx_dropped_inactive, dropped as u64);
+            crate::log_ratelimited!(
+                log::Level::Info,
+                "virtio-net: frames arrive on queue pair {} which the guest does not use; \
+                 dropped and counted (give the guest as many pairs as the NIC has queues)",
+                self.pair
+            );
+        }
+        if more {
+            Pass::MoreWork
+        } else {
+            Pass::Done
+        }
+    }
+
     /// Answers up to a queue's worth of control commands.
     fn process_ctrl(&mut self) -> Result<Pass, WorkerFault> {
         let Some(ctrl) = self.ctrl.as_mut() else {
@@ -455,7 +511,18 @@ impl QueuePairWorker {
                 break;
             };
             let head = chain.head_index();
-            let used = handle_ctrl_chain(mem, chain, ctrl.max_pairs, ctrl.mq, budget);
+            let (used, pairs) = handle_ctrl_chain(mem, chain, ctrl.max_pairs, ctrl.mq, budget);
+            if let Some(pairs) = pairs {
+                // Before the ack: the guest may rely on the new set once
+                // it sees the command used.
+                self.active_pairs
+                    .store(usize::from(pairs), Ordering::Release);
+                for waker in &ctrl.wakers {
+                    if let Err(e) = waker.write(1) {
+                        crate::error_ratelimited!("virtio-net: cannot wake a queue pair: {e}");
+                    }
+                }
+            }
             ctrl.queue
                 .add_used(mem, head, used)
                 .map_err(|e| WorkerFault::queue("control", e))?;
@@ -591,14 +658,15 @@ fn write_rx_chain(
     Ok(total as u32)
 }
 
-/// Answers one control command; returns the bytes written (the ack).
+/// Answers one control command; returns the bytes written (the ack) and,
+/// for an accepted VQ_PAIRS_SET, the number of pairs the guest now uses.
 fn handle_ctrl_chain(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     max_pairs: u16,
     mq: bool,
     max_descs: usize,
-) -> u32 {
+) -> (u32, Option<u16>) {
     let mut command = [0u8; 4]; // class, cmd, then up to 2 bytes of data
     let mut command_len = 0usize;
     let mut ack_addr = None;
@@ -619,12 +687,12 @@ fn handle_ctrl_chain(
             command_len += n;
         }
     }
+    let mut new_pairs = None;
     let status = match (command_len, command[0], command[1]) {
         (4, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) if mq => {
             let pairs = u16::from_le_bytes([command[2], command[3]]);
-            // Every pair's thread serves its queues regardless; the guest
-            // simply stops using the ones beyond `pairs`.
             if (1..=max_pairs).contains(&pairs) {
+                new_pairs = Some(pairs);
                 VIRTIO_NET_OK
             } else {
                 VIRTIO_NET_ERR
@@ -632,8 +700,9 @@ fn handle_ctrl_chain(
         }
         _ => VIRTIO_NET_ERR,
     };
-    match ack_addr {
+    let written = match ack_addr {
         Some(addr) if mem.write_obj(status, addr).is_ok() => 1,
         _ => 0,
-    }
+    };
+    (written, new_pairs)
 }
