@@ -23,15 +23,19 @@ fn testbed(queues: u32) -> String {
         r#"
 set -u
 ip netns add peer
-ip link add xs0 numtxqueues {queues} numrxqueues {queues} type veth peer name xs1 numtxqueues {queues} numrxqueues {queues}
-ip link set xs1 netns peer
-ip -n peer addr add {PEER_IP}/24 dev xs1
-# veth hands locally built TCP/UDP frames over with the checksum left to
-# "hardware"; AF_XDP copies raw frames, so the peer must fill it in itself.
-ip netns exec peer ethtool -K xs1 tx off >/dev/null
-ip -n peer link set xs1 up
 ip -n peer link set lo up
-ip link set xs0 up
+# Also used to create the pair again under a running guest.
+make_veth() {{
+    ip link add xs0 numtxqueues {queues} numrxqueues {queues} type veth peer name xs1 numtxqueues {queues} numrxqueues {queues}
+    ip link set xs1 netns peer
+    ip -n peer addr add {PEER_IP}/24 dev xs1
+    # veth hands locally built TCP/UDP frames over with the checksum left to
+    # "hardware"; AF_XDP copies raw frames, so the peer must fill it in itself.
+    ip netns exec peer ethtool -K xs1 tx off >/dev/null
+    ip -n peer link set xs1 up
+    ip link set xs0 up
+}}
+make_veth
 boot_guest() {{
     local out=$1; shift
     {XSKVM} --kernel {kernel} --initrd {initrd} --memory 512M --log-level debug "$@" \
@@ -323,6 +327,108 @@ cat /tmp/console
         dropped[1],
         out.describe()
     );
+}
+
+/// Guest shell: waits (up to 60 s) until eth0's carrier is `$1`, then
+/// prints `$2=<carrier>` (no double quotes: the command travels in them).
+const GUEST_WAIT_CARRIER: &str = "wait_carrier() { for i in $(seq 600); do read c < /sys/class/net/eth0/carrier; [ $c = $1 ] && break; sleep 0.1; done; read c < /sys/class/net/eth0/carrier; echo $2=$c; }";
+
+#[test]
+fn host_link_down_then_up_reaches_the_guest_and_traffic_resumes() {
+    let script = format!(
+        r#"{testbed}
+cat > /tmp/guest-cmd <<'CMD'
+{GUEST_WAIT_CARRIER}; {GUEST_NET_UP}; ping -c 2 -W 5 {PEER_IP} >/dev/null && echo FIRST-PING=ok; wait_carrier 0 GUEST-CARRIER-DOWN; ip link show eth0 | grep -q NO-CARRIER && echo GUEST-NO-CARRIER=yes; wait_carrier 1 GUEST-CARRIER-UP; ping -c 3 -W 5 {PEER_IP} && echo AFTER-PING=ok
+CMD
+boot_guest /tmp/console --net af-xdp,ifname=xs0
+wait_for FIRST-PING=ok /tmp/console
+ip link set xs0 down
+wait_for GUEST-NO-CARRIER /tmp/console
+sleep 3
+ip link set xs0 up
+finish
+cat /tmp/console
+"#,
+        testbed = testbed(1)
+    );
+    let out = run(script);
+    assert_clean_exit(&out);
+    assert_eq!(out.value_of("FIRST-PING"), Some("ok"), "{}", out.describe());
+    assert_eq!(
+        out.value_of("GUEST-CARRIER-DOWN"),
+        Some("0"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(
+        out.value_of("GUEST-NO-CARRIER"),
+        Some("yes"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(
+        out.value_of("GUEST-CARRIER-UP"),
+        Some("1"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(out.value_of("AFTER-PING"), Some("ok"), "{}", out.describe());
+    assert!(
+        out.stdout.contains("xs0 link down") && out.stdout.contains("xs0 link up"),
+        "logged once each way\n{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn interface_deleted_under_a_running_guest_then_created_again_carries_traffic() {
+    let script = format!(
+        r#"{testbed}
+cat > /tmp/guest-cmd <<'CMD'
+{GUEST_WAIT_CARRIER}; {GUEST_NET_UP}; ping -c 2 -W 5 {PEER_IP} >/dev/null && echo FIRST-PING=ok; wait_carrier 0 GUEST-CARRIER-GONE; wait_carrier 1 GUEST-CARRIER-BACK; ping -c 3 -W 5 {PEER_IP} && echo AFTER-PING=ok; sleep 5
+CMD
+boot_guest /tmp/console --net af-xdp,ifname=xs0
+wait_for FIRST-PING=ok /tmp/console
+ip link del xs0
+wait_for GUEST-CARRIER-GONE /tmp/console
+kill -0 $XSKVM_PID && echo XSKVM-ALIVE=yes
+sleep 2
+make_veth
+wait_for AFTER-PING /tmp/console
+ip -d link show xs0 | grep -q xdp && echo XDP-REATTACHED=yes
+finish
+cat /tmp/console
+"#,
+        testbed = testbed(1)
+    );
+    let out = run(script);
+    assert_clean_exit(&out);
+    assert_eq!(out.value_of("FIRST-PING"), Some("ok"), "{}", out.describe());
+    assert_eq!(
+        out.value_of("GUEST-CARRIER-GONE"),
+        Some("0"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(
+        out.value_of("XSKVM-ALIVE"),
+        Some("yes"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(
+        out.value_of("GUEST-CARRIER-BACK"),
+        Some("1"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(
+        out.value_of("XDP-REATTACHED"),
+        Some("yes"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(out.value_of("AFTER-PING"), Some("ok"), "{}", out.describe());
 }
 
 #[test]

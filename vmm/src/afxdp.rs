@@ -7,7 +7,7 @@ use devices::virtio::net::{NetBackend, NetConfig};
 use net_afxdp::{AfXdpConfig, AfXdpNic, XskQueue};
 
 use crate::net::{MacAddr, NetSpec};
-use crate::vm::NetDevice;
+use crate::vm::{NetDevice, NetHost};
 
 /// Frames moved per call: bounds the time one queue spends before the
 /// worker looks at its other events again.
@@ -53,7 +53,8 @@ pub fn open_net_device(index: usize, spec: &NetSpec) -> Result<NetDevice, crate:
         .backend_options
         .parse()
         .map_err(|e: net_afxdp::ConfigError| crate::VmmError::Net(e.to_string()))?;
-    let mtu = interface_mtu(&config.ifname)
+    let interface_mtu_now = interface_mtu(&config.ifname);
+    let mtu = interface_mtu_now
         .unwrap_or(1500)
         .min(config.umem.max_rx_frame().saturating_sub(L2_OVERHEAD));
     let nic = AfXdpNic::open(&config).map_err(|e| crate::VmmError::Net(e.to_string()))?;
@@ -79,7 +80,11 @@ pub fn open_net_device(index: usize, spec: &NetSpec) -> Result<NetDevice, crate:
             .into_iter()
             .map(|queue| Box::new(XskBackend::new(queue)) as Box<dyn NetBackend>)
             .collect(),
-        keepalive: Box::new(owner),
+        host: NetHost {
+            af_xdp: config,
+            owner,
+            mtu: interface_mtu_now,
+        },
     })
 }
 

@@ -9,6 +9,7 @@ pub mod console;
 pub mod cpu;
 pub mod layout;
 pub mod net;
+pub mod nic_watch;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;

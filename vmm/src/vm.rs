@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use devices::legacy::{AcpiSleepControl, SerialConsole, I8042};
 use devices::virtio::mmio::REG_QUEUE_NOTIFY;
-use devices::virtio::net::{Net, NetBackend, NetConfig};
+use devices::virtio::net::{Net, NetBackend, NetConfig, NetLink};
 use devices::virtio::MmioTransport;
 use devices::{BusBuilder, EventTrigger, MmioSlot, ResourceAllocator};
 use kvm_bindings::{
@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::acpi::{write_acpi_tables, AcpiPlatform};
 use crate::boot::load_guest;
 use crate::layout::*;
+use crate::nic_watch::{NicWatcher, WatchedNic};
 use crate::terminal::RawTerminal;
 use crate::vcpu::{install_kick_handler, StopReport, Vcpu, VcpuStop};
 use crate::{console, cpu, VmmError};
@@ -50,8 +51,16 @@ pub struct NetDevice {
     pub config: NetConfig,
     /// One per queue pair.
     pub backends: Vec<Box<dyn NetBackend>>,
-    /// Kept alive until the device is gone (e.g. the XDP program's link).
-    pub keepalive: Box<dyn std::any::Any + Send>,
+    /// The host NIC behind the backends: followed while the guest runs
+    /// and kept (with our XDP program) until the device is gone.
+    pub host: NetHost,
+}
+
+/// What the NIC watcher needs of a device's host side.
+pub struct NetHost {
+    pub af_xdp: net_afxdp::AfXdpConfig,
+    pub owner: net_afxdp::NicOwner,
+    pub mtu: Option<u32>,
 }
 
 /// How a VM ended without error.
@@ -145,7 +154,7 @@ pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
     )?;
     let pio = pio.build();
     let mut mmio = BusBuilder::new();
-    let mut keepalives = Vec::new();
+    let mut watched = Vec::new();
     for (net, slot) in config.nets.drain(..).zip(&virtio_mmio) {
         if net.backends.len() > usize::from(vcpu_count) {
             // Linux uses min(queue pairs, CPUs) pairs; frames the NIC puts
@@ -160,10 +169,19 @@ pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
                 net.backends.len(),
             );
         }
-        keepalives.push(net.keepalive);
-        attach_virtio_net(&vm, &mem, &mut mmio, *slot, net.config, net.backends)?;
+        let id = net.config.id.clone();
+        let link = attach_virtio_net(&vm, &mem, &mut mmio, *slot, net.config, net.backends)?;
+        watched.push(WatchedNic {
+            id,
+            ifindex: Some(net.host.owner.info().ifindex),
+            config: net.host.af_xdp,
+            owner: Some(net.host.owner),
+            link,
+            mtu: net.host.mtu,
+        });
     }
     let mmio = mmio.build();
+    let nic_watcher = NicWatcher::start(watched);
 
     let report = Arc::new(StopReport::new(new_evt()?));
     let stop = Arc::new(AtomicBool::new(false));
@@ -245,7 +263,7 @@ pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
     // Devices (and their IO threads) go before what keeps their backends alive.
     drop(pio);
     drop(mmio);
-    drop(keepalives);
+    drop(nic_watcher);
     outcome
 }
 
@@ -258,10 +276,11 @@ fn attach_virtio_net(
     slot: MmioSlot,
     config: NetConfig,
     backends: Vec<Box<dyn NetBackend>>,
-) -> Result<(), VmmError> {
+) -> Result<NetLink, VmmError> {
     let id = config.id.clone();
     let net = Net::new(config, backends)
         .map_err(|e| VmmError::VirtioDevice(id.clone(), e.to_string()))?;
+    let link = net.link();
     let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| VmmError::Io {
         what: "cannot create an eventfd",
         source,
@@ -286,7 +305,7 @@ fn attach_virtio_net(
     }
     mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)?;
     log::info!("{id}: virtio-mmio at {:#x}, IRQ {}", slot.base, slot.irq);
-    Ok(())
+    Ok(link)
 }
 
 /// Checks everything about `config` that needs neither KVM nor the NICs;

@@ -156,7 +156,9 @@ impl MmioTransport {
             REG_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
             REG_STATUS => self.status(),
-            REG_CONFIG_GENERATION => self.config_generation,
+            REG_CONFIG_GENERATION => self
+                .config_generation
+                .wrapping_add(self.device.config_generation()),
             _ => {
                 crate::log_ratelimited!(
                     log::Level::Debug,

@@ -39,6 +39,11 @@ pub trait VirtioDevice: Send {
     fn set_acked_features(&mut self, features: u64);
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Changes the device made to its config space on its own (the link
+    /// state, say); added to the transport's ConfigGeneration.
+    fn config_generation(&self) -> u32 {
+        0
+    }
     /// The driver is ready: start serving the queues.
     fn activate(&mut self, resources: ActivateResources) -> Result<(), VirtioError>;
     /// The driver reset the device: stop serving and drop the queues.

@@ -20,6 +20,8 @@ pub struct QueuePairCounters {
     pub tx_dropped: AtomicU64,
     /// Of those, chains longer than the queue size (virtio 1.2 2.7.5.2).
     pub tx_chains_too_long: AtomicU64,
+    /// Chains returned unsent while the host link was down.
+    pub tx_dropped_link_down: AtomicU64,
     /// Times the host transmit ring was full.
     pub tx_ring_full: AtomicU64,
     /// Transmit retries after waiting for room timed out.
@@ -50,6 +52,7 @@ pub struct CountersSnapshot {
     pub tx_bytes: u64,
     pub tx_dropped: u64,
     pub tx_chains_too_long: u64,
+    pub tx_dropped_link_down: u64,
     pub tx_ring_full: u64,
     pub tx_retries: u64,
     pub rx_notifications: u64,
@@ -80,6 +83,7 @@ impl QueuePairCounters {
             tx_bytes: get(&self.tx_bytes),
             tx_dropped: get(&self.tx_dropped),
             tx_chains_too_long: get(&self.tx_chains_too_long),
+            tx_dropped_link_down: get(&self.tx_dropped_link_down),
             tx_ring_full: get(&self.tx_ring_full),
             tx_retries: get(&self.tx_retries),
             rx_notifications: get(&self.rx_notifications),
@@ -107,7 +111,7 @@ impl std::fmt::Display for CountersSnapshot {
             f,
             "rx {} pkts {} B (dropped: {} too big, {} bad desc, {} on an unused pair; \
              {} no-buffer waits), \
-             tx {} pkts {} B ({} dropped, {} too long, {} ring full, {} retries), \
+             tx {} pkts {} B ({} dropped, {} too long, {} link down, {} ring full, {} retries), \
              notifications rx {} tx {}, interrupts {}, mean batch rx {:.1} tx {:.1}, \
              queue errors {}",
             self.rx_packets,
@@ -120,6 +124,7 @@ impl std::fmt::Display for CountersSnapshot {
             self.tx_bytes,
             self.tx_dropped,
             self.tx_chains_too_long,
+            self.tx_dropped_link_down,
             self.tx_ring_full,
             self.tx_retries,
             self.rx_notifications,

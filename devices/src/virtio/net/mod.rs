@@ -4,6 +4,7 @@
 
 mod backend;
 mod counters;
+mod link;
 mod worker;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,6 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use backend::NetBackend;
 pub use counters::{CountersSnapshot, QueuePairCounters};
+pub use link::NetLink;
 pub use worker::NET_HDR_LEN;
 
 #[cfg(any(test, feature = "test-harness"))]
@@ -78,6 +80,7 @@ pub struct Net {
     counters: Vec<Arc<QueuePairCounters>>,
     /// Pairs the guest uses (see `QueuePairWorker::active_pairs`).
     active_pairs: Arc<AtomicUsize>,
+    link: Arc<link::LinkState>,
     /// Tests: make spawning this pair's thread fail once.
     #[cfg(test)]
     fail_spawn_at: Option<usize>,
@@ -107,6 +110,7 @@ impl Net {
             workers: Vec::new(),
             counters: (0..pairs).map(|_| Arc::default()).collect(),
             active_pairs: Arc::default(),
+            link: Arc::new(link::LinkState::new(pairs)),
             #[cfg(test)]
             fail_spawn_at: None,
         })
@@ -116,6 +120,11 @@ impl Net {
         self.backends.len()
     }
 
+    /// The link as the guest sees it, and backend replacement.
+    pub fn link(&self) -> NetLink {
+        NetLink(self.link.clone())
+    }
+
     /// Counters of each queue pair (live: they keep counting).
     pub fn counters(&self) -> &[Arc<QueuePairCounters>] {
         &self.counters
@@ -123,6 +132,7 @@ impl Net {
 
     /// Stops every worker and takes their backends back.
     fn stop_workers(&mut self) {
+        self.link.set_active(None);
         for (pair, worker) in self.workers.drain(..) {
             if let Err(e) = worker.stop.write(1) {
                 log::error!("{}: cannot stop queue pair {pair}: {e}", self.config.id);
@@ -202,13 +212,21 @@ impl Net {
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(activate_err)?;
-        if let Some(ctrl) = &mut ctrl {
-            ctrl.wakers = wakes
+        let clone_wakes = || {
+            wakes
                 .iter()
                 .map(EventFd::try_clone)
-                .collect::<std::io::Result<_>>()
-                .map_err(activate_err)?;
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(activate_err)
+        };
+        if let Some(ctrl) = &mut ctrl {
+            ctrl.wakers = clone_wakes()?;
         }
+        self.link.set_active(Some(link::ActiveLink {
+            interrupt: resources.interrupt.clone(),
+            wakers: clone_wakes()?,
+            status_negotiated: self.acked_features & VIRTIO_NET_F_STATUS != 0,
+        }));
         for (pair, wake) in wakes.into_iter().enumerate() {
             let (rx, rx_event) = if pair < used_pairs {
                 take(2 * pair).map_err(activate_err)?
@@ -228,6 +246,10 @@ impl Net {
                     self.config.id
                 );
             }
+            // A backend for a NIC that came back replaces the old one.
+            if let Some(new) = self.link.take_replacement(pair) {
+                self.backends[pair] = Some(new);
+            }
             let Some(backend) = self.backends[pair].take() else {
                 continue;
             };
@@ -240,10 +262,12 @@ impl Net {
                     let interrupt = resources.interrupt.clone();
                     let counters = self.counters[pair].clone();
                     let active_pairs = self.active_pairs.clone();
+                    let link = self.link.clone();
                     let run = move |backend| {
                         QueuePairWorker {
                             pair,
                             active_pairs,
+                            link,
                             wake,
                             mem,
                             rx,
@@ -300,14 +324,25 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = self.config_space;
+        let status = if self.link.is_up() {
+            VIRTIO_NET_S_LINK_UP
+        } else {
+            0
+        };
+        config[6..8].copy_from_slice(&status.to_le_bytes());
         for (i, byte) in data.iter_mut().enumerate() {
             *byte = usize::try_from(offset)
                 .ok()
                 .and_then(|o| o.checked_add(i))
-                .and_then(|o| self.config_space.get(o))
+                .and_then(|o| config.get(o))
                 .copied()
                 .unwrap_or(0);
         }
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.link.generation()
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

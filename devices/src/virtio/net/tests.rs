@@ -435,3 +435,120 @@ fn full_host_tx_ring_keeps_chains_waiting() {
     }
     assert!(counters[0].snapshot().tx_ring_full >= 3);
 }
+
+fn read_status_word(h: &mut DriverHarness) -> u16 {
+    let mut status = [0u8; 2];
+    h.transport
+        .read(crate::virtio::mmio::REG_CONFIG + 6, &mut status);
+    u16::from_le_bytes(status)
+}
+
+fn config_generation(h: &mut DriverHarness) -> u32 {
+    let mut data = [0u8; 4];
+    h.transport
+        .read(crate::virtio::mmio::REG_CONFIG_GENERATION, &mut data);
+    u32::from_le_bytes(data)
+}
+
+#[test]
+fn host_link_down_reaches_the_guest_and_tx_is_returned_not_retried() {
+    let (b, peer) = SocketBackend::pair();
+    let (dev, counters) = net(vec![b]);
+    let link = dev.link();
+    let mut h = DriverHarness::new(dev);
+    h.start(FEATURES, 3, 256);
+    assert_eq!(read_status_word(&mut h), 1);
+    let generation = config_generation(&mut h);
+    while h.irq.read().is_ok() {}
+    h.ack_interrupt();
+
+    assert!(link.set_up(false));
+    assert!(!link.set_up(false), "no change, no second interrupt");
+    assert!(h.wait_interrupt(Duration::from_secs(2)));
+    assert_ne!(
+        h.ack_interrupt() & crate::virtio::INTERRUPT_CONFIG_CHANGE,
+        0
+    );
+    assert_eq!(read_status_word(&mut h), 0, "VIRTIO_NET_S_LINK_UP cleared");
+    assert_ne!(config_generation(&mut h), generation);
+
+    for seq in 0..10 {
+        h.queue_tx_frame(1, &frame(seq, 64));
+    }
+    h.kick(1);
+    assert_eq!(collect_used(&mut h, 1, 10).len(), 10, "chains come back");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while counters[0].snapshot().tx_dropped_link_down < 10 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let c = counters[0].snapshot();
+    assert_eq!((c.tx_dropped_link_down, c.tx_packets), (10, 0), "{c}");
+    peer.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 2048];
+    assert!(peer.recv(&mut buf).is_err(), "nothing sent while down");
+    peer.set_nonblocking(false).unwrap();
+
+    assert!(link.set_up(true));
+    assert!(h.wait_interrupt(Duration::from_secs(2)));
+    assert_eq!(read_status_word(&mut h), 1);
+    h.queue_tx_frame(1, &frame(77, 64));
+    h.kick(1);
+    let n = peer.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], &frame(77, 64)[..], "traffic resumes");
+}
+
+#[test]
+fn replaced_backends_carry_the_traffic_from_then_on() {
+    let (old, old_peer) = SocketBackend::pair();
+    let (dev, _) = net(vec![old]);
+    let link = dev.link();
+    let mut h = DriverHarness::new(dev);
+    // Replaced while the device is not running: the activation takes it.
+    let (first, first_peer) = SocketBackend::pair();
+    assert!(link.replace_backends(vec![first]).is_ok());
+    h.start(FEATURES, 3, 256);
+    h.post_rx_buffers(0, 8);
+    h.kick(0);
+    let mut buf = [0u8; 2048];
+    h.queue_tx_frame(1, &frame(1, 64));
+    h.kick(1);
+    let n = first_peer.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], &frame(1, 64)[..]);
+
+    // Replaced while running: the worker switches.
+    let (second, second_peer) = SocketBackend::pair();
+    assert!(link.replace_backends(vec![second]).is_ok());
+    let (extra, _) = SocketBackend::pair();
+    let (extra2, _) = SocketBackend::pair();
+    assert!(
+        link.replace_backends(vec![extra, extra2]).is_err(),
+        "one per pair"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut sent = 0;
+    loop {
+        h.queue_tx_frame(1, &frame(2, 64));
+        h.kick(1);
+        second_peer
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        if let Ok(n) = second_peer.recv(&mut buf) {
+            assert_eq!(&buf[..n], &frame(2, 64)[..]);
+            break;
+        }
+        sent += 1;
+        assert!(Instant::now() < deadline, "never switched ({sent} frames)");
+        let mut used = Vec::new();
+        h.take_used(1, &mut used);
+    }
+    second_peer.send(&frame(3, 80)).unwrap();
+    let used = collect_used(&mut h, 0, 1);
+    let mut got = Vec::new();
+    h.rx_frame(0, used[0].0, used[0].1, &mut got);
+    assert_eq!(got, frame(3, 80));
+    old_peer.set_nonblocking(true).unwrap();
+    assert!(
+        old_peer.recv(&mut buf).is_err(),
+        "the first backend got nothing"
+    );
+}

@@ -23,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::NetBackend;
 use super::counters::{add, QueuePairCounters};
+use super::link::LinkState;
 use crate::virtio::{Interrupt, INTERRUPT_USED_RING};
 
 /// `virtio_net_hdr_v1`: what precedes every frame on both queues.
@@ -65,6 +66,9 @@ pub(crate) struct QueuePairWorker {
     /// says. The device must not fill receive queues beyond them (virtio
     /// 1.2 5.1.6.5.5); frames that arrive there are dropped and counted.
     pub active_pairs: Arc<AtomicUsize>,
+    /// Link state and replacement backends from the VMM's NIC watcher;
+    /// `wake` is signalled when either changes.
+    pub link: Arc<LinkState>,
     pub wake: EventFd,
     pub mem: GuestMemoryMmap,
     pub rx: Queue,
@@ -261,7 +265,23 @@ impl QueuePairWorker {
                     }
                     TOKEN_WAKE => {
                         let _ = self.wake.read();
+                        if let Some(new) = self.link.take_replacement(self.pair) {
+                            // The host NIC came back: serve the new socket.
+                            let _ = epoll.ctl(
+                                ControlOperation::Delete,
+                                self.backend.fd(),
+                                EpollEvent::default(),
+                            );
+                            epoll.ctl(
+                                ControlOperation::Add,
+                                new.fd(),
+                                EpollEvent::new(interest, TOKEN_BACKEND),
+                            )?;
+                            self.backend = new;
+                        }
+                        // Pairs in use or link state changed: look again.
                         rx = Pass::MoreWork;
+                        tx = Pass::MoreWork;
                     }
                     _ => {}
                 }
@@ -305,6 +325,9 @@ impl QueuePairWorker {
         // A pair the guest never set up (no MQ, or fewer pairs) has no queues.
         if !self.tx.ready() {
             return Ok(Pass::Done);
+        }
+        if !self.link.is_up() {
+            return self.drop_tx();
         }
         let Self {
             mem,
@@ -465,6 +488,38 @@ impl QueuePairWorker {
             Some(fault) => Err(fault),
             None => Ok(pass),
         }
+    }
+
+    /// While the host link is down: returns up to a queue's worth of TX
+    /// chains unsent, counted, rather than retrying a NIC that is not there.
+    fn drop_tx(&mut self) -> Result<Pass, WorkerFault> {
+        let budget = usize::from(self.tx.size());
+        let mut dropped = 0usize;
+        let pass = loop {
+            self.tx
+                .disable_notification(&self.mem)
+                .map_err(|e| WorkerFault::queue("tx", e))?;
+            while dropped < budget {
+                let Some(chain) = next_chain(&mut self.tx, &self.mem, "tx")? else {
+                    break;
+                };
+                self.tx
+                    .add_used(&self.mem, chain.head_index(), 0)
+                    .map_err(|e| WorkerFault::queue("tx", e))?;
+                dropped += 1;
+            }
+            if dropped == budget {
+                break Pass::MoreWork;
+            }
+            if !more_after_enable(&mut self.tx, &self.mem, "tx")? {
+                break Pass::Done;
+            }
+        };
+        if dropped > 0 {
+            add(&self.counters.tx_dropped_link_down, dropped as u64);
+            signal_used(&mut self.tx, &self.mem, &self.interrupt, &self.counters);
+        }
+        Ok(pass)
     }
 
     /// Drops (and counts) up to a queue's worth of frames that arrived for

@@ -1,0 +1,308 @@
+//! Follows each AF_XDP NIC's host interface over rtnetlink, on a thread of
+//! its own (`xskvm-nicwatch`): the interface's carrier goes to the guest as
+//! its link state, and when the interface is deleted and created again
+//! under the same name, the NIC is opened again and its queue pairs get the
+//! new sockets. AF_XDP itself reports none of this (no POLLERR on link
+//! down or unregister), so without it a guest would send into a void.
+
+use std::os::fd::AsRawFd;
+use std::thread::JoinHandle;
+
+use devices::virtio::net::{NetBackend, NetLink};
+use net_afxdp::{AfXdpConfig, AfXdpNic, NicOwner};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::afxdp::XskBackend;
+
+/// Multicast group of link changes (`RTMGRP_LINK`).
+const RTMGRP_LINK: u32 = 1;
+
+/// One NIC as the watcher keeps it.
+pub struct WatchedNic {
+    /// "net0", for log lines.
+    pub id: String,
+    /// To open the NIC again after its interface came back.
+    pub config: AfXdpConfig,
+    /// The interface the sockets are bound to; `None` once it is gone.
+    pub ifindex: Option<u32>,
+    /// Keeps our XDP program attached (dropped when the interface goes).
+    pub owner: Option<NicOwner>,
+    pub link: NetLink,
+    pub mtu: Option<u32>,
+}
+
+impl WatchedNic {
+    /// What to do with one link message from the kernel.
+    fn on_link_message(&mut self, message: &LinkMessage, deleted: bool) {
+        let index = message.header.index;
+        let name = message.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(name) => Some(name.as_str()),
+            _ => None,
+        });
+        let running = message.header.flags.contains(LinkFlags::Running);
+        if Some(index) == self.ifindex {
+            if deleted {
+                self.ifindex = None;
+                // Its XDP link went with the interface; close ours.
+                self.owner = None;
+                self.link.set_up(false);
+                log::warn!(
+                    "{}: {} was deleted; the guest's link is down until it comes back",
+                    self.id,
+                    self.config.ifname
+                );
+                return;
+            }
+            if self.link.set_up(running) {
+                log::warn!(
+                    "{}: {} link {}",
+                    self.id,
+                    self.config.ifname,
+                    if running { "up" } else { "down" }
+                );
+            }
+            self.follow_mtu(message);
+        } else if self.ifindex.is_none() && !deleted && name == Some(self.config.ifname.as_str()) {
+            self.reopen(running);
+        }
+    }
+
+    fn follow_mtu(&mut self, message: &LinkMessage) {
+        let mtu = message.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(mtu) => Some(*mtu),
+            _ => None,
+        });
+        if mtu.is_some() && mtu != self.mtu {
+            if let (Some(old), Some(new)) = (self.mtu, mtu) {
+                // virtio-net's MTU is read once, at feature negotiation.
+                log::warn!(
+                    "{}: {} MTU changed from {old} to {new}; the guest sees the new MTU \
+                     after its driver is reloaded",
+                    self.id,
+                    self.config.ifname
+                );
+            }
+            self.mtu = mtu;
+        }
+    }
+
+    /// The interface came back: open the NIC again and hand each queue
+    /// pair its new socket.
+    fn reopen(&mut self, running: bool) {
+        if self.config.sock_fds.is_some() {
+            log::warn!(
+                "{}: {} is back, but its sockets came from sock-fds=: restart xskvm to use it",
+                self.id,
+                self.config.ifname
+            );
+            return;
+        }
+        let nic = match AfXdpNic::open(&self.config) {
+            Ok(nic) => nic,
+            Err(e) => {
+                log::warn!(
+                    "{}: {} is back but cannot be opened yet: {e}",
+                    self.id,
+                    self.config.ifname
+                );
+                return;
+            }
+        };
+        let (owner, queues) = nic.into_parts();
+        let backends: Vec<Box<dyn NetBackend>> = queues
+            .into_iter()
+            .map(|q| Box::new(XskBackend::new(q)) as Box<dyn NetBackend>)
+            .collect();
+        if self.link.replace_backends(backends).is_err() {
+            log::error!("{}: the reopened NIC has another number of queues", self.id);
+            return;
+        }
+        self.ifindex = Some(owner.info().ifindex);
+        self.owner = Some(owner);
+        self.link.set_up(running);
+        log::warn!(
+            "{}: {} is back (ifindex {}); traffic resumes{}",
+            self.id,
+            self.config.ifname,
+            self.ifindex.unwrap_or(0),
+            if running { "" } else { " when its link is up" }
+        );
+    }
+}
+
+/// The watcher thread, or, where rtnetlink cannot be had, just the NICs
+/// (their programs stay attached; link changes then go unnoticed).
+pub struct NicWatcher {
+    stop: Option<EventFd>,
+    thread: Option<JoinHandle<Vec<WatchedNic>>>,
+    unwatched: Vec<WatchedNic>,
+}
+
+impl NicWatcher {
+    pub fn start(mut nics: Vec<WatchedNic>) -> Self {
+        if nics.is_empty() {
+            return Self {
+                stop: None,
+                thread: None,
+                unwatched: nics,
+            };
+        }
+        for nic in &mut nics {
+            nic.link.set_up(carrier(&nic.config.ifname));
+        }
+        let started = open_socket().and_then(|socket| {
+            let stop = EventFd::new(EFD_NONBLOCK)?;
+            let theirs = stop.try_clone()?;
+            Ok((socket, stop, theirs))
+        });
+        let (socket, stop, theirs) = match started {
+            Ok(parts) => parts,
+            Err(e) => {
+                log::warn!(
+                    "cannot watch the host interfaces (rtnetlink: {e}); link changes go unnoticed"
+                );
+                return Self {
+                    stop: None,
+                    thread: None,
+                    unwatched: nics,
+                };
+            }
+        };
+        // The thread gets the NICs only if it starts; a failed spawn drops
+        // the closure, so hand them over through a slot we keep.
+        let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(nics)));
+        let their_slot = slot.clone();
+        let spawned = std::thread::Builder::new()
+            .name("xskvm-nicwatch".into())
+            .spawn(move || {
+                let nics = their_slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take()
+                    .unwrap_or_default();
+                watch(socket, theirs, nics)
+            });
+        match spawned {
+            Ok(thread) => Self {
+                stop: Some(stop),
+                thread: Some(thread),
+                unwatched: Vec::new(),
+            },
+            Err(e) => {
+                log::warn!("cannot start the interface watcher: {e}; link changes go unnoticed");
+                let nics = slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take()
+                    .unwrap_or_default();
+                Self {
+                    stop: None,
+                    thread: None,
+                    unwatched: nics,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for NicWatcher {
+    /// Stops the thread; the NICs (and our XDP programs) go with it.
+    fn drop(&mut self) {
+        if let (Some(stop), Some(thread)) = (self.stop.take(), self.thread.take()) {
+            if let Err(e) = stop.write(1) {
+                log::error!("cannot stop the interface watcher: {e}");
+            }
+            match thread.join() {
+                Ok(nics) => drop(nics),
+                Err(_) => log::error!("the interface watcher panicked"),
+            }
+        }
+        self.unwatched.clear();
+    }
+}
+
+fn open_socket() -> std::io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind(&SocketAddr::new(0, RTMGRP_LINK))?;
+    socket.set_non_blocking(true)?;
+    Ok(socket)
+}
+
+/// Whether `ifname` has carrier now (false if it is down or absent).
+fn carrier(ifname: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{ifname}/carrier"))
+        .is_ok_and(|c| c.trim() == "1")
+}
+
+fn watch(socket: Socket, stop: EventFd, mut nics: Vec<WatchedNic>) -> Vec<WatchedNic> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: socket.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            log::error!("interface watcher: poll: {e}; link changes go unnoticed");
+            return nics;
+        }
+        if fds[1].revents != 0 {
+            return nics;
+        }
+        loop {
+            let len = match socket.recv(&mut &mut buf[..], 0) {
+                Ok(len) => len,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // ENOBUFS: we fell behind and lost messages; read the
+                    // carrier directly so no state is stale.
+                    log::warn!("interface watcher: {e}; rereading link states");
+                    for nic in &mut nics {
+                        if nic.ifindex.is_some() {
+                            nic.link.set_up(carrier(&nic.config.ifname));
+                        }
+                    }
+                    break;
+                }
+            };
+            handle_datagram(&buf[..len.min(buf.len())], &mut nics);
+        }
+    }
+}
+
+/// Applies every link message in one netlink datagram.
+fn handle_datagram(mut data: &[u8], nics: &mut [WatchedNic]) {
+    while !data.is_empty() {
+        let Ok(message) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(data) else {
+            return;
+        };
+        let len = (message.header.length as usize).max(16);
+        // Messages are 4-byte aligned in a datagram.
+        data = data.get(len.next_multiple_of(4)..).unwrap_or_default();
+        let (link, deleted) = match &message.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => (m, false),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => (m, true),
+            _ => continue,
+        };
+        for nic in nics.iter_mut() {
+            nic.on_link_message(link, deleted);
+        }
+    }
+}
