@@ -9,6 +9,7 @@ pub mod console;
 pub mod cpu;
 pub mod layout;
 pub mod net;
+pub mod seccomp;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;
@@ -64,6 +65,8 @@ pub enum VmmError {
     Net(String),
     #[error(transparent)]
     Resources(#[from] devices::ResourceError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     #[error("guest stopped: {0}")]
     GuestCrash(String),
 }

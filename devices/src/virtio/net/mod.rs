@@ -44,6 +44,19 @@ pub struct NetConfig {
     pub id: String,
     pub mac: [u8; 6],
     pub mtu: u16,
+    /// Runs first on every queue pair IO thread (the VMM installs its
+    /// seccomp filter there); on error the thread serves nothing.
+    pub on_thread_start: Option<ThreadStartHook>,
+}
+
+/// A callback run at the start of each IO thread.
+#[derive(Clone)]
+pub struct ThreadStartHook(pub Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for ThreadStartHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ThreadStartHook")
+    }
 }
 
 struct Worker {
@@ -215,9 +228,17 @@ impl VirtioDevice for Net {
                     .try_clone()
                     .map_err(|e| VirtioError::Activate(e.to_string()))?,
             };
+            let hook = self.config.on_thread_start.clone();
+            let id = self.config.id.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("xskvm-{}-q{pair}", self.config.id))
-                .spawn(move || worker.run())
+                .spawn(move || {
+                    if let Some(Err(e)) = hook.map(|hook| (hook.0)()) {
+                        log::error!("{id}: queue pair {pair} not served: {e}");
+                        return worker.backend;
+                    }
+                    worker.run()
+                })
                 .map_err(|e| VirtioError::Activate(e.to_string()))?;
             self.workers.push((pair, Worker { stop, thread }));
         }
