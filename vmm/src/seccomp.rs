@@ -59,6 +59,8 @@ impl ThreadKind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
+    #[error("invalid seccomp rule: {0}")]
+    Rule(seccompiler::BackendError),
     #[error("cannot build the {kind} seccomp filter: {source}")]
     Build {
         kind: &'static str,
@@ -107,10 +109,7 @@ impl Rules {
         nr: libc::c_long,
         args: impl Iterator<Item = (u8, SeccompCmpOp, u64)>,
     ) -> Result<(), SeccompError> {
-        let build = |source| SeccompError::Build {
-            kind: "any",
-            source,
-        };
+        let build = SeccompError::Rule;
         let conditions = args
             .map(|(index, op, value)| {
                 SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value).map_err(build)
@@ -376,6 +375,13 @@ mod tests {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
         if pid == 0 {
+            // No core file from the SIGSYS this test expects.
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: a valid rlimit; affects only this child.
+            unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
             let code = match seccompiler::apply_filter(&program) {
                 Ok(()) => {
                     call();
