@@ -59,6 +59,14 @@ fn missing_kernel() {
 }
 
 #[test]
+fn unknown_seccomp_mode() {
+    assert_error(
+        &xskvm(&["--kernel", "k", "--seccomp", "bogus"]),
+        "invalid value 'bogus' for '--seccomp <MODE>'",
+    );
+}
+
+#[test]
 fn unreadable_kernel_is_a_directory() {
     assert_error(
         &xskvm(&["--kernel", "/"]),

@@ -166,6 +166,7 @@ fn harness_for(qa: XskQueue) -> (DriverHarness, Arc<devices::virtio::net::QueueP
             id: "bench".into(),
             mac: [0x02, 0, 0, 0, 0, 1],
             mtu: 1500,
+            on_thread_start: None,
         },
         vec![Box::new(XskBackend::new(qa))],
     )

@@ -47,6 +47,12 @@ pub struct Args {
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
     pub kvm_device: PathBuf,
 
+    /// System call filters: on (a thread making a call outside its list
+    /// kills xskvm), log (such calls go through and the kernel logs them:
+    /// audit type 1326 in dmesg), or off.
+    #[arg(long, value_name = "MODE", default_value = "on")]
+    pub seccomp: crate::seccomp::SeccompMode,
+
     /// Log level on stderr: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: log::LevelFilter,
@@ -103,5 +109,25 @@ mod tests {
             "kernel is required"
         );
         assert!(Args::try_parse_from(["xskvm", "--kernel", "k", "--vcpus", "-1"]).is_err());
+    }
+
+    #[test]
+    fn seccomp_modes() {
+        use crate::seccomp::SeccompMode;
+        let parse = |mode: &str| {
+            Args::try_parse_from(["xskvm", "--kernel", "k", "--seccomp", mode]).map(|a| a.seccomp)
+        };
+        let default = Args::try_parse_from(["xskvm", "--kernel", "k"]).unwrap();
+        assert_eq!(default.seccomp, SeccompMode::On);
+        assert_eq!(parse("on").unwrap(), SeccompMode::On);
+        assert_eq!(parse("off").unwrap(), SeccompMode::Off);
+        assert_eq!(parse("log").unwrap(), SeccompMode::Log);
+        for bad in ["bogus", "", "ON1", "kill"] {
+            let error = parse(bad).unwrap_err().to_string();
+            assert!(
+                error.contains("--seccomp") && error.contains("[possible values: on, off, log]"),
+                "{bad:?}: {error}"
+            );
+        }
     }
 }

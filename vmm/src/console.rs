@@ -6,20 +6,26 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::legacy::SerialConsole;
+use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::seccomp::{self, SeccompError, ThreadKind};
 
 const ESCAPE: u8 = 0x01; // Ctrl-A
 
-/// Starts the stdin reader thread. It ends at EOF on stdin; at VM exit it is
-/// simply abandoned (it may be blocked in read).
+/// Starts the stdin reader thread, under `filter` if given. It ends at EOF
+/// on stdin; at VM exit it is simply abandoned (it may be blocked in read).
 pub fn spawn_stdin_reader(
     serial: Arc<Mutex<SerialConsole>>,
     quit: EventFd,
     watch_escape: bool,
-) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("xskvm-stdin".into())
-        .spawn(move || {
+    filter: Option<Arc<BpfProgram>>,
+) -> Result<(), SeccompError> {
+    seccomp::spawn_filtered(
+        "xskvm-stdin".into(),
+        ThreadKind::Console,
+        filter,
+        move || {
             let mut stdin = std::io::stdin().lock();
             let mut buf = [0u8; 256];
             let mut escape_pending = false;
@@ -42,7 +48,8 @@ pub fn spawn_stdin_reader(
                 }
                 feed(&serial, input);
             }
-        })?;
+        },
+    )?;
     Ok(())
 }
 

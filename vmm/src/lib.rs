@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod layout;
 pub mod net;
 pub mod nic_watch;
+pub mod seccomp;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;
@@ -65,6 +66,8 @@ pub enum VmmError {
     Net(String),
     #[error(transparent)]
     Resources(#[from] devices::ResourceError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     #[error("guest stopped: {0}")]
     GuestCrash(String),
 }

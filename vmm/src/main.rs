@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         vcpus: args.vcpus,
         kvm_device: args.kvm_device,
         nets: Vec::new(),
+        seccomp: args.seccomp,
     };
     // Bad paths and sizes are reported before any XDP program is attached.
     if let Err(e) = vm::check_config(&config) {
@@ -57,15 +58,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// VmHWM from /proc/self/status: what the guest and xskvm touched at most.
+/// The peak resident set size: what the guest and xskvm touched at most.
+/// getrusage rather than /proc/self/status, which the seccomp filter of
+/// the main thread does not let it open.
 fn peak_rss() -> String {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
+    // SAFETY: rusage is plain data, filled by getrusage below.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid out-pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
+        format!("{} kB", usage.ru_maxrss)
+    } else {
+        "unknown".into()
+    }
 }

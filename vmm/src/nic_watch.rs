@@ -6,6 +6,7 @@
 //! down or unregister), so without it a guest would send into a void.
 
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use devices::virtio::net::{NetBackend, NetLink};
@@ -14,9 +15,11 @@ use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::afxdp::XskBackend;
+use crate::seccomp::{self, ThreadKind};
 
 /// Multicast group of link changes (`RTMGRP_LINK`).
 const RTMGRP_LINK: u32 = 1;
@@ -143,7 +146,9 @@ pub struct NicWatcher {
 }
 
 impl NicWatcher {
-    pub fn start(mut nics: Vec<WatchedNic>) -> Self {
+    /// Starts watching; the thread installs `filter` (its seccomp filter)
+    /// before anything else, and does not watch if it cannot.
+    pub fn start(mut nics: Vec<WatchedNic>, filter: Option<Arc<BpfProgram>>) -> Self {
         if nics.is_empty() {
             return Self {
                 stop: None,
@@ -174,7 +179,7 @@ impl NicWatcher {
         };
         // The thread gets the NICs only if it starts; a failed spawn drops
         // the closure, so hand them over through a slot we keep.
-        let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(nics)));
+        let slot = Arc::new(std::sync::Mutex::new(Some(nics)));
         let their_slot = slot.clone();
         let spawned = std::thread::Builder::new()
             .name("xskvm-nicwatch".into())
@@ -184,6 +189,10 @@ impl NicWatcher {
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .take()
                     .unwrap_or_default();
+                if let Err(e) = seccomp::install(ThreadKind::NicWatch, filter.as_deref()) {
+                    log::error!("{e}; link changes go unnoticed");
+                    return nics;
+                }
                 watch(socket, theirs, nics)
             });
         match spawned {

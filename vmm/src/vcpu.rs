@@ -3,14 +3,17 @@
 //! thread; the main thread stops the others with [`VcpuHandle::stop`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::Bus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::seccomp::{self, SeccompError, ThreadKind};
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
@@ -76,7 +79,7 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 }
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
-fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
@@ -86,11 +89,49 @@ pub fn install_kick_handler() -> std::io::Result<()> {
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
+/// Holds vCPU threads back until the main thread is ready (its own
+/// seccomp filter in place), or tells them not to run at all.
+#[derive(Default)]
+pub struct StartGate {
+    go: Mutex<Option<bool>>,
+    opened: Condvar,
+}
+
+impl StartGate {
+    pub fn open(&self, go: bool) {
+        *self.go.lock().unwrap_or_else(|p| p.into_inner()) = Some(go);
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) -> bool {
+        let mut go = self.go.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match *go {
+                Some(go) => return go,
+                None => go = self.opened.wait(go).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+    }
+}
+
 impl Vcpu {
-    pub fn spawn(self) -> std::io::Result<VcpuHandle> {
-        let thread = std::thread::Builder::new()
-            .name(format!("xskvm-vcpu{}", self.index))
-            .spawn(move || self.run())?;
+    /// Starts the thread; it installs `filter` (if any) before returning
+    /// here, then waits for `gate` before entering the guest.
+    pub fn spawn(
+        self,
+        filter: Option<Arc<BpfProgram>>,
+        gate: Arc<StartGate>,
+    ) -> Result<VcpuHandle, SeccompError> {
+        let thread = seccomp::spawn_filtered(
+            format!("xskvm-vcpu{}", self.index),
+            ThreadKind::Vcpu,
+            filter,
+            move || {
+                if gate.wait() {
+                    self.run();
+                }
+            },
+        )?;
         Ok(VcpuHandle { thread })
     }
 

@@ -27,8 +27,9 @@ use crate::acpi::{write_acpi_tables, AcpiPlatform};
 use crate::boot::load_guest;
 use crate::layout::*;
 use crate::nic_watch::{NicWatcher, WatchedNic};
+use crate::seccomp::{self, Filters, SeccompMode, ThreadKind};
 use crate::terminal::RawTerminal;
-use crate::vcpu::{install_kick_handler, StopReport, Vcpu, VcpuStop};
+use crate::vcpu::{install_kick_handler, StartGate, StopReport, Vcpu, VcpuStop};
 use crate::{console, cpu, VmmError};
 
 /// Smallest guest xskvm accepts: room for a kernel and its early allocations.
@@ -44,6 +45,7 @@ pub struct VmConfig {
     pub vcpus: u32,
     pub kvm_device: PathBuf,
     pub nets: Vec<NetDevice>,
+    pub seccomp: SeccompMode,
 }
 
 /// A virtio-net device to attach, with its backends already open.
@@ -77,6 +79,7 @@ pub enum VmExit {
 pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
     let config = &mut config;
     let vcpu_count = check_config(config)?;
+    let filters = Filters::new(config.seccomp)?;
     let mem = create_guest_memory(config.memory)?;
     let boot = load_guest(
         &mem,
@@ -155,7 +158,8 @@ pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
     let pio = pio.build();
     let mut mmio = BusBuilder::new();
     let mut watched = Vec::new();
-    for (net, slot) in config.nets.drain(..).zip(&virtio_mmio) {
+    for (mut net, slot) in config.nets.drain(..).zip(&virtio_mmio) {
+        net.config.on_thread_start = filters.net_io_hook();
         if net.backends.len() > usize::from(vcpu_count) {
             // Linux uses min(queue pairs, CPUs) pairs; frames the NIC puts
             // on the other queues cannot reach the guest (an AF_XDP socket
@@ -181,7 +185,7 @@ pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
         });
     }
     let mmio = mmio.build();
-    let nic_watcher = NicWatcher::start(watched);
+    let nic_watcher = NicWatcher::start(watched, filters.nic_watch.clone());
 
     let report = Arc::new(StopReport::new(new_evt()?));
     let stop = Arc::new(AtomicBool::new(false));
@@ -228,24 +232,34 @@ pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
             .try_clone()
             .map_err(io_err("cannot clone an eventfd"))?,
         raw_terminal.is_some(),
-    )
-    .map_err(io_err("cannot start the console input thread"))?;
+        filters.console.clone(),
+    )?;
 
+    // Each vCPU installs its filter as it starts and waits at the gate;
+    // this thread installs its own last (threads inherit filters), then
+    // lets the guest run.
+    let gate = Arc::new(StartGate::default());
     let mut handles = Vec::with_capacity(vcpus.len());
+    let mut started = Ok(());
     for vcpu in vcpus {
-        match vcpu.spawn() {
+        match vcpu.spawn(filters.vcpu.clone(), gate.clone()) {
             Ok(handle) => handles.push(handle),
-            Err(source) => {
-                stop.store(true, Ordering::Release);
-                handles
-                    .into_iter()
-                    .for_each(|h: crate::vcpu::VcpuHandle| h.stop(Duration::from_secs(1)));
-                return Err(VmmError::Io {
-                    what: "cannot start a vCPU thread",
-                    source,
-                });
+            Err(e) => {
+                started = Err(e);
+                break;
             }
         }
+    }
+    if started.is_ok() {
+        started = seccomp::install(ThreadKind::Main, filters.main.as_deref());
+    }
+    gate.open(started.is_ok());
+    if let Err(e) = started {
+        stop.store(true, Ordering::Release);
+        for handle in handles {
+            handle.stop(Duration::from_secs(1));
+        }
+        return Err(e.into());
     }
     log::info!(
         "guest started: {} vCPU(s), {} MiB, kernel {}",

@@ -49,6 +49,19 @@ pub struct NetConfig {
     pub id: String,
     pub mac: [u8; 6],
     pub mtu: u16,
+    /// Runs first on every queue pair IO thread (the VMM installs its
+    /// seccomp filter there); on error the thread serves nothing.
+    pub on_thread_start: Option<ThreadStartHook>,
+}
+
+/// A callback run at the start of each IO thread.
+#[derive(Clone)]
+pub struct ThreadStartHook(pub Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for ThreadStartHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ThreadStartHook")
+    }
 }
 
 struct Worker {
@@ -159,9 +172,18 @@ impl Net {
             return Err(std::io::Error::other("spawn failure injected by a test"));
         }
         let theirs = Arc::clone(handoff);
+        let hook = self.config.on_thread_start.clone();
+        let id = self.config.id.clone();
         std::thread::Builder::new()
             .name(format!("xskvm-{}-q{pair}", self.config.id))
-            .spawn(move || take_backend(&theirs).map(worker))
+            .spawn(move || {
+                // E.g. this thread's seccomp filter: without it, serve nothing.
+                if let Some(Err(e)) = hook.map(|hook| (hook.0)()) {
+                    log::error!("{id}: queue pair {pair} not served: {e}");
+                    return take_backend(&theirs);
+                }
+                take_backend(&theirs).map(worker)
+            })
     }
 
     /// Starts one worker per queue pair, also for pairs the driver does

@@ -88,6 +88,7 @@ fn net(backends: Vec<Box<dyn NetBackend>>) -> (Net, Vec<Arc<QueuePairCounters>>)
             id: "nettest".into(),
             mac: MAC,
             mtu: 1500,
+            on_thread_start: None,
         },
         backends,
     )

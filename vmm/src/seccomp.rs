@@ -1,0 +1,532 @@
+//! Seccomp filters: one per kind of thread, each allowing only the system
+//! calls that kind of thread makes (found by tracing guests that boot,
+//! move traffic, reload virtio-net, reboot and get SIGTERM, under
+//! `strace -f` and with `--seccomp log` and the kernel's audit records). Each thread
+//! installs its own filter before it does anything a guest can influence.
+//!
+//! Filters are inherited by threads started later and stack, so the vCPU
+//! filter also allows what starting and joining a virtio-net IO thread
+//! takes and everything that thread does; the IO thread then narrows it
+//! with the net filter.
+
+use std::collections::BTreeMap;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// `--seccomp`: what happens to a thread that makes a system call outside
+/// its list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SeccompMode {
+    /// The whole process is killed (SIGSYS).
+    #[default]
+    On,
+    /// No filters at all.
+    Off,
+    /// The call goes through and the kernel logs it (audit type 1326).
+    Log,
+}
+
+/// The kinds of threads xskvm runs, each with its own filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// Waits for the VM to end, then stops the others and tears down.
+    Main,
+    /// Runs KVM_RUN and the device emulation behind port and MMIO exits.
+    Vcpu,
+    /// Moves frames for one virtio-net queue pair.
+    NetIo,
+    /// Feeds host stdin to the serial port.
+    Console,
+    /// Follows the host interfaces over rtnetlink and reopens a NIC whose
+    /// interface came back (XDP program, AF_XDP sockets, UMEM).
+    NicWatch,
+}
+
+impl ThreadKind {
+    pub const ALL: [ThreadKind; 5] = [
+        Self::Main,
+        Self::Vcpu,
+        Self::NetIo,
+        Self::Console,
+        Self::NicWatch,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Main => "main",
+            Self::Vcpu => "vCPU",
+            Self::NetIo => "net IO",
+            Self::Console => "console",
+            Self::NicWatch => "NIC watcher",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("invalid seccomp rule: {0}")]
+    Rule(seccompiler::BackendError),
+    #[error("cannot build the {kind} seccomp filter: {source}")]
+    Build {
+        kind: &'static str,
+        source: seccompiler::BackendError,
+    },
+    #[error("cannot install the {kind} seccomp filter: {source} (--seccomp off runs without)")]
+    Install {
+        kind: &'static str,
+        source: seccompiler::Error,
+    },
+    #[error("cannot start thread {name}: {source}")]
+    Spawn {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("thread {0} ended before installing its seccomp filter")]
+    ThreadGone(String),
+}
+
+/// `_IO(KVMIO, 0x80)`: the only KVM ioctl a vCPU thread makes once running.
+const KVM_RUN: u64 = 0xae80;
+
+/// One rule set under construction: syscall number to rules, where an
+/// empty rule list allows the call with any arguments.
+struct Rules(BTreeMap<i64, Vec<SeccompRule>>);
+
+impl Rules {
+    fn new() -> Self {
+        Self(BTreeMap::new())
+    }
+
+    fn allow(&mut self, syscalls: &[libc::c_long]) {
+        for &nr in syscalls {
+            self.0.insert(nr, Vec::new());
+        }
+    }
+
+    /// Allows `nr` when every `(argument index, value)` matches (32-bit
+    /// compares: all the arguments checked here are ints).
+    fn allow_when(&mut self, nr: libc::c_long, args: &[(u8, u64)]) -> Result<(), SeccompError> {
+        self.allow_when_op(nr, args.iter().map(|&(i, v)| (i, SeccompCmpOp::Eq, v)))
+    }
+
+    fn allow_when_op(
+        &mut self,
+        nr: libc::c_long,
+        args: impl Iterator<Item = (u8, SeccompCmpOp, u64)>,
+    ) -> Result<(), SeccompError> {
+        let build = SeccompError::Rule;
+        let conditions = args
+            .map(|(index, op, value)| {
+                SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value).map_err(build)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let rule = SeccompRule::new(conditions).map_err(build)?;
+        match self.0.get_mut(&nr) {
+            // Already allowed whatever the arguments.
+            Some(rules) if rules.is_empty() => {}
+            Some(rules) => rules.push(rule),
+            None => {
+                self.0.insert(nr, vec![rule]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What every thread needs: memory allocation (glibc malloc may use brk,
+/// mmap, mremap, and mprotect to grow a thread's arena), locks, logging
+/// to stderr, the terminal restore of the panic hook, and ending the
+/// thread (Rust tears down the signal stack, glibc releases the stack).
+fn common(rules: &mut Rules) -> Result<(), SeccompError> {
+    rules.allow(&[
+        libc::SYS_brk,
+        libc::SYS_mmap,
+        libc::SYS_munmap,
+        libc::SYS_mremap,
+        libc::SYS_mprotect,
+        libc::SYS_madvise,
+        libc::SYS_futex,
+        libc::SYS_clock_gettime,
+        libc::SYS_write,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_sigaltstack,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+    ]);
+    // Rust's OwnedFd checks that a descriptor is still open before closing
+    // it (seen in debug builds).
+    rules.allow_when(libc::SYS_fcntl, &[(1, libc::F_GETFD as u64)])?;
+    // tcsetattr(stdin, TCSANOW) restoring the terminal (panic hook, exit).
+    rules.allow_when(
+        libc::SYS_ioctl,
+        &[(0, libc::STDIN_FILENO as u64), (1, libc::TCSETS)],
+    )
+}
+
+/// The virtio-net IO thread: its epoll loop over eventfds and the AF_XDP
+/// socket (a zero-length sendto kicks TX; recvfrom wakes the driver to
+/// refill RX when the socket asks for it).
+fn net_io(rules: &mut Rules) -> Result<(), SeccompError> {
+    common(rules)?;
+    rules.allow(&[
+        libc::SYS_read,
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_wait,
+        libc::SYS_sendto,
+        libc::SYS_recvfrom,
+        libc::SYS_close,
+        // A worker whose queue broke waits for its stop event.
+        libc::SYS_poll,
+    ]);
+    Ok(())
+}
+
+/// The vCPU thread: KVM_RUN, device emulation (eventfd writes for
+/// interrupts, the UART's stdout), and virtio-net activation and reset,
+/// which start and join the IO threads: so it also allows their calls.
+fn vcpu(rules: &mut Rules) -> Result<(), SeccompError> {
+    net_io(rules)?;
+    rules.allow_when(libc::SYS_ioctl, &[(1, KVM_RUN)])?;
+    rules.allow(&[
+        // Starting a thread: glibc uses clone3; the new thread registers
+        // rseq and its robust list, and Rust's stack guard setup
+        // (pthread_getattr_np) asks for its tid and CPU affinity.
+        libc::SYS_clone3,
+        libc::SYS_set_robust_list,
+        libc::SYS_rseq,
+        libc::SYS_gettid,
+        libc::SYS_sched_getaffinity,
+        // The IO thread's stop eventfd, and clones of queue eventfds.
+        libc::SYS_eventfd2,
+    ]);
+    rules.allow_when(libc::SYS_fcntl, &[(1, libc::F_DUPFD_CLOEXEC as u64)])?;
+    // clone only for threads (glibc's fallback when clone3 is missing), never a fork.
+    let thread = libc::CLONE_THREAD as u64;
+    rules.allow_when_op(
+        libc::SYS_clone,
+        [(0, SeccompCmpOp::MaskedEq(thread), thread)].into_iter(),
+    )?;
+    // Naming the IO thread, and the IO thread installing its own filter.
+    rules.allow_when(libc::SYS_prctl, &[(0, libc::PR_SET_NAME as u64)])?;
+    rules.allow_when(libc::SYS_prctl, &[(0, libc::PR_SET_NO_NEW_PRIVS as u64)])?;
+    rules.allow_when(
+        libc::SYS_seccomp,
+        &[(0, u64::from(libc::SECCOMP_SET_MODE_FILTER))],
+    )?;
+    Ok(())
+}
+
+/// The main thread once the guest runs: its epoll loop (eventfds and the
+/// signalfd), kicking vCPUs with the kick signal and joining them, and
+/// tearing down devices, AF_XDP sockets and the XDP program's link.
+fn main_thread(rules: &mut Rules) -> Result<(), SeccompError> {
+    common(rules)?;
+    rules.allow(&[
+        libc::SYS_read,
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_wait,
+        libc::SYS_close,
+        // pthread_kill: tgkill(getpid(), tid, sig).
+        libc::SYS_getpid,
+        libc::SYS_clock_nanosleep,
+        // Peak RSS for the exit log line.
+        libc::SYS_getrusage,
+    ]);
+    rules.allow_when(libc::SYS_tgkill, &[(2, crate::vcpu::kick_signal() as u64)])?;
+    Ok(())
+}
+
+/// The console thread: blocking reads of stdin, a short sleep while the
+/// UART's FIFO is full, an eventfd write on the quit escape, and closing
+/// that eventfd when stdin ends.
+fn console(rules: &mut Rules) -> Result<(), SeccompError> {
+    common(rules)?;
+    rules.allow(&[libc::SYS_read, libc::SYS_clock_nanosleep, libc::SYS_close]);
+    Ok(())
+}
+
+/// The NIC watcher: its netlink socket and poll loop, sysfs reads of the
+/// carrier, and everything opening a NIC again takes (libbpf loading the
+/// XDP program and its map, the BPF link, AF_XDP sockets with their UMEM
+/// and rings, interface ioctls, RLIMIT_MEMLOCK).
+fn nic_watch(rules: &mut Rules) -> Result<(), SeccompError> {
+    common(rules)?;
+    rules.allow(&[
+        libc::SYS_read,
+        libc::SYS_poll,
+        libc::SYS_openat,
+        libc::SYS_close,
+        libc::SYS_newfstatat,
+        libc::SYS_fstat,
+        libc::SYS_lseek,
+        libc::SYS_statfs,
+        libc::SYS_fstatfs,
+        libc::SYS_uname,
+        libc::SYS_getpid,
+        libc::SYS_gettid,
+        libc::SYS_prlimit64,
+        libc::SYS_socket,
+        libc::SYS_bind,
+        libc::SYS_getsockname,
+        libc::SYS_setsockopt,
+        libc::SYS_getsockopt,
+        libc::SYS_sendto,
+        libc::SYS_sendmsg,
+        libc::SYS_recvfrom,
+        libc::SYS_recvmsg,
+        libc::SYS_bpf,
+        libc::SYS_eventfd2,
+        libc::SYS_faccessat,
+        libc::SYS_faccessat2,
+        libc::SYS_readlink,
+        libc::SYS_readlinkat,
+        libc::SYS_getrandom,
+        libc::SYS_sched_getaffinity,
+        // Seen in --seccomp log runs: libbpf's feature probes and fd moves.
+        libc::SYS_memfd_create,
+        libc::SYS_dup3,
+    ]);
+    rules.allow_when(libc::SYS_fcntl, &[(1, libc::F_DUPFD_CLOEXEC as u64)])?;
+    rules.allow_when(libc::SYS_fcntl, &[(1, libc::F_GETFL as u64)])?;
+    rules.allow_when(libc::SYS_fcntl, &[(1, libc::F_SETFL as u64)])?;
+    // Interface index, flags and MTU; ethtool (queue counts, features).
+    for request in [
+        libc::SIOCGIFINDEX,
+        libc::SIOCGIFFLAGS,
+        libc::SIOCGIFMTU,
+        libc::SIOCETHTOOL,
+    ] {
+        rules.allow_when(libc::SYS_ioctl, &[(1, request)])?;
+    }
+    Ok(())
+}
+
+/// Compiles the filter of `kind`: calls outside its list kill the process
+/// (`On`) or are logged (`Log`). `None` for `Off`.
+pub fn compile(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
+    let mismatch = match mode {
+        SeccompMode::Off => return Ok(None),
+        SeccompMode::On => SeccompAction::KillProcess,
+        SeccompMode::Log => SeccompAction::Log,
+    };
+    let mut rules = Rules::new();
+    match kind {
+        ThreadKind::Main => main_thread(&mut rules)?,
+        ThreadKind::Vcpu => vcpu(&mut rules)?,
+        ThreadKind::NetIo => net_io(&mut rules)?,
+        ThreadKind::Console => console(&mut rules)?,
+        ThreadKind::NicWatch => nic_watch(&mut rules)?,
+    }
+    let build = |source| SeccompError::Build {
+        kind: kind.name(),
+        source,
+    };
+    let filter = SeccompFilter::new(rules.0, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(build)?;
+    BpfProgram::try_from(filter).map(Some).map_err(build)
+}
+
+/// Installs `filter` (if any) on the calling thread.
+pub fn install(kind: ThreadKind, filter: Option<&BpfProgram>) -> Result<(), SeccompError> {
+    match filter {
+        Some(program) => {
+            seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
+                kind: kind.name(),
+                source,
+            })
+        }
+        None => Ok(()),
+    }
+}
+
+/// The compiled filters of one run; all `None` with `--seccomp off`.
+#[derive(Clone, Default)]
+pub struct Filters {
+    pub main: Option<Arc<BpfProgram>>,
+    pub vcpu: Option<Arc<BpfProgram>>,
+    pub net_io: Option<Arc<BpfProgram>>,
+    pub console: Option<Arc<BpfProgram>>,
+    pub nic_watch: Option<Arc<BpfProgram>>,
+}
+
+impl Filters {
+    pub fn new(mode: SeccompMode) -> Result<Self, SeccompError> {
+        let get = |kind| compile(kind, mode).map(|p| p.map(Arc::new));
+        Ok(Self {
+            main: get(ThreadKind::Main)?,
+            vcpu: get(ThreadKind::Vcpu)?,
+            net_io: get(ThreadKind::NetIo)?,
+            console: get(ThreadKind::Console)?,
+            nic_watch: get(ThreadKind::NicWatch)?,
+        })
+    }
+
+    /// For `NetConfig::on_thread_start`: installs the net IO filter.
+    pub fn net_io_hook(&self) -> Option<devices::virtio::net::ThreadStartHook> {
+        let filter = self.net_io.clone()?;
+        Some(devices::virtio::net::ThreadStartHook(Arc::new(move || {
+            install(ThreadKind::NetIo, Some(&filter)).map_err(|e| e.to_string())
+        })))
+    }
+}
+
+/// Starts thread `name`, which installs `filter` and then runs `body`.
+/// Returns once the filter is in place, so the caller knows the thread
+/// never ran unfiltered; if it could not be installed, `body` never runs.
+pub fn spawn_filtered(
+    name: String,
+    kind: ThreadKind,
+    filter: Option<Arc<BpfProgram>>,
+    body: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>, SeccompError> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    let handle = std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            let installed = install(kind, filter.as_deref());
+            let ok = installed.is_ok();
+            // The spawner waits for this; it only fails if the spawner is gone.
+            let _ = tx.send(installed);
+            if ok {
+                body();
+            }
+        })
+        .map_err(|source| SeccompError::Spawn {
+            name: name.clone(),
+            source,
+        })?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(SeccompError::ThreadGone(name)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_compiles_for_x86_64_in_both_modes() {
+        for kind in ThreadKind::ALL {
+            for mode in [SeccompMode::On, SeccompMode::Log] {
+                let program = compile(kind, mode).unwrap().expect("a program");
+                // A BPF program holds at most 4096 instructions.
+                assert!(
+                    !program.is_empty() && program.len() < 4096,
+                    "{kind:?}: {} instructions",
+                    program.len()
+                );
+            }
+            assert!(compile(kind, SeccompMode::Off).unwrap().is_none());
+        }
+        let filters = Filters::new(SeccompMode::On).unwrap();
+        assert!(filters.net_io_hook().is_some());
+        assert!(Filters::new(SeccompMode::Off)
+            .unwrap()
+            .net_io_hook()
+            .is_none());
+    }
+
+    /// Forks; the child installs `kind`'s filter in `mode` and runs `call`,
+    /// then exits 0. Returns the child's wait status.
+    fn in_filtered_child(kind: ThreadKind, mode: SeccompMode, call: fn() -> i64) -> i32 {
+        // Built before the fork: the child only makes system calls.
+        let program = compile(kind, mode).unwrap().expect("a program");
+        // SAFETY: the child runs only async-signal-safe code (prctl,
+        // seccomp, the call under test, _exit) before it exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            // No core file from the SIGSYS this test expects.
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: a valid rlimit; affects only this child.
+            unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+            let code = match seccompiler::apply_filter(&program) {
+                Ok(()) => {
+                    call();
+                    0
+                }
+                Err(_) => 3,
+            };
+            // SAFETY: ends the child without running the parent's atexit
+            // handlers or destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out-pointer.
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(waited, pid, "waitpid: {}", std::io::Error::last_os_error());
+        status
+    }
+
+    /// A call no thread kind allows (the NIC watcher may create sockets,
+    /// but none may make a socket pair).
+    fn open_socket_pair() -> i64 {
+        let mut fds = [0i32; 2];
+        // SAFETY: fds has room for the two descriptors socketpair writes.
+        i64::from(unsafe {
+            libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr())
+        })
+    }
+
+    fn kvm_create_vm_ioctl() -> i64 {
+        // SAFETY: an ioctl on a bad descriptor touches no memory.
+        i64::from(unsafe { libc::ioctl(-1, 0xae01, 0) })
+    }
+
+    fn nothing() -> i64 {
+        0
+    }
+
+    fn killed_by_sigsys(status: i32) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    #[test]
+    fn forbidden_calls_kill_the_process() {
+        for kind in ThreadKind::ALL {
+            let status = in_filtered_child(kind, SeccompMode::On, open_socket_pair);
+            assert!(
+                killed_by_sigsys(status),
+                "{kind:?}: socket() left status {status:#x}"
+            );
+        }
+        // ioctl is allowed on vCPU threads, but only KVM_RUN.
+        let status = in_filtered_child(ThreadKind::Vcpu, SeccompMode::On, kvm_create_vm_ioctl);
+        assert!(killed_by_sigsys(status), "status {status:#x}");
+    }
+
+    #[test]
+    fn allowed_calls_and_exit_go_through() {
+        for kind in ThreadKind::ALL {
+            let status = in_filtered_child(kind, SeccompMode::On, nothing);
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "{kind:?}: status {status:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn log_mode_does_not_kill() {
+        for kind in ThreadKind::ALL {
+            let status = in_filtered_child(kind, SeccompMode::Log, open_socket_pair);
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "{kind:?}: status {status:#x}"
+            );
+        }
+    }
+}
