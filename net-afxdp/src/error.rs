@@ -57,6 +57,12 @@ pub enum Error {
     NoSuchInterface { ifname: String },
 
     #[error(
+        "af-xdp: {ifname} is a loopback interface: it carries the host's own traffic, never \
+         a guest's; use a NIC, a veth pair or a macvlan"
+    )]
+    Loopback { ifname: String },
+
+    #[error(
         "af-xdp: {ifname} has {available} receive queue(s) (0..{available}), but start-queue={start_queue} \
          with queues={queues} needs queues {start_queue}..{}; lower queues/start-queue or add \
          channels (ethtool -L {ifname} combined N)",

@@ -62,9 +62,16 @@ pub struct AfXdpNic {
 
 /// Interface name → index, or the "no such interface" error.
 fn resolve(config: &AfXdpConfig) -> Result<u32> {
-    sys::ifindex(&config.ifname).ok_or_else(|| Error::NoSuchInterface {
+    let ifindex = sys::ifindex(&config.ifname).ok_or_else(|| Error::NoSuchInterface {
         ifname: config.ifname.clone(),
-    })
+    })?;
+    // Redirecting lo's frames would take the host's own local traffic.
+    if sys::is_loopback(&config.ifname) {
+        return Err(Error::Loopback {
+            ifname: config.ifname.clone(),
+        });
+    }
+    Ok(ifindex)
 }
 
 /// Rejects queue ids beyond the device's receive queues.

@@ -29,6 +29,32 @@ pub(crate) fn ifindex(name: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
+/// Whether interface `name` is a loopback (IFF_LOOPBACK), as the calling
+/// thread's network namespace sees it (sysfs would show the namespace it
+/// was mounted in).
+pub(crate) fn is_loopback(name: &str) -> bool {
+    if name.len() >= libc::IFNAMSIZ {
+        return false;
+    }
+    // SAFETY: plain socket creation; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: fd is a socket we own from here on.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, &src) in ifr.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name and writes the
+    // flags into the ifreq we own.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) };
+    // SAFETY: SIOCGIFFLAGS filled in the flags member of the union.
+    ret == 0 && (i32::from(unsafe { ifr.ifr_ifru.ifru_flags }) & libc::IFF_LOOPBACK) != 0
+}
+
 #[repr(C)]
 #[derive(Default)]
 struct EthtoolChannels {

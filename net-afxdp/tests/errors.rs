@@ -41,6 +41,20 @@ fn unknown_interface() {
 }
 
 #[test]
+fn loopback_is_refused_with_a_clear_error() {
+    require_root!();
+    let pair = VethPair::new(1).unwrap();
+    let err = open(&pair, "ifname=lo").unwrap_err();
+    assert!(
+        matches!(&err, Error::Loopback { ifname } if ifname == "lo"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("loopback"), "{err}");
+    let attached = pair.run(|| net_afxdp::attached_program(1)).unwrap();
+    assert_eq!(attached, None, "nothing attached to lo");
+}
+
+#[test]
 fn queues_beyond_the_device_channels() {
     require_root!();
     let pair = VethPair::new(2).unwrap();
