@@ -136,7 +136,7 @@ fn measure(side: Side, tx: bool, size: usize, secs: f64) -> Rate {
         Side::Virtio => {
             let (counters_tx, counters_rx) = std::sync::mpsc::channel();
             threads.push(thread::spawn(move || {
-                let (h, counters) = harness_for(qa);
+                let (h, counters) = harness_for(qa, mac_a);
                 let _ = counters_tx.send(counters);
                 drive(h, tx, &frame, &s);
             }));
@@ -160,12 +160,17 @@ fn measure(side: Side, tx: bool, size: usize, secs: f64) -> Rate {
     }
 }
 
-fn harness_for(qa: XskQueue) -> (DriverHarness, Arc<devices::virtio::net::QueuePairCounters>) {
+/// The device with `mac` as the guest's MAC (the frames' source on TX).
+fn harness_for(
+    qa: XskQueue,
+    mac: [u8; 6],
+) -> (DriverHarness, Arc<devices::virtio::net::QueuePairCounters>) {
     let net = Net::new(
         NetConfig {
             id: "bench".into(),
-            mac: [0x02, 0, 0, 0, 0, 1],
+            mac,
             mtu: 1500,
+            spoof_check: true,
             on_thread_start: None,
         },
         vec![Box::new(XskBackend::new(qa))],

@@ -75,6 +75,7 @@ pub fn open_net_device(index: usize, spec: &NetSpec) -> Result<NetDevice, crate:
             id,
             mac: mac.0,
             mtu: mtu.min(u32::from(u16::MAX)) as u16,
+            spoof_check: spec.spoof_check,
             on_thread_start: None,
         },
         backends: queues

@@ -13,6 +13,8 @@ pub enum NetSpecError {
     MulticastMac(MacAddr),
     #[error("--net: mac= given twice")]
     DuplicateMac,
+    #[error("--net: spoof-check={0:?}: use on or off")]
+    BadSpoofCheck(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +75,8 @@ impl MacAddr {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetSpec {
     pub mac: Option<MacAddr>,
+    /// `spoof-check=off` lets the guest send with any source MAC.
+    pub spoof_check: bool,
     /// `key=value,...` for the AF_XDP backend (ifname, queues, mode, ...).
     pub backend_options: String,
 }
@@ -86,19 +90,26 @@ impl std::str::FromStr for NetSpec {
             return Err(NetSpecError::UnknownBackend(kind.to_string()));
         }
         let mut mac = None;
+        let mut spoof_check = true;
         let mut backend = Vec::new();
         for option in rest.split(',').filter(|o| !o.is_empty()) {
-            match option.strip_prefix("mac=") {
-                Some(value) => {
-                    if mac.replace(value.parse()?).is_some() {
-                        return Err(NetSpecError::DuplicateMac);
-                    }
+            if let Some(value) = option.strip_prefix("mac=") {
+                if mac.replace(value.parse()?).is_some() {
+                    return Err(NetSpecError::DuplicateMac);
                 }
-                None => backend.push(option),
+            } else if let Some(value) = option.strip_prefix("spoof-check=") {
+                spoof_check = match value {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(NetSpecError::BadSpoofCheck(value.to_string())),
+                };
+            } else {
+                backend.push(option);
             }
         }
         Ok(NetSpec {
             mac,
+            spoof_check,
             backend_options: backend.join(","),
         })
     }
@@ -115,8 +126,15 @@ mod tests {
             .unwrap();
         assert_eq!(spec.mac, Some(MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56])));
         assert_eq!(spec.backend_options, "ifname=veth0,queues=2");
-        let spec: NetSpec = "af-xdp,ifname=eth1".parse().unwrap();
+        assert!(spec.spoof_check, "on by default");
+        let spec: NetSpec = "af-xdp,ifname=eth1,spoof-check=off".parse().unwrap();
         assert_eq!(spec.mac, None);
+        assert!(!spec.spoof_check);
+        assert_eq!(spec.backend_options, "ifname=eth1");
+        assert_eq!(
+            "af-xdp,ifname=eth1,spoof-check=maybe".parse::<NetSpec>(),
+            Err(NetSpecError::BadSpoofCheck("maybe".into()))
+        );
     }
 
     #[test]

@@ -20,6 +20,10 @@ pub struct QueuePairCounters {
     pub tx_dropped: AtomicU64,
     /// Of those, chains longer than the queue size (virtio 1.2 2.7.5.2).
     pub tx_chains_too_long: AtomicU64,
+    /// Of those, frames longer than the MTU allows.
+    pub tx_dropped_oversize: AtomicU64,
+    /// Of those, frames whose source MAC is not the guest's (spoof check).
+    pub tx_dropped_spoofed: AtomicU64,
     /// Chains returned unsent while the host link was down.
     pub tx_dropped_link_down: AtomicU64,
     /// Times the host transmit ring was full.
@@ -52,6 +56,8 @@ pub struct CountersSnapshot {
     pub tx_bytes: u64,
     pub tx_dropped: u64,
     pub tx_chains_too_long: u64,
+    pub tx_dropped_oversize: u64,
+    pub tx_dropped_spoofed: u64,
     pub tx_dropped_link_down: u64,
     pub tx_ring_full: u64,
     pub tx_retries: u64,
@@ -83,6 +89,8 @@ impl QueuePairCounters {
             tx_bytes: get(&self.tx_bytes),
             tx_dropped: get(&self.tx_dropped),
             tx_chains_too_long: get(&self.tx_chains_too_long),
+            tx_dropped_oversize: get(&self.tx_dropped_oversize),
+            tx_dropped_spoofed: get(&self.tx_dropped_spoofed),
             tx_dropped_link_down: get(&self.tx_dropped_link_down),
             tx_ring_full: get(&self.tx_ring_full),
             tx_retries: get(&self.tx_retries),
@@ -111,7 +119,8 @@ impl std::fmt::Display for CountersSnapshot {
             f,
             "rx {} pkts {} B (dropped: {} too big, {} bad desc, {} on an unused pair; \
              {} no-buffer waits), \
-             tx {} pkts {} B ({} dropped, {} too long, {} link down, {} ring full, {} retries), \
+             tx {} pkts {} B ({} dropped: {} too long, {} oversize, {} spoofed; {} link down, \
+             {} ring full, {} retries), \
              notifications rx {} tx {}, interrupts {}, mean batch rx {:.1} tx {:.1}, \
              queue errors {}",
             self.rx_packets,
@@ -124,6 +133,8 @@ impl std::fmt::Display for CountersSnapshot {
             self.tx_bytes,
             self.tx_dropped,
             self.tx_chains_too_long,
+            self.tx_dropped_oversize,
+            self.tx_dropped_spoofed,
             self.tx_dropped_link_down,
             self.tx_ring_full,
             self.tx_retries,

@@ -27,6 +27,7 @@ fn net_named(id: &str, backends: Vec<Box<dyn NetBackend>>) -> (Net, Vec<Arc<Queu
             id: id.into(),
             mac: MAC,
             mtu: 1500,
+            spoof_check: true,
             on_thread_start: None,
         },
         backends,

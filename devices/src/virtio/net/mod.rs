@@ -26,7 +26,7 @@ mod hostile_tests;
 mod tests;
 
 use super::{ActivateResources, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
-use worker::{ControlQueue, QueuePairWorker};
+use worker::{ControlQueue, QueuePairWorker, TxPolicy};
 
 pub const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
@@ -40,6 +40,8 @@ const VIRTIO_NET_S_LINK_UP: u16 = 1;
 
 pub(crate) const QUEUE_SIZE: u16 = 256;
 const CTRL_QUEUE_SIZE: u16 = 64;
+/// Ethernet header with one VLAN tag: what a frame adds to the MTU.
+const ETHERNET_VLAN_HEADER_LEN: usize = 18;
 /// mac(6) status(2) max_virtqueue_pairs(2) mtu(2).
 const CONFIG_LEN: usize = 12;
 
@@ -49,6 +51,8 @@ pub struct NetConfig {
     pub id: String,
     pub mac: [u8; 6],
     pub mtu: u16,
+    /// Drop (and count) guest frames whose source MAC is not `mac`.
+    pub spoof_check: bool,
     /// Runs first on every queue pair IO thread (the VMM installs its
     /// seccomp filter there); on error the thread serves nothing.
     pub on_thread_start: Option<ThreadStartHook>,
@@ -285,11 +289,17 @@ impl Net {
                     let counters = self.counters[pair].clone();
                     let active_pairs = self.active_pairs.clone();
                     let link = self.link.clone();
+                    let tx_policy = TxPolicy {
+                        mac: self.config.mac,
+                        max_frame: usize::from(self.config.mtu) + ETHERNET_VLAN_HEADER_LEN,
+                        spoof_check: self.config.spoof_check,
+                    };
                     let run = move |backend| {
                         QueuePairWorker {
                             pair,
                             active_pairs,
                             link,
+                            tx_policy,
                             wake,
                             mem,
                             rx,

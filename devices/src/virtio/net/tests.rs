@@ -88,6 +88,7 @@ fn net(backends: Vec<Box<dyn NetBackend>>) -> (Net, Vec<Arc<QueuePairCounters>>)
             id: "nettest".into(),
             mac: MAC,
             mtu: 1500,
+            spoof_check: true,
             on_thread_start: None,
         },
         backends,
@@ -552,4 +553,94 @@ fn replaced_backends_carry_the_traffic_from_then_on() {
         old_peer.recv(&mut buf).is_err(),
         "the first backend got nothing"
     );
+}
+
+/// `frame(seq, len)` with another source MAC.
+fn frame_from(src: [u8; 6], seq: u32, len: usize) -> Vec<u8> {
+    let mut f = frame(seq, len);
+    f[6..12].copy_from_slice(&src);
+    f
+}
+
+fn net_with(
+    spoof_check: bool,
+    backends: Vec<Box<dyn NetBackend>>,
+) -> (Net, Arc<QueuePairCounters>) {
+    let net = Net::new(
+        NetConfig {
+            id: "nettx".into(),
+            mac: MAC,
+            mtu: 1500,
+            spoof_check,
+            on_thread_start: None,
+        },
+        backends,
+    )
+    .unwrap();
+    let counters = net.counters()[0].clone();
+    (net, counters)
+}
+
+/// Sends `frames` from the guest; returns what reached the peer.
+fn send_and_collect(
+    h: &mut DriverHarness,
+    peer: &UnixDatagram,
+    frames: &[Vec<u8>],
+) -> Vec<Vec<u8>> {
+    for f in frames {
+        assert!(h.queue_tx_frame(1, f));
+    }
+    h.kick(1);
+    assert_eq!(collect_used(h, 1, frames.len()).len(), frames.len());
+    peer.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = peer.recv(&mut buf) {
+        got.push(buf[..n].to_vec());
+    }
+    got
+}
+
+#[test]
+fn spoofed_and_oversize_frames_are_dropped_and_counted() {
+    let (b, peer) = SocketBackend::pair();
+    let (dev, counters) = net_with(true, vec![b]);
+    let mut h = DriverHarness::new(dev);
+    h.start(FEATURES, 3, 256);
+    let other = [0x02, 0, 0, 0, 0, 0x99];
+    let frames = [
+        frame(1, 64),
+        frame_from(other, 2, 64),
+        frame(3, 1500 + 18),
+        frame(4, 1500 + 19),
+        frame(5, 64),
+    ];
+    let got = send_and_collect(&mut h, &peer, &frames);
+    assert_eq!(
+        got,
+        vec![frames[0].clone(), frames[2].clone(), frames[4].clone()]
+    );
+    let c = counters.snapshot();
+    assert_eq!(
+        (
+            c.tx_packets,
+            c.tx_dropped,
+            c.tx_dropped_spoofed,
+            c.tx_dropped_oversize
+        ),
+        (3, 2, 1, 1),
+        "{c}"
+    );
+}
+
+#[test]
+fn spoof_check_off_lets_any_source_mac_out() {
+    let (b, peer) = SocketBackend::pair();
+    let (dev, counters) = net_with(false, vec![b]);
+    let mut h = DriverHarness::new(dev);
+    h.start(FEATURES, 3, 256);
+    let frames = [frame_from([0x02, 0, 0, 0, 0, 0x42], 1, 64), frame(2, 64)];
+    assert_eq!(send_and_collect(&mut h, &peer, &frames), frames.to_vec());
+    assert_eq!(counters.snapshot().tx_dropped_spoofed, 0);
 }

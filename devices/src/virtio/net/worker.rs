@@ -58,7 +58,36 @@ pub(crate) struct ControlQueue {
     pub wakers: Vec<EventFd>,
 }
 
+/// What the guest may transmit.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TxPolicy {
+    pub mac: [u8; 6],
+    /// The MTU plus an Ethernet header with a VLAN tag.
+    pub max_frame: usize,
+    /// Only frames with the guest's own source MAC go out.
+    pub spoof_check: bool,
+}
+
+impl TxPolicy {
+    /// Why `frame` may not go out, if it may not.
+    fn refuse(&self, frame: &[u8]) -> Option<TxRefusal> {
+        if frame.len() > self.max_frame {
+            return Some(TxRefusal::Oversize);
+        }
+        if self.spoof_check && frame.get(6..12) != Some(&self.mac[..]) {
+            return Some(TxRefusal::Spoofed);
+        }
+        None
+    }
+}
+
+enum TxRefusal {
+    Oversize,
+    Spoofed,
+}
+
 pub(crate) struct QueuePairWorker {
+    pub tx_policy: TxPolicy,
     /// This pair's index: it receives for the guest only while it is below
     /// `active_pairs`.
     pub pair: usize,
@@ -334,6 +363,7 @@ impl QueuePairWorker {
             tx,
             backend,
             counters,
+            tx_policy,
             ..
         } = self;
         let budget = usize::from(tx.size());
@@ -358,16 +388,28 @@ impl QueuePairWorker {
                 taken += 1;
                 let head = chain.head_index();
                 let result = copy_tx_chain(mem, chain, buf, budget);
+                let refusal = result
+                    .as_ref()
+                    .ok()
+                    .and_then(|&len| tx_policy.refuse(&buf[..len]));
                 if let Err(e) = tx.add_used(&*mem, head, 0) {
                     fault = Some(WorkerFault::queue("tx", e));
                     return None;
                 }
-                match result {
-                    Ok(len) => {
+                match (result, refusal) {
+                    (Ok(_), Some(TxRefusal::Oversize)) => {
+                        add(&counters.tx_dropped_oversize, 1);
+                        add(&counters.tx_dropped, 1);
+                    }
+                    (Ok(_), Some(TxRefusal::Spoofed)) => {
+                        add(&counters.tx_dropped_spoofed, 1);
+                        add(&counters.tx_dropped, 1);
+                    }
+                    (Ok(len), None) => {
                         bytes += len as u64;
                         return Some(len);
                     }
-                    Err(e) => {
+                    (Err(e), _) => {
                         if matches!(e, ChainError::TooLong) {
                             add(&counters.tx_chains_too_long, 1);
                         }
