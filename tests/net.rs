@@ -431,6 +431,60 @@ cat /tmp/console
     assert_eq!(out.value_of("AFTER-PING"), Some("ok"), "{}", out.describe());
 }
 
+/// The guest's RX packet count as it printed it under `key`.
+fn count(out: &ScenarioOutput, key: &str) -> u64 {
+    out.value_of(key)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key}\n{}", out.describe()))
+}
+
+#[test]
+fn frames_for_other_macs_reach_the_guest_only_in_promiscuous_mode() {
+    const FRAMES: u64 = 20;
+    let script = format!(
+        r#"{testbed}
+cat > /tmp/guest-cmd <<'CMD'
+{GUEST_NET_UP}; read a < /sys/class/net/eth0/statistics/rx_packets; echo RX1=$a; echo GUEST-NET-UP; sleep 8; read b < /sys/class/net/eth0/statistics/rx_packets; echo RX2=$b; ip link set eth0 promisc on; echo PROMISC-ON; sleep 8; read c < /sys/class/net/eth0/statistics/rx_packets; echo RX3=$c
+CMD
+boot_guest /tmp/console --net af-xdp,ifname=xs0
+wait_for GUEST-NET-UP /tmp/console
+# Unicast to a MAC that is not the guest's.
+ip -n peer neigh replace {GUEST_IP} lladdr 02:00:00:00:00:99 dev xs1 nud permanent
+send() {{ ip netns exec peer bash -c 'for i in $(seq {FRAMES}); do echo x > /dev/udp/{GUEST_IP}/9; done'; }}
+send
+wait_for PROMISC-ON /tmp/console
+sleep 1
+send
+finish
+cat /tmp/console
+"#,
+        testbed = testbed(1)
+    );
+    let out = run(script);
+    assert_clean_exit(&out);
+    let (rx1, rx2, rx3) = (count(&out, "RX1"), count(&out, "RX2"), count(&out, "RX3"));
+    eprintln!("guest rx_packets: {rx1} -> {rx2} (filtering) -> {rx3} (promiscuous)");
+    assert!(
+        rx2 - rx1 < FRAMES,
+        "frames for another MAC were filtered: {rx1} -> {rx2}\n{}",
+        out.describe()
+    );
+    assert!(
+        rx3 - rx2 >= FRAMES,
+        "promiscuous mode lets them in: {rx2} -> {rx3}\n{}",
+        out.describe()
+    );
+    let filtered: u64 = out
+        .stdout
+        .lines()
+        .find_map(|l| {
+            let before = l.split_once(" frame(s) not for the guest")?.0;
+            before.split_whitespace().last()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no filter count\n{}", out.describe()));
+    assert!(filtered >= FRAMES, "{filtered} counted\n{}", out.describe());
+}
+
 #[test]
 fn traffic_resumes_after_the_guest_reloads_virtio_net() {
     let script = format!(

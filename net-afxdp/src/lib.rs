@@ -120,7 +120,10 @@ mod umem;
 pub use config::{AfXdpConfig, CallerOptions, UmemConfig, XdpMode, OPTION_KEYS};
 pub use error::{ConfigError, Error, Result};
 pub use nic::{AfXdpNic, NicInfo, NicOwner, PreparedSockets};
-pub use program::{attached_program, AttachedProgram, XdpAttachment, XdpProgram};
+pub use program::{
+    attached_program, AttachedProgram, RxFilterConfig, RxFilterMaps, XdpAttachment, XdpProgram,
+    RX_FILTER_TABLE_MAX,
+};
 pub use queue::{
     CounterSnapshot, QueueCounters, QueueStats, QueueStatsHandle, Readiness, TxBatch,
     XdpStatistics, XskQueue,

@@ -332,6 +332,11 @@ impl AfXdpNic {
         &self.owner.info
     }
 
+    /// The program link and what was set up.
+    pub fn owner(&self) -> &NicOwner {
+        &self.owner
+    }
+
     pub fn queues(&self) -> &[XskQueue] {
         &self.queues
     }

@@ -48,13 +48,165 @@ fn route_libbpf_logs() {
     });
 }
 
-/// The loaded program and its XSKMAP, held by their own fds so that the
+/// The loaded program and its maps, held by their own fds so that the
 /// libbpf object (with its borrowed-lifetime skeleton) need not be kept.
 #[derive(Debug)]
 pub struct XdpProgram {
     prog: OwnedFd,
     map: OwnedFd,
     map_entries: u32,
+    rx_filter: RxFilterMaps,
+}
+
+/// `struct rx_filter_config` of bpf/xsk_redirect.bpf.c.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RxFilterConfig {
+    pub mac: [u8; 6],
+    pub enabled: u8,
+    pub promisc: u8,
+    pub all_multi: u8,
+    pub multicast_by_table: u8,
+    pub pad: [u8; 2],
+}
+
+/// Addresses the program's MAC table holds (its `max_entries`).
+pub const RX_FILTER_TABLE_MAX: usize = 64;
+
+/// The program's receive filter maps, by their own fds: the filter can be
+/// changed from any thread while the program runs.
+#[derive(Debug)]
+pub struct RxFilterMaps {
+    config: OwnedFd,
+    table: OwnedFd,
+    filtered: OwnedFd,
+}
+
+/// The low 48 bits of the MAC table key, first byte lowest.
+fn mac_key(mac: &[u8; 6]) -> u64 {
+    mac.iter()
+        .enumerate()
+        .fold(0u64, |key, (i, &b)| key | (u64::from(b) << (8 * i)))
+}
+
+fn map_error(op: &'static str, ret: i32) -> Error {
+    Error::from_privileged(op, io::Error::from_raw_os_error(-ret))
+}
+
+impl RxFilterMaps {
+    /// Which frames go to the guest from now on: `config` (with `enabled`
+    /// set to filter at all) plus the addresses of `table` (at most
+    /// [`RX_FILTER_TABLE_MAX`]). The table is replaced before the config,
+    /// so no frame sees a config whose table is missing.
+    pub fn set(&self, config: &RxFilterConfig, table: &[[u8; 6]]) -> Result<()> {
+        if table.len() > RX_FILTER_TABLE_MAX {
+            return Err(Error::Io {
+                op: "setting the MAC filter table",
+                source: io::Error::from_raw_os_error(libc::E2BIG),
+            });
+        }
+        // Remove the keys that are not in the new table.
+        let mut key = 0u64;
+        let mut first = true;
+        loop {
+            let mut next = 0u64;
+            let prev: *const u64 = if first { std::ptr::null() } else { &key };
+            // SAFETY: a hash map with 8-byte keys; prev is null or a live
+            // u64, next is writable.
+            let ret = unsafe {
+                libbpf_sys::bpf_map_get_next_key(
+                    self.table.as_raw_fd(),
+                    prev.cast(),
+                    (&mut next as *mut u64).cast(),
+                )
+            };
+            if ret < 0 {
+                break;
+            }
+            first = false;
+            key = next;
+            if !table.iter().any(|mac| mac_key(mac) == next) {
+                // SAFETY: next is a live u64 key.
+                unsafe {
+                    libbpf_sys::bpf_map_delete_elem(
+                        self.table.as_raw_fd(),
+                        (&next as *const u64).cast(),
+                    )
+                };
+                // Deleting the current key restarts the walk.
+                first = true;
+            }
+        }
+        for mac in table {
+            let key = mac_key(mac);
+            let one = 1u8;
+            // SAFETY: 8-byte key and 1-byte value, both live.
+            let ret = unsafe {
+                libbpf_sys::bpf_map_update_elem(
+                    self.table.as_raw_fd(),
+                    (&key as *const u64).cast(),
+                    (&one as *const u8).cast(),
+                    libbpf_sys::BPF_ANY as u64,
+                )
+            };
+            if ret < 0 {
+                return Err(map_error("setting the MAC filter table", ret));
+            }
+        }
+        let zero = 0u32;
+        // SAFETY: an array map with 4-byte keys and RxFilterConfig values
+        // (same layout as the C struct).
+        let ret = unsafe {
+            libbpf_sys::bpf_map_update_elem(
+                self.config.as_raw_fd(),
+                (&zero as *const u32).cast(),
+                (config as *const RxFilterConfig).cast(),
+                libbpf_sys::BPF_ANY as u64,
+            )
+        };
+        if ret < 0 {
+            return Err(map_error("setting the receive filter", ret));
+        }
+        Ok(())
+    }
+
+    /// Frames kept from the guest on receive queue `queue` (summed over CPUs).
+    pub fn filtered_frames(&self, queue: u32) -> u64 {
+        // SAFETY: plain libbpf query.
+        let cpus = unsafe { libbpf_sys::libbpf_num_possible_cpus() };
+        let Ok(cpus) = usize::try_from(cpus) else {
+            return 0;
+        };
+        let mut values = vec![0u64; cpus];
+        // SAFETY: a per-CPU array of u64: the kernel writes one per
+        // possible CPU, which `values` has room for.
+        let ret = unsafe {
+            libbpf_sys::bpf_map_lookup_elem(
+                self.filtered.as_raw_fd(),
+                (&queue as *const u32).cast(),
+                values.as_mut_ptr().cast(),
+            )
+        };
+        if ret < 0 {
+            return 0;
+        }
+        values.iter().sum()
+    }
+
+    /// Second handles on the same maps.
+    pub fn try_clone(&self) -> Result<RxFilterMaps> {
+        let dup = |fd: &OwnedFd| {
+            fd.try_clone().map_err(|source| Error::Io {
+                op: "duplicating a map fd",
+                source,
+            })
+        };
+        Ok(RxFilterMaps {
+            config: dup(&self.config)?,
+            table: dup(&self.table)?,
+            filtered: dup(&self.filtered)?,
+        })
+    }
 }
 
 impl XdpProgram {
@@ -79,6 +231,10 @@ impl XdpProgram {
             .xsks_map
             .set_max_entries(map_entries.max(1))
             .map_err(load_err)?;
+        open.maps
+            .filtered_frames
+            .set_max_entries(map_entries.max(1))
+            .map_err(load_err)?;
         let skel = open.load().map_err(load_err)?;
         let dup = |fd: BorrowedFd<'_>| {
             fd.try_clone_to_owned().map_err(|source| Error::Io {
@@ -92,6 +248,11 @@ impl XdpProgram {
             prog: dup(skel.progs.xskvm_redirect.as_fd())?,
             map: dup(skel.maps.xsks_map.as_fd())?,
             map_entries: map_entries.max(1),
+            rx_filter: RxFilterMaps {
+                config: dup(skel.maps.rx_filter.as_fd())?,
+                table: dup(skel.maps.mac_table.as_fd())?,
+                filtered: dup(skel.maps.filtered_frames.as_fd())?,
+            },
         })
     }
 
@@ -182,6 +343,11 @@ impl XdpProgram {
     /// The kernel's id of the loaded program.
     pub fn id(&self) -> Option<u32> {
         prog_info(self.prog.as_fd()).map(|(id, _)| id)
+    }
+
+    /// The receive filter (which frames the guest sees).
+    pub fn rx_filter(&self) -> &RxFilterMaps {
+        &self.rx_filter
     }
 
     pub fn prog_fd(&self) -> RawFd {

@@ -408,3 +408,77 @@ fn queues_run_on_their_own_threads_and_the_owner_detaches() {
         "socket closed with its queue"
     );
 }
+
+/// Which of `dsts` (one test frame each, from the peer) reach the socket.
+fn delivered(
+    nic: &mut net_afxdp::AfXdpNic,
+    peer: &net_afxdp::testbed::PacketSocket,
+    src: [u8; 6],
+    dsts: &[[u8; 6]],
+) -> Vec<[u8; 6]> {
+    for (i, dst) in dsts.iter().enumerate() {
+        peer.send(&test_frame(*dst, src, i as u64, 100)).unwrap();
+    }
+    let got = rx_frames(&mut nic.queues_mut()[0], dsts.len(), SECOND / 2);
+    got.iter()
+        .map(|f| <[u8; 6]>::try_from(&f[..6]).unwrap())
+        .collect()
+}
+
+/// The program's receive filter: the guest's unicast, broadcast and
+/// multicast go to the socket; other unicast passes to the host stack
+/// and is counted; promiscuous mode and the MAC table widen it.
+#[test]
+fn rx_filter_keeps_other_unicast_from_the_guest_and_counts_it() {
+    require_root!();
+    init_log();
+    let pair = VethPair::new(1).unwrap();
+    let b_mac = pair.mac(&pair.b).unwrap();
+    let peer = packet_socket(&pair, &pair.b);
+    let mut nic = open(&pair, &format!("ifname={},mode=native", pair.a)).unwrap();
+    let program = nic.owner().attachment().unwrap().program();
+    let maps = program.rx_filter().try_clone().unwrap();
+    let guest = [0x02, 0x58, 0x53, 0, 0, 1];
+    let other = [0x02, 0x58, 0x53, 0, 0, 2];
+    let listed = [0x02, 0x58, 0x53, 0, 0, 3];
+    let bcast = [0xff; 6];
+    let mdns = [0x01, 0x00, 0x5e, 0, 0, 0xfb];
+    let all_nodes = [0x33, 0x33, 0, 0, 0, 1];
+    let all = [guest, other, listed, bcast, mdns, all_nodes];
+
+    // Not yet enabled: everything goes to the socket.
+    assert_eq!(delivered(&mut nic, &peer, b_mac, &all), all);
+
+    let mut config = net_afxdp::RxFilterConfig {
+        mac: guest,
+        enabled: 1,
+        ..Default::default()
+    };
+    maps.set(&config, &[]).unwrap();
+    assert_eq!(
+        delivered(&mut nic, &peer, b_mac, &all),
+        [guest, bcast, mdns, all_nodes]
+    );
+    assert_eq!(maps.filtered_frames(0), 2, "other and listed counted");
+
+    config.multicast_by_table = 1;
+    maps.set(&config, &[listed, all_nodes]).unwrap();
+    assert_eq!(
+        delivered(&mut nic, &peer, b_mac, &all),
+        [guest, listed, bcast, all_nodes]
+    );
+    assert_eq!(maps.filtered_frames(0), 4);
+
+    // A smaller table replaces the old one.
+    maps.set(&config, &[mdns]).unwrap();
+    assert_eq!(
+        delivered(&mut nic, &peer, b_mac, &all),
+        [guest, bcast, mdns]
+    );
+
+    config.promisc = 1;
+    maps.set(&config, &[]).unwrap();
+    assert_eq!(delivered(&mut nic, &peer, b_mac, &all), all);
+    let too_many = vec![[0x02, 0, 0, 0, 0, 0]; net_afxdp::RX_FILTER_TABLE_MAX + 1];
+    assert!(maps.set(&config, &too_many).is_err());
+}

@@ -3,8 +3,10 @@
 
 use std::os::fd::RawFd;
 
-use devices::virtio::net::{NetBackend, NetConfig};
-use net_afxdp::{AfXdpConfig, AfXdpNic, XskQueue};
+use std::sync::{Mutex, PoisonError};
+
+use devices::virtio::net::{NetBackend, NetConfig, RxFilterSink, RxMode};
+use net_afxdp::{AfXdpConfig, AfXdpNic, RxFilterConfig, RxFilterMaps, XskQueue};
 
 use crate::net::{MacAddr, NetSpec};
 use crate::vm::{NetDevice, NetHost};
@@ -44,6 +46,51 @@ impl NetBackend for XskBackend {
         // Frames still waiting for a kick count as "no room": the worker
         // then waits for the socket to turn writable and tries again.
         (batch.sent, batch.out_of_room || batch.kick_pending)
+    }
+}
+
+// The device's MAC table and the program's must hold the same number.
+const _: () = assert!(devices::virtio::net::MAC_TABLE_MAX == net_afxdp::RX_FILTER_TABLE_MAX);
+
+/// Enforces a guest's receive mode (its MAC, promiscuous and all-multicast
+/// modes, its MAC table) in our XDP program: frames it should not see go
+/// to the host stack instead of its socket.
+pub struct XdpRxFilter {
+    id: String,
+    /// The maps of the program now attached; replaced when the NIC is
+    /// opened again, `None` while its interface is gone.
+    maps: Mutex<Option<RxFilterMaps>>,
+}
+
+impl XdpRxFilter {
+    pub fn new(id: String, maps: Option<RxFilterMaps>) -> Self {
+        Self {
+            id,
+            maps: Mutex::new(maps),
+        }
+    }
+
+    pub fn set_maps(&self, maps: Option<RxFilterMaps>) {
+        *self.maps.lock().unwrap_or_else(PoisonError::into_inner) = maps;
+    }
+}
+
+impl RxFilterSink for XdpRxFilter {
+    fn apply(&self, mode: &RxMode) {
+        let config = RxFilterConfig {
+            mac: mode.mac,
+            enabled: 1,
+            promisc: u8::from(mode.promisc || mode.unicast_overflow),
+            all_multi: u8::from(mode.all_multi || mode.multicast_overflow),
+            multicast_by_table: u8::from(mode.multicast_by_table),
+            pad: [0; 2],
+        };
+        let maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(maps) = maps.as_ref() {
+            if let Err(e) = maps.set(&config, mode.table()) {
+                devices::warn_ratelimited!("{}: cannot set the receive filter: {e}", self.id);
+            }
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::afxdp::XskBackend;
+use crate::afxdp::{XdpRxFilter, XskBackend};
 use crate::seccomp::{self, ThreadKind};
 
 /// Multicast group of link changes (`RTMGRP_LINK`).
@@ -36,6 +36,25 @@ pub struct WatchedNic {
     pub owner: Option<NicOwner>,
     pub link: NetLink,
     pub mtu: Option<u32>,
+    /// Enforces the guest's receive mode in our program (None with
+    /// inhibit=on: no program of ours, no filtering).
+    pub rx_filter: Option<Arc<XdpRxFilter>>,
+}
+
+impl WatchedNic {
+    /// Logs how many frames the receive filter kept from the guest.
+    fn report(&self) {
+        if let Some(attachment) = self.owner.as_ref().and_then(NicOwner::attachment) {
+            let filter = attachment.program().rx_filter();
+            let filtered: u64 = (0..self.config.queues)
+                .map(|q| filter.filtered_frames(self.config.start_queue + q))
+                .sum();
+            log::debug!(
+                "{}: {filtered} frame(s) not for the guest went to the host stack",
+                self.id
+            );
+        }
+    }
 }
 
 impl WatchedNic {
@@ -51,6 +70,9 @@ impl WatchedNic {
             if deleted {
                 self.ifindex = None;
                 // Its XDP link went with the interface; close ours.
+                if let Some(filter) = &self.rx_filter {
+                    filter.set_maps(None);
+                }
                 self.owner = None;
                 self.link.set_up(false);
                 log::warn!(
@@ -125,6 +147,16 @@ impl WatchedNic {
             return;
         }
         self.ifindex = Some(owner.info().ifindex);
+        if let (Some(filter), Some(attachment)) = (&self.rx_filter, owner.attachment()) {
+            match attachment.program().rx_filter().try_clone() {
+                Ok(maps) => {
+                    filter.set_maps(Some(maps));
+                    // The new program learns the guest's receive mode.
+                    self.link.set_rx_filter(filter.clone());
+                }
+                Err(e) => log::warn!("{}: no receive filter on the new program: {e}", self.id),
+            }
+        }
         self.owner = Some(owner);
         self.link.set_up(running);
         log::warn!(
@@ -141,7 +173,9 @@ impl WatchedNic {
 /// (their programs stay attached; link changes then go unnoticed).
 pub struct NicWatcher {
     stop: Option<EventFd>,
-    thread: Option<JoinHandle<Vec<WatchedNic>>>,
+    /// Ends by dropping the NICs (with our XDP programs): on that thread,
+    /// whose seccomp filter allows what that takes.
+    thread: Option<JoinHandle<()>>,
     unwatched: Vec<WatchedNic>,
 }
 
@@ -190,10 +224,15 @@ impl NicWatcher {
                     .take()
                     .unwrap_or_default();
                 if let Err(e) = seccomp::install(ThreadKind::NicWatch, filter.as_deref()) {
+                    // Filterless threads are not allowed: this one ends,
+                    // and the NICs stay attached until it is joined.
                     log::error!("{e}; link changes go unnoticed");
-                    return nics;
+                    return;
                 }
-                watch(socket, theirs, nics)
+                let nics = watch(socket, theirs, nics);
+                for nic in &nics {
+                    nic.report();
+                }
             });
         match spawned {
             Ok(thread) => Self {
@@ -225,9 +264,8 @@ impl Drop for NicWatcher {
             if let Err(e) = stop.write(1) {
                 log::error!("cannot stop the interface watcher: {e}");
             }
-            match thread.join() {
-                Ok(nics) => drop(nics),
-                Err(_) => log::error!("the interface watcher panicked"),
+            if thread.join().is_err() {
+                log::error!("the interface watcher panicked");
             }
         }
         self.unwatched.clear();

@@ -90,6 +90,10 @@ pub enum SeccompError {
     ThreadGone(String),
 }
 
+/// `enum bpf_cmd` (linux/bpf.h): BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM,
+/// BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY: element access on an open map.
+const BPF_MAP_ELEMENT_COMMANDS: [u64; 4] = [1, 2, 3, 4];
+
 /// `_IO(KVMIO, 0x80)`: the only KVM ioctl a vCPU thread makes once running.
 const KVM_RUN: u64 = 0xae80;
 
@@ -185,6 +189,11 @@ fn net_io(rules: &mut Rules) -> Result<(), SeccompError> {
         // A worker whose queue broke waits for its stop event.
         libc::SYS_poll,
     ]);
+    // The guest's receive mode (control queue; reset on a vCPU) goes into
+    // the XDP program's filter maps, through fds already open.
+    for command in BPF_MAP_ELEMENT_COMMANDS {
+        rules.allow_when(libc::SYS_bpf, &[(0, command)])?;
+    }
     Ok(())
 }
 

@@ -24,6 +24,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::{write_acpi_tables, AcpiPlatform};
+use crate::afxdp::XdpRxFilter;
 use crate::boot::load_guest;
 use crate::layout::*;
 use crate::nic_watch::{NicWatcher, WatchedNic};
@@ -175,7 +176,24 @@ pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
         }
         let id = net.config.id.clone();
         let link = attach_virtio_net(&vm, &mem, &mut mmio, *slot, net.config, net.backends)?;
+        let rx_filter = match net.host.owner.attachment() {
+            Some(attachment) => {
+                let maps = attachment
+                    .program()
+                    .rx_filter()
+                    .try_clone()
+                    .map_err(|e| VmmError::Net(e.to_string()))?;
+                let filter = Arc::new(XdpRxFilter::new(id.clone(), Some(maps)));
+                link.set_rx_filter(filter.clone());
+                Some(filter)
+            }
+            None => {
+                log::info!("{id}: inhibit=on: no program of ours, so no MAC filtering");
+                None
+            }
+        };
         watched.push(WatchedNic {
+            rx_filter,
             id,
             ifindex: Some(net.host.owner.info().ifindex),
             config: net.host.af_xdp,
@@ -185,7 +203,6 @@ pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
         });
     }
     let mmio = mmio.build();
-    let nic_watcher = NicWatcher::start(watched, filters.nic_watch.clone());
 
     let report = Arc::new(StopReport::new(new_evt()?));
     let stop = Arc::new(AtomicBool::new(false));
@@ -222,6 +239,8 @@ pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
     // Stop signals go to a signalfd read by this thread alone; block them
     // before any thread starts so that every thread inherits the mask.
     let signals = block_stop_signals().map_err(io_err("cannot set up signal handling"))?;
+    // After the mask: a stop signal must never reach it.
+    let nic_watcher = NicWatcher::start(watched, filters.nic_watch.clone());
     install_kick_handler().map_err(io_err("cannot install the vCPU kick handler"))?;
     let stdin = std::io::stdin();
     let raw_terminal = RawTerminal::enable(stdin.as_fd())

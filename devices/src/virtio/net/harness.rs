@@ -119,6 +119,11 @@ impl DriverHarness {
         self.event_idx = features & super::VIRTIO_RING_F_EVENT_IDX != 0;
         self.queues.clear();
         for q in 0..queue_count {
+            // As Linux does: no larger than the device allows (the control
+            // queue is smaller than the others).
+            reg(&mut self.transport, REG_QUEUE_SEL, q as u32);
+            let max = read_reg(&mut self.transport, REG_QUEUE_NUM_MAX);
+            let size = u16::try_from(max).map_or(size, |max| size.min(max));
             let base = RINGS_START + q as u64 * RING_BLOCK;
             let avail = avail_at
                 .iter()
@@ -321,17 +326,25 @@ impl DriverHarness {
     /// Linux does after probing; returns the ack (0 = OK), None if the
     /// device did not answer within `timeout`.
     pub fn set_queue_pairs(&mut self, ctrl: usize, pairs: u16, timeout: Duration) -> Option<u8> {
+        let [low, high] = pairs.to_le_bytes();
+        self.send_ctrl(ctrl, &[4, 0, low, high], timeout)
+    }
+
+    /// Sends one control command (class, command, data) in one readable
+    /// buffer plus the ack byte; returns the ack, None without an answer
+    /// within `timeout`.
+    pub fn send_ctrl(&mut self, ctrl: usize, command: &[u8], timeout: Duration) -> Option<u8> {
         // Scratch space past the per-queue buffers.
         const CMD: u64 = 0x3f0_0000;
-        const ACK: u64 = CMD + 0x100;
-        let mut cmd = [4u8, 0, 0, 0];
-        cmd[2..].copy_from_slice(&pairs.to_le_bytes());
+        const ACK: u64 = CMD + 0x1_0000;
         self.mem
-            .write_slice(&cmd, GuestAddress(CMD))
+            .write_slice(command, GuestAddress(CMD))
             .expect("command");
         self.mem.write_obj(0xffu8, GuestAddress(ACK)).expect("ack");
-        self.queue_raw_chain(ctrl, &[(CMD, 4, 0), (ACK, 1, VIRTQ_DESC_F_WRITE)]);
-        self.kick(ctrl);
+        let len = u32::try_from(command.len()).expect("command length");
+        self.queue_raw_chain(ctrl, &[(CMD, len, 0), (ACK, 1, VIRTQ_DESC_F_WRITE)]);
+        // As Linux does: with EVENT_IDX, only when the device asked for it.
+        self.kick_if_needed(ctrl);
         let deadline = Instant::now() + timeout;
         let mut used = Vec::new();
         while used.is_empty() && Instant::now() < deadline {

@@ -489,3 +489,44 @@ fn a_panicking_worker_keeps_its_backend_and_the_pair_serves_again() {
         assert_serves_again(&mut h, &peer);
     });
 }
+
+/// A driver adding chains while the device takes them is the normal case,
+/// not a broken ring: the device must never mistake the one for the other
+/// (it once did, when it re-read avail.idx after finding no chain).
+#[test]
+fn chains_published_while_the_device_works_are_not_a_broken_ring() {
+    within("concurrent publishing", TEST_LIMIT, || {
+        let (b, peer) = SocketBackend::pair();
+        let (dev, counters) = net_named("hv-race", vec![b]);
+        let mut h = DriverHarness::new(dev);
+        h.start(FEATURES, 3, 256);
+        const FRAMES: u32 = 100_000;
+        let receiver = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            let mut n = 0;
+            while n < FRAMES && peer.recv(&mut buf).is_ok() {
+                n += 1;
+            }
+            n
+        });
+        let mut sent = 0;
+        let mut used = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sent < FRAMES && Instant::now() < deadline {
+            if h.queue_tx_frame(1, &frame(sent, 64)) {
+                sent += 1;
+                h.kick_if_needed(1);
+            } else {
+                used.clear();
+                h.take_used(1, &mut used);
+            }
+            assert_eq!(
+                h.status() & STATUS_DEVICE_NEEDS_RESET,
+                0,
+                "a busy ring taken for a broken one: {}",
+                counters[0].snapshot()
+            );
+        }
+        assert_eq!(receiver.join().unwrap(), FRAMES);
+    });
+}

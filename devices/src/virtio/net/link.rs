@@ -11,6 +11,54 @@ use vmm_sys_util::eventfd::EventFd;
 use super::NetBackend;
 use crate::virtio::{Interrupt, INTERRUPT_CONFIG_CHANGE};
 
+/// Most addresses a MAC filter table holds; a guest that lists more gets
+/// more than it asked for (all unicast, or all multicast).
+pub const MAC_TABLE_MAX: usize = 64;
+
+/// Which frames the guest wants (VIRTIO_NET_F_CTRL_RX): besides unicast to
+/// its own MAC and broadcast, which it always gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RxMode {
+    pub mac: [u8; 6],
+    pub promisc: bool,
+    pub all_multi: bool,
+    /// Multicast only to the addresses in the table (once the driver set a
+    /// table; before that, all multicast).
+    pub multicast_by_table: bool,
+    /// Extra unicast and multicast addresses, the first `table_len`.
+    pub table: [[u8; 6]; MAC_TABLE_MAX],
+    pub table_len: usize,
+    /// The driver listed more unicast (multicast) addresses than the table
+    /// holds: all unicast (multicast) frames are delivered.
+    pub unicast_overflow: bool,
+    pub multicast_overflow: bool,
+}
+
+impl RxMode {
+    /// What a device delivers before its driver says otherwise.
+    pub fn default_for(mac: [u8; 6]) -> Self {
+        Self {
+            mac,
+            promisc: false,
+            all_multi: false,
+            multicast_by_table: false,
+            table: [[0; 6]; MAC_TABLE_MAX],
+            table_len: 0,
+            unicast_overflow: false,
+            multicast_overflow: false,
+        }
+    }
+
+    pub fn table(&self) -> &[[u8; 6]] {
+        &self.table[..self.table_len.min(MAC_TABLE_MAX)]
+    }
+}
+
+/// Where the receive filter is enforced on the host (the XDP program).
+pub trait RxFilterSink: Send + Sync {
+    fn apply(&self, mode: &RxMode);
+}
+
 /// What a running device needs to tell its driver and workers of a change.
 pub(crate) struct ActiveLink {
     pub interrupt: Arc<Interrupt>,
@@ -28,16 +76,50 @@ pub(crate) struct LinkState {
     active: Mutex<Option<ActiveLink>>,
     /// A new backend per pair, taken by its worker (or the next activation).
     replacements: Vec<Mutex<Option<Box<dyn NetBackend>>>>,
+    rx_mode: Mutex<RxMode>,
+    rx_filter: Mutex<Option<Arc<dyn RxFilterSink>>>,
 }
 
 impl LinkState {
-    pub fn new(pairs: usize) -> Self {
+    pub fn new(pairs: usize, mac: [u8; 6]) -> Self {
         Self {
             up: AtomicBool::new(true),
             generation: AtomicU32::new(0),
             active: Mutex::new(None),
             replacements: (0..pairs).map(|_| Mutex::new(None)).collect(),
+            rx_mode: Mutex::new(RxMode::default_for(mac)),
+            rx_filter: Mutex::new(None),
         }
+    }
+
+    /// Changes the receive mode and has the host enforce it.
+    pub fn update_rx_mode(&self, change: impl FnOnce(&mut RxMode)) {
+        let mode = {
+            let mut mode = self.rx_mode.lock().unwrap_or_else(PoisonError::into_inner);
+            change(&mut mode);
+            *mode
+        };
+        self.apply_rx_mode(&mode);
+    }
+
+    /// Back to the mode of a device without a driver (on reset).
+    pub fn reset_rx_mode(&self) {
+        self.update_rx_mode(|mode| *mode = RxMode::default_for(mode.mac));
+    }
+
+    fn apply_rx_mode(&self, mode: &RxMode) {
+        let sink = self
+            .rx_filter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(sink) = sink {
+            sink.apply(mode);
+        }
+    }
+
+    fn rx_mode(&self) -> RxMode {
+        *self.rx_mode.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn is_up(&self) -> bool {
@@ -100,6 +182,23 @@ impl NetLink {
 
     pub fn is_up(&self) -> bool {
         self.0.is_up()
+    }
+
+    /// Where the guest's receive mode is enforced from now on; applies the
+    /// current mode at once. Call it again (with a new sink, or the same
+    /// after it changed where it writes) to re-apply.
+    pub fn set_rx_filter(&self, sink: Arc<dyn RxFilterSink>) {
+        *self
+            .0
+            .rx_filter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(sink);
+        self.0.apply_rx_mode(&self.0.rx_mode());
+    }
+
+    /// The receive mode the guest asked for.
+    pub fn rx_mode(&self) -> RxMode {
+        self.0.rx_mode()
     }
 
     /// Hands every queue pair a new backend (one per pair, in order), as

@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use backend::NetBackend;
 pub use counters::{CountersSnapshot, QueuePairCounters};
-pub use link::NetLink;
+pub use link::{NetLink, RxFilterSink, RxMode, MAC_TABLE_MAX};
 pub use worker::NET_HDR_LEN;
 
 #[cfg(any(test, feature = "test-harness"))]
@@ -33,6 +33,7 @@ pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
 pub const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+pub const VIRTIO_NET_F_CTRL_RX: u64 = 1 << 18;
 pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
@@ -111,8 +112,9 @@ impl Net {
             .ok()
             .filter(|&p| (1..=0x8000).contains(&p))
             .ok_or_else(|| VirtioError::Activate(format!("{pairs} queue pairs is out of range")))?;
+        let mac = config.mac;
         let mut config_space = [0u8; CONFIG_LEN];
-        config_space[..6].copy_from_slice(&config.mac);
+        config_space[..6].copy_from_slice(&mac);
         config_space[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
         config_space[8..10].copy_from_slice(&pairs_u16.to_le_bytes());
         config_space[10..12].copy_from_slice(&config.mtu.to_le_bytes());
@@ -127,7 +129,7 @@ impl Net {
             workers: Vec::new(),
             counters: (0..pairs).map(|_| Arc::default()).collect(),
             active_pairs: Arc::default(),
-            link: Arc::new(link::LinkState::new(pairs)),
+            link: Arc::new(link::LinkState::new(pairs, mac)),
             #[cfg(test)]
             fail_spawn_at: None,
         })
@@ -228,6 +230,7 @@ impl Net {
                     event,
                     max_pairs: pairs as u16,
                     mq,
+                    rx_mode: self.acked_features & VIRTIO_NET_F_CTRL_RX != 0,
                     wakers: Vec::new(),
                 });
             }
@@ -346,6 +349,7 @@ impl VirtioDevice for Net {
             | VIRTIO_NET_F_MTU
             | VIRTIO_NET_F_STATUS
             | VIRTIO_NET_F_CTRL_VQ
+            | VIRTIO_NET_F_CTRL_RX
             | VIRTIO_NET_F_MQ
             | VIRTIO_RING_F_EVENT_IDX
             | VIRTIO_RING_F_INDIRECT_DESC
@@ -402,6 +406,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.stop_workers();
+        self.link.reset_rx_mode();
         self.acked_features = 0;
     }
 }

@@ -63,7 +63,12 @@ impl NetBackend for SocketBackend {
         while sent < self.tx_room {
             match fill(&mut frame) {
                 Some(len) => {
-                    self.sock.send(&frame[..len]).unwrap();
+                    // The socket is non-blocking (for receive); a full
+                    // peer only slows the test down, it loses nothing.
+                    while let Err(e) = self.sock.send(&frame[..len]) {
+                        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
                     sent += 1;
                 }
                 None => return (sent, false),
@@ -643,4 +648,101 @@ fn spoof_check_off_lets_any_source_mac_out() {
     let frames = [frame_from([0x02, 0, 0, 0, 0, 0x42], 1, 64), frame(2, 64)];
     assert_eq!(send_and_collect(&mut h, &peer, &frames), frames.to_vec());
     assert_eq!(counters.snapshot().tx_dropped_spoofed, 0);
+}
+
+/// Records every receive mode the device asks the host to enforce.
+#[derive(Default)]
+struct RecordingFilter(std::sync::Mutex<Vec<RxMode>>);
+
+impl RxFilterSink for RecordingFilter {
+    fn apply(&self, mode: &RxMode) {
+        self.0.lock().unwrap().push(*mode);
+    }
+}
+
+impl RecordingFilter {
+    fn last(&self) -> RxMode {
+        *self.0.lock().unwrap().last().expect("a mode was applied")
+    }
+}
+
+fn mac_table_command(unicast: &[[u8; 6]], multicast: &[[u8; 6]]) -> Vec<u8> {
+    let mut cmd = vec![1u8, 0]; // VIRTIO_NET_CTRL_MAC, MAC_TABLE_SET
+    for table in [unicast, multicast] {
+        cmd.extend_from_slice(&(table.len() as u32).to_le_bytes());
+        for mac in table {
+            cmd.extend_from_slice(mac);
+        }
+    }
+    cmd
+}
+
+#[test]
+fn receive_mode_commands_reach_the_host_filter() {
+    let (b, _peer) = SocketBackend::pair();
+    let (dev, _) = net(vec![b]);
+    let link = dev.link();
+    let filter = Arc::new(RecordingFilter::default());
+    link.set_rx_filter(filter.clone());
+    assert_eq!(filter.last(), RxMode::default_for(MAC), "applied at once");
+    let mut h = DriverHarness::new(dev);
+    h.start(FEATURES | VIRTIO_NET_F_CTRL_RX, 3, 64);
+    let wait = Duration::from_secs(5);
+
+    assert_eq!(h.send_ctrl(2, &[0, 0, 1], wait), Some(0), "promisc on");
+    assert!(filter.last().promisc);
+    assert_eq!(h.send_ctrl(2, &[0, 1, 1], wait), Some(0), "allmulti on");
+    assert!(filter.last().all_multi && filter.last().promisc);
+    assert_eq!(h.send_ctrl(2, &[0, 0, 0], wait), Some(0), "promisc off");
+    assert!(!filter.last().promisc);
+
+    let uni = [[0x02, 1, 2, 3, 4, 5]];
+    let multi = [[0x33, 0x33, 0, 0, 0, 1], [0x01, 0, 0x5e, 0, 0, 1]];
+    assert_eq!(
+        h.send_ctrl(2, &mac_table_command(&uni, &multi), wait),
+        Some(0)
+    );
+    let mode = filter.last();
+    assert!(mode.multicast_by_table);
+    assert_eq!(mode.table(), &[uni[0], multi[0], multi[1]]);
+    assert!(!mode.unicast_overflow && !mode.multicast_overflow);
+
+    // More multicast addresses than the table holds: all multicast.
+    let many: Vec<[u8; 6]> = (0..70u8).map(|i| [0x33, 0x33, 0, 0, 1, i]).collect();
+    assert_eq!(
+        h.send_ctrl(2, &mac_table_command(&uni, &many), wait),
+        Some(0)
+    );
+    let mode = filter.last();
+    assert!(
+        mode.multicast_overflow && !mode.unicast_overflow,
+        "{mode:?}"
+    );
+    assert_eq!(mode.table().len(), MAC_TABLE_MAX);
+
+    // Malformed: a count beyond the data; a bad length for promisc.
+    let mut bad = mac_table_command(&uni, &multi);
+    bad[2] = 9;
+    let before = filter.0.lock().unwrap().len();
+    assert_eq!(h.send_ctrl(2, &bad, wait), Some(1));
+    assert_eq!(h.send_ctrl(2, &[0, 0, 1, 1], wait), Some(1));
+    assert_eq!(filter.0.lock().unwrap().len(), before, "nothing applied");
+
+    // A reset goes back to the default mode.
+    h.reset();
+    assert_eq!(filter.last(), RxMode::default_for(MAC));
+}
+
+#[test]
+fn receive_mode_commands_need_ctrl_rx() {
+    let (b, _peer) = SocketBackend::pair();
+    let (dev, _) = net(vec![b]);
+    let filter = Arc::new(RecordingFilter::default());
+    dev.link().set_rx_filter(filter.clone());
+    let mut h = DriverHarness::new(dev);
+    h.start(FEATURES, 3, 64);
+    let wait = Duration::from_secs(5);
+    assert_eq!(h.send_ctrl(2, &[0, 0, 1], wait), Some(1));
+    assert_eq!(filter.0.lock().unwrap().len(), 1, "only the initial mode");
+    assert!(h.device_features() & VIRTIO_NET_F_CTRL_RX != 0, "offered");
 }

@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::NetBackend;
 use super::counters::{add, QueuePairCounters};
-use super::link::LinkState;
+use super::link::{LinkState, MAC_TABLE_MAX};
 use crate::virtio::{Interrupt, INTERRUPT_USED_RING};
 
 /// `virtio_net_hdr_v1`: what precedes every frame on both queues.
@@ -33,8 +33,17 @@ const MIN_FRAME_LEN: usize = 14;
 /// `num_buffers` (offset 10) is 1: each frame fits one buffer chain.
 const RX_HEADER: [u8; NET_HDR_LEN] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
 
+const VIRTIO_NET_CTRL_RX: u8 = 0;
+const VIRTIO_NET_CTRL_RX_PROMISC: u8 = 0;
+const VIRTIO_NET_CTRL_RX_ALLMULTI: u8 = 1;
+const VIRTIO_NET_CTRL_MAC: u8 = 1;
+const VIRTIO_NET_CTRL_MAC_TABLE_SET: u8 = 0;
 const VIRTIO_NET_CTRL_MQ: u8 = 4;
 const VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
+/// class, command, then the largest command data we read: two MAC tables
+/// (a 4-byte count and 6 bytes per address) at full size. Longer commands
+/// are only MAC tables larger than ours, and are treated as such.
+const CTRL_COMMAND_MAX: usize = 2 + 2 * (4 + 6 * MAC_TABLE_MAX);
 const VIRTIO_NET_OK: u8 = 0;
 const VIRTIO_NET_ERR: u8 = 1;
 
@@ -53,6 +62,9 @@ pub(crate) struct ControlQueue {
     pub max_pairs: u16,
     /// Whether VIRTIO_NET_F_MQ was negotiated (VQ_PAIRS_SET allowed).
     pub mq: bool,
+    /// Whether VIRTIO_NET_F_CTRL_RX was negotiated (receive mode and MAC
+    /// table commands allowed).
+    pub rx_mode: bool,
     /// Each pair's wake-up, written when the number of active pairs
     /// changes so that a pair that stops being used drains its backend.
     pub wakers: Vec<EventFd>,
@@ -154,14 +166,15 @@ enum Pass {
 
 /// The next available chain, or why the queue cannot be used. Unlike
 /// `pop_descriptor_chain` this tells "nothing available" apart from "the
-/// driver broke the ring", which must not be retried forever.
+/// driver broke the ring", which must not be retried forever. (The ring
+/// itself is always readable: the transport checked at DRIVER_OK that it
+/// lies in guest memory, and an avail ring left at 0 is refused by iter.)
 fn next_chain<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemoryMmap,
     name: &'static str,
 ) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, WorkerFault> {
     let size = queue.size();
-    let next_avail = queue.next_avail();
     let mut iter = queue.iter(mem).map_err(|e| WorkerFault::queue(name, e))?;
     match iter.next() {
         Some(chain) if chain.head_index() < size => Ok(Some(chain)),
@@ -172,15 +185,7 @@ fn next_chain<'m>(
                 chain.head_index()
             ),
         )),
-        None => {
-            // The iterator also ends when it cannot read the ring: then
-            // the ring says there is more but nothing can be taken.
-            match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
-                Ok(idx) if idx.0 == next_avail => Ok(None),
-                Ok(_) => Err(WorkerFault::queue(name, "avail ring unreadable")),
-                Err(e) => Err(WorkerFault::queue(name, e)),
-            }
-        }
+        None => Ok(None),
     }
 }
 
@@ -604,21 +609,43 @@ impl QueuePairWorker {
         let budget = usize::from(ctrl.queue.size());
         let mut pass = Pass::Done;
         for taken in 0.. {
-            let Some(chain) = next_chain(&mut ctrl.queue, mem, "control")? else {
-                break;
+            let chain = match next_chain(&mut ctrl.queue, mem, "control")? {
+                Some(chain) => chain,
+                // With EVENT_IDX the driver notifies only past avail_event:
+                // publish it (by enabling notifications), then look again
+                // for commands that came meanwhile.
+                None if more_after_enable(&mut ctrl.queue, mem, "control")? => continue,
+                None => break,
             };
             let head = chain.head_index();
-            let (used, pairs) = handle_ctrl_chain(mem, chain, ctrl.max_pairs, ctrl.mq, budget);
-            if let Some(pairs) = pairs {
-                // Before the ack: the guest may rely on the new set once
-                // it sees the command used.
-                self.active_pairs
-                    .store(usize::from(pairs), Ordering::Release);
-                for waker in &ctrl.wakers {
-                    if let Err(e) = waker.write(1) {
-                        crate::error_ratelimited!("virtio-net: cannot wake a queue pair: {e}");
+            let allowed = CtrlAllowed {
+                max_pairs: ctrl.max_pairs,
+                mq: ctrl.mq,
+                rx_mode: ctrl.rx_mode,
+            };
+            let (used, effect) = handle_ctrl_chain(mem, chain, allowed, budget);
+            // Applied before the ack: the guest may rely on the change once
+            // it sees the command used.
+            match effect {
+                Some(CtrlEffect::Pairs(pairs)) => {
+                    self.active_pairs
+                        .store(usize::from(pairs), Ordering::Release);
+                    for waker in &ctrl.wakers {
+                        if let Err(e) = waker.write(1) {
+                            crate::error_ratelimited!("virtio-net: cannot wake a queue pair: {e}");
+                        }
                     }
                 }
+                Some(CtrlEffect::Promisc(on)) => self.link.update_rx_mode(|m| m.promisc = on),
+                Some(CtrlEffect::AllMulti(on)) => self.link.update_rx_mode(|m| m.all_multi = on),
+                Some(CtrlEffect::MacTable(table)) => self.link.update_rx_mode(|m| {
+                    m.table = table.addresses;
+                    m.table_len = table.len;
+                    m.unicast_overflow = table.unicast_overflow;
+                    m.multicast_overflow = table.multicast_overflow;
+                    m.multicast_by_table = true;
+                }),
+                None => {}
             }
             ctrl.queue
                 .add_used(mem, head, used)
@@ -755,17 +782,41 @@ fn write_rx_chain(
     Ok(total as u32)
 }
 
-/// Answers one control command; returns the bytes written (the ack) and,
-/// for an accepted VQ_PAIRS_SET, the number of pairs the guest now uses.
+/// Which control commands the negotiated features allow.
+#[derive(Debug, Clone, Copy)]
+struct CtrlAllowed {
+    max_pairs: u16,
+    mq: bool,
+    rx_mode: bool,
+}
+
+/// A MAC filter table as VIRTIO_NET_CTRL_MAC_TABLE_SET sets it.
+struct MacTable {
+    addresses: [[u8; 6]; MAC_TABLE_MAX],
+    len: usize,
+    unicast_overflow: bool,
+    multicast_overflow: bool,
+}
+
+/// What an accepted control command changes.
+enum CtrlEffect {
+    Pairs(u16),
+    Promisc(bool),
+    AllMulti(bool),
+    MacTable(Box<MacTable>),
+}
+
+/// Answers one control command; returns the bytes written (the ack) and
+/// what the command changes, if it was accepted.
 fn handle_ctrl_chain(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
-    max_pairs: u16,
-    mq: bool,
+    allowed: CtrlAllowed,
     max_descs: usize,
-) -> (u32, Option<u16>) {
-    let mut command = [0u8; 4]; // class, cmd, then up to 2 bytes of data
+) -> (u32, Option<CtrlEffect>) {
+    let mut command = [0u8; CTRL_COMMAND_MAX];
     let mut command_len = 0usize;
+    let mut truncated = false;
     let mut ack_addr = None;
     for desc in chain.take(max_descs) {
         if desc.is_write_only() {
@@ -775,7 +826,9 @@ fn handle_ctrl_chain(
             }
             continue;
         }
-        let n = (desc.len() as usize).min(command.len() - command_len);
+        let len = desc.len() as usize;
+        let n = len.min(command.len() - command_len);
+        truncated |= n < len;
         if n > 0
             && mem
                 .read_slice(&mut command[command_len..command_len + n], desc.addr())
@@ -784,22 +837,86 @@ fn handle_ctrl_chain(
             command_len += n;
         }
     }
-    let mut new_pairs = None;
-    let status = match (command_len, command[0], command[1]) {
-        (4, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) if mq => {
-            let pairs = u16::from_le_bytes([command[2], command[3]]);
-            if (1..=max_pairs).contains(&pairs) {
-                new_pairs = Some(pairs);
-                VIRTIO_NET_OK
-            } else {
-                VIRTIO_NET_ERR
-            }
-        }
-        _ => VIRTIO_NET_ERR,
+    let effect = parse_ctrl_command(&command[..command_len], truncated, allowed);
+    let status = if effect.is_some() {
+        VIRTIO_NET_OK
+    } else {
+        VIRTIO_NET_ERR
     };
     let written = match ack_addr {
         Some(addr) if mem.write_obj(status, addr).is_ok() => 1,
         _ => 0,
     };
-    (written, new_pairs)
+    (written, effect)
+}
+
+/// The effect of an acceptable command; None for anything refused.
+fn parse_ctrl_command(command: &[u8], truncated: bool, allowed: CtrlAllowed) -> Option<CtrlEffect> {
+    let (&class, rest) = command.split_first()?;
+    let (&cmd, data) = rest.split_first()?;
+    match (class, cmd) {
+        (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) if allowed.mq => {
+            let pairs = u16::from_le_bytes(data.try_into().ok()?);
+            (1..=allowed.max_pairs)
+                .contains(&pairs)
+                .then_some(CtrlEffect::Pairs(pairs))
+        }
+        (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC | VIRTIO_NET_CTRL_RX_ALLMULTI)
+            if allowed.rx_mode =>
+        {
+            let [on] = <[u8; 1]>::try_from(data).ok()?;
+            let on = on != 0;
+            Some(if cmd == VIRTIO_NET_CTRL_RX_PROMISC {
+                CtrlEffect::Promisc(on)
+            } else {
+                CtrlEffect::AllMulti(on)
+            })
+        }
+        (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET) if allowed.rx_mode => {
+            parse_mac_tables(data, truncated).map(|t| CtrlEffect::MacTable(Box::new(t)))
+        }
+        _ => None,
+    }
+}
+
+/// Two `virtio_net_ctrl_mac` tables, unicast then multicast. A command cut
+/// short by our buffer can only be tables larger than ours.
+fn parse_mac_tables(mut data: &[u8], truncated: bool) -> Option<MacTable> {
+    let mut table = MacTable {
+        addresses: [[0; 6]; MAC_TABLE_MAX],
+        len: 0,
+        unicast_overflow: false,
+        multicast_overflow: false,
+    };
+    for multicast in [false, true] {
+        let Some((count, rest)) = data.split_first_chunk::<4>() else {
+            if truncated {
+                table.unicast_overflow |= !multicast;
+                table.multicast_overflow = true;
+                return Some(table);
+            }
+            return None;
+        };
+        let count = u32::from_le_bytes(*count) as usize;
+        let Some(bytes) = count.checked_mul(6).filter(|&b| b <= rest.len()) else {
+            if truncated {
+                table.unicast_overflow |= !multicast;
+                table.multicast_overflow = true;
+                return Some(table);
+            }
+            return None;
+        };
+        for mac in rest[..bytes].chunks_exact(6) {
+            match table.addresses.get_mut(table.len) {
+                Some(slot) => {
+                    slot.copy_from_slice(mac);
+                    table.len += 1;
+                }
+                None if multicast => table.multicast_overflow = true,
+                None => table.unicast_overflow = true,
+            }
+        }
+        data = &rest[bytes..];
+    }
+    Some(table)
 }
