@@ -21,3 +21,9 @@ fi
 
 echo "== cargo test"
 cargo test --workspace --all-targets "$@"
+
+# Fuzzing smoke run (issue 8): every cargo-fuzz target for a short while
+# from its kept corpus, plus the saved reproducers; a crash, hang or leak
+# fails here with the artifact's path. Installs cargo-fuzz when missing.
+echo "== fuzz smoke (${FUZZ_SMOKE_SECONDS:-20} s per target)"
+bash resources/fuzz.sh "${FUZZ_SMOKE_SECONDS:-20}"

@@ -39,7 +39,11 @@ impl std::str::FromStr for MacAddr {
         let mut bytes = [0u8; 6];
         let mut parts = text.split(':');
         for byte in &mut bytes {
-            let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+            // Two hex digits exactly: from_str_radix alone would take "+f".
+            let part = parts
+                .next()
+                .filter(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+                .ok_or_else(bad)?;
             *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
         }
         if parts.next().is_some() {
@@ -149,6 +153,11 @@ mod tests {
         ));
         assert!(matches!(
             "af-xdp,mac=52:54:00:12:34".parse::<NetSpec>(),
+            Err(NetSpecError::BadMac(_))
+        ));
+        // Found by the net_option fuzz target: a sign is not a hex digit.
+        assert!(matches!(
+            "af-xdp,mac=52:+4:00:12:34:56".parse::<NetSpec>(),
             Err(NetSpecError::BadMac(_))
         ));
         assert!(matches!(

@@ -1,0 +1,482 @@
+//! Shared pieces of the xskvm fuzz targets: a small guest memory with a
+//! driver-side shadow of what the "guest" wrote, an in-memory network
+//! backend that checks what the device hands it, and a way to wait until
+//! the device's IO threads are idle.
+//!
+//! Panics anywhere (fuzz thread or device IO thread) abort the process:
+//! libfuzzer-sys installs a panic hook that does, so a panic the device's
+//! worker would catch and turn into DEVICE_NEEDS_RESET is still a finding.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::bus::BusDevice;
+use devices::virtio::net::{Net, NetBackend, NetConfig};
+use devices::virtio::MmioTransport;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Guest RAM: two adjacent regions (accesses may cross between them), a
+/// hole, and a third region, so addresses can fall in, across and outside.
+pub const REGIONS: [(u64, usize); 3] = [(0, 0x8000), (0x8000, 0x4000), (0xd000, 0x20000)];
+/// First address past the last region.
+pub const MEM_END: u64 = 0x2d000;
+
+/// The device's name: its IO threads are called `xskvm-f-q<pair>`.
+pub const NET_ID: &str = "f";
+const THREAD_PREFIX: &str = "xskvm-f-q";
+pub const MAC: [u8; 6] = [0x02, 0x58, 0x53, 0x4b, 0x00, 0x01];
+pub const MTU: u16 = 1500;
+/// What the device offers (checked against `Net::device_features`).
+pub const OFFERED: u64 = (1 << 32) // VERSION_1
+    | (1 << 3) // MTU
+    | (1 << 5) // MAC
+    | (1 << 16) // STATUS
+    | (1 << 17) // CTRL_VQ
+    | (1 << 22) // MQ
+    | (1 << 28) // INDIRECT_DESC
+    | (1 << 29); // EVENT_IDX
+pub const F_CTRL_VQ: u64 = 1 << 17;
+pub const F_MQ: u64 = 1 << 22;
+pub const F_VERSION_1: u64 = 1 << 32;
+pub const NET_HDR_LEN: usize = 12;
+/// Size of the backend's transmit buffer: no frame handed over is longer.
+pub const TX_BUF: usize = 2048;
+pub const QUEUE_MAX: u16 = 256;
+pub const CTRL_QUEUE_MAX: u16 = 64;
+
+pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_INDIRECT: u16 = 4;
+
+pub fn guest_memory() -> GuestMemoryMmap {
+    let ranges: Vec<(GuestAddress, usize)> = REGIONS
+        .iter()
+        .map(|&(start, len)| (GuestAddress(start), len))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).unwrap()
+}
+
+/// Whether `[addr, addr + len)` is all guest RAM.
+pub fn in_ram(addr: u64, len: u64) -> bool {
+    let Some(end) = addr.checked_add(len) else {
+        return false;
+    };
+    let mut at = addr;
+    for &(start, size) in &REGIONS {
+        let region_end = start + size as u64;
+        if at >= start && at < region_end {
+            at = region_end.min(end);
+        }
+    }
+    at >= end
+}
+
+/// The guest as the driver sees it: every byte the driver wrote. The
+/// device's own writes (used rings, received frames) are not in it.
+pub struct Shadow {
+    pub bytes: Vec<u8>,
+    /// Set once the driver set DRIVER_OK (the device may be running).
+    pub driver_ok: bool,
+}
+
+impl Default for Shadow {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shadow {
+    pub fn new() -> Self {
+        Self {
+            bytes: vec![0; MEM_END as usize],
+            driver_ok: false,
+        }
+    }
+
+    /// Writes `data` at `addr` as the driver would: the parts that are RAM
+    /// land in guest memory and the shadow, the rest is dropped.
+    pub fn write(&mut self, mem: &GuestMemoryMmap, addr: u64, data: &[u8]) {
+        let end = addr.saturating_add(data.len() as u64);
+        for &(start, size) in &REGIONS {
+            let (from, to) = (addr.max(start), end.min(start + size as u64));
+            if from >= to {
+                continue;
+            }
+            let chunk = &data[(from - addr) as usize..(to - addr) as usize];
+            mem.write_slice(chunk, GuestAddress(from)).unwrap();
+            self.bytes[from as usize..to as usize].copy_from_slice(chunk);
+        }
+    }
+
+    /// Aligned little-endian u16 write in one store (ring indices are read
+    /// by the device while the driver writes them).
+    pub fn write_u16(&mut self, mem: &GuestMemoryMmap, addr: u64, value: u16) {
+        if addr % 2 != 0 || !in_ram(addr, 2) {
+            return self.write(mem, addr, &value.to_le_bytes());
+        }
+        mem.write_obj(value, GuestAddress(addr)).unwrap();
+        self.bytes[addr as usize..addr as usize + 2].copy_from_slice(&value.to_le_bytes());
+    }
+
+    /// The driver's bytes at `[addr, addr + len)`, if that is RAM.
+    pub fn get(&self, addr: u64, len: usize) -> Option<&[u8]> {
+        in_ram(addr, len as u64).then(|| &self.bytes[addr as usize..addr as usize + len])
+    }
+}
+
+/// Reads `len` bytes of guest memory, `None` unless it is all RAM.
+pub fn read_guest(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    (in_ram(addr, len as u64) && mem.read_slice(&mut buf, GuestAddress(addr)).is_ok())
+        .then_some(buf)
+}
+
+/// The host side of all queue pairs, shared with the fuzz thread.
+#[derive(Default)]
+pub struct Host {
+    /// Frames waiting to be received by the guest, per pair.
+    pub pending: Vec<VecDeque<Vec<u8>>>,
+    /// Lengths of every frame ever offered to the guest.
+    pub offered_lens: Vec<usize>,
+    /// Frames the device took for the guest, per pair.
+    pub delivered: Vec<usize>,
+    /// Frames the device transmitted, per pair.
+    pub sent: Vec<usize>,
+    /// Keep every frame delivered and sent (for checks that compare them).
+    pub keep_frames: bool,
+    pub delivered_frames: Vec<Vec<Vec<u8>>>,
+    pub sent_frames: Vec<Vec<Vec<u8>>>,
+    /// Frames transmit accepts per call before it reports no room.
+    pub tx_room: usize,
+    /// The first broken rule seen on a device thread; checked on the
+    /// fuzz thread (a panic there would only mark the device broken).
+    pub violation: Option<String>,
+}
+
+pub struct HostHandle {
+    pub host: Arc<Mutex<Host>>,
+    /// Per pair: readable while frames wait (the backend's fd).
+    ready: Vec<Arc<EventFd>>,
+    /// Backends not dropped yet.
+    pub live: Arc<AtomicUsize>,
+}
+
+impl HostHandle {
+    /// Offers `frame` to the guest on `pair`.
+    pub fn inject(&self, pair: usize, frame: Vec<u8>) {
+        let mut host = self.host.lock().unwrap();
+        host.offered_lens.push(frame.len());
+        host.pending[pair].push_back(frame);
+        // Under the lock: the backend drains the event under it too, so a
+        // frame never waits behind a drained event.
+        self.ready[pair].write(1).unwrap();
+    }
+
+    pub fn violation(&self) -> Option<String> {
+        self.host.lock().unwrap().violation.clone()
+    }
+}
+
+struct MemBackend {
+    pair: usize,
+    host: Arc<Mutex<Host>>,
+    ready: Arc<EventFd>,
+    live: Arc<AtomicUsize>,
+}
+
+impl Drop for MemBackend {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl NetBackend for MemBackend {
+    fn fd(&self) -> RawFd {
+        self.ready.as_raw_fd()
+    }
+
+    fn receive(&mut self, deliver: &mut dyn FnMut(&[u8]) -> bool) -> usize {
+        let mut host = self.host.lock().unwrap();
+        let mut taken = 0;
+        loop {
+            let Some(frame) = host.pending[self.pair].front() else {
+                // Nothing waits: not readable any more.
+                let _ = self.ready.read();
+                return taken;
+            };
+            if !deliver(frame) {
+                return taken;
+            }
+            let frame = host.pending[self.pair].pop_front().unwrap_or_default();
+            host.delivered[self.pair] += 1;
+            if host.keep_frames {
+                host.delivered_frames[self.pair].push(frame);
+            }
+            taken += 1;
+        }
+    }
+
+    fn transmit(&mut self, fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>) -> (usize, bool) {
+        let mut host = self.host.lock().unwrap();
+        let mut buf = [0u8; TX_BUF];
+        let mut sent = 0;
+        while sent < host.tx_room {
+            match fill(&mut buf) {
+                Some(len) => {
+                    if !(14..=TX_BUF).contains(&len) && host.violation.is_none() {
+                        host.violation = Some(format!("transmitted a frame of {len} bytes"));
+                    }
+                    host.sent[self.pair] += 1;
+                    if host.keep_frames {
+                        let frame = buf[..len.min(TX_BUF)].to_vec();
+                        host.sent_frames[self.pair].push(frame);
+                    }
+                    sent += 1;
+                }
+                None => return (sent, false),
+            }
+        }
+        (sent, true)
+    }
+}
+
+/// `pairs` backends over one shared [`Host`].
+pub fn backends(pairs: usize, tx_room: usize) -> (Vec<Box<dyn NetBackend>>, HostHandle) {
+    let host = Arc::new(Mutex::new(Host {
+        pending: vec![VecDeque::new(); pairs],
+        delivered: vec![0; pairs],
+        sent: vec![0; pairs],
+        delivered_frames: vec![Vec::new(); pairs],
+        sent_frames: vec![Vec::new(); pairs],
+        tx_room: tx_room.max(1),
+        ..Host::default()
+    }));
+    let live = Arc::new(AtomicUsize::new(pairs));
+    let ready: Vec<Arc<EventFd>> = (0..pairs)
+        .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
+        .collect();
+    let backends = (0..pairs)
+        .map(|pair| {
+            Box::new(MemBackend {
+                pair,
+                host: host.clone(),
+                ready: ready[pair].clone(),
+                live: live.clone(),
+            }) as Box<dyn NetBackend>
+        })
+        .collect();
+    (backends, HostHandle { host, ready, live })
+}
+
+/// A virtio-net device with `pairs` queue pairs behind its MMIO transport.
+pub fn device(
+    pairs: usize,
+    tx_room: usize,
+    mem: &GuestMemoryMmap,
+) -> (MmioTransport, HostHandle, EventFd) {
+    let (backends, host) = backends(pairs, tx_room);
+    let net = Net::new(
+        NetConfig {
+            id: NET_ID.into(),
+            mac: MAC,
+            mtu: MTU,
+        },
+        backends,
+    )
+    .unwrap();
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let transport =
+        MmioTransport::new(Box::new(net), mem.clone(), irq.try_clone().unwrap()).unwrap();
+    (transport, host, irq)
+}
+
+pub fn reg_write(t: &mut MmioTransport, offset: u64, value: u32) {
+    t.write(offset, &value.to_le_bytes());
+}
+
+pub fn reg_read(t: &mut MmioTransport, offset: u64) -> u32 {
+    let mut data = [0u8; 4];
+    t.read(offset, &mut data);
+    u32::from_le_bytes(data)
+}
+
+fn readable(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no timeout.
+    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+}
+
+/// Thread ids of the device's IO threads.
+pub fn worker_tids() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|comm| comm.starts_with(THREAD_PREFIX))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Whether the thread is asleep (in epoll_wait or poll); gone counts as asleep.
+fn asleep(tid: &str) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) else {
+        return true;
+    };
+    stat.rfind(')')
+        .and_then(|i| stat.as_bytes().get(i + 2))
+        .is_none_or(|&state| state != b'R')
+}
+
+/// Waits (at most `limit`) until every queue notification was taken by
+/// the device and its IO threads sleep: whatever the guest offered so far
+/// has been processed. Heuristic (a thread may sleep for other reasons);
+/// it only makes the fuzz thread's view more complete.
+pub fn settle(queue_events: &[EventFd], limit: Duration) {
+    let tids = worker_tids();
+    let deadline = Instant::now() + limit;
+    let mut quiet = 0;
+    while Instant::now() < deadline {
+        let busy =
+            queue_events.iter().any(|e| readable(e.as_raw_fd())) || tids.iter().any(|t| !asleep(t));
+        quiet = if busy { 0 } else { quiet + 1 };
+        if quiet == 3 {
+            return;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// One descriptor as the driver wrote it.
+#[derive(Debug, Clone, Copy)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+impl Desc {
+    pub fn to_bytes(self) -> [u8; 16] {
+        let mut raw = [0u8; 16];
+        raw[..8].copy_from_slice(&self.addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&self.len.to_le_bytes());
+        raw[12..14].copy_from_slice(&self.flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&self.next.to_le_bytes());
+        raw
+    }
+
+    pub fn from_bytes(raw: &[u8]) -> Self {
+        let u16_at = |i: usize| u16::from_le_bytes([raw[i], raw[i + 1]]);
+        Desc {
+            addr: u64::from_le_bytes(raw[..8].try_into().unwrap()),
+            len: u32::from_le_bytes(raw[8..12].try_into().unwrap()),
+            flags: u16_at(12),
+            next: u16_at(14),
+        }
+    }
+}
+
+/// The descriptors of chain `head` as the device walks it (virtio-queue's
+/// `DescriptorChain`: indirect tables, a time-to-live of the table size,
+/// at most 4 GiB in total), read from the driver's shadow. Also returns
+/// the 16-byte table entries read, so the caller can tell whether the
+/// device saw the same bytes.
+pub fn walk_chain(shadow: &Shadow, table: u64, size: u16, head: u16) -> (Vec<Desc>, Vec<u64>) {
+    let (mut table, mut table_size, mut ttl) = (table, size, size);
+    let mut next = head;
+    let mut indirect = false;
+    let mut total: u32 = 0;
+    let (mut descs, mut entries) = (Vec::new(), Vec::new());
+    while ttl > 0 && next < table_size {
+        let Some(at) = table.checked_add(u64::from(next) * 16) else {
+            break;
+        };
+        let Some(raw) = shadow.get(at, 16) else {
+            break;
+        };
+        entries.push(at);
+        let desc = Desc::from_bytes(raw);
+        if desc.flags & DESC_F_INDIRECT != 0 {
+            if indirect || desc.len % 16 != 0 || desc.len / 16 > u32::from(u16::MAX) {
+                break;
+            }
+            table = desc.addr;
+            table_size = (desc.len / 16) as u16;
+            ttl = table_size;
+            next = 0;
+            indirect = true;
+            continue;
+        }
+        let Some(sum) = total.checked_add(desc.len) else {
+            break;
+        };
+        total = sum;
+        if desc.flags & DESC_F_NEXT != 0 {
+            next = desc.next;
+            ttl -= 1;
+        } else {
+            ttl = 0;
+        }
+        descs.push(desc);
+    }
+    (descs, entries)
+}
+
+/// Every descriptor the device could ever find in a table of `size`
+/// entries at `table` (including indirect tables), from the shadow; `None`
+/// if that is too much to look at.
+pub fn all_descs(shadow: &Shadow, table: u64, size: u16) -> Option<Vec<(u64, Desc)>> {
+    let mut out = Vec::new();
+    let mut tables = vec![(table, u32::from(size), false)];
+    while let Some((table, entries, indirect)) = tables.pop() {
+        for i in 0..u64::from(entries) {
+            let at = table.checked_add(i * 16)?;
+            let Some(raw) = shadow.get(at, 16) else {
+                continue;
+            };
+            let desc = Desc::from_bytes(raw);
+            if desc.flags & DESC_F_INDIRECT != 0 && !indirect && desc.len % 16 == 0 {
+                tables.push((desc.addr, desc.len / 16, true));
+            }
+            out.push((at, desc));
+            if out.len() > 16384 {
+                return None;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Whether `[a, a + alen)` and `[b, b + blen)` share a byte.
+pub fn overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool {
+    alen > 0 && blen > 0 && a < b.saturating_add(blen) && b < a.saturating_add(alen)
+}
+
+/// Asserts the device's IO threads are gone (joined, never left running).
+/// A joined thread may linger in /proc for a moment after it woke its
+/// joiner, so this waits a little before it calls a thread left over.
+pub fn assert_no_workers(what: &str) {
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        let left = worker_tids();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: IO threads still running: {left:?}"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}

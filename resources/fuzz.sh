@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Runs the cargo-fuzz targets in fuzz/: resources/fuzz.sh SECONDS [TARGET...]
+# (all targets if none is named). Installs cargo-fuzz if missing, builds
+# the targets with the nightly toolchain (build output goes to a log that
+# is shown only on failure), replays the saved reproducers in
+# fuzz/regressions/TARGET/, then fuzzes each target for SECONDS starting
+# from fuzz/corpus/TARGET/ (new finds go to a scratch directory; the kept
+# corpus is not changed). Prints the executions and exec/s of each target.
+# Exits non-zero on any crash, timeout (hang) or leak, naming the artifact.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() { echo "usage: $0 SECONDS [TARGET...]" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+seconds=$1
+shift
+[[ "$seconds" =~ ^[0-9]+$ ]] || usage
+
+# Each run: a hang longer than this is a finding.
+timeout_s=${FUZZ_TIMEOUT:-10}
+log_dir=${FUZZ_LOG_DIR:-$(mktemp -d /tmp/xskvm-fuzz.XXXXXX)}
+mkdir -p "$log_dir"
+
+if ! cargo +nightly --version >/dev/null 2>&1; then
+    echo "fuzz: the nightly toolchain is needed (rustup toolchain install nightly)" >&2
+    exit 1
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "== installing cargo-fuzz (log: $log_dir/install.log)"
+    cargo install cargo-fuzz --locked >"$log_dir/install.log" 2>&1 \
+        || { tail -50 "$log_dir/install.log" >&2; echo "fuzz: installing cargo-fuzz failed" >&2; exit 1; }
+fi
+
+if [ $# -eq 0 ]; then
+    set -- $(cargo fuzz list)
+fi
+
+echo "== building fuzz targets (log: $log_dir/build.log)"
+for target in "$@"; do
+    # Release with debug assertions (cargo-fuzz's default): overflow checks on.
+    if ! cargo +nightly fuzz build "$target" >>"$log_dir/build.log" 2>&1; then
+        tail -80 "$log_dir/build.log" >&2
+        echo "fuzz: building fuzz target $target failed" >&2
+        exit 1
+    fi
+done
+triple=$(rustc +nightly -vV | sed -n 's/^host: //p')
+bin_dir=fuzz/target/$triple/release
+
+failed=0
+for target in "$@"; do
+    bin=$bin_dir/$target
+    artifacts=fuzz/artifacts/$target/
+    mkdir -p "$artifacts"
+    log=$log_dir/$target.log
+    common=(-timeout="$timeout_s" -artifact_prefix="$artifacts")
+
+    # Bugs found before must stay fixed.
+    if [ -d "fuzz/regressions/$target" ] && [ -n "$(ls -A "fuzz/regressions/$target")" ]; then
+        if ! "$bin" "${common[@]}" fuzz/regressions/"$target"/* >"$log_dir/$target.regressions.log" 2>&1; then
+            tail -40 "$log_dir/$target.regressions.log" >&2
+            echo "fuzz: $target: a saved reproducer in fuzz/regressions/$target fails again" >&2
+            failed=1
+            continue
+        fi
+    fi
+
+    scratch=$log_dir/corpus-$target
+    mkdir -p "$scratch" "fuzz/corpus/$target"
+    rc=0
+    "$bin" "${common[@]}" -max_total_time="$seconds" -print_final_stats=1 \
+        "$scratch" "fuzz/corpus/$target" >"$log" 2>&1 || rc=$?
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+    rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
+    if [ "$rc" -ne 0 ]; then
+        tail -60 "$log" >&2
+        artifact=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -1)
+        echo "fuzz: $target FAILED (exit $rc) after ${execs:-?} executions; artifact: ${artifact:-none (see $log)}" >&2
+        echo "fuzz: reproduce with: $bin $artifact" >&2
+        failed=1
+        continue
+    fi
+    printf '%-16s %12s executions in %ss, %s exec/s\n' "$target" "${execs:-?}" "$seconds" "${rate:-?}"
+done
+exit $failed
