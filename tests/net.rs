@@ -486,6 +486,42 @@ cat /tmp/console
 }
 
 #[test]
+fn a_udp_flood_from_the_peer_leaves_xskvm_and_the_guest_working() {
+    // iperf3 -R: the peer's server sends as fast as it can, for 8 s,
+    // datagrams of 18 bytes of payload (64-byte frames).
+    let script = format!(
+        r#"{testbed}
+ip netns exec peer iperf3 -s -D
+cat > /tmp/guest-cmd <<'CMD'
+{GUEST_NET_UP}; iperf3 -c {PEER_IP} -u -b 0 -l 18 -t 8 -R -f m; ping -c 3 -W 5 {PEER_IP} && echo PING-AFTER=ok; echo FLOOD-DONE
+CMD
+boot_guest /tmp/console --net af-xdp,ifname=xs0
+wait_for FLOOD-DONE /tmp/console
+kill -0 $XSKVM_PID && echo XSKVM-ALIVE=yes
+finish
+cat /tmp/console
+"#,
+        testbed = testbed(1)
+    );
+    let out = run(script);
+    assert_clean_exit(&out);
+    assert_eq!(
+        out.value_of("XSKVM-ALIVE"),
+        Some("yes"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(out.value_of("PING-AFTER"), Some("ok"), "{}", out.describe());
+    let counts = queue_counts(&out);
+    eprintln!("(rx, tx) during and after the flood: {counts:?}");
+    assert!(
+        counts.first().is_some_and(|&(rx, _)| rx > 1000),
+        "the flood reached the guest\n{}",
+        out.describe()
+    );
+}
+
+#[test]
 fn traffic_resumes_after_the_guest_reloads_virtio_net() {
     let script = format!(
         r#"{testbed}
