@@ -71,9 +71,14 @@ fn run(script: String) -> ScenarioOutput {
     )
 }
 
+/// The scenario printed `KEY=want` (as its last `KEY=` line).
+fn assert_value(out: &ScenarioOutput, key: &str, want: &str) {
+    assert_eq!(out.value_of(key), Some(want), "{key}\n{}", out.describe());
+}
+
 fn assert_clean_exit(out: &ScenarioOutput) {
     assert_eq!(out.status, Some(0), "scenario failed\n{}", out.describe());
-    assert_eq!(out.value_of("XSKVM-RC"), Some("0"), "{}", out.describe());
+    assert_value(out, "XSKVM-RC", "0");
     assert_eq!(
         out.value_of("XDP"),
         Some("gone"),
@@ -100,14 +105,9 @@ cat /tmp/console
         testbed = testbed(1)
     );
     let out = run(script);
-    assert_eq!(out.value_of("GUEST-PING"), Some("ok"), "{}", out.describe());
-    assert_eq!(
-        out.value_of("XDP-WHILE-RUNNING"),
-        Some("yes"),
-        "{}",
-        out.describe()
-    );
-    assert_eq!(out.value_of("PEER-PING"), Some("ok"), "{}", out.describe());
+    assert_value(&out, "GUEST-PING", "ok");
+    assert_value(&out, "XDP-WHILE-RUNNING", "yes");
+    assert_value(&out, "PEER-PING", "ok");
     assert_clean_exit(&out);
 }
 
@@ -353,26 +353,11 @@ cat /tmp/console
     );
     let out = run(script);
     assert_clean_exit(&out);
-    assert_eq!(out.value_of("FIRST-PING"), Some("ok"), "{}", out.describe());
-    assert_eq!(
-        out.value_of("GUEST-CARRIER-DOWN"),
-        Some("0"),
-        "{}",
-        out.describe()
-    );
-    assert_eq!(
-        out.value_of("GUEST-NO-CARRIER"),
-        Some("yes"),
-        "{}",
-        out.describe()
-    );
-    assert_eq!(
-        out.value_of("GUEST-CARRIER-UP"),
-        Some("1"),
-        "{}",
-        out.describe()
-    );
-    assert_eq!(out.value_of("AFTER-PING"), Some("ok"), "{}", out.describe());
+    assert_value(&out, "FIRST-PING", "ok");
+    assert_value(&out, "GUEST-CARRIER-DOWN", "0");
+    assert_value(&out, "GUEST-NO-CARRIER", "yes");
+    assert_value(&out, "GUEST-CARRIER-UP", "1");
+    assert_value(&out, "AFTER-PING", "ok");
     assert!(
         out.stdout.contains("xs0 link down") && out.stdout.contains("xs0 link up"),
         "logged once each way\n{}",
@@ -403,32 +388,12 @@ cat /tmp/console
     );
     let out = run(script);
     assert_clean_exit(&out);
-    assert_eq!(out.value_of("FIRST-PING"), Some("ok"), "{}", out.describe());
-    assert_eq!(
-        out.value_of("GUEST-CARRIER-GONE"),
-        Some("0"),
-        "{}",
-        out.describe()
-    );
-    assert_eq!(
-        out.value_of("XSKVM-ALIVE"),
-        Some("yes"),
-        "{}",
-        out.describe()
-    );
-    assert_eq!(
-        out.value_of("GUEST-CARRIER-BACK"),
-        Some("1"),
-        "{}",
-        out.describe()
-    );
-    assert_eq!(
-        out.value_of("XDP-REATTACHED"),
-        Some("yes"),
-        "{}",
-        out.describe()
-    );
-    assert_eq!(out.value_of("AFTER-PING"), Some("ok"), "{}", out.describe());
+    assert_value(&out, "FIRST-PING", "ok");
+    assert_value(&out, "GUEST-CARRIER-GONE", "0");
+    assert_value(&out, "XSKVM-ALIVE", "yes");
+    assert_value(&out, "GUEST-CARRIER-BACK", "1");
+    assert_value(&out, "XDP-REATTACHED", "yes");
+    assert_value(&out, "AFTER-PING", "ok");
 }
 
 /// The guest's RX packet count as it printed it under `key`.
@@ -505,13 +470,8 @@ cat /tmp/console
     );
     let out = run(script);
     assert_clean_exit(&out);
-    assert_eq!(
-        out.value_of("XSKVM-ALIVE"),
-        Some("yes"),
-        "{}",
-        out.describe()
-    );
-    assert_eq!(out.value_of("PING-AFTER"), Some("ok"), "{}", out.describe());
+    assert_value(&out, "XSKVM-ALIVE", "yes");
+    assert_value(&out, "PING-AFTER", "ok");
     let counts = queue_counts(&out);
     eprintln!("(rx, tx) during and after the flood: {counts:?}");
     assert!(
@@ -536,14 +496,9 @@ cat /tmp/console
     );
     let out = run(script);
     assert_clean_exit(&out);
-    assert_eq!(out.value_of("FIRST-PING"), Some("ok"), "{}", out.describe());
-    assert_eq!(out.value_of("UNLOADED"), Some("yes"), "{}", out.describe());
-    assert_eq!(
-        out.value_of("AFTER-RELOAD-PING"),
-        Some("ok"),
-        "{}",
-        out.describe()
-    );
+    assert_value(&out, "FIRST-PING", "ok");
+    assert_value(&out, "UNLOADED", "yes");
+    assert_value(&out, "AFTER-RELOAD-PING", "ok");
 }
 
 #[test]
@@ -562,12 +517,7 @@ finish
         testbed = testbed(1)
     );
     let out = run(script);
-    assert_eq!(
-        out.value_of("XDP-WHILE-RUNNING"),
-        Some("yes"),
-        "{}",
-        out.describe()
-    );
+    assert_value(&out, "XDP-WHILE-RUNNING", "yes");
     assert_eq!(
         out.value_of("XSKVM-RC"),
         Some("137"),

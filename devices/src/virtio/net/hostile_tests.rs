@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::harness::{DriverHarness, VIRTQ_DESC_F_WRITE};
-use super::tests::{collect_used, frame, SocketBackend, FEATURES, MAC};
+use super::tests::{collect_used, config, frame, SocketBackend, FEATURES};
 use super::*;
 use crate::virtio::mmio::STATUS_DEVICE_NEEDS_RESET;
 use crate::virtio::INTERRUPT_CONFIG_CHANGE;
@@ -22,17 +22,7 @@ use crate::virtio::INTERRUPT_CONFIG_CHANGE;
 const TEST_LIMIT: Duration = Duration::from_secs(30);
 
 fn net_named(id: &str, backends: Vec<Box<dyn NetBackend>>) -> (Net, Vec<Arc<QueuePairCounters>>) {
-    let net = Net::new(
-        NetConfig {
-            id: id.into(),
-            mac: MAC,
-            mtu: 1500,
-            spoof_check: true,
-            on_thread_start: None,
-        },
-        backends,
-    )
-    .unwrap();
+    let net = Net::new(config(id, true), backends).unwrap();
     let counters = net.counters().to_vec();
     (net, counters)
 }

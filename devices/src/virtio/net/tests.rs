@@ -87,18 +87,19 @@ pub(super) const FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_NET_F_MQ
     | VIRTIO_RING_F_EVENT_IDX;
 
+/// The device tests' configuration: thread names `xskvm-{id}-q{pair}`.
+pub(super) fn config(id: &str, spoof_check: bool) -> NetConfig {
+    NetConfig {
+        id: id.into(),
+        mac: MAC,
+        mtu: 1500,
+        spoof_check,
+        on_thread_start: None,
+    }
+}
+
 fn net(backends: Vec<Box<dyn NetBackend>>) -> (Net, Vec<Arc<QueuePairCounters>>) {
-    let net = Net::new(
-        NetConfig {
-            id: "nettest".into(),
-            mac: MAC,
-            mtu: 1500,
-            spoof_check: true,
-            on_thread_start: None,
-        },
-        backends,
-    )
-    .unwrap();
+    let net = Net::new(config("nettest", true), backends).unwrap();
     let counters = net.counters().to_vec();
     (net, counters)
 }
@@ -571,17 +572,7 @@ fn net_with(
     spoof_check: bool,
     backends: Vec<Box<dyn NetBackend>>,
 ) -> (Net, Arc<QueuePairCounters>) {
-    let net = Net::new(
-        NetConfig {
-            id: "nettx".into(),
-            mac: MAC,
-            mtu: 1500,
-            spoof_check,
-            on_thread_start: None,
-        },
-        backends,
-    )
-    .unwrap();
+    let net = Net::new(config("nettx", spoof_check), backends).unwrap();
     let counters = net.counters()[0].clone();
     (net, counters)
 }
