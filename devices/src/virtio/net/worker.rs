@@ -249,12 +249,13 @@ impl QueuePairWorker {
             // While transmit is out of room, also retry on a short timer: in
             // copy mode the kernel only moves the AF_XDP TX ring when kicked,
             // and a kick refused as busy is not always followed by POLLOUT.
-            let now = Instant::now();
             let timeout = if tx == Pass::MoreWork || rx == Pass::MoreWork || ctrl == Pass::MoreWork
             {
                 0
             } else if let Some(at) = tx_retry_at {
-                at.saturating_duration_since(now).as_millis().max(1) as i32
+                at.saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .max(1) as i32
             } else {
                 -1
             };
