@@ -474,6 +474,13 @@ cat /tmp/console
     assert_value(&out, "PING-AFTER", "ok");
     let counts = queue_counts(&out);
     eprintln!("(rx, tx) during and after the flood: {counts:?}");
+    // What the kernel dropped is counted and reported at exit.
+    let report = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("host side: AF_XDP queue 0: kernel drops:"))
+        .unwrap_or_else(|| panic!("no AF_XDP drop report\n{}", out.describe()));
+    eprintln!("{report}");
     assert!(
         counts.first().is_some_and(|&(rx, _)| rx > 1000),
         "the flood reached the guest\n{}",

@@ -47,6 +47,20 @@ impl NetBackend for XskBackend {
         // then waits for the socket to turn writable and tries again.
         (batch.sent, batch.out_of_room || batch.kick_pending)
     }
+
+    fn report(&self) -> Option<String> {
+        let k = self.queue.xdp_statistics().ok()?;
+        Some(format!(
+            "AF_XDP queue {}: kernel drops: {} (no fill-ring buffer or too long), {} (rx ring \
+             full); fill ring found empty {} times; invalid rx/tx descriptors {}/{}",
+            self.queue.queue_id(),
+            k.rx_dropped,
+            k.rx_ring_full,
+            k.rx_fill_ring_empty_descs,
+            k.rx_invalid_descs,
+            k.tx_invalid_descs
+        ))
+    }
 }
 
 // The device's MAC table and the program's must hold the same number.

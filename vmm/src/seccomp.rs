@@ -189,6 +189,11 @@ fn net_io(rules: &mut Rules) -> Result<(), SeccompError> {
         // A worker whose queue broke waits for its stop event.
         libc::SYS_poll,
     ]);
+    // The AF_XDP socket's drop counters, logged when the pair stops.
+    rules.allow_when(
+        libc::SYS_getsockopt,
+        &[(1, libc::SOL_XDP as u64), (2, libc::XDP_STATISTICS as u64)],
+    )?;
     // The guest's receive mode (control queue; reset on a vCPU) goes into
     // the XDP program's filter maps, through fds already open.
     for command in BPF_MAP_ELEMENT_COMMANDS {

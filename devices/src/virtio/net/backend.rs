@@ -20,4 +20,10 @@ pub trait NetBackend: Send {
     /// `(sent, out_of_room)`: `out_of_room` is true when it stopped because
     /// no buffer was free while `fill` might have had more.
     fn transmit(&mut self, fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>) -> (usize, bool);
+
+    /// The host side's own view of this queue (drops it counted, say), for
+    /// the log when the queue pair stops; called on its IO thread.
+    fn report(&self) -> Option<String> {
+        None
+    }
 }

@@ -209,7 +209,12 @@ impl QueuePairWorker {
         // The worker owns everything the closure touches; after a panic it
         // is only asked for its backend and dropped.
         let fault = match catch_unwind(AssertUnwindSafe(|| self.event_loop())) {
-            Ok(Ok(())) => return self.backend,
+            Ok(Ok(())) => {
+                if let Some(report) = self.backend.report() {
+                    log::debug!("virtio-net queue pair {}: host side: {report}", self.pair);
+                }
+                return self.backend;
+            }
             Ok(Err(fault)) => fault.to_string(),
             Err(_) => "the IO thread panicked".to_string(),
         };
