@@ -74,6 +74,11 @@ impl UmemConfig {
 
     /// The longest frame that can be received (frame size minus the XDP
     /// headroom the kernel leaves in front of it).
+    /// Bytes of UMEM one queue registers (what RLIMIT_MEMLOCK is charged).
+    pub fn bytes_per_queue(&self) -> u64 {
+        u64::from(self.frame_size) * (u64::from(self.rx_frames) + u64::from(self.tx_frames))
+    }
+
     pub fn max_rx_frame(&self) -> u32 {
         self.frame_size - XDP_PACKET_HEADROOM
     }

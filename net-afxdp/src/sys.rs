@@ -147,10 +147,12 @@ pub(crate) fn memlock_limit() -> Option<u64> {
     (lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur)
 }
 
-/// Raises RLIMIT_MEMLOCK as far as permitted: to unlimited with
-/// CAP_SYS_RESOURCE, else the soft limit up to the hard one. Failure is not
-/// an error: CAP_IPC_LOCK or a large enough limit may make it unnecessary.
-pub(crate) fn raise_memlock() {
+/// Raises RLIMIT_MEMLOCK by `needed` bytes (the UMEMs about to be
+/// registered), not more: the soft limit up to the hard one needs no
+/// privilege; beyond it both limits go up, which needs CAP_SYS_RESOURCE.
+/// Failure is not an error: with CAP_IPC_LOCK the kernel does not charge
+/// UMEMs at all, and registration reports a limit that is too low.
+pub(crate) fn raise_memlock(needed: u64) {
     let mut lim = MaybeUninit::<libc::rlimit>::uninit();
     // SAFETY: lim is writable storage for one rlimit.
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, lim.as_mut_ptr()) } != 0 {
@@ -158,31 +160,52 @@ pub(crate) fn raise_memlock() {
     }
     // SAFETY: filled by getrlimit.
     let lim = unsafe { lim.assume_init() };
-    if lim.rlim_cur == libc::RLIM_INFINITY {
+    let Some(new) = memlock_for(lim, needed) else {
         return;
-    }
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: valid rlimit struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0 {
-        log::debug!("af-xdp: RLIMIT_MEMLOCK raised to unlimited");
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &new) } == 0 {
+        log::debug!(
+            "af-xdp: RLIMIT_MEMLOCK raised by {needed} bytes to {}",
+            new.rlim_cur
+        );
         return;
     }
-    if lim.rlim_cur < lim.rlim_max {
-        let to_hard = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
-        };
-        // SAFETY: valid rlimit struct.
-        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &to_hard) } == 0 {
-            log::debug!(
-                "af-xdp: RLIMIT_MEMLOCK raised to the hard limit {}",
-                lim.rlim_max
-            );
+    // Without CAP_SYS_RESOURCE: as far as the hard limit goes.
+    let to_hard = libc::rlimit {
+        rlim_cur: lim.rlim_max,
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: valid rlimit struct.
+    let raised = lim.rlim_cur < lim.rlim_max
+        && unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &to_hard) } == 0;
+    log::debug!(
+        "af-xdp: cannot raise RLIMIT_MEMLOCK by {needed} bytes (soft {}, hard {}){}",
+        lim.rlim_cur,
+        lim.rlim_max,
+        if raised {
+            "; raised to the hard limit"
+        } else {
+            ""
         }
+    );
+}
+
+/// The limits that leave `needed` more bytes lockable, or None when
+/// nothing needs to change.
+fn memlock_for(lim: libc::rlimit, needed: u64) -> Option<libc::rlimit> {
+    if lim.rlim_cur == libc::RLIM_INFINITY || needed == 0 {
+        return None;
     }
+    let target = lim.rlim_cur.saturating_add(needed);
+    Some(libc::rlimit {
+        rlim_cur: target,
+        rlim_max: if lim.rlim_max == libc::RLIM_INFINITY {
+            lim.rlim_max
+        } else {
+            lim.rlim_max.max(target)
+        },
+    })
 }
 
 pub(crate) fn setsockopt<T>(
@@ -337,5 +360,37 @@ mod tests {
         );
         assert!(fd_is_open(file.as_raw_fd()));
         assert!(!fd_is_open(100_000));
+    }
+}
+
+#[cfg(test)]
+mod memlock_tests {
+    use super::*;
+
+    fn lim(cur: u64, max: u64) -> libc::rlimit {
+        libc::rlimit {
+            rlim_cur: cur,
+            rlim_max: max,
+        }
+    }
+
+    #[test]
+    fn memlock_goes_up_by_what_is_needed_only() {
+        let inf = libc::RLIM_INFINITY;
+        let new = memlock_for(lim(8 << 20, 64 << 20), 16 << 20).unwrap();
+        assert_eq!((new.rlim_cur, new.rlim_max), (24 << 20, 64 << 20));
+        let new = memlock_for(lim(8 << 20, 8 << 20), 16 << 20).unwrap();
+        assert_eq!(
+            (new.rlim_cur, new.rlim_max),
+            (24 << 20, 24 << 20),
+            "hard too"
+        );
+        let new = memlock_for(lim(8 << 20, inf), 16 << 20).unwrap();
+        assert_eq!((new.rlim_cur, new.rlim_max), (24 << 20, inf));
+        assert!(
+            memlock_for(lim(inf, inf), 16 << 20).is_none(),
+            "unlimited stays"
+        );
+        assert!(memlock_for(lim(8 << 20, inf), 0).is_none());
     }
 }
