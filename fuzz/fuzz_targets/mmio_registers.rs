@@ -4,10 +4,13 @@
 //!
 //! Invariants: identity and feature registers never change; narrow or
 //! unaligned register accesses read zero; config space reads match the
-//! device's MAC/status/pairs/MTU; the status only gains bits until a reset,
-//! which brings it (and every queue's READY) back to zero; FEATURES_OK is
-//! only ever shown for an acceptable feature set; reset and drop end every
-//! IO thread and give every backend back.
+//! device's MAC/status/pairs/MTU, the link state included (the input
+//! takes the host link down and up); ConfigGeneration changes exactly with
+//! the link (between config writes); the status only gains bits until a
+//! reset, which brings it (and every queue's READY) back to zero;
+//! FEATURES_OK is only ever shown for an acceptable feature set; QueueReady
+//! is what the driver wrote while queue setup was allowed; reset and drop
+//! end every IO thread and give every backend back.
 
 #![no_main]
 
@@ -67,6 +70,9 @@ struct Model {
     status_seen: u32,
     /// Last config generation read, while no config write happened since.
     generation: Option<u32>,
+    /// QueueReady of each queue.
+    ready: Vec<bool>,
+    link_up: bool,
 }
 
 impl Model {
@@ -85,6 +91,8 @@ impl Model {
             driver_features_sel: 0,
             status_seen: 0,
             generation: None,
+            ready: vec![false; 2 * pairs + 1],
+            link_up: true,
         }
     }
 
@@ -94,6 +102,7 @@ impl Model {
         self.driver_features = 0;
         self.driver_features_sel = 0;
         self.status_seen = 0;
+        self.ready.iter_mut().for_each(|r| *r = false);
     }
 
     fn queue_max(&self, sel: u32) -> u32 {
@@ -161,6 +170,17 @@ impl Fuzz {
                     }
                 }
             }
+            REG_QUEUE_READY => {
+                // Queue registers are written between FEATURES_OK and
+                // DRIVER_OK only (the others are refused).
+                let blocked = STATUS_DRIVER_OK | STATUS_FAILED | STATUS_DEVICE_NEEDS_RESET;
+                let allowed =
+                    status_before & STATUS_FEATURES_OK != 0 && status_before & blocked == 0;
+                let sel = self.model.queue_sel as usize;
+                if allowed && sel < self.model.ready.len() {
+                    self.model.ready[sel] = value == 1;
+                }
+            }
             REG_STATUS if value == 0 => {
                 self.model.reset();
                 let status = reg_read(&mut self.transport, REG_STATUS);
@@ -217,10 +237,13 @@ impl Fuzz {
             }
             REG_QUEUE_NUM_MAX => assert_eq!(value, m.queue_max(m.queue_sel), "QueueNumMax"),
             REG_QUEUE_READY => {
-                assert!(value <= 1, "QueueReady {value}");
-                if m.queue_max(m.queue_sel) == 0 {
-                    assert_eq!(value, 0, "ready queue {} that does not exist", m.queue_sel);
-                }
+                let ready = m.ready.get(m.queue_sel as usize).copied().unwrap_or(false);
+                assert_eq!(
+                    value,
+                    u32::from(ready),
+                    "QueueReady of queue {}",
+                    m.queue_sel
+                );
             }
             REG_INTERRUPT_STATUS => assert_eq!(value & !3, 0, "interrupt status {value:#x}"),
             REG_STATUS => self.check_status(value),
@@ -285,7 +308,7 @@ fn queue_addr(u: &mut Unstructured) -> Result<u64> {
 }
 
 fn op(f: &mut Fuzz, u: &mut Unstructured) -> Result<()> {
-    match u.int_in_range(0..=11u8)? {
+    match u.int_in_range(0..=12u8)? {
         0 | 1 => {
             let (offset, len) = (offset(u)?, access_len(u)?);
             f.read(offset, len);
@@ -354,6 +377,19 @@ fn op(f: &mut Fuzz, u: &mut Unstructured) -> Result<()> {
             let len = u.int_in_range(0..=32usize)?;
             let data = u.bytes(len)?.to_vec();
             f.shadow.write(&f.mem, addr, &data);
+        }
+        12 => {
+            // The host NIC goes away or comes back (the VMM's NIC watcher).
+            let up = u.arbitrary()?;
+            let changed = f.host.link.as_ref().unwrap().set_up(up);
+            assert_eq!(changed, up != f.model.link_up, "link change reported");
+            f.model.link_up = up;
+            f.model.config[6..8].copy_from_slice(&u16::from(up).to_le_bytes());
+            if changed {
+                if let Some(generation) = &mut f.model.generation {
+                    *generation = generation.wrapping_add(1);
+                }
+            }
         }
         _ => {
             let status = reg_read(&mut f.transport, REG_INTERRUPT_STATUS);

@@ -9,22 +9,34 @@
 //! backend comes back; no frame handed to the backend is a runt or longer
 //! than its buffer; no panic on any thread.
 //!
+//! Also always: every frame handed to the backend passes the TX policy
+//! (no runt, at most MTU + 18 bytes, the device's source MAC); after the
+//! reset the receive mode is back to its default.
+//!
 //! Checked when the input drove the device "orderly" (no raw memory writes
 //! after DRIVER_OK, rings apart from each other and from every buffer the
 //! device may write, no descriptor rewritten once published, at most a
-//! queue's worth of chains per queue, no raw register writes): each used
-//! ring holds exactly the published chains in order, with the length the
-//! chain deserves (RX: header + frame if it fits the writable buffers,
-//! else 0; TX: 0; control: 1 if there is room for the ack, else 0); only
-//! the queues the negotiated features make live are used; the frames sent
-//! are exactly the well-formed TX chains' frames; received frames and
-//! control acks land in guest memory as they should.
+//! queue's worth of chains per queue, no raw register writes): a pair only
+//! stops with DEVICE_NEEDS_RESET if its rings are broken (avail ring at 0,
+//! a head outside the queue); for every other pair, each used ring holds
+//! exactly the published chains in order, with the length the chain
+//! deserves (RX: header + frame if it fits the writable buffers, else 0;
+//! TX: 0; control: 1 if there is room for the ack, else 0); only the queues
+//! the negotiated features make live are used; the frames sent are exactly
+//! the TX chains' frames the policy allows, and the policy's drop counters
+//! match; every frame taken from the backend either lands in the pair's RX
+//! ring (in order, bytes as they should be) or, on a pair the guest does
+//! not use, is dropped and counted (which of the two is checked wherever
+//! it does not depend on when a VQ_PAIRS_SET took effect); control acks
+//! follow the command parser (MQ and CTRL_RX commands), and the receive
+//! mode the device reports is the one the acked commands set.
 
 #![no_main]
 
 use std::time::Duration;
 
 use devices::virtio::mmio::*;
+use devices::virtio::net::{RxMode, MAC_TABLE_MAX};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::GuestMemoryMmap;
@@ -36,6 +48,12 @@ const RING_BLOCK: u64 = 0x2000;
 const BUF_START: u64 = 0xd000;
 const BUF_LEN: u64 = 0x4000;
 const RX_HEADER: [u8; NET_HDR_LEN] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+/// The device reads at most this much of a control command: class, command
+/// and two full MAC tables.
+const CTRL_COMMAND_MAX: usize = 2 + 2 * (4 + 6 * MAC_TABLE_MAX);
+/// Pair-state syncs (see `sync_pair`) per input, and how long each waits.
+const MAX_SYNCS: u32 = 3;
+const SYNC_WAIT: Duration = Duration::from_millis(10);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Role {
@@ -88,6 +106,8 @@ struct Fuzz {
     queues: Vec<Queue>,
     activated: bool,
     orderly: bool,
+    /// A raw register write happened: the transport's state is unknown.
+    raw_registers: bool,
     /// Bytes of descriptor entries read by a published chain.
     in_chain: Vec<bool>,
     /// Bytes of the buffers of published chains.
@@ -99,6 +119,19 @@ struct Fuzz {
     buf_cursor: u64,
     frame_seq: u32,
     settles: u32,
+    /// Per pair, per frame offered (in order, as the backend hands them
+    /// out): whether the pair was in use when the device took it, where
+    /// that does not depend on timing (None: it may have been either).
+    rx_active: Vec<Vec<Option<bool>>>,
+    /// Per pair: whether it is in use now, if known (see `sync_pair`).
+    active_now: Vec<Option<bool>>,
+    /// The queue pairs in use once every published control command is
+    /// processed.
+    pairs_after_ctrl: u16,
+    syncs: u32,
+    /// Control used index, receive mode, control used index, read in this
+    /// order before the reset.
+    rx_mode_seen: Option<(u16, RxMode, u16)>,
 }
 
 impl Fuzz {
@@ -189,6 +222,7 @@ impl Fuzz {
         if self.queues[q].published.len() > usize::from(size) {
             self.orderly = false;
         }
+        self.note_ctrl_publish(q, head);
         // The descriptor entries of this chain must not change any more.
         let (descs, entries) = walk_chain(&self.shadow, queue.desc, size, head);
         for at in entries {
@@ -205,6 +239,102 @@ impl Fuzz {
         }
     }
 
+    /// What a control command just published will do to the pairs in use:
+    /// frames that still wait for a pair whose use it changes may be taken
+    /// before or after it takes effect.
+    fn note_ctrl_publish(&mut self, q: usize, head: u16) {
+        if self.roles_for(true).get(q) != Some(&Role::Ctrl) {
+            return;
+        }
+        let queue = &self.queues[q];
+        let (descs, _) = walk_chain(&self.shadow, queue.desc, queue.size, head);
+        let expected = expect_ctrl(
+            &self.shadow,
+            &descs,
+            usize::from(queue.size),
+            self.allowed(),
+        );
+        let Some(Effect::Pairs(n)) = expected.effect else {
+            return;
+        };
+        for pair in 1..self.pairs {
+            let (before, after) = (
+                usize::from(self.pairs_after_ctrl) > pair,
+                usize::from(n) > pair,
+            );
+            if before != after {
+                self.active_now[pair] = None;
+                let waiting = self.host.pending(pair);
+                let offered = self.rx_active[pair].len();
+                for class in &mut self.rx_active[pair][offered.saturating_sub(waiting)..] {
+                    *class = None;
+                }
+            }
+        }
+        self.pairs_after_ctrl = n;
+    }
+
+    /// Whether `pair` is in use now. After a VQ_PAIRS_SET that changes it
+    /// was acked, the pair's IO thread may still be in a pass that looked
+    /// at the old value: a frame offered then and taken (the pass taking
+    /// it ends with nothing waiting) proves the next pass looks anew.
+    fn sync_pair(&mut self, pair: usize) {
+        if self.active_now[pair].is_some()
+            || !self.activated
+            || !self.orderly
+            || self.syncs >= MAX_SYNCS
+        {
+            return;
+        }
+        let roles = self.roles();
+        let Some(ctrl) = roles.iter().position(|&r| r == Role::Ctrl) else {
+            return;
+        };
+        self.syncs += 1;
+        let q = &self.queues[ctrl];
+        let deadline = std::time::Instant::now() + SYNC_WAIT;
+        loop {
+            let used =
+                read_guest(&self.mem, q.used + 2, 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+            if used.map(usize::from) == Some(q.published.len()) {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        self.rx_active[pair].push(None);
+        self.host.inject(pair, vec![0x33; 60]);
+        while std::time::Instant::now() < deadline {
+            if self.host.pending(pair) == 0 {
+                self.active_now[pair] = Some(usize::from(self.pairs_after_ctrl) > pair);
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// Offers a frame to the guest on `pair`, noting whether it is in use.
+    fn inject(&mut self, pair: usize, frame: Vec<u8>) {
+        self.sync_pair(pair);
+        let active = if pair == 0 {
+            Some(true)
+        } else {
+            self.active_now[pair]
+        };
+        self.rx_active[pair].push(active);
+        self.host.inject(pair, frame);
+    }
+
+    fn allowed(&self) -> Allowed {
+        Allowed {
+            max_pairs: self.pairs as u16,
+            mq: self.features & F_MQ != 0,
+            rx_mode: self.features & F_CTRL_RX != 0,
+        }
+    }
+
     fn kick(&mut self, q: usize) {
         if let Some(evt) = self.transport.queue_events().get(q) {
             evt.write(1).unwrap();
@@ -212,25 +342,56 @@ impl Fuzz {
     }
 
     fn roles(&self) -> Vec<Role> {
+        self.roles_for(self.activated)
+    }
+
+    /// What each queue does once the device runs (`live`: it does, or is
+    /// about to at DRIVER_OK). Every pair gets a worker, but only the
+    /// queues of the pairs the driver knows of (one without MQ) that it
+    /// made ready are served; the control queue follows those pairs.
+    fn roles_for(&self, live: bool) -> Vec<Role> {
         let mut roles = vec![Role::Unused; self.queues.len()];
-        if !self.activated {
+        if !live {
             return roles;
         }
         let mq = self.features & F_MQ != 0;
         let used_pairs = if mq { self.pairs } else { 1 };
-        let mut pair0 = false;
         for pair in 0..used_pairs {
-            if self.queues[2 * pair].ready && self.queues[2 * pair + 1].ready {
+            if self.queues[2 * pair].ready {
                 roles[2 * pair] = Role::Rx(pair);
+            }
+            if self.queues[2 * pair + 1].ready {
                 roles[2 * pair + 1] = Role::Tx(pair);
-                pair0 |= pair == 0;
             }
         }
         let ctrl = 2 * used_pairs;
-        if self.features & F_CTRL_VQ != 0 && pair0 && self.queues[ctrl].ready {
+        if self.features & F_CTRL_VQ != 0 && self.queues[ctrl].ready {
             roles[ctrl] = Role::Ctrl;
         }
         roles
+    }
+
+    /// The pair whose IO thread serves queue `q` (the control queue: 0).
+    fn pair_of(role: Role) -> Option<usize> {
+        match role {
+            Role::Rx(p) | Role::Tx(p) => Some(p),
+            Role::Ctrl => Some(0),
+            Role::Unused => None,
+        }
+    }
+}
+
+/// A ring address register pair written low half first, then high, as
+/// the transport takes it: each half is refused if the address it makes
+/// is misaligned.
+fn set_half_by_half(current: &mut u64, addr: u64, align: u64) {
+    let low = (*current & !0xffff_ffff) | (addr & 0xffff_ffff);
+    if low % align == 0 {
+        *current = low;
+    }
+    let high = (*current & 0xffff_ffff) | (addr & !0xffff_ffff);
+    if high % align == 0 {
+        *current = high;
     }
 }
 
@@ -261,7 +422,12 @@ fn start(f: &mut Fuzz, u: &mut Unstructured) -> Result<()> {
         "FEATURES_OK for features {:#x}",
         f.features
     );
-    let count = u.int_in_range(0..=f.queues.len())?;
+    // Mostly every queue, as Linux sets them all up.
+    let count = if u.ratio(1, 2)? {
+        f.queues.len()
+    } else {
+        u.int_in_range(0..=f.queues.len())?
+    };
     for q in 0..count {
         let size = if u.ratio(15, 16)? {
             1u16 << u.int_in_range(0..=8u32)?
@@ -286,20 +452,13 @@ fn start(f: &mut Fuzz, u: &mut Unstructured) -> Result<()> {
         reg_write(t, REG_QUEUE_READY, 1);
         if acceptable {
             let queue = &mut f.queues[q];
+            // Refused values (logged) leave the old one.
             if size.is_power_of_two() && size <= queue.max {
                 queue.size = size;
             }
-            // Misaligned addresses are refused; the halves are written
-            // low first, so the low half decides.
-            if desc % 16 == 0 {
-                queue.desc = desc;
-            }
-            if avail % 2 == 0 {
-                queue.avail = avail;
-            }
-            if used % 4 == 0 {
-                queue.used = used;
-            }
+            set_half_by_half(&mut queue.desc, desc, 16);
+            set_half_by_half(&mut queue.avail, avail, 2);
+            set_half_by_half(&mut queue.used, used, 4);
             queue.ready = true;
         }
     }
@@ -311,7 +470,7 @@ fn start(f: &mut Fuzz, u: &mut Unstructured) -> Result<()> {
     reg_write(&mut f.transport, REG_STATUS, ok | STATUS_DRIVER_OK);
     f.activated = acceptable && f.queues.iter().all(|q| !q.ready || q.valid());
     let status = reg_read(&mut f.transport, REG_STATUS);
-    if acceptable && !f.activated {
+    if acceptable && !f.activated && !f.raw_registers {
         assert_ne!(status & STATUS_DEVICE_NEEDS_RESET, 0, "bad queue accepted");
     }
     Ok(())
@@ -342,6 +501,62 @@ fn desc(u: &mut Unstructured, f: &mut Fuzz, writable: Option<bool>) -> Result<De
     })
 }
 
+/// A control command, mostly one the device knows (VQ_PAIRS_SET, PROMISC,
+/// ALLMULTI, MAC_TABLE_SET) with the right, or almost right, data.
+fn ctrl_command(u: &mut Unstructured) -> Result<Vec<u8>> {
+    let (class, cmd) = match u.int_in_range(0..=9u8)? {
+        0..=3 => (4, 0),
+        4 | 5 => (0, u.int_in_range(0..=1u8)?),
+        6 | 7 => (1, 0),
+        _ => (u.arbitrary()?, u.arbitrary()?),
+    };
+    let mut command = vec![class, cmd];
+    match class {
+        4 => {
+            let pairs: u16 = if u.ratio(3, 4)? {
+                u.int_in_range(0..=4)?
+            } else {
+                u.arbitrary()?
+            };
+            command.extend_from_slice(&pairs.to_le_bytes());
+        }
+        0 => command.push(*u.choose(&[0u8, 1, 2, 0xff])?),
+        1 => {
+            for _ in 0..2 {
+                let count: u32 = match u.int_in_range(0..=7u8)? {
+                    0..=4 => u.int_in_range(0..=4)?,
+                    5 => u.int_in_range(60..=70)?,
+                    6 => u.int_in_range(0..=140)?,
+                    _ => u.arbitrary()?,
+                };
+                command.extend_from_slice(&count.to_le_bytes());
+                // Addresses from a seed: inputs stay short.
+                let seed: u8 = u.arbitrary()?;
+                let bytes = (count.min(140) * 6) as usize;
+                command.extend((0..bytes).map(|i| seed.wrapping_add(i as u8)));
+            }
+        }
+        _ => {}
+    }
+    // Cut short, or with more after it (beyond what the device reads, too).
+    match u.int_in_range(0..=7u8)? {
+        0 => {
+            let keep = u.int_in_range(0..=command.len())?;
+            command.truncate(keep);
+        }
+        1 => {
+            let more = u.int_in_range(1..=8usize)?;
+            command.extend(std::iter::repeat_n(0xa5, more));
+        }
+        2 => {
+            let total = u.int_in_range(CTRL_COMMAND_MAX - 8..=CTRL_COMMAND_MAX + 8)?;
+            command.resize(total.max(command.len()), 0x5a);
+        }
+        _ => {}
+    }
+    Ok(command)
+}
+
 fn queue_index(f: &Fuzz, u: &mut Unstructured) -> Result<usize> {
     u.int_in_range(0..=f.queues.len() - 1)
 }
@@ -349,6 +564,13 @@ fn queue_index(f: &Fuzz, u: &mut Unstructured) -> Result<usize> {
 fn op(f: &mut Fuzz, u: &mut Unstructured) -> Result<()> {
     let q = queue_index(f, u)?;
     let kind = u.int_in_range(0..=15u8)?;
+    // Control commands mostly on the control queue, wherever the features
+    // put it.
+    let ctrl = f.roles_for(true).iter().position(|&r| r == Role::Ctrl);
+    let q = match ctrl {
+        Some(ctrl) if kind == 4 && u.ratio(3, 4)? => ctrl,
+        _ => q,
+    };
     if kind <= 7 && !f.queues[q].ready {
         // Its rings are wherever the transport left them, maybe on top
         // of a live queue's.
@@ -363,13 +585,25 @@ fn op(f: &mut Fuzz, u: &mut Unstructured) -> Result<()> {
                 .collect::<Result<Vec<_>>>()?;
             let head = f.write_chain(q, &descs, false);
             f.publish(q, head);
+            if u.ratio(1, 2)? {
+                f.kick(q);
+            }
         }
-        // A frame to send: header and frame, split or not.
+        // A frame to send: header and frame, split or not; mostly from the
+        // device's MAC, around the MTU limit now and then.
         2 | 3 => {
-            let len = u.int_in_range(0..=2100u32)?;
+            let len = match u.int_in_range(0..=7u8)? {
+                0..=4 => u.int_in_range(0..=2100u32)?,
+                5 => u.int_in_range(MAX_FRAME as u32 - 4..=MAX_FRAME as u32 + 4)?,
+                _ => u.int_in_range(10..=20u32)?,
+            };
             let fill: u8 = u.arbitrary()?;
             let split = u.arbitrary::<bool>()?;
-            let data = vec![fill; NET_HDR_LEN + len as usize];
+            let mut data = vec![fill; NET_HDR_LEN + len as usize];
+            let src = if u.ratio(7, 8)? { MAC } else { u.arbitrary()? };
+            let at = (NET_HDR_LEN + 6).min(data.len());
+            let n = (data.len() - at).min(6);
+            data[at..at + n].copy_from_slice(&src[..n]);
             let addr = f.alloc_buf(data.len() as u64);
             f.write(addr, &data);
             let total = NET_HDR_LEN as u32 + len;
@@ -400,37 +634,49 @@ fn op(f: &mut Fuzz, u: &mut Unstructured) -> Result<()> {
             let head = f.write_chain(q, &descs, false);
             f.publish(q, head);
         }
-        // A control command: class, command, data, then the ack buffer.
+        // A control command: class, command, data (in up to three readable
+        // buffers), and ack buffers.
         4 => {
-            let class = if u.ratio(3, 4)? { 4 } else { u.arbitrary()? };
-            let cmd = if u.ratio(3, 4)? { 0 } else { u.arbitrary()? };
-            let pairs: u16 = if u.ratio(3, 4)? {
-                u.int_in_range(0..=4)?
-            } else {
-                u.arbitrary()?
-            };
-            let mut command = vec![class, cmd];
-            command.extend_from_slice(&pairs.to_le_bytes());
-            let cmd_len = u.int_in_range(0..=4usize)?;
-            let addr = f.alloc_buf(8);
-            f.write(addr, &command[..cmd_len]);
-            let ack_len = u.int_in_range(0..=2u32)?;
-            let descs = [
-                Desc {
+            let command = ctrl_command(u)?;
+            let mut descs = Vec::new();
+            let mut rest = &command[..];
+            let pieces = u.int_in_range(1..=3u8)?;
+            for i in 0..pieces {
+                let n = if i + 1 == pieces {
+                    rest.len()
+                } else {
+                    u.int_in_range(0..=rest.len())?
+                };
+                let addr = f.alloc_buf(n as u64);
+                f.write(addr, &rest[..n]);
+                rest = &rest[n..];
+                descs.push(Desc {
                     addr,
-                    len: cmd_len as u32,
+                    len: n as u32,
                     flags: 0,
                     next: 0,
-                },
-                Desc {
-                    addr: addr + 4,
-                    len: ack_len,
+                });
+            }
+            for _ in 0..u.int_in_range(0..=2u8)? {
+                let len = u.int_in_range(0..=2u32)?;
+                let ack = Desc {
+                    addr: f.alloc_buf(u64::from(len)),
+                    len,
                     flags: DESC_F_WRITE,
                     next: 0,
-                },
-            ];
+                };
+                // Mostly after the command, as drivers put it.
+                if u.ratio(1, 8)? {
+                    descs.insert(0, ack);
+                } else {
+                    descs.push(ack);
+                }
+            }
             let head = f.write_chain(q, &descs, false);
             f.publish(q, head);
+            if u.ratio(3, 4)? {
+                f.kick(q);
+            }
         }
         // Any chain, links as the input says.
         5 => {
@@ -495,7 +741,7 @@ fn op(f: &mut Fuzz, u: &mut Unstructured) -> Result<()> {
             f.frame_seq += 1;
             let seq = f.frame_seq;
             let frame = (0..len).map(|i| (seq as usize * 31 + i) as u8).collect();
-            f.host.inject(pair, frame);
+            f.inject(pair, frame);
         }
         12 => {
             // Let the IO threads catch up (bounded, so inputs stay fast).
@@ -520,6 +766,7 @@ fn op(f: &mut Fuzz, u: &mut Unstructured) -> Result<()> {
         _ => {
             // A register write as a confused driver might make (status too).
             f.orderly = false;
+            f.raw_registers = true;
             let offset = u.int_in_range(0..=0x40u64)? * 4;
             let value = u.arbitrary()?;
             reg_write(&mut f.transport, offset, value);
@@ -574,38 +821,100 @@ fn expect_rx(descs: &[Desc], max: usize, frame_len: usize) -> Option<u32> {
     Some(if written < total { 0 } else { total as u32 })
 }
 
-/// Simulates the device on one TX chain: the frame it sends, if any.
-fn expect_tx(shadow: &Shadow, descs: &[Desc], max: usize) -> Option<Vec<u8>> {
+/// What the device does with one TX chain.
+#[derive(Debug, PartialEq, Eq)]
+enum TxOutcome {
+    Sent(Vec<u8>),
+    /// Bad descriptors, too long for the host buffer, or a runt.
+    Dropped,
+    Oversize,
+    Spoofed,
+}
+
+/// Simulates the device on one TX chain.
+fn expect_tx(shadow: &Shadow, descs: &[Desc], max: usize) -> TxOutcome {
     let mut skip = NET_HDR_LEN as u64;
     let mut frame = Vec::new();
     for (i, d) in descs.iter().enumerate() {
         if i == max || d.flags & DESC_F_WRITE != 0 {
-            return None;
+            return TxOutcome::Dropped;
         }
         let skipped = skip.min(u64::from(d.len));
         skip -= skipped;
         let len = u64::from(d.len) - skipped;
-        let addr = d.addr.checked_add(skipped)?;
+        let Some(addr) = d.addr.checked_add(skipped) else {
+            return TxOutcome::Dropped;
+        };
         if len == 0 {
             continue;
         }
         if frame.len() as u64 + len > TX_BUF as u64 {
-            return None;
+            return TxOutcome::Dropped;
         }
-        frame.extend_from_slice(shadow.get(addr, len as usize)?);
+        match shadow.get(addr, len as usize) {
+            Some(bytes) => frame.extend_from_slice(bytes),
+            None => return TxOutcome::Dropped,
+        }
     }
-    (frame.len() >= 14).then_some(frame)
+    if frame.len() < 14 {
+        TxOutcome::Dropped
+    } else if frame.len() > MAX_FRAME {
+        TxOutcome::Oversize
+    } else if frame[6..12] != MAC {
+        TxOutcome::Spoofed
+    } else {
+        TxOutcome::Sent(frame)
+    }
 }
 
-/// Simulates the device on one control chain: (used length, ack address, ack).
-fn expect_ctrl(
-    shadow: &Shadow,
-    descs: &[Desc],
-    max: usize,
+/// Which control commands the negotiated features allow.
+#[derive(Debug, Clone, Copy)]
+struct Allowed {
+    max_pairs: u16,
     mq: bool,
-    pairs: u16,
-) -> (u32, u64, u8) {
+    rx_mode: bool,
+}
+
+/// What an accepted control command changes.
+#[derive(Debug, Clone)]
+enum Effect {
+    Pairs(u16),
+    Promisc(bool),
+    AllMulti(bool),
+    MacTable(Box<RxMode>),
+}
+
+impl Effect {
+    fn apply(&self, mode: &mut RxMode) {
+        match self {
+            Effect::Pairs(_) => {}
+            Effect::Promisc(on) => mode.promisc = *on,
+            Effect::AllMulti(on) => mode.all_multi = *on,
+            Effect::MacTable(table) => {
+                mode.table = table.table;
+                mode.table_len = table.table_len;
+                mode.unicast_overflow = table.unicast_overflow;
+                mode.multicast_overflow = table.multicast_overflow;
+                mode.multicast_by_table = true;
+            }
+        }
+    }
+}
+
+/// The device's answer to one control chain.
+struct CtrlExpect {
+    used_len: u32,
+    ack_at: u64,
+    status: u8,
+    effect: Option<Effect>,
+}
+
+/// Simulates the device on one control chain: the whole readable part
+/// (up to `CTRL_COMMAND_MAX` bytes) is the command, the ack goes into the
+/// first writable buffer with room for it.
+fn expect_ctrl(shadow: &Shadow, descs: &[Desc], max: usize, allowed: Allowed) -> CtrlExpect {
     let mut command = Vec::new();
+    let mut truncated = false;
     let mut ack = None;
     for d in descs.iter().take(max) {
         if d.flags & DESC_F_WRITE != 0 {
@@ -614,21 +923,79 @@ fn expect_ctrl(
             }
             continue;
         }
-        let n = (d.len as usize).min(4 - command.len());
+        let len = d.len as usize;
+        let n = len.min(CTRL_COMMAND_MAX - command.len());
+        truncated |= n < len;
         if n > 0 {
             if let Some(bytes) = shadow.get(d.addr, n) {
                 command.extend_from_slice(bytes);
             }
         }
     }
-    let status = match command[..] {
-        [4, 0, lo, hi] if mq && (1..=pairs).contains(&u16::from_le_bytes([lo, hi])) => 0,
-        _ => 1,
+    let effect = parse_command(&command, truncated, allowed);
+    let status = u8::from(effect.is_none());
+    let (used_len, ack_at) = match ack {
+        Some(at) if in_ram(at, 1) => (1, at),
+        _ => (0, 0),
     };
-    match ack {
-        Some(at) if in_ram(at, 1) => (1, at, status),
-        _ => (0, 0, status),
+    CtrlExpect {
+        used_len,
+        ack_at,
+        status,
+        effect,
     }
+}
+
+fn parse_command(command: &[u8], truncated: bool, allowed: Allowed) -> Option<Effect> {
+    let (&class, rest) = command.split_first()?;
+    let (&cmd, data) = rest.split_first()?;
+    match (class, cmd) {
+        (4, 0) if allowed.mq => {
+            let pairs = u16::from_le_bytes(data.try_into().ok()?);
+            (1..=allowed.max_pairs)
+                .contains(&pairs)
+                .then_some(Effect::Pairs(pairs))
+        }
+        (0, 0 | 1) if allowed.rx_mode => match data {
+            [on] if cmd == 0 => Some(Effect::Promisc(*on != 0)),
+            [on] => Some(Effect::AllMulti(*on != 0)),
+            _ => None,
+        },
+        (1, 0) if allowed.rx_mode => parse_tables(data, truncated).map(Effect::MacTable),
+        _ => None,
+    }
+}
+
+/// Unicast then multicast table (le32 count, 6 bytes each); a table cut
+/// short by the device's buffer can only be larger than the device's.
+fn parse_tables(mut data: &[u8], truncated: bool) -> Option<Box<RxMode>> {
+    let mut t = Box::new(RxMode::default_for(MAC));
+    for multicast in [false, true] {
+        let entries = data.split_first_chunk::<4>().and_then(|(count, rest)| {
+            let bytes = (u32::from_le_bytes(*count) as usize).checked_mul(6)?;
+            (bytes <= rest.len()).then(|| rest.split_at(bytes))
+        });
+        let Some((entries, rest)) = entries else {
+            if !truncated {
+                return None;
+            }
+            t.unicast_overflow |= !multicast;
+            t.multicast_overflow = true;
+            return Some(t);
+        };
+        for mac in entries.chunks_exact(6) {
+            if t.table_len < MAC_TABLE_MAX {
+                t.table[t.table_len].copy_from_slice(mac);
+                t.table_len += 1;
+            } else if multicast {
+                t.multicast_overflow = true;
+            } else {
+                t.unicast_overflow = true;
+            }
+        }
+        data = rest;
+    }
+    Some(t)
 }
 
 /// The orderly-run checks, after reset (the IO threads are joined, guest
@@ -709,8 +1076,34 @@ fn check_used_rings(f: &Fuzz) {
     let readable_stable = !any_overlap(&w, &readable);
 
     let host = f.host.host.lock().unwrap();
-    let mq = f.features & F_MQ != 0;
+    // Pairs that stopped with DEVICE_NEEDS_RESET: only where the driver
+    // broke a ring (avail ring at 0, a head outside the queue); from then
+    // on nothing is certain about them.
+    let mut may_fault = vec![false; f.pairs];
+    for (qi, q) in f.queues.iter().enumerate() {
+        if let Some(pair) = Fuzz::pair_of(roles[qi]) {
+            may_fault[pair] |= q.avail == 0 || q.published.iter().any(|&h| h >= q.size);
+        }
+    }
+    let faulted: Vec<bool> = (0..f.pairs)
+        .map(|p| f.host.counter(p, |c| &c.queue_errors) > 0)
+        .collect();
+    for pair in 0..f.pairs {
+        assert!(
+            !faulted[pair] || may_fault[pair],
+            "pair {pair} needs a reset, but its rings are fine"
+        );
+    }
+    if !f.activated {
+        assert!(
+            host.delivered.iter().all(|&n| n == 0),
+            "frames taken by a device that never started"
+        );
+    }
+    let allowed = f.allowed();
     let mut sent_expected = vec![Vec::new(); f.pairs];
+    let mut ctrl_effects: Option<Vec<Option<Effect>>> = None;
+    let mut has_rx = vec![false; f.pairs];
     for (qi, q) in f.queues.iter().enumerate() {
         if !q.ready {
             continue;
@@ -727,13 +1120,20 @@ fn check_used_rings(f: &Fuzz) {
             assert_eq!(n, 0, "queue {qi} ({role:?}) has used entries");
             continue;
         }
+        let pair = Fuzz::pair_of(role).unwrap();
+        if let Role::Rx(p) = role {
+            has_rx[p] = true;
+        }
+        if faulted[pair] {
+            continue;
+        }
         assert!(
             n <= q.published.len(),
             "queue {qi}: {n} used entries for {} chains published",
             q.published.len()
         );
         let max = usize::from(q.size);
-        let mut rx_frames = 0;
+        let mut entries = Vec::new();
         for k in 0..n {
             let slot = read_guest(&f.mem, q.used + 4 + (k % max) as u64 * 8, 8).unwrap();
             let id = u32::from_le_bytes(slot[..4].try_into().unwrap());
@@ -745,85 +1145,172 @@ fn check_used_rings(f: &Fuzz) {
                 "queue {qi} used entry {k}: wrong chain"
             );
             let (descs, _) = walk_chain(&f.shadow, q.desc, q.size, head);
-            match role {
-                Role::Rx(pair) => {
-                    let frame = host.delivered_frames[pair]
-                        .get(rx_frames)
-                        .unwrap_or_else(|| {
-                            panic!("rx queue {qi}: used entry {k} without a frame taken")
-                        });
-                    rx_frames += 1;
+            entries.push((head, len, descs));
+        }
+        match role {
+            Role::Rx(pair) => {
+                let taken = &host.delivered_frames[pair];
+                let classes: Vec<Option<bool>> = (0..taken.len())
+                    .map(|i| match f.rx_active[pair].get(i) {
+                        _ if pair == 0 => Some(true),
+                        // What VQ_PAIRS_SET did depends on bytes the
+                        // device may have overwritten.
+                        _ if !readable_stable => None,
+                        Some(&class) => class,
+                        None => panic!("pair {pair}: frame {i} taken but never offered"),
+                    })
+                    .collect();
+                // Whether used entry k can be frame i.
+                let fits = |k: usize, i: usize| -> bool {
+                    let (head, len, descs) = &entries[k];
+                    let frame = &taken[i];
                     let writable_sum: u64 = descs
                         .iter()
                         .filter(|d| d.flags & DESC_F_WRITE != 0)
                         .map(|d| u64::from(d.len))
                         .sum();
-                    assert!(
-                        u64::from(len) <= writable_sum,
-                        "rx entry {k}: {len} > {writable_sum} offered"
-                    );
-                    if let Some(expected) = expect_rx(&descs, max, frame.len()) {
-                        assert_eq!(
-                            len,
-                            expected,
-                            "rx queue {qi} entry {k}: frame of {}",
-                            frame.len()
-                        );
+                    if u64::from(*len) > writable_sum {
+                        return false;
+                    }
+                    if expect_rx(descs, max, frame.len()).is_some_and(|e| e != *len) {
+                        return false;
+                    }
+                    if *len == 0 {
+                        return true;
                     }
                     let mut expected_bytes = RX_HEADER.to_vec();
                     expected_bytes.extend_from_slice(frame);
-                    if len > 0 {
-                        let mut at = 0usize;
-                        for d in &descs {
-                            let n = (d.len as usize).min(expected_bytes.len() - at);
-                            if n == 0 {
-                                break;
-                            }
-                            if alone((d.addr, u64::from(d.len)), qi, head) {
-                                let got = read_guest(&f.mem, d.addr, n).unwrap();
-                                assert_eq!(
-                                    got,
-                                    expected_bytes[at..at + n],
-                                    "rx queue {qi} entry {k} bytes"
-                                );
-                            }
-                            at += n;
+                    let mut at = 0usize;
+                    for d in descs {
+                        let n = (d.len as usize).min(expected_bytes.len() - at);
+                        if n == 0 {
+                            break;
+                        }
+                        if alone((d.addr, u64::from(d.len)), qi, *head)
+                            && read_guest(&f.mem, d.addr, n).unwrap() != expected_bytes[at..at + n]
+                        {
+                            return false;
+                        }
+                        at += n;
+                    }
+                    true
+                };
+                // Frames taken in order; each lands in the next used entry
+                // (the pair was in use) or is dropped (it was not).
+                let mut reach = vec![vec![false; n + 1]; taken.len() + 1];
+                reach[0][0] = true;
+                for i in 0..taken.len() {
+                    for k in 0..=n {
+                        if !reach[i][k] {
+                            continue;
+                        }
+                        if classes[i] != Some(true) {
+                            reach[i + 1][k] = true;
+                        }
+                        if classes[i] != Some(false) && k < n && fits(k, i) {
+                            reach[i + 1][k + 1] = true;
                         }
                     }
                 }
-                Role::Tx(pair) => {
-                    assert_eq!(len, 0, "tx used length");
-                    sent_expected[pair].push(expect_tx(&f.shadow, &descs, max));
+                assert!(
+                    reach[taken.len()][n],
+                    "rx queue {qi}: {} frames taken (lengths {:?}, in use {classes:?}) do not \
+                     match the {n} used entries (lengths {:?})",
+                    taken.len(),
+                    taken.iter().map(Vec::len).collect::<Vec<_>>(),
+                    entries.iter().map(|e| e.1).collect::<Vec<_>>()
+                );
+                assert_eq!(
+                    f.host.counter(pair, |c| &c.rx_dropped_inactive) as usize,
+                    taken.len() - n,
+                    "rx queue {qi}: frames dropped as not in use"
+                );
+            }
+            Role::Tx(pair) => {
+                let (mut oversize, mut spoofed) = (0, 0);
+                for (k, (_, len, descs)) in entries.iter().enumerate() {
+                    assert_eq!(*len, 0, "tx used length, entry {k}");
+                    match expect_tx(&f.shadow, descs, max) {
+                        TxOutcome::Sent(frame) => sent_expected[pair].push(frame),
+                        TxOutcome::Oversize => oversize += 1,
+                        TxOutcome::Spoofed => spoofed += 1,
+                        TxOutcome::Dropped => {}
+                    }
                 }
-                Role::Ctrl => {
-                    let (expected, at, status) =
-                        expect_ctrl(&f.shadow, &descs, max, mq, f.pairs as u16);
+                if readable_stable {
+                    let counted = (
+                        f.host.counter(pair, |c| &c.tx_dropped_oversize),
+                        f.host.counter(pair, |c| &c.tx_dropped_spoofed),
+                    );
+                    assert_eq!(counted, (oversize, spoofed), "tx drops on pair {pair}");
+                }
+            }
+            Role::Ctrl => {
+                let mut effects = Vec::new();
+                for (k, (head, len, descs)) in entries.iter().enumerate() {
+                    let e = expect_ctrl(&f.shadow, descs, max, allowed);
                     if readable_stable {
-                        assert_eq!(len, expected, "control entry {k}");
-                        if len == 1 && alone((at, 1), qi, head) {
-                            let got = read_guest(&f.mem, at, 1).unwrap()[0];
-                            assert_eq!(got, status, "control ack");
+                        assert_eq!(*len, e.used_len, "control entry {k}");
+                        if *len == 1 && alone((e.ack_at, 1), qi, *head) {
+                            let got = read_guest(&f.mem, e.ack_at, 1).unwrap()[0];
+                            assert_eq!(got, e.status, "control ack, entry {k}");
                         }
                     } else {
-                        assert!(len <= 1, "control used length {len}");
+                        assert!(*len <= 1, "control used length {len}");
                     }
+                    effects.push(e.effect);
                 }
-                Role::Unused => unreachable!(),
+                ctrl_effects = Some(effects);
             }
+            Role::Unused => unreachable!(),
         }
-        if let Role::Rx(pair) = role {
+    }
+    // Frames for a pair whose receive queue is not served are all dropped.
+    for pair in 0..f.pairs {
+        if !has_rx[pair] && !faulted[pair] {
             assert_eq!(
-                rx_frames,
-                host.delivered_frames[pair].len(),
-                "rx queue {qi}: frames taken vs used entries"
+                f.host.counter(pair, |c| &c.rx_dropped_inactive) as usize,
+                host.delivered[pair],
+                "pair {pair} without a receive queue: frames dropped"
             );
         }
     }
     if readable_stable {
         for (pair, expected) in sent_expected.iter().enumerate() {
-            let expected: Vec<&Vec<u8>> = expected.iter().flatten().collect();
-            let sent: Vec<&Vec<u8>> = host.sent_frames[pair].iter().collect();
-            assert_eq!(sent, expected, "frames sent on pair {pair}");
+            if faulted[pair] {
+                continue;
+            }
+            assert_eq!(
+                &host.sent_frames[pair], expected,
+                "frames sent on pair {pair}"
+            );
+        }
+        // The receive mode read before the reset is the one some prefix of
+        // the acked commands set: at least those acked before it was read,
+        // at most one more (its effect comes before its ack).
+        if let (Some(effects), Some((before, mode, after))) = (&ctrl_effects, &f.rx_mode_seen) {
+            let mut state = RxMode::default_for(MAC);
+            let mut states = vec![state];
+            for e in effects.iter().flatten() {
+                e.apply(&mut state);
+                states.push(state);
+            }
+            // states[k]: after the first k accepted commands.
+            let accepted_by = |count: usize| effects.iter().take(count).flatten().count();
+            let lo = accepted_by(usize::from(*before));
+            let hi = accepted_by(usize::from(*after) + 1);
+            assert!(
+                states[lo..=hi].contains(mode),
+                "receive mode (promisc, all_multi, by table, table, overflow) {:?} \
+                 not set by commands {before}..={after}",
+                (
+                    mode.promisc,
+                    mode.all_multi,
+                    mode.multicast_by_table,
+                    mode.table(),
+                    (mode.unicast_overflow, mode.multicast_overflow)
+                )
+            );
         }
     }
 }
@@ -834,6 +1321,8 @@ fuzz_target!(|data: &[u8]| {
     let tx_room = usize::from(u.int_in_range(1..=64u8).unwrap_or(64));
     let features = match u.int_in_range(0..=15u8).unwrap_or(0) {
         0 => u.arbitrary().unwrap_or(0),
+        // All of them, as Linux takes them.
+        1..=5 => OFFERED,
         _ => (u.arbitrary::<u64>().unwrap_or(0) & OFFERED) | F_VERSION_1,
     };
     let mem = guest_memory();
@@ -869,6 +1358,7 @@ fuzz_target!(|data: &[u8]| {
         queues,
         activated: false,
         orderly: true,
+        raw_registers: false,
         in_chain: vec![false; MEM_END as usize],
         in_buffers: vec![false; MEM_END as usize],
         foreign: vec![false; MEM_END as usize],
@@ -876,6 +1366,12 @@ fuzz_target!(|data: &[u8]| {
         buf_cursor: BUF_START,
         frame_seq: 0,
         settles: 0,
+        rx_active: vec![Vec::new(); pairs],
+        // Until VQ_PAIRS_SET, the driver uses the first pair only.
+        active_now: (0..pairs).map(|p| Some(p == 0)).collect(),
+        pairs_after_ctrl: 1,
+        syncs: 0,
+        rx_mode_seen: None,
     };
     if start(&mut f, &mut u).is_ok() {
         for _ in 0..128 {
@@ -887,6 +1383,15 @@ fuzz_target!(|data: &[u8]| {
     // Let the device finish what it was given, then reset it as a driver
     // unbinding does and drop it as the VMM does.
     settle(f.transport.queue_events(), Duration::from_millis(20));
+    let link = f.host.link.clone().unwrap();
+    if let Some(ctrl) = f.roles().iter().position(|&r| r == Role::Ctrl) {
+        let used = f.queues[ctrl].used + 2;
+        let read_used =
+            |f: &Fuzz| read_guest(&f.mem, used, 2).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+        let before = read_used(&f);
+        let mode = link.rx_mode();
+        f.rx_mode_seen = Some((before, mode, read_used(&f)));
+    }
     reg_write(&mut f.transport, REG_STATUS, 0);
     assert_eq!(
         reg_read(&mut f.transport, REG_STATUS),
@@ -894,6 +1399,11 @@ fuzz_target!(|data: &[u8]| {
         "status after reset"
     );
     assert_no_workers("after reset");
+    assert_eq!(
+        link.rx_mode(),
+        RxMode::default_for(MAC),
+        "receive mode after reset"
+    );
     if let Some(v) = f.host.violation() {
         panic!("device thread: {v}");
     }

@@ -9,12 +9,12 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::bus::BusDevice;
-use devices::virtio::net::{Net, NetBackend, NetConfig};
+use devices::virtio::net::{Net, NetBackend, NetConfig, NetLink, QueuePairCounters};
 use devices::virtio::MmioTransport;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -30,16 +30,21 @@ pub const NET_ID: &str = "f";
 const THREAD_PREFIX: &str = "xskvm-f-q";
 pub const MAC: [u8; 6] = [0x02, 0x58, 0x53, 0x4b, 0x00, 0x01];
 pub const MTU: u16 = 1500;
+/// Longest frame the guest may send: the MTU plus an Ethernet header
+/// with a VLAN tag (the device drops longer ones).
+pub const MAX_FRAME: usize = MTU as usize + 18;
 /// What the device offers (checked against `Net::device_features`).
 pub const OFFERED: u64 = (1 << 32) // VERSION_1
     | (1 << 3) // MTU
     | (1 << 5) // MAC
     | (1 << 16) // STATUS
     | (1 << 17) // CTRL_VQ
+    | (1 << 18) // CTRL_RX
     | (1 << 22) // MQ
     | (1 << 28) // INDIRECT_DESC
     | (1 << 29); // EVENT_IDX
 pub const F_CTRL_VQ: u64 = 1 << 17;
+pub const F_CTRL_RX: u64 = 1 << 18;
 pub const F_MQ: u64 = 1 << 22;
 pub const F_VERSION_1: u64 = 1 << 32;
 pub const NET_HDR_LEN: usize = 12;
@@ -163,17 +168,32 @@ pub struct HostHandle {
     ready: Vec<Arc<EventFd>>,
     /// Backends not dropped yet.
     pub live: Arc<AtomicUsize>,
+    /// The device's per-pair counters and link (set by [`device`]).
+    pub counters: Vec<Arc<QueuePairCounters>>,
+    pub link: Option<NetLink>,
 }
 
 impl HostHandle {
-    /// Offers `frame` to the guest on `pair`.
-    pub fn inject(&self, pair: usize, frame: Vec<u8>) {
+    /// Offers `frame` to the guest on `pair`; returns how many frames
+    /// (this one included) wait on `pair` now.
+    pub fn inject(&self, pair: usize, frame: Vec<u8>) -> usize {
         let mut host = self.host.lock().unwrap();
         host.offered_lens.push(frame.len());
         host.pending[pair].push_back(frame);
         // Under the lock: the backend drains the event under it too, so a
         // frame never waits behind a drained event.
         self.ready[pair].write(1).unwrap();
+        host.pending[pair].len()
+    }
+
+    /// Frames waiting on `pair` (not taken by the device yet).
+    pub fn pending(&self, pair: usize) -> usize {
+        self.host.lock().unwrap().pending[pair].len()
+    }
+
+    /// A counter of `pair`, e.g. `|c| &c.rx_dropped_inactive`.
+    pub fn counter(&self, pair: usize, which: impl Fn(&QueuePairCounters) -> &AtomicU64) -> u64 {
+        which(&self.counters[pair]).load(Ordering::SeqCst)
     }
 
     pub fn violation(&self) -> Option<String> {
@@ -227,8 +247,13 @@ impl NetBackend for MemBackend {
         while sent < host.tx_room {
             match fill(&mut buf) {
                 Some(len) => {
-                    if !(14..=TX_BUF).contains(&len) && host.violation.is_none() {
+                    // The device's TX policy: no runts, nothing over the
+                    // MTU, and only the guest's own source MAC (spoof check).
+                    if !(14..=MAX_FRAME).contains(&len) && host.violation.is_none() {
                         host.violation = Some(format!("transmitted a frame of {len} bytes"));
+                    } else if buf[6..12] != MAC && host.violation.is_none() {
+                        host.violation =
+                            Some(format!("transmitted a frame from MAC {:02x?}", &buf[6..12]));
                     }
                     host.sent[self.pair] += 1;
                     if host.keep_frames {
@@ -269,7 +294,16 @@ pub fn backends(pairs: usize, tx_room: usize) -> (Vec<Box<dyn NetBackend>>, Host
             }) as Box<dyn NetBackend>
         })
         .collect();
-    (backends, HostHandle { host, ready, live })
+    (
+        backends,
+        HostHandle {
+            host,
+            ready,
+            live,
+            counters: Vec::new(),
+            link: None,
+        },
+    )
 }
 
 /// A virtio-net device with `pairs` queue pairs behind its MMIO transport.
@@ -278,16 +312,20 @@ pub fn device(
     tx_room: usize,
     mem: &GuestMemoryMmap,
 ) -> (MmioTransport, HostHandle, EventFd) {
-    let (backends, host) = backends(pairs, tx_room);
+    let (backends, mut host) = backends(pairs, tx_room);
     let net = Net::new(
         NetConfig {
             id: NET_ID.into(),
             mac: MAC,
             mtu: MTU,
+            spoof_check: true,
+            on_thread_start: None,
         },
         backends,
     )
     .unwrap();
+    host.counters = net.counters().to_vec();
+    host.link = Some(net.link());
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     let transport =
         MmioTransport::new(Box::new(net), mem.clone(), irq.try_clone().unwrap()).unwrap();
