@@ -282,6 +282,10 @@ impl MmioTransport {
             return;
         }
         self.status |= self.device_needs_reset();
+        // DEVICE_NEEDS_RESET is the device's to set (section 2.1.2): a
+        // driver's write neither sets nor clears it.
+        let value =
+            (value & !STATUS_DEVICE_NEEDS_RESET) | (self.status & STATUS_DEVICE_NEEDS_RESET);
         // The driver only ever adds bits (section 3.1.1); anything else is a bug.
         if value & self.status != self.status {
             crate::warn_ratelimited!(
@@ -659,6 +663,26 @@ mod tests {
         setup_queue(&mut t, 0, 0x1_0000);
         write(&mut t, REG_STATUS, ALL_OK);
         assert_eq!(record.lock().unwrap().activations, 1);
+    }
+
+    #[test]
+    fn the_driver_cannot_set_device_needs_reset() {
+        let (mut t, record, _) = transport();
+        write(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DEVICE_NEEDS_RESET,
+        );
+        assert_eq!(read(&mut t, REG_STATUS), STATUS_ACKNOWLEDGE);
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0, 0x1_0000);
+        write(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(read(&mut t, REG_STATUS), ALL_OK);
+        assert_eq!(
+            record.lock().unwrap().activations,
+            1,
+            "queue setup was allowed"
+        );
     }
 
     #[test]
