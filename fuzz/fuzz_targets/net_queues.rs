@@ -212,11 +212,14 @@ impl Fuzz {
         let queue = self.queues[q].clone();
         let size = queue.size.max(1);
         self.write(
-            queue.avail + 4 + u64::from(queue.avail_idx % size) * 2,
+            queue
+                .avail
+                .wrapping_add(4 + u64::from(queue.avail_idx % size) * 2),
             &head.to_le_bytes(),
         );
         let idx = queue.avail_idx.wrapping_add(1);
-        self.shadow.write_u16(&self.mem, queue.avail + 2, idx);
+        self.shadow
+            .write_u16(&self.mem, queue.avail.wrapping_add(2), idx);
         self.queues[q].avail_idx = idx;
         self.queues[q].published.push(head);
         if self.queues[q].published.len() > usize::from(size) {
@@ -294,8 +297,8 @@ impl Fuzz {
         let q = &self.queues[ctrl];
         let deadline = std::time::Instant::now() + SYNC_WAIT;
         loop {
-            let used =
-                read_guest(&self.mem, q.used + 2, 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+            let used = read_guest(&self.mem, q.used.wrapping_add(2), 2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]));
             if used.map(usize::from) == Some(q.published.len()) {
                 break;
             }
@@ -617,7 +620,7 @@ fn op(f: &mut Fuzz, u: &mut Unstructured) -> Result<()> {
                         next: 0,
                     },
                     Desc {
-                        addr: addr + u64::from(cut),
+                        addr: addr.wrapping_add(u64::from(cut)),
                         len: total - cut,
                         flags: 0,
                         next: 0,
@@ -1109,7 +1112,7 @@ fn check_used_rings(f: &Fuzz) {
             continue;
         }
         let used_idx = u16::from_le_bytes(
-            read_guest(&f.mem, q.used + 2, 2)
+            read_guest(&f.mem, q.used.wrapping_add(2), 2)
                 .unwrap()
                 .try_into()
                 .unwrap(),
@@ -1135,7 +1138,8 @@ fn check_used_rings(f: &Fuzz) {
         let max = usize::from(q.size);
         let mut entries = Vec::new();
         for k in 0..n {
-            let slot = read_guest(&f.mem, q.used + 4 + (k % max) as u64 * 8, 8).unwrap();
+            let slot =
+                read_guest(&f.mem, q.used.wrapping_add(4 + (k % max) as u64 * 8), 8).unwrap();
             let id = u32::from_le_bytes(slot[..4].try_into().unwrap());
             let len = u32::from_le_bytes(slot[4..].try_into().unwrap());
             let head = q.published[k];
@@ -1385,7 +1389,7 @@ fuzz_target!(|data: &[u8]| {
     settle(f.transport.queue_events(), Duration::from_millis(20));
     let link = f.host.link.clone().unwrap();
     if let Some(ctrl) = f.roles().iter().position(|&r| r == Role::Ctrl) {
-        let used = f.queues[ctrl].used + 2;
+        let used = f.queues[ctrl].used.wrapping_add(2);
         let read_used =
             |f: &Fuzz| read_guest(&f.mem, used, 2).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
         let before = read_used(&f);
