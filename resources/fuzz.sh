@@ -54,6 +54,11 @@ for target in "$@"; do
     mkdir -p "$artifacts"
     log=$log_dir/$target.log
     common=(-timeout="$timeout_s" -artifact_prefix="$artifacts")
+    # FUZZ_SEED: a fixed libFuzzer seed, so that a smoke run mutates the
+    # same way each time (the test command sets it; long runs leave it out).
+    if [ -n "${FUZZ_SEED:-}" ]; then
+        common+=(-seed="$FUZZ_SEED")
+    fi
 
     # Bugs found before must stay fixed.
     if [ -d "fuzz/regressions/$target" ] && [ -n "$(ls -A "fuzz/regressions/$target")" ]; then

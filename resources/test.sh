@@ -26,4 +26,4 @@ cargo test --workspace --all-targets "$@"
 # from its kept corpus, plus the saved reproducers; a crash, hang or leak
 # fails here with the artifact's path. Installs cargo-fuzz when missing.
 echo "== fuzz smoke (${FUZZ_SMOKE_SECONDS:-20} s per target)"
-bash resources/fuzz.sh "${FUZZ_SMOKE_SECONDS:-20}"
+FUZZ_SEED=${FUZZ_SEED:-1} bash resources/fuzz.sh "${FUZZ_SMOKE_SECONDS:-20}"
