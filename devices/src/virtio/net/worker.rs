@@ -614,7 +614,10 @@ impl QueuePairWorker {
         let mem = &self.mem;
         let budget = usize::from(ctrl.queue.size());
         let mut pass = Pass::Done;
-        for taken in 0.. {
+        // Counts commands only: looking again after enabling notifications
+        // must not step over the budget check.
+        let mut taken = 0usize;
+        loop {
             let chain = match next_chain(&mut ctrl.queue, mem, "control")? {
                 Some(chain) => chain,
                 // With EVENT_IDX the driver notifies only past avail_event:
@@ -656,7 +659,8 @@ impl QueuePairWorker {
             ctrl.queue
                 .add_used(mem, head, used)
                 .map_err(|e| WorkerFault::queue("control", e))?;
-            if taken + 1 == budget {
+            taken += 1;
+            if taken >= budget {
                 pass = Pass::MoreWork;
                 break;
             }
