@@ -5,6 +5,7 @@
 mod backend;
 mod counters;
 mod link;
+mod offload;
 mod worker;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
