@@ -48,6 +48,9 @@ const RING_BLOCK: u64 = 0x2000;
 const BUF_START: u64 = 0xd000;
 const BUF_LEN: u64 = 0x4000;
 const RX_HEADER: [u8; NET_HDR_LEN] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+/// The longest frame (after the header) a TX chain may carry: a 64 KiB
+/// GSO frame and 256 bytes of headers.
+const MAX_TX_FRAME: usize = 65_536 + 256;
 /// The device reads at most this much of a control command: class, command
 /// and two full MAC tables.
 const CTRL_COMMAND_MAX: usize = 2 + 2 * (4 + 6 * MAC_TABLE_MAX);
@@ -834,39 +837,71 @@ enum TxOutcome {
     Spoofed,
 }
 
-/// Simulates the device on one TX chain.
-fn expect_tx(shadow: &Shadow, descs: &[Desc], max: usize) -> TxOutcome {
-    let mut skip = NET_HDR_LEN as u64;
-    let mut frame = Vec::new();
+/// Simulates the device on one TX chain. The fuzzer's frames are one
+/// byte repeated (and a MAC): never IP, so a segmentation (GSO) request
+/// is always refused; a checksum request (NEEDS_CSUM) is honoured with
+/// VIRTIO_NET_F_CSUM, refused without, and fills RFC 1071's checksum from
+/// `csum_start` to the end at `csum_start + csum_offset`.
+fn expect_tx(shadow: &Shadow, descs: &[Desc], max: usize, features: u64) -> TxOutcome {
+    // The header, then the frame, as one byte string.
+    let mut bytes = Vec::new();
     for (i, d) in descs.iter().enumerate() {
         if i == max || d.flags & DESC_F_WRITE != 0 {
             return TxOutcome::Dropped;
         }
-        let skipped = skip.min(u64::from(d.len));
-        skip -= skipped;
-        let len = u64::from(d.len) - skipped;
-        let Some(addr) = d.addr.checked_add(skipped) else {
-            return TxOutcome::Dropped;
-        };
-        if len == 0 {
+        if d.len == 0 {
             continue;
         }
-        if frame.len() as u64 + len > TX_BUF as u64 {
+        if bytes.len() + d.len as usize > NET_HDR_LEN + MAX_TX_FRAME {
             return TxOutcome::Dropped;
         }
-        match shadow.get(addr, len as usize) {
-            Some(bytes) => frame.extend_from_slice(bytes),
+        match shadow.get(d.addr, d.len as usize) {
+            Some(b) => bytes.extend_from_slice(b),
             None => return TxOutcome::Dropped,
         }
     }
-    if frame.len() < 14 {
-        TxOutcome::Dropped
-    } else if frame.len() > MAX_FRAME {
-        TxOutcome::Oversize
-    } else if frame[6..12] != MAC {
-        TxOutcome::Spoofed
-    } else {
-        TxOutcome::Sent(frame)
+    if bytes.len() < NET_HDR_LEN + 14 {
+        return TxOutcome::Dropped;
+    }
+    let (hdr, frame) = bytes.split_at(NET_HDR_LEN);
+    let needs_csum = hdr[0] & 1 != 0;
+    if needs_csum && features & F_CSUM == 0 {
+        return TxOutcome::Dropped;
+    }
+    if hdr[1] != 0 || frame.len() > TX_BUF {
+        return TxOutcome::Dropped;
+    }
+    if frame.len() > MAX_FRAME {
+        return TxOutcome::Oversize;
+    }
+    if frame[6..12] != MAC {
+        return TxOutcome::Spoofed;
+    }
+    let mut frame = frame.to_vec();
+    if needs_csum {
+        let start = usize::from(u16::from_le_bytes([hdr[6], hdr[7]]));
+        let at = start + usize::from(u16::from_le_bytes([hdr[8], hdr[9]]));
+        if at + 2 > frame.len() {
+            return TxOutcome::Dropped;
+        }
+        let c = rfc1071(&frame[start..]);
+        frame[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    TxOutcome::Sent(frame)
+}
+
+/// The Internet checksum to store for `data`, word by word as RFC 1071
+/// describes it (0 sent as 0xffff).
+fn rfc1071(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for pair in data.chunks(2) {
+        let word = u32::from(pair[0]) << 8 | pair.get(1).map_or(0, |&b| u32::from(b));
+        sum += word;
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    match !(sum as u16) {
+        0 => 0xffff,
+        c => c,
     }
 }
 
@@ -1234,7 +1269,7 @@ fn check_used_rings(f: &Fuzz) {
                 let (mut oversize, mut spoofed) = (0, 0);
                 for (k, (_, len, descs)) in entries.iter().enumerate() {
                     assert_eq!(*len, 0, "tx used length, entry {k}");
-                    match expect_tx(&f.shadow, descs, max) {
+                    match expect_tx(&f.shadow, descs, max, f.features) {
                         TxOutcome::Sent(frame) => sent_expected[pair].push(frame),
                         TxOutcome::Oversize => oversize += 1,
                         TxOutcome::Spoofed => spoofed += 1,

@@ -35,6 +35,13 @@ pub const MTU: u16 = 1500;
 pub const MAX_FRAME: usize = MTU as usize + 18;
 /// What the device offers (checked against `Net::device_features`).
 pub const OFFERED: u64 = (1 << 32) // VERSION_1
+    | (1 << 0) // CSUM
+    | (1 << 1) // GUEST_CSUM
+    | (1 << 2) // CTRL_GUEST_OFFLOADS
+    | (1 << 11) // HOST_TSO4
+    | (1 << 12) // HOST_TSO6
+    | (1 << 13) // HOST_ECN
+    | (1 << 56) // HOST_USO
     | (1 << 3) // MTU
     | (1 << 5) // MAC
     | (1 << 16) // STATUS
@@ -43,6 +50,7 @@ pub const OFFERED: u64 = (1 << 32) // VERSION_1
     | (1 << 22) // MQ
     | (1 << 28) // INDIRECT_DESC
     | (1 << 29); // EVENT_IDX
+pub const F_CSUM: u64 = 1 << 0;
 pub const F_CTRL_VQ: u64 = 1 << 17;
 pub const F_CTRL_RX: u64 = 1 << 18;
 pub const F_MQ: u64 = 1 << 22;

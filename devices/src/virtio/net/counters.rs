@@ -30,6 +30,21 @@ pub struct QueuePairCounters {
     pub tx_ring_full: AtomicU64,
     /// Transmit retries after waiting for room timed out.
     pub tx_retries: AtomicU64,
+    /// GSO frames from the guest (TSO/USO), and the wire frames cut from them.
+    pub tx_gso_frames: AtomicU64,
+    pub tx_gso_segments: AtomicU64,
+    /// Frames whose transport checksum the device filled (NEEDS_CSUM, and
+    /// every segment of a GSO frame).
+    pub tx_csum_filled: AtomicU64,
+    /// Of the dropped chains: offload requests that cannot be honoured (not
+    /// negotiated, checksum outside the frame, GSO of something not TCP/UDP).
+    pub tx_offload_errors: AtomicU64,
+    /// Received frames whose transport checksum verified (DATA_VALID for
+    /// the guest), was completed for a sender that left it to the device,
+    /// or failed (passed on unmarked).
+    pub rx_csum_verified: AtomicU64,
+    pub rx_csum_completed: AtomicU64,
+    pub rx_csum_bad: AtomicU64,
     pub rx_notifications: AtomicU64,
     pub tx_notifications: AtomicU64,
     pub interrupts: AtomicU64,
@@ -61,6 +76,13 @@ pub struct CountersSnapshot {
     pub tx_dropped_link_down: u64,
     pub tx_ring_full: u64,
     pub tx_retries: u64,
+    pub tx_gso_frames: u64,
+    pub tx_gso_segments: u64,
+    pub tx_csum_filled: u64,
+    pub tx_offload_errors: u64,
+    pub rx_csum_verified: u64,
+    pub rx_csum_completed: u64,
+    pub rx_csum_bad: u64,
     pub rx_notifications: u64,
     pub tx_notifications: u64,
     pub interrupts: u64,
@@ -94,6 +116,13 @@ impl QueuePairCounters {
             tx_dropped_link_down: get(&self.tx_dropped_link_down),
             tx_ring_full: get(&self.tx_ring_full),
             tx_retries: get(&self.tx_retries),
+            tx_gso_frames: get(&self.tx_gso_frames),
+            tx_gso_segments: get(&self.tx_gso_segments),
+            tx_csum_filled: get(&self.tx_csum_filled),
+            tx_offload_errors: get(&self.tx_offload_errors),
+            rx_csum_verified: get(&self.rx_csum_verified),
+            rx_csum_completed: get(&self.rx_csum_completed),
+            rx_csum_bad: get(&self.rx_csum_bad),
             rx_notifications: get(&self.rx_notifications),
             tx_notifications: get(&self.tx_notifications),
             interrupts: get(&self.interrupts),
@@ -121,6 +150,8 @@ impl std::fmt::Display for CountersSnapshot {
              {} no-buffer waits), \
              tx {} pkts {} B ({} dropped: {} too long, {} oversize, {} spoofed; {} link down, \
              {} ring full, {} retries), \
+             offloads: tx {} gso frames -> {} segments, {} checksums filled, {} refused; \
+             rx checksums {} verified, {} completed, {} bad; \
              notifications rx {} tx {}, interrupts {}, mean batch rx {:.1} tx {:.1}, \
              queue errors {}",
             self.rx_packets,
@@ -138,6 +169,13 @@ impl std::fmt::Display for CountersSnapshot {
             self.tx_dropped_link_down,
             self.tx_ring_full,
             self.tx_retries,
+            self.tx_gso_frames,
+            self.tx_gso_segments,
+            self.tx_csum_filled,
+            self.tx_offload_errors,
+            self.rx_csum_verified,
+            self.rx_csum_completed,
+            self.rx_csum_bad,
             self.rx_notifications,
             self.tx_notifications,
             self.interrupts,

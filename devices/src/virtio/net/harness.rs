@@ -252,6 +252,60 @@ impl DriverHarness {
         true
     }
 
+    /// Queues a frame with the given virtio-net header, the frame split
+    /// over as many buffer slots as it needs (as a guest's scatter-gather
+    /// transmit would); false if the queue has too few free descriptors.
+    pub fn queue_tx_frame_with_header(
+        &mut self,
+        queue: usize,
+        hdr: [u8; NET_HDR_LEN],
+        frame: &[u8],
+    ) -> bool {
+        let pieces = frame.chunks(BUFFER_SIZE as usize);
+        let needed = 1 + pieces.len();
+        if self.queues[queue].free.len() < needed {
+            return false;
+        }
+        let ids: Vec<u16> = (0..needed)
+            .filter_map(|_| self.queues[queue].free.pop())
+            .collect();
+        let hdr_addr = Self::buffer_addr(queue, ids[0]);
+        self.mem
+            .write_slice(&hdr, GuestAddress(hdr_addr))
+            .expect("hdr");
+        self.write_desc(
+            queue,
+            ids[0],
+            hdr_addr,
+            NET_HDR_LEN as u32,
+            VIRTQ_DESC_F_NEXT,
+            ids[1],
+        );
+        for (k, piece) in frame.chunks(BUFFER_SIZE as usize).enumerate() {
+            let id = ids[k + 1];
+            let addr = Self::buffer_addr(queue, id);
+            self.mem
+                .write_slice(piece, GuestAddress(addr))
+                .expect("frame");
+            let (flags, next) = match ids.get(k + 2) {
+                Some(&next) => (VIRTQ_DESC_F_NEXT, next),
+                None => (0, 0),
+            };
+            self.write_desc(queue, id, addr, piece.len() as u32, flags, next);
+        }
+        self.publish(queue, ids[0]);
+        true
+    }
+
+    /// The virtio-net header the device wrote into RX buffer `id`.
+    pub fn rx_header(&self, queue: usize, id: u16) -> [u8; NET_HDR_LEN] {
+        let mut hdr = [0u8; NET_HDR_LEN];
+        self.mem
+            .read_slice(&mut hdr, GuestAddress(Self::buffer_addr(queue, id)))
+            .expect("rx header");
+        hdr
+    }
+
     /// Publishes a raw chain built by the caller from (addr, len, flags)
     /// descriptors — for feeding the device malformed input.
     pub fn queue_raw_chain(&mut self, queue: usize, descs: &[(u64, u32, u16)]) {

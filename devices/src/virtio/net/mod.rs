@@ -8,7 +8,7 @@ mod link;
 mod offload;
 mod worker;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -24,20 +24,33 @@ pub mod harness;
 #[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]
+mod offload_tests;
+#[cfg(test)]
 mod tests;
 
 use super::{ActivateResources, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
-use worker::{ControlQueue, QueuePairWorker, TxPolicy};
+use offload::TxOffloads;
+use worker::{ControlQueue, QueuePairWorker, TxPolicy, TxState};
 
 pub const VIRTIO_ID_NET: u32 = 1;
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+pub const VIRTIO_NET_F_CTRL_GUEST_OFFLOADS: u64 = 1 << 2;
 pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+pub const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
 pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
 pub const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
 pub const VIRTIO_NET_F_CTRL_RX: u64 = 1 << 18;
 pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub const VIRTIO_NET_F_HOST_USO: u64 = 1 << 56;
+/// The receive offloads a driver may switch with
+/// VIRTIO_NET_CTRL_GUEST_OFFLOADS: of those, the ones we offer.
+const GUEST_OFFLOAD_FEATURES: u64 = VIRTIO_NET_F_GUEST_CSUM;
 const VIRTIO_NET_S_LINK_UP: u16 = 1;
 
 pub(crate) const QUEUE_SIZE: u16 = 256;
@@ -99,6 +112,8 @@ pub struct Net {
     counters: Vec<Arc<QueuePairCounters>>,
     /// Pairs the guest uses (see `QueuePairWorker::active_pairs`).
     active_pairs: Arc<AtomicUsize>,
+    /// Receive offloads in force (see `QueuePairWorker::guest_offloads`).
+    guest_offloads: Arc<AtomicU64>,
     link: Arc<link::LinkState>,
     /// Tests: make spawning this pair's thread fail once.
     #[cfg(test)]
@@ -130,6 +145,7 @@ impl Net {
             workers: Vec::new(),
             counters: (0..pairs).map(|_| Arc::default()).collect(),
             active_pairs: Arc::default(),
+            guest_offloads: Arc::default(),
             link: Arc::new(link::LinkState::new(pairs, mac)),
             #[cfg(test)]
             fail_spawn_at: None,
@@ -232,12 +248,35 @@ impl Net {
                     max_pairs: pairs as u16,
                     mq,
                     rx_mode: self.acked_features & VIRTIO_NET_F_CTRL_RX != 0,
+                    guest_offloads_allowed: if self.acked_features
+                        & VIRTIO_NET_F_CTRL_GUEST_OFFLOADS
+                        != 0
+                    {
+                        self.acked_features & GUEST_OFFLOAD_FEATURES
+                    } else {
+                        0
+                    },
                     wakers: Vec::new(),
                 });
             }
         }
         // Until VQ_PAIRS_SET, the driver uses the first pair (5.1.6.5.5).
         self.active_pairs.store(1, Ordering::Release);
+        // Every negotiated receive offload is on until the driver says otherwise.
+        self.guest_offloads.store(
+            self.acked_features & GUEST_OFFLOAD_FEATURES,
+            Ordering::Relaxed,
+        );
+        let acked = |f: u64| self.acked_features & f != 0;
+        // Segmentation needs checksumming (virtio 1.2 5.1.3.1).
+        let csum = acked(VIRTIO_NET_F_CSUM);
+        let tx_offloads = TxOffloads {
+            csum,
+            tso4: csum && acked(VIRTIO_NET_F_HOST_TSO4),
+            tso6: csum && acked(VIRTIO_NET_F_HOST_TSO6),
+            ecn: csum && acked(VIRTIO_NET_F_HOST_ECN),
+            uso: csum && acked(VIRTIO_NET_F_HOST_USO),
+        };
         let wakes = (0..pairs)
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<std::io::Result<Vec<_>>>()
@@ -292,6 +331,7 @@ impl Net {
                     let interrupt = resources.interrupt.clone();
                     let counters = self.counters[pair].clone();
                     let active_pairs = self.active_pairs.clone();
+                    let guest_offloads = self.guest_offloads.clone();
                     let link = self.link.clone();
                     let tx_policy = TxPolicy {
                         mac: self.config.mac,
@@ -300,6 +340,8 @@ impl Net {
                     };
                     let run = move |backend| {
                         QueuePairWorker {
+                            tx_state: TxState::new(tx_offloads, QUEUE_SIZE),
+                            guest_offloads,
                             pair,
                             active_pairs,
                             link,
@@ -346,6 +388,13 @@ impl VirtioDevice for Net {
 
     fn device_features(&self) -> u64 {
         VIRTIO_F_VERSION_1
+            | VIRTIO_NET_F_CSUM
+            | VIRTIO_NET_F_GUEST_CSUM
+            | VIRTIO_NET_F_CTRL_GUEST_OFFLOADS
+            | VIRTIO_NET_F_HOST_TSO4
+            | VIRTIO_NET_F_HOST_TSO6
+            | VIRTIO_NET_F_HOST_ECN
+            | VIRTIO_NET_F_HOST_USO
             | VIRTIO_NET_F_MAC
             | VIRTIO_NET_F_MTU
             | VIRTIO_NET_F_STATUS

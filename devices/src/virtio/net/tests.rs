@@ -31,6 +31,16 @@ impl SocketBackend {
         };
         (Box::new(backend), b)
     }
+
+    /// A backend over `sock` that takes `tx_room` frames per transmit call.
+    pub(super) fn with_tx_room(sock: UnixDatagram, tx_room: usize) -> Box<dyn NetBackend> {
+        Box::new(SocketBackend {
+            sock,
+            buf: Box::new([0; 65536]),
+            pending: None,
+            tx_room,
+        })
+    }
 }
 
 impl NetBackend for SocketBackend {

@@ -12,26 +12,32 @@
 
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::NetBackend;
 use super::counters::{add, QueuePairCounters};
 use super::link::{LinkState, MAC_TABLE_MAX};
+use super::offload::gso::{self, Segmenter, MAX_HEADERS};
+use super::offload::rx::{self as rx_csum, RxChecksum};
+use super::offload::{
+    OffloadError, RxOffloads, TxOffloads, VirtioNetHdr, VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+};
 use crate::virtio::{Interrupt, INTERRUPT_USED_RING};
 
 /// `virtio_net_hdr_v1`: what precedes every frame on both queues.
 pub const NET_HDR_LEN: usize = 12;
 /// Shortest frame worth sending: an Ethernet header.
 const MIN_FRAME_LEN: usize = 14;
-/// `num_buffers` (offset 10) is 1: each frame fits one buffer chain.
-const RX_HEADER: [u8; NET_HDR_LEN] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+/// The longest frame a TX chain may carry: a 64 KiB GSO frame and its headers.
+const MAX_TX_FRAME: usize = 65_536 + MAX_HEADERS;
 
 const VIRTIO_NET_CTRL_RX: u8 = 0;
 const VIRTIO_NET_CTRL_RX_PROMISC: u8 = 0;
@@ -39,6 +45,8 @@ const VIRTIO_NET_CTRL_RX_ALLMULTI: u8 = 1;
 const VIRTIO_NET_CTRL_MAC: u8 = 1;
 const VIRTIO_NET_CTRL_MAC_TABLE_SET: u8 = 0;
 const VIRTIO_NET_CTRL_MQ: u8 = 4;
+const VIRTIO_NET_CTRL_GUEST_OFFLOADS: u8 = 5;
+const VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET: u8 = 0;
 const VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
 /// class, command, then the largest command data we read: two MAC tables
 /// (a 4-byte count and 6 bytes per address) at full size. Longer commands
@@ -65,6 +73,10 @@ pub(crate) struct ControlQueue {
     /// Whether VIRTIO_NET_F_CTRL_RX was negotiated (receive mode and MAC
     /// table commands allowed).
     pub rx_mode: bool,
+    /// The receive offloads (feature bits) the driver negotiated and may
+    /// switch with VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET, if it negotiated
+    /// VIRTIO_NET_F_CTRL_GUEST_OFFLOADS; else 0.
+    pub guest_offloads_allowed: u64,
     /// Each pair's wake-up, written when the number of active pairs
     /// changes so that a pair that stops being used drains its backend.
     pub wakers: Vec<EventFd>,
@@ -86,6 +98,18 @@ impl TxPolicy {
         if frame.len() > self.max_frame {
             return Some(TxRefusal::Oversize);
         }
+        self.refuse_source(frame)
+    }
+
+    /// The same for a GSO frame: its headers, and its longest segment.
+    fn refuse_gso(&self, headers: &[u8], seg: &Segmenter) -> Option<TxRefusal> {
+        if seg.segment_len(0) > self.max_frame {
+            return Some(TxRefusal::Oversize);
+        }
+        self.refuse_source(headers)
+    }
+
+    fn refuse_source(&self, frame: &[u8]) -> Option<TxRefusal> {
         if self.spoof_check && frame.get(6..12) != Some(&self.mac[..]) {
             return Some(TxRefusal::Spoofed);
         }
@@ -98,8 +122,240 @@ enum TxRefusal {
     Spoofed,
 }
 
+/// Why a TX chain was returned unsent.
+enum TxDrop {
+    Chain(ChainError),
+    Offload(OffloadError),
+    Refused(TxRefusal),
+}
+
+impl From<ChainError> for TxDrop {
+    fn from(e: ChainError) -> Self {
+        Self::Chain(e)
+    }
+}
+
+impl From<OffloadError> for TxDrop {
+    fn from(e: OffloadError) -> Self {
+        Self::Offload(e)
+    }
+}
+
+fn count_tx_drop(counters: &QueuePairCounters, drop: &TxDrop) {
+    add(&counters.tx_dropped, 1);
+    match drop {
+        TxDrop::Chain(ChainError::TooLong) => add(&counters.tx_chains_too_long, 1),
+        TxDrop::Chain(_) => {}
+        TxDrop::Offload(e) => {
+            add(&counters.tx_offload_errors, 1);
+            crate::log_ratelimited!(log::Level::Debug, "virtio-net: TX frame dropped: {e}");
+        }
+        TxDrop::Refused(TxRefusal::Oversize) => add(&counters.tx_dropped_oversize, 1),
+        TxDrop::Refused(TxRefusal::Spoofed) => add(&counters.tx_dropped_spoofed, 1),
+    }
+}
+
+/// A guest TX frame as it lies in guest memory: the virtio-net header,
+/// then the frame's pieces. Gathered once per chain and read from as
+/// often as segmentation needs; its storage is reserved once per worker.
+pub(crate) struct TxFrame {
+    hdr: VirtioNetHdr,
+    pieces: Vec<(GuestAddress, usize)>,
+    len: usize,
+}
+
+impl TxFrame {
+    pub fn with_capacity(descriptors: usize) -> Self {
+        Self {
+            hdr: VirtioNetHdr::default(),
+            pieces: Vec::with_capacity(descriptors),
+            len: 0,
+        }
+    }
+
+    /// Reads the header and records where the frame lies; at most
+    /// `max_descs` descriptors, at most [`MAX_TX_FRAME`] bytes.
+    fn gather(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        max_descs: usize,
+    ) -> Result<(), ChainError> {
+        self.pieces.clear();
+        self.len = 0;
+        let mut hdr = [0u8; NET_HDR_LEN];
+        let mut hdr_len = 0usize;
+        for (i, desc) in chain.enumerate() {
+            if i == max_descs {
+                return Err(ChainError::TooLong);
+            }
+            if desc.is_write_only() {
+                return Err(ChainError::Bad);
+            }
+            let mut addr = desc.addr();
+            let mut len = desc.len() as usize;
+            if hdr_len < NET_HDR_LEN && len > 0 {
+                let n = (NET_HDR_LEN - hdr_len).min(len);
+                mem.read_slice(&mut hdr[hdr_len..hdr_len + n], addr)
+                    .map_err(|_| ChainError::Bad)?;
+                hdr_len += n;
+                len -= n;
+                addr = addr.checked_add(n as u64).ok_or(ChainError::Bad)?;
+            }
+            if len == 0 {
+                continue;
+            }
+            self.len = self
+                .len
+                .checked_add(len)
+                .filter(|&l| l <= MAX_TX_FRAME)
+                .ok_or(ChainError::TooBig)?;
+            // Fewer pieces than max_descs: never grows past its reservation.
+            self.pieces.push((addr, len));
+        }
+        if hdr_len < NET_HDR_LEN || self.len < MIN_FRAME_LEN {
+            return Err(ChainError::Runt);
+        }
+        self.hdr = VirtioNetHdr::from_bytes(&hdr);
+        Ok(())
+    }
+
+    /// Copies the frame's bytes from `offset` into all of `dst`.
+    fn read(&self, mem: &GuestMemoryMmap, offset: usize, dst: &mut [u8]) -> Result<(), ChainError> {
+        let mut skip = offset;
+        let mut done = 0usize;
+        for &(addr, len) in &self.pieces {
+            if done == dst.len() {
+                break;
+            }
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let n = (len - skip).min(dst.len() - done);
+            let from = addr.checked_add(skip as u64).ok_or(ChainError::Bad)?;
+            mem.read_slice(&mut dst[done..done + n], from)
+                .map_err(|_| ChainError::Bad)?;
+            done += n;
+            skip = 0;
+        }
+        if done < dst.len() {
+            return Err(ChainError::Bad);
+        }
+        Ok(())
+    }
+}
+
+/// A GSO frame part way through segmentation: its chain goes back to the
+/// guest once the last segment is out.
+struct PendingGso {
+    head: u16,
+    seg: Segmenter,
+    next: usize,
+}
+
+/// The first thing a TX chain turns into.
+enum TxStart {
+    /// A whole frame, already in the host buffer.
+    Frame(usize),
+    /// A GSO frame: segments follow, one per host buffer.
+    Gso(Segmenter),
+}
+
+/// Reads a TX chain: a plain frame goes into `buf` (checksum filled if
+/// asked), a GSO frame is planned, its headers kept in `headers`.
+#[allow(clippy::too_many_arguments)]
+fn start_tx_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    frame: &mut TxFrame,
+    headers: &mut [u8; MAX_HEADERS],
+    buf: &mut [u8],
+    max_descs: usize,
+    offloads: TxOffloads,
+    policy: &TxPolicy,
+) -> Result<TxStart, TxDrop> {
+    frame.gather(mem, chain, max_descs)?;
+    let hdr = frame.hdr;
+    if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 && !offloads.csum {
+        return Err(OffloadError::NotNegotiated.into());
+    }
+    if gso::is_gso(&hdr) {
+        let n = frame.len.min(MAX_HEADERS);
+        frame.read(mem, 0, &mut headers[..n])?;
+        let seg = Segmenter::new(&hdr, offloads, &headers[..n], frame.len)?;
+        if let Some(refusal) = policy.refuse_gso(&headers[..n], &seg) {
+            return Err(TxDrop::Refused(refusal));
+        }
+        return Ok(TxStart::Gso(seg));
+    }
+    let out = buf.get_mut(..frame.len).ok_or(ChainError::TooBig)?;
+    frame.read(mem, 0, out)?;
+    if let Some(refusal) = policy.refuse(out) {
+        return Err(TxDrop::Refused(refusal));
+    }
+    if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+        gso::fill_partial_csum(
+            out,
+            usize::from(hdr.csum_start),
+            usize::from(hdr.csum_offset),
+        )?;
+    }
+    Ok(TxStart::Frame(frame.len))
+}
+
+/// Writes segment `i` of a GSO frame into `buf`: the payload straight
+/// from guest memory, then its headers.
+fn write_segment(
+    mem: &GuestMemoryMmap,
+    frame: &TxFrame,
+    headers: &[u8],
+    seg: &Segmenter,
+    i: usize,
+    buf: &mut [u8],
+) -> Result<usize, ChainError> {
+    let len = seg.segment_len(i);
+    let out = buf.get_mut(..len).ok_or(ChainError::TooBig)?;
+    let (at, _) = seg.payload(i);
+    frame.read(mem, at, &mut out[seg.header_len()..])?;
+    seg.finish_segment(i, headers, out);
+    Ok(len)
+}
+
+/// Transmit offload state of one queue pair, reserved once.
+pub(crate) struct TxState {
+    pub offloads: TxOffloads,
+    frame: TxFrame,
+    headers: Box<[u8; MAX_HEADERS]>,
+    pending: Option<PendingGso>,
+}
+
+impl TxState {
+    pub fn new(offloads: TxOffloads, queue_size: u16) -> Self {
+        Self {
+            offloads,
+            frame: TxFrame::with_capacity(usize::from(queue_size)),
+            headers: Box::new([0; MAX_HEADERS]),
+            pending: None,
+        }
+    }
+}
+
+/// The receive offloads in force: negotiated, then changed by the guest
+/// through VIRTIO_NET_CTRL_GUEST_OFFLOADS (a feature-bit mask, shared by
+/// every pair).
+pub(crate) fn rx_offloads(guest_offloads: &AtomicU64) -> RxOffloads {
+    let bits = guest_offloads.load(Ordering::Relaxed);
+    RxOffloads {
+        csum: bits & super::VIRTIO_NET_F_GUEST_CSUM != 0,
+    }
+}
+
 pub(crate) struct QueuePairWorker {
     pub tx_policy: TxPolicy,
+    pub tx_state: TxState,
+    /// Feature bits of the receive offloads the guest has on.
+    pub guest_offloads: Arc<AtomicU64>,
     /// This pair's index: it receives for the guest only while it is below
     /// `active_pairs`.
     pub pair: usize,
@@ -360,7 +616,9 @@ impl QueuePairWorker {
         }
     }
 
-    /// Moves up to a queue's worth of TX chains into the backend, in batches.
+    /// Moves up to a queue's worth of TX frames into the backend, in
+    /// batches: whole frames, and the segments of GSO frames (a GSO frame
+    /// may span passes; its chain is returned after its last segment).
     fn process_tx(&mut self) -> Result<Pass, WorkerFault> {
         // A pair the guest never set up (no MQ, or fewer pairs) has no queues.
         if !self.tx.ready() {
@@ -375,8 +633,17 @@ impl QueuePairWorker {
             backend,
             counters,
             tx_policy,
+            tx_state,
             ..
         } = self;
+        let TxState {
+            offloads,
+            frame,
+            headers,
+            pending,
+        } = tx_state;
+        let offloads = *offloads;
+        // Host frames sent (or chains dropped) per pass.
         let budget = usize::from(tx.size());
         let mut taken = 0usize;
         let mut fault = None;
@@ -385,8 +652,36 @@ impl QueuePairWorker {
                 .map_err(|e| WorkerFault::queue("tx", e))?;
             let mut bytes = 0u64;
             let (sent, out_of_room) = backend.transmit(&mut |buf: &mut [u8]| loop {
-                if taken == budget || fault.is_some() {
+                if taken >= budget || fault.is_some() {
                     return None;
+                }
+                taken += 1;
+                if let Some(p) = pending.as_mut() {
+                    let i = p.next;
+                    p.next += 1;
+                    let result = write_segment(mem, frame, &headers[..], &p.seg, i, buf);
+                    if p.next == p.seg.segments() || result.is_err() {
+                        let head = p.head;
+                        *pending = None;
+                        if let Err(e) = tx.add_used(&*mem, head, 0) {
+                            fault = Some(WorkerFault::queue("tx", e));
+                            return None;
+                        }
+                    }
+                    match result {
+                        Ok(len) => {
+                            add(&counters.tx_gso_segments, 1);
+                            add(&counters.tx_csum_filled, 1);
+                            bytes += len as u64;
+                            return Some(len);
+                        }
+                        // The guest changed its chain under us; the rest
+                        // of the frame is gone with it.
+                        Err(e) => {
+                            count_tx_drop(counters, &TxDrop::Chain(e));
+                            continue;
+                        }
+                    }
                 }
                 let chain = match next_chain(tx, mem, "tx") {
                     Ok(Some(chain)) => chain,
@@ -396,36 +691,30 @@ impl QueuePairWorker {
                         return None;
                     }
                 };
-                taken += 1;
                 let head = chain.head_index();
-                let result = copy_tx_chain(mem, chain, buf, budget);
-                let refusal = result
-                    .as_ref()
-                    .ok()
-                    .and_then(|&len| tx_policy.refuse(&buf[..len]));
+                let start =
+                    start_tx_chain(mem, chain, frame, headers, buf, budget, offloads, tx_policy);
+                if let Ok(TxStart::Gso(seg)) = start {
+                    add(&counters.tx_gso_frames, 1);
+                    *pending = Some(PendingGso { head, seg, next: 0 });
+                    // Its segments count against the budget, not the chain.
+                    taken -= 1;
+                    continue;
+                }
                 if let Err(e) = tx.add_used(&*mem, head, 0) {
                     fault = Some(WorkerFault::queue("tx", e));
                     return None;
                 }
-                match (result, refusal) {
-                    (Ok(_), Some(TxRefusal::Oversize)) => {
-                        add(&counters.tx_dropped_oversize, 1);
-                        add(&counters.tx_dropped, 1);
-                    }
-                    (Ok(_), Some(TxRefusal::Spoofed)) => {
-                        add(&counters.tx_dropped_spoofed, 1);
-                        add(&counters.tx_dropped, 1);
-                    }
-                    (Ok(len), None) => {
+                match start {
+                    Ok(TxStart::Frame(len)) => {
+                        if frame.hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+                            add(&counters.tx_csum_filled, 1);
+                        }
                         bytes += len as u64;
                         return Some(len);
                     }
-                    (Err(e), _) => {
-                        if matches!(e, ChainError::TooLong) {
-                            add(&counters.tx_chains_too_long, 1);
-                        }
-                        add(&counters.tx_dropped, 1);
-                    }
+                    Ok(TxStart::Gso(_)) => {}
+                    Err(drop) => count_tx_drop(counters, &drop),
                 }
             });
             if sent > 0 {
@@ -443,7 +732,7 @@ impl QueuePairWorker {
                 add(&counters.tx_ring_full, 1);
                 break Pass::Blocked;
             }
-            if taken == budget {
+            if taken >= budget || pending.is_some() {
                 break Pass::MoreWork;
             }
             if !more_after_enable(tx, mem, "tx")? {
@@ -463,6 +752,7 @@ impl QueuePairWorker {
         if self.pair >= self.active_pairs.load(Ordering::Acquire) || !self.rx.ready() {
             return Ok(self.drop_rx());
         }
+        let offloads = rx_offloads(&self.guest_offloads);
         let Self {
             mem,
             rx,
@@ -493,7 +783,17 @@ impl QueuePairWorker {
                 };
                 taken += 1;
                 let head = chain.head_index();
-                let used_len = match write_rx_chain(mem, chain, frame, budget) {
+                let (hdr, repair) = rx_header(frame, offloads, counters);
+                let written = match repair {
+                    Some((at, value)) => write_rx_chain(
+                        mem,
+                        chain,
+                        &[&hdr, &frame[..at], &value, &frame[at + 2..]],
+                        budget,
+                    ),
+                    None => write_rx_chain(mem, chain, &[&hdr, frame], budget),
+                };
+                let used_len = match written {
                     Ok(len) => {
                         bytes += frame.len() as u64;
                         len
@@ -548,6 +848,12 @@ impl QueuePairWorker {
     fn drop_tx(&mut self) -> Result<Pass, WorkerFault> {
         let budget = usize::from(self.tx.size());
         let mut dropped = 0usize;
+        if let Some(p) = self.tx_state.pending.take() {
+            self.tx
+                .add_used(&self.mem, p.head, 0)
+                .map_err(|e| WorkerFault::queue("tx", e))?;
+            dropped += 1;
+        }
         let pass = loop {
             self.tx
                 .disable_notification(&self.mem)
@@ -631,6 +937,7 @@ impl QueuePairWorker {
                 max_pairs: ctrl.max_pairs,
                 mq: ctrl.mq,
                 rx_mode: ctrl.rx_mode,
+                guest_offloads: ctrl.guest_offloads_allowed,
             };
             let (used, effect) = handle_ctrl_chain(mem, chain, allowed, budget);
             // Applied before the ack: the guest may rely on the change once
@@ -644,6 +951,9 @@ impl QueuePairWorker {
                             crate::error_ratelimited!("virtio-net: cannot wake a queue pair: {e}");
                         }
                     }
+                }
+                Some(CtrlEffect::GuestOffloads(bits)) => {
+                    self.guest_offloads.store(bits, Ordering::Relaxed);
                 }
                 Some(CtrlEffect::Promisc(on)) => self.link.update_rx_mode(|m| m.promisc = on),
                 Some(CtrlEffect::AllMulti(on)) => self.link.update_rx_mode(|m| m.all_multi = on),
@@ -708,54 +1018,18 @@ fn signal_used(
     }
 }
 
-/// Copies a TX chain's frame (after the virtio-net header) into `buf`.
-fn copy_tx_chain(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    buf: &mut [u8],
-    max_descs: usize,
-) -> Result<usize, ChainError> {
-    let mut skip = NET_HDR_LEN as u64;
-    let mut len = 0usize;
-    for (i, desc) in chain.enumerate() {
-        if i == max_descs {
-            return Err(ChainError::TooLong);
-        }
-        if desc.is_write_only() {
-            return Err(ChainError::Bad);
-        }
-        let mut desc_len = u64::from(desc.len());
-        let mut addr = desc.addr();
-        let skipped = skip.min(desc_len);
-        skip -= skipped;
-        desc_len -= skipped;
-        addr = addr.checked_add(skipped).ok_or(ChainError::Bad)?;
-        if desc_len == 0 {
-            continue;
-        }
-        let end = len
-            .checked_add(desc_len as usize)
-            .filter(|&end| end <= buf.len())
-            .ok_or(ChainError::TooBig)?;
-        mem.read_slice(&mut buf[len..end], addr)
-            .map_err(|_| ChainError::Bad)?;
-        len = end;
-    }
-    if len < MIN_FRAME_LEN {
-        return Err(ChainError::Runt);
-    }
-    Ok(len)
-}
-
-/// Writes the header and `frame` into an RX chain; returns the bytes written.
+/// Writes `parts` (the virtio-net header, then the frame, possibly in
+/// pieces) into an RX chain; returns the bytes written.
 fn write_rx_chain(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
-    frame: &[u8],
+    parts: &[&[u8]],
     max_descs: usize,
 ) -> Result<u32, ChainError> {
-    let total = NET_HDR_LEN + frame.len();
+    let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut written = 0usize;
+    let mut part = 0usize;
+    let mut part_off = 0usize;
     for (i, desc) in chain.enumerate() {
         if written == total {
             break;
@@ -766,30 +1040,62 @@ fn write_rx_chain(
         if !desc.is_write_only() {
             return Err(ChainError::Bad);
         }
-        let room = desc.len() as usize;
-        let mut offset = 0usize;
+        let mut room = desc.len() as usize;
         let mut addr = desc.addr();
-        // Header first, possibly split across descriptors.
-        if written < NET_HDR_LEN {
-            let n = (NET_HDR_LEN - written).min(room);
-            mem.write_slice(&RX_HEADER[written..written + n], addr)
+        while room > 0 && part < parts.len() {
+            let src = &parts[part][part_off..];
+            if src.is_empty() {
+                part += 1;
+                part_off = 0;
+                continue;
+            }
+            let n = src.len().min(room);
+            mem.write_slice(&src[..n], addr)
                 .map_err(|_| ChainError::Bad)?;
             written += n;
-            offset += n;
-            addr = addr.checked_add(n as u64).ok_or(ChainError::Bad)?;
-        }
-        if written >= NET_HDR_LEN && offset < room {
-            let from = written - NET_HDR_LEN;
-            let n = (frame.len() - from).min(room - offset);
-            mem.write_slice(&frame[from..from + n], addr)
-                .map_err(|_| ChainError::Bad)?;
-            written += n;
+            room -= n;
+            part_off += n;
+            if room > 0 {
+                addr = addr.checked_add(n as u64).ok_or(ChainError::Bad)?;
+            }
         }
     }
     if written < total {
         return Err(ChainError::TooBig);
     }
-    Ok(total as u32)
+    u32::try_from(total).map_err(|_| ChainError::TooBig)
+}
+
+/// The virtio-net header for a received frame, and the checksum repair
+/// (offset into the frame, value) it needs, if any.
+fn rx_header(
+    frame: &[u8],
+    offloads: RxOffloads,
+    counters: &QueuePairCounters,
+) -> ([u8; NET_HDR_LEN], Option<(usize, [u8; 2])>) {
+    let mut hdr = VirtioNetHdr {
+        // Each frame fits one buffer chain.
+        num_buffers: 1,
+        ..Default::default()
+    };
+    let mut repair = None;
+    match rx_csum::check(frame, offloads.csum) {
+        RxChecksum::Valid => {
+            add(&counters.rx_csum_verified, 1);
+            hdr.flags = VIRTIO_NET_HDR_F_DATA_VALID;
+        }
+        RxChecksum::Completed { at, value } => {
+            add(&counters.rx_csum_completed, 1);
+            repair = Some((at, value));
+            hdr.flags = VIRTIO_NET_HDR_F_DATA_VALID;
+        }
+        RxChecksum::Invalid => add(&counters.rx_csum_bad, 1),
+        RxChecksum::Unchecked => {}
+    }
+    if !offloads.csum {
+        hdr.flags = 0;
+    }
+    (hdr.to_bytes(), repair)
 }
 
 /// Which control commands the negotiated features allow.
@@ -798,6 +1104,8 @@ struct CtrlAllowed {
     max_pairs: u16,
     mq: bool,
     rx_mode: bool,
+    /// Receive offload bits the guest may switch (0: the command is refused).
+    guest_offloads: u64,
 }
 
 /// A MAC filter table as VIRTIO_NET_CTRL_MAC_TABLE_SET sets it.
@@ -811,6 +1119,7 @@ struct MacTable {
 /// What an accepted control command changes.
 enum CtrlEffect {
     Pairs(u16),
+    GuestOffloads(u64),
     Promisc(bool),
     AllMulti(bool),
     MacTable(Box<MacTable>),
@@ -870,6 +1179,13 @@ fn parse_ctrl_command(command: &[u8], truncated: bool, allowed: CtrlAllowed) -> 
             (1..=allowed.max_pairs)
                 .contains(&pairs)
                 .then_some(CtrlEffect::Pairs(pairs))
+        }
+        (VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET)
+            if allowed.guest_offloads != 0 =>
+        {
+            // Only offloads that were negotiated may be switched on (5.1.6.5.6.1).
+            let bits = u64::from_le_bytes(data.try_into().ok()?);
+            (bits & !allowed.guest_offloads == 0).then_some(CtrlEffect::GuestOffloads(bits))
         }
         (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC | VIRTIO_NET_CTRL_RX_ALLMULTI)
             if allowed.rx_mode =>
