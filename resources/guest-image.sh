@@ -2,7 +2,7 @@
 # Builds the xskvm guest image from Debian packages:
 #   $XSKVM_CACHE/guest/bzImage            Debian cloud kernel (bookworm-backports)
 #   $XSKVM_CACHE/guest/vmlinux            the same kernel as an ELF
-#   $XSKVM_CACHE/guest/initramfs.cpio.gz  busybox, iperf3, virtio_mmio/virtio_net, guest-init.sh
+#   $XSKVM_CACHE/guest/initramfs.cpio.gz  busybox, iperf3, ethtool, virtio_mmio/virtio_net, guest-init.sh
 # Rebuilt only when an input changes (this script, guest-init.sh, lib.sh,
 # the kernel and package versions); prints the three paths.
 set -euo pipefail
@@ -15,10 +15,10 @@ GUEST_MODULES=(virtio virtio_ring virtio_mmio virtio_net)
 
 lock_cache
 fetch_kernel
-ensure_packages busybox-static iperf3
+ensure_packages busybox-static iperf3 ethtool
 out=$XSKVM_CACHE/guest
 stamp=$(stamp_of "$RESOURCES_DIR/guest-image.sh" "$RESOURCES_DIR/guest-init.sh" "$RESOURCES_DIR/lib.sh" \
-    <(dpkg-query -W busybox-static iperf3))
+    <(dpkg-query -W busybox-static iperf3 ethtool))
 
 if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$stamp" ]; then
     log "building the guest image in $out"
@@ -41,6 +41,7 @@ if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$stamp" ]; then
     install -m 755 "$RESOURCES_DIR/guest-init.sh" "$stage/init"
     stage_modules "$stage" "${GUEST_MODULES[@]}"
     copy_with_libs "$stage" /usr/bin/iperf3
+    copy_with_libs "$stage" /usr/sbin/ethtool
     (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet) | gzip -9 > "$new/initramfs.cpio.gz"
     # Renames: a VMM still reading the old files keeps them.
     rm -f "$out/.stamp"

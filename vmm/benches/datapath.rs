@@ -17,7 +17,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use devices::virtio::net::harness::DriverHarness;
-use devices::virtio::net::{Net, NetConfig, VIRTIO_RING_F_EVENT_IDX};
+use devices::virtio::net::{
+    Net, NetConfig, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_RING_F_EVENT_IDX,
+};
 use devices::virtio::VIRTIO_F_VERSION_1;
 use net_afxdp::testbed::{self, VethPair};
 use net_afxdp::{AfXdpConfig, AfXdpNic, NicOwner, XskQueue};
@@ -97,6 +99,9 @@ enum Side {
     Raw,
     /// The socket behind virtio-net, the driver harness playing the guest.
     Virtio,
+    /// The same, the guest sending 64 KiB TCP segments (TSO) that the
+    /// device cuts into `size`-byte frames.
+    VirtioTso,
 }
 
 /// One run on a fresh veth pair: end `a` is xskvm's side (`side`), end `b`
@@ -133,12 +138,17 @@ fn measure(side: Side, tx: bool, size: usize, secs: f64) -> Rate {
             own_counters = Some(qa.stats_handle());
             threads.push(thread::spawn(move || drop(sink(qa, s))));
         }
-        Side::Virtio => {
+        Side::Virtio | Side::VirtioTso => {
             let (counters_tx, counters_rx) = std::sync::mpsc::channel();
+            let tso = side == Side::VirtioTso;
             threads.push(thread::spawn(move || {
-                let (h, counters) = harness_for(qa, mac_a);
+                let (h, counters) = harness_for(qa, mac_a, tso);
                 let _ = counters_tx.send(counters);
-                drive(h, tx, &frame, &s);
+                if tso {
+                    drive_tso(h, &tso_frame(mac_a, mac_b, size), &s);
+                } else {
+                    drive(h, tx, &frame, &s);
+                }
             }));
             device = Some(counters_rx.recv().expect("device counters"));
         }
@@ -164,6 +174,7 @@ fn measure(side: Side, tx: bool, size: usize, secs: f64) -> Rate {
 fn harness_for(
     qa: XskQueue,
     mac: [u8; 6],
+    tso: bool,
 ) -> (DriverHarness, Arc<devices::virtio::net::QueuePairCounters>) {
     let net = Net::new(
         NetConfig {
@@ -178,8 +189,64 @@ fn harness_for(
     .expect("device");
     let counters = net.counters()[0].clone();
     let mut h = DriverHarness::new(net);
-    h.start(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX, 3, QUEUE_SIZE);
+    let offloads = if tso {
+        VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4
+    } else {
+        0
+    };
+    h.start(
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | offloads,
+        3,
+        QUEUE_SIZE,
+    );
     (h, counters)
+}
+
+/// TCP payload bytes per GSO frame: as many whole segments as fit 64 KiB.
+const TSO_PAYLOAD: usize = 65_000;
+const TSO_HEADERS: usize = 14 + 20 + 32;
+
+/// A 64 KiB TCP/IPv4 GSO frame whose segments are `wire_len` bytes, and
+/// its virtio-net header (NEEDS_CSUM, GSO_TCPV4), as Linux would send it.
+fn tso_frame(src: [u8; 6], dst: [u8; 6], wire_len: usize) -> ([u8; 12], Vec<u8>) {
+    let mss = wire_len - TSO_HEADERS;
+    let payload = TSO_PAYLOAD / mss * mss;
+    let mut f = Vec::with_capacity(TSO_HEADERS + payload);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+    f.extend_from_slice(&((20 + 32 + payload) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1]);
+    f.extend_from_slice(&[0x9c, 0x40, 0x14, 0x51, 0, 0, 0, 1, 0, 0, 0, 1]);
+    f.extend_from_slice(&[0x80, 0x10, 0x01, 0xf5, 0, 0, 0, 0]);
+    f.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 8]);
+    f.extend((0..payload).map(|i| i as u8));
+    let mut hdr = [0u8; 12];
+    hdr[0] = 1; // NEEDS_CSUM
+    hdr[1] = 1; // GSO_TCPV4
+    hdr[2..4].copy_from_slice(&(TSO_HEADERS as u16).to_le_bytes());
+    hdr[4..6].copy_from_slice(&(mss as u16).to_le_bytes());
+    hdr[6..8].copy_from_slice(&34u16.to_le_bytes());
+    hdr[8..10].copy_from_slice(&16u16.to_le_bytes());
+    (hdr, f)
+}
+
+/// The guest's side for TSO: keeps the TX queue full of GSO frames.
+fn drive_tso(mut h: DriverHarness, (hdr, frame): &([u8; 12], Vec<u8>), stop: &AtomicBool) {
+    let mut used = Vec::with_capacity(usize::from(QUEUE_SIZE));
+    while !stop.load(Ordering::Relaxed) {
+        used.clear();
+        h.take_used(1, &mut used);
+        let mut queued = 0;
+        while h.queue_tx_frame_with_header(1, *hdr, frame) {
+            queued += 1;
+        }
+        if queued > 0 {
+            h.kick_if_needed(1);
+        } else if used.is_empty() {
+            h.wait_interrupt(Duration::from_millis(1));
+        }
+    }
 }
 
 /// The guest's side: `tx` keeps the TX queue full of `frame`; otherwise
@@ -246,5 +313,23 @@ fn main() {
                 );
             }
         }
+    }
+    // TSO: the guest hands over 64 KiB segments; the yardstick sends
+    // 1514-byte frames, the size the device cuts them into.
+    let r = measure(Side::Raw, true, 1514, secs);
+    let v = measure(Side::VirtioTso, true, 1514, secs);
+    println!(
+        "tx TSO 64 KiB -> 1514 B   raw AF_XDP {}   virtio-net {}   ratio {:.2}",
+        r.show(),
+        v.show(),
+        v.pps / r.pps.max(1.0)
+    );
+    if let Some(c) = v.device {
+        println!(
+            "            device: {:.1} wire frames per GSO frame, {} offload errors, {} dropped",
+            c.tx_gso_segments as f64 / c.tx_gso_frames.max(1) as f64,
+            c.tx_offload_errors,
+            c.tx_dropped
+        );
     }
 }
