@@ -247,7 +247,7 @@ fn exit_log_count(out: &ScenarioOutput, label: &str) -> u64 {
 /// With the guest's offloads switched off, traffic still flows.
 #[test]
 fn offloads_on_both_ends_carry_tcp_and_udp_with_correct_checksums() {
-    let offloads = "ethtool -k eth0 | grep -E '^[[:space:]]*(tx-checksumming|rx-checksumming|tcp-segmentation-offload|tx-tcp6-segmentation|tx-udp-segmentation):' | sed 's/^[[:space:]]*//;s/: /=/;s/^/OFFLOAD-/'";
+    let offloads = "ethtool -k eth0 | grep -E '^[[:space:]]*(tx-checksumming|rx-checksumming|tcp-segmentation-offload|tx-tcp6-segmentation|tx-udp-segmentation|rx-gro-hw):' | sed 's/^[[:space:]]*//;s/: /=/;s/^/OFFLOAD-/'";
     let script = format!(
         r#"{testbed}
 ip netns exec peer iperf3 -s -D
@@ -278,6 +278,7 @@ ip netns exec peer cat /proc/net/snmp | grep -E '^(Tcp|Udp):'
         "tcp-segmentation-offload",
         "tx-tcp6-segmentation",
         "tx-udp-segmentation",
+        "rx-gro-hw",
     ] {
         let key = format!("OFFLOAD-{feature}");
         // "on", or "on [fixed]" where the driver offers no switch.
@@ -289,6 +290,9 @@ ip netns exec peer cat /proc/net/snmp | grep -E '^(Tcp|Udp):'
     }
     assert_value(&out, "OFFLOAD-tx-checksumming", "off");
     assert_value(&out, "OFFLOAD-tcp-segmentation-offload", "off");
+    // gro off takes hardware GRO with it: the guest asked the device
+    // (VIRTIO_NET_CTRL_GUEST_OFFLOADS) to stop coalescing.
+    assert_value(&out, "OFFLOAD-rx-gro-hw", "off");
     let rates = receiver_rates(&out);
     assert_eq!(rates.len(), 8, "eight iperf3 runs\n{}", out.describe());
     eprintln!(
@@ -313,7 +317,12 @@ ip netns exec peer cat /proc/net/snmp | grep -E '^(Tcp|Udp):'
     }
     let gso = exit_log_count(&out, "gso frames");
     let completed = exit_log_count(&out, "completed");
-    eprintln!("xskvm: {gso} GSO frames from the guest, {completed} peer checksums completed");
+    let merged = exit_log_count(&out, "frames from");
+    eprintln!(
+        "xskvm: {gso} GSO frames from the guest, {completed} peer checksums completed, \
+         {merged} coalesced frames to the guest"
+    );
+    assert!(merged > 0, "no frames coalesced for the guest\n{}", out.describe());
     assert!(gso > 0, "the guest sent no GSO frames\n{}", out.describe());
     assert!(
         completed > 0,

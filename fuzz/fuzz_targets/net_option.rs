@@ -45,6 +45,9 @@ fn format_spec(spec: &NetSpec) -> String {
     if let Some(mac) = spec.mac {
         write!(s, ",mac={mac}").unwrap();
     }
+    if !spec.spoof_check {
+        s.push_str(",spoof-check=off");
+    }
     if !spec.backend_options.is_empty() {
         write!(s, ",{}", spec.backend_options).unwrap();
     }

@@ -48,6 +48,8 @@ const RING_BLOCK: u64 = 0x2000;
 const BUF_START: u64 = 0xd000;
 const BUF_LEN: u64 = 0x4000;
 const RX_HEADER: [u8; NET_HDR_LEN] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+/// Most chains the device takes for one frame (MRG_RXBUF).
+const RX_CHAINS_MAX: usize = 64;
 /// The longest frame (after the header) a TX chain may carry: a 64 KiB
 /// GSO frame and 256 bytes of headers.
 const MAX_TX_FRAME: usize = 65_536 + 256;
@@ -787,44 +789,18 @@ fn any_overlap(a: &[(u64, u64)], b: &[(u64, u64)]) -> bool {
         .any(|&(x, xl)| b.iter().any(|&(y, yl)| overlaps(x, xl, y, yl)))
 }
 
-/// Simulates the device on one RX chain: the used length, if certain.
-fn expect_rx(descs: &[Desc], max: usize, frame_len: usize) -> Option<u32> {
-    let total = NET_HDR_LEN + frame_len;
-    let mut written = 0usize;
+/// The bytes an RX chain holds as the device sees it, or None if it
+/// cannot use it: a readable descriptor, one outside RAM, more descriptors
+/// than the queue has, or no room at all.
+fn rx_room(descs: &[Desc], max: usize) -> Option<usize> {
+    let mut room = 0usize;
     for (i, d) in descs.iter().enumerate() {
-        if written == total {
-            break;
+        if i == max || d.flags & DESC_F_WRITE == 0 || !in_ram(d.addr, u64::from(d.len)) {
+            return None;
         }
-        if i == max || d.flags & DESC_F_WRITE == 0 {
-            return Some(0);
-        }
-        let room = d.len as usize;
-        let mut offset = 0;
-        let mut addr = d.addr;
-        if written < NET_HDR_LEN {
-            let n = (NET_HDR_LEN - written).min(room);
-            if n == 0 && !in_ram(addr, 1) {
-                return None; // an empty write outside RAM: either way
-            }
-            if !in_ram(addr, n as u64) {
-                return Some(0);
-            }
-            written += n;
-            offset += n;
-            addr = addr.checked_add(n as u64)?;
-        }
-        if written >= NET_HDR_LEN && offset < room {
-            let n = (total - written).min(room - offset);
-            if n == 0 && !in_ram(addr, 1) {
-                return None;
-            }
-            if !in_ram(addr, n as u64) {
-                return Some(0);
-            }
-            written += n;
-        }
+        room += d.len as usize;
     }
-    Some(if written < total { 0 } else { total as u32 })
+    (room > 0).then_some(room)
 }
 
 /// What the device does with one TX chain.
@@ -1104,12 +1080,15 @@ fn check_used_rings(f: &Fuzz) {
     if any_overlap(&w, &all_rings) || over_entries {
         return;
     }
-    // A write-only range overlapping no other chain's: its content is the device's last word.
-    let alone = |range: (u64, u64), qi: usize, head: u16| {
+    // A write-only range overlapping nothing else the device may write
+    // (another chain's, or the same chain published twice, or another
+    // descriptor of its own): its content is the device's last word.
+    let alone = |range: (u64, u64), _qi: usize, _head: u16| {
         writable
             .iter()
-            .filter(|&&(r, q, h)| r != range || q != qi || h != head)
-            .all(|&((a, al), _, _)| !overlaps(a, al, range.0, range.1))
+            .filter(|&&((a, al), _, _)| overlaps(a, al, range.0, range.1))
+            .count()
+            <= 1
     };
     let readable_stable = !any_overlap(&w, &readable);
 
@@ -1199,70 +1178,116 @@ fn check_used_rings(f: &Fuzz) {
                         None => panic!("pair {pair}: frame {i} taken but never offered"),
                     })
                     .collect();
-                // Whether used entry k can be frame i.
-                let fits = |k: usize, i: usize| -> bool {
-                    let (head, len, descs) = &entries[k];
+                let mergeable = f.features & F_MRG_RXBUF != 0;
+                // How the device sees each chain: None if unusable
+                // (readable or out-of-RAM descriptors, too many, no room),
+                // else the bytes it can hold.
+                let rooms: Vec<Option<usize>> = entries
+                    .iter()
+                    .map(|(_, _, descs)| rx_room(descs, max))
+                    .collect();
+                // Whether frame i can be the `m` used entries from k:
+                // delivered (header + frame over the chains, each filled
+                // before the next) or dropped as too big (all empty).
+                let lands = |i: usize, k: usize, m: usize| -> bool {
                     let frame = &taken[i];
-                    let writable_sum: u64 = descs
-                        .iter()
-                        .filter(|d| d.flags & DESC_F_WRITE != 0)
-                        .map(|d| u64::from(d.len))
-                        .sum();
-                    if u64::from(*len) > writable_sum {
+                    let total = NET_HDR_LEN + frame.len();
+                    let chains = &entries[k..k + m];
+                    if rooms[k..k + m].iter().any(Option::is_none)
+                        || rooms[k].is_some_and(|r| r < NET_HDR_LEN)
+                    {
                         return false;
                     }
-                    if expect_rx(descs, max, frame.len()).is_some_and(|e| e != *len) {
+                    let room: usize = rooms[k..k + m].iter().flatten().sum();
+                    if chains.iter().all(|c| c.1 == 0) && room < total {
+                        // Too big: one chain, or (merged) as many as the
+                        // device takes for a frame before it gives up.
+                        return if mergeable {
+                            m <= RX_CHAINS_MAX
+                        } else {
+                            m == 1
+                        };
+                    }
+                    if !mergeable && m != 1 {
                         return false;
                     }
-                    if *len == 0 {
-                        return true;
-                    }
-                    let mut expected_bytes = RX_HEADER.to_vec();
+                    let mut header = RX_HEADER;
+                    header[10..12].copy_from_slice(&(m as u16).to_le_bytes());
+                    let mut expected_bytes = header.to_vec();
                     expected_bytes.extend_from_slice(frame);
                     let mut at = 0usize;
-                    for d in descs {
-                        let n = (d.len as usize).min(expected_bytes.len() - at);
-                        if n == 0 {
-                            break;
-                        }
-                        if alone((d.addr, u64::from(d.len)), qi, *head)
-                            && read_guest(&f.mem, d.addr, n).unwrap() != expected_bytes[at..at + n]
-                        {
+                    for (j, (head, len, descs)) in chains.iter().enumerate() {
+                        let want = rooms[k + j].unwrap_or(0).min(total - at);
+                        if want == 0 || *len as usize != want {
                             return false;
                         }
-                        at += n;
+                        let mut left = want;
+                        for d in descs.iter().filter(|d| d.len > 0) {
+                            let n = (d.len as usize).min(left);
+                            if n == 0 {
+                                break;
+                            }
+                            if alone((d.addr, u64::from(d.len)), qi, *head)
+                                && read_guest(&f.mem, d.addr, n).unwrap()
+                                    != expected_bytes[at..at + n]
+                            {
+                                return false;
+                            }
+                            at += n;
+                            left -= n;
+                        }
                     }
-                    true
+                    at == total
                 };
-                // Frames taken in order; each lands in the next used entry
-                // (the pair was in use) or is dropped (it was not).
+                // Frames taken in order; each lands in the next used
+                // entries (the pair was in use) or is dropped (it was not);
+                // unusable chains come back empty between frames.
                 let mut reach = vec![vec![false; n + 1]; taken.len() + 1];
                 reach[0][0] = true;
-                for i in 0..taken.len() {
+                for i in 0..=taken.len() {
                     for k in 0..=n {
                         if !reach[i][k] {
+                            continue;
+                        }
+                        if k < n && entries[k].1 == 0 && rooms[k].is_none_or(|r| r < NET_HDR_LEN) {
+                            reach[i][k + 1] = true;
+                        }
+                        if i == taken.len() {
                             continue;
                         }
                         if classes[i] != Some(true) {
                             reach[i + 1][k] = true;
                         }
-                        if classes[i] != Some(false) && k < n && fits(k, i) {
-                            reach[i + 1][k + 1] = true;
+                        if classes[i] == Some(false) {
+                            continue;
+                        }
+                        let most = if mergeable { RX_CHAINS_MAX } else { 1 };
+                        for m in 1..=most.min(n - k) {
+                            if lands(i, k, m) {
+                                reach[i + 1][k + m] = true;
+                            }
                         }
                     }
                 }
                 assert!(
                     reach[taken.len()][n],
                     "rx queue {qi}: {} frames taken (lengths {:?}, in use {classes:?}) do not \
-                     match the {n} used entries (lengths {:?})",
+                     match the {n} used entries (lengths {:?}, room as the model sees it {:?}; \
+                     chains {:?})",
                     taken.len(),
                     taken.iter().map(Vec::len).collect::<Vec<_>>(),
-                    entries.iter().map(|e| e.1).collect::<Vec<_>>()
+                    entries.iter().map(|e| e.1).collect::<Vec<_>>(),
+                    rooms,
+                    entries.iter().map(|e| &e.2).collect::<Vec<_>>()
                 );
-                assert_eq!(
-                    f.host.counter(pair, |c| &c.rx_dropped_inactive) as usize,
-                    taken.len() - n,
-                    "rx queue {qi}: frames dropped as not in use"
+                // Frames may take several entries (or none): the drops for
+                // an unused pair are pinned down where every frame's class is.
+                let inactive = f.host.counter(pair, |c| &c.rx_dropped_inactive) as usize;
+                let must = classes.iter().filter(|c| **c == Some(false)).count();
+                let may = classes.iter().filter(|c| **c != Some(true)).count();
+                assert!(
+                    (must..=may).contains(&inactive),
+                    "rx queue {qi}: {inactive} frames dropped as not in use, expected {must}..={may}"
                 );
             }
             Role::Tx(pair) => {

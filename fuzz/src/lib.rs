@@ -40,7 +40,13 @@ pub const OFFERED: u64 = (1 << 32) // VERSION_1
     | (1 << 2) // CTRL_GUEST_OFFLOADS
     | (1 << 11) // HOST_TSO4
     | (1 << 12) // HOST_TSO6
+    | (1 << 7) // GUEST_TSO4
+    | (1 << 8) // GUEST_TSO6
+    | (1 << 9) // GUEST_ECN
     | (1 << 13) // HOST_ECN
+    | (1 << 15) // MRG_RXBUF
+    | (1 << 54) // GUEST_USO4
+    | (1 << 55) // GUEST_USO6
     | (1 << 56) // HOST_USO
     | (1 << 3) // MTU
     | (1 << 5) // MAC
@@ -51,6 +57,7 @@ pub const OFFERED: u64 = (1 << 32) // VERSION_1
     | (1 << 28) // INDIRECT_DESC
     | (1 << 29); // EVENT_IDX
 pub const F_CSUM: u64 = 1 << 0;
+pub const F_MRG_RXBUF: u64 = 1 << 15;
 pub const F_CTRL_VQ: u64 = 1 << 17;
 pub const F_CTRL_RX: u64 = 1 << 18;
 pub const F_MQ: u64 = 1 << 22;

@@ -45,6 +45,9 @@ pub struct QueuePairCounters {
     pub rx_csum_verified: AtomicU64,
     pub rx_csum_completed: AtomicU64,
     pub rx_csum_bad: AtomicU64,
+    /// Merged frames handed to the guest (GRO), and the wire frames in them.
+    pub rx_gro_frames: AtomicU64,
+    pub rx_gro_segments: AtomicU64,
     pub rx_notifications: AtomicU64,
     pub tx_notifications: AtomicU64,
     pub interrupts: AtomicU64,
@@ -83,6 +86,8 @@ pub struct CountersSnapshot {
     pub rx_csum_verified: u64,
     pub rx_csum_completed: u64,
     pub rx_csum_bad: u64,
+    pub rx_gro_frames: u64,
+    pub rx_gro_segments: u64,
     pub rx_notifications: u64,
     pub tx_notifications: u64,
     pub interrupts: u64,
@@ -123,6 +128,8 @@ impl QueuePairCounters {
             rx_csum_verified: get(&self.rx_csum_verified),
             rx_csum_completed: get(&self.rx_csum_completed),
             rx_csum_bad: get(&self.rx_csum_bad),
+            rx_gro_frames: get(&self.rx_gro_frames),
+            rx_gro_segments: get(&self.rx_gro_segments),
             rx_notifications: get(&self.rx_notifications),
             tx_notifications: get(&self.tx_notifications),
             interrupts: get(&self.interrupts),
@@ -152,6 +159,7 @@ impl std::fmt::Display for CountersSnapshot {
              {} ring full, {} retries), \
              offloads: tx {} gso frames -> {} segments, {} checksums filled, {} refused; \
              rx checksums {} verified, {} completed, {} bad; \
+             rx coalesced {} frames from {} segments; \
              notifications rx {} tx {}, interrupts {}, mean batch rx {:.1} tx {:.1}, \
              queue errors {}",
             self.rx_packets,
@@ -176,6 +184,8 @@ impl std::fmt::Display for CountersSnapshot {
             self.rx_csum_verified,
             self.rx_csum_completed,
             self.rx_csum_bad,
+            self.rx_gro_frames,
+            self.rx_gro_segments,
             self.rx_notifications,
             self.tx_notifications,
             self.interrupts,

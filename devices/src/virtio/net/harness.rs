@@ -218,6 +218,38 @@ impl DriverHarness {
         posted
     }
 
+    /// Posts up to `n` receive buffers of `size` bytes (at most the slot
+    /// size) each; returns how many.
+    pub fn post_rx_buffers_sized(&mut self, queue: usize, n: usize, size: u32) -> usize {
+        assert!(size <= BUFFER_SIZE);
+        let mut posted = 0;
+        while posted < n {
+            let Some(id) = self.queues[queue].free.pop() else {
+                break;
+            };
+            self.write_desc(
+                queue,
+                id,
+                Self::buffer_addr(queue, id),
+                size,
+                VIRTQ_DESC_F_WRITE,
+                0,
+            );
+            self.publish(queue, id);
+            posted += 1;
+        }
+        posted
+    }
+
+    /// The first `len` bytes of RX buffer `id`, header included.
+    pub fn rx_buffer(&self, queue: usize, id: u16, len: u32) -> Vec<u8> {
+        let mut out = vec![0u8; len as usize];
+        self.mem
+            .read_slice(&mut out, GuestAddress(Self::buffer_addr(queue, id)))
+            .expect("rx buffer");
+        out
+    }
+
     /// Queues one frame for transmission as a two-descriptor chain (header,
     /// then frame); false if the queue is full.
     pub fn queue_tx_frame(&mut self, queue: usize, frame: &[u8]) -> bool {

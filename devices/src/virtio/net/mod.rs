@@ -6,6 +6,7 @@ mod backend;
 mod counters;
 mod link;
 mod offload;
+mod rx;
 mod worker;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -30,7 +31,7 @@ mod tests;
 
 use super::{ActivateResources, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 use offload::TxOffloads;
-use worker::{ControlQueue, QueuePairWorker, TxPolicy, TxState};
+use worker::{ControlQueue, QueuePairWorker, RxState, TxPolicy, TxState};
 
 pub const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
@@ -38,19 +39,30 @@ pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
 pub const VIRTIO_NET_F_CTRL_GUEST_OFFLOADS: u64 = 1 << 2;
 pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+pub const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << 9;
 pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
 pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
 pub const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
 pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
 pub const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
 pub const VIRTIO_NET_F_CTRL_RX: u64 = 1 << 18;
 pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub const VIRTIO_NET_F_GUEST_USO4: u64 = 1 << 54;
+pub const VIRTIO_NET_F_GUEST_USO6: u64 = 1 << 55;
 pub const VIRTIO_NET_F_HOST_USO: u64 = 1 << 56;
 /// The receive offloads a driver may switch with
 /// VIRTIO_NET_CTRL_GUEST_OFFLOADS: of those, the ones we offer.
-const GUEST_OFFLOAD_FEATURES: u64 = VIRTIO_NET_F_GUEST_CSUM;
+const GUEST_OFFLOAD_FEATURES: u64 = VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_GUEST_ECN
+    | VIRTIO_NET_F_GUEST_USO4
+    | VIRTIO_NET_F_GUEST_USO6;
 const VIRTIO_NET_S_LINK_UP: u16 = 1;
 
 pub(crate) const QUEUE_SIZE: u16 = 256;
@@ -268,6 +280,7 @@ impl Net {
             Ordering::Relaxed,
         );
         let acked = |f: u64| self.acked_features & f != 0;
+        let mergeable = acked(VIRTIO_NET_F_MRG_RXBUF);
         // Segmentation needs checksumming (virtio 1.2 5.1.3.1).
         let csum = acked(VIRTIO_NET_F_CSUM);
         let tx_offloads = TxOffloads {
@@ -341,6 +354,7 @@ impl Net {
                     let run = move |backend| {
                         QueuePairWorker {
                             tx_state: TxState::new(tx_offloads, QUEUE_SIZE),
+                            rx_state: RxState::new(mergeable),
                             guest_offloads,
                             pair,
                             active_pairs,
@@ -395,6 +409,8 @@ impl VirtioDevice for Net {
             | VIRTIO_NET_F_HOST_TSO6
             | VIRTIO_NET_F_HOST_ECN
             | VIRTIO_NET_F_HOST_USO
+            | GUEST_OFFLOAD_FEATURES
+            | VIRTIO_NET_F_MRG_RXBUF
             | VIRTIO_NET_F_MAC
             | VIRTIO_NET_F_MTU
             | VIRTIO_NET_F_STATUS

@@ -331,3 +331,272 @@ fn without_ctrl_guest_offloads_the_command_is_refused() {
     cmd.extend_from_slice(&0u64.to_le_bytes());
     assert_eq!(h.send_ctrl(2, &cmd, Duration::from_secs(5)), Some(1));
 }
+
+const GRO: u64 = VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_MRG_RXBUF
+    | VIRTIO_NET_F_CTRL_GUEST_OFFLOADS;
+
+/// In-order segments of one TCP flow, `mss` payload bytes each (the last
+/// shorter), checksums filled or left partial as a local sender does.
+fn flow(ip: Ip, port: u16, seq0: u32, data: &[u8], mss: usize, partial_csum: bool) -> Vec<Vec<u8>> {
+    data.chunks(mss)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut f = frame(ip, IPPROTO_TCP, false, chunk);
+            let l = headers::parse(&f).unwrap();
+            f[l.l4..l.l4 + 2].copy_from_slice(&port.to_be_bytes());
+            let seq = seq0.wrapping_add((i * mss) as u32);
+            f[l.l4 + 4..l.l4 + 8].copy_from_slice(&seq.to_be_bytes());
+            f[l.l4 + 13] = 0x10; // ACK
+            if partial_csum {
+                let at = l.l4 + 16;
+                let pseudo = csum::fold(l.pseudo_sum(&f, f.len() - l.l4));
+                f[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
+            } else {
+                fill_l4_checksum(&mut f);
+            }
+            f
+        })
+        .collect()
+}
+
+/// A frame as the guest gets it: its virtio-net header and bytes,
+/// gathered from `num_buffers` used buffers.
+struct Received {
+    hdr: VirtioNetHdr,
+    frame: Vec<u8>,
+}
+
+/// Sends `frames` while the guest has no buffers (so that they wait and
+/// arrive as one batch), then posts `buffers` of `size` bytes; returns
+/// what the guest received once `expect` frames are there (or 5 s passed).
+fn receive_batch(
+    h: &mut DriverHarness,
+    peer: &UnixDatagram,
+    frames: &[Vec<u8>],
+    (buffers, size): (usize, u32),
+    expect: usize,
+) -> Vec<Received> {
+    for f in frames {
+        peer.send(f).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(h.post_rx_buffers_sized(0, buffers, size), buffers);
+    h.kick(0);
+    let mut used = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut out = Vec::new();
+    while out.len() < expect && std::time::Instant::now() < deadline {
+        h.take_used(0, &mut used);
+        h.wait_interrupt(Duration::from_millis(20));
+        h.ack_interrupt();
+        out.extend(assemble(h, &mut used));
+    }
+    out
+}
+
+/// Complete frames from the front of `used` (each `num_buffers` entries).
+fn assemble(h: &DriverHarness, used: &mut Vec<(u16, u32)>) -> Vec<Received> {
+    let mut out = Vec::new();
+    while let Some(&(id, len)) = used.first() {
+        let first = h.rx_buffer(0, id, len);
+        let hdr = VirtioNetHdr::from_bytes(first[..12].try_into().unwrap());
+        let n = usize::from(hdr.num_buffers);
+        assert!(n >= 1, "num_buffers 0");
+        if used.len() < n {
+            break;
+        }
+        let mut frame = first[12..].to_vec();
+        for &(id, len) in &used[1..n] {
+            frame.extend_from_slice(&h.rx_buffer(0, id, len));
+        }
+        used.drain(..n);
+        out.push(Received { hdr, frame });
+    }
+    out
+}
+
+/// Undoes GRO: the payload of a received frame, after checking its
+/// headers (and completing a partial checksum, as the guest's stack may).
+fn payload_of(r: &Received) -> Vec<u8> {
+    let mut f = r.frame.clone();
+    let l = headers::parse(&f).expect("TCP");
+    if l.ip == Ip::V4 {
+        assert_eq!(
+            csum::fold(csum::add(0, &f[l.l3..l.l4])),
+            0xffff,
+            "IPv4 header checksum"
+        );
+        assert_eq!(
+            usize::from(u16::from_be_bytes([f[l.l3 + 2], f[l.l3 + 3]])),
+            f.len() - l.l3
+        );
+    } else {
+        assert_eq!(
+            usize::from(u16::from_be_bytes([f[l.l3 + 4], f[l.l3 + 5]])),
+            f.len() - l.l3 - 40
+        );
+    }
+    if r.hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+        assert_eq!(usize::from(r.hdr.csum_start), l.l4);
+        assert_eq!(r.hdr.csum_offset, 16);
+        super::offload::gso::fill_partial_csum(&mut f, l.l4, 16).unwrap();
+    } else {
+        assert_eq!(r.hdr.flags, VIRTIO_NET_HDR_F_DATA_VALID);
+    }
+    assert!(l4_checksum_ok(&f), "TCP checksum");
+    f[l.end..].to_vec()
+}
+
+#[test]
+fn in_order_tcp_segments_of_one_batch_reach_the_guest_as_one_gso_frame() {
+    for (ip, gso_type) in [
+        (Ip::V4, VIRTIO_NET_HDR_GSO_TCPV4),
+        (Ip::V6, VIRTIO_NET_HDR_GSO_TCPV6),
+    ] {
+        for partial_csum in [false, true] {
+            let (mut h, peer, counters) = device(FEATURES | GRO);
+            let data = payload(20 * 1448 + 500, 3);
+            let frames = flow(ip, 40000, 7, &data, 1448, partial_csum);
+            let got = receive_batch(&mut h, &peer, &frames, (64, 2048), 1);
+            assert_eq!(got.len(), 1, "{ip:?}: one merged frame");
+            let r = &got[0];
+            assert_eq!(r.hdr.gso_type, gso_type);
+            assert_eq!(r.hdr.gso_size, 1448);
+            assert_eq!(
+                usize::from(r.hdr.hdr_len),
+                headers::parse(&r.frame).unwrap().end
+            );
+            assert!(r.hdr.num_buffers > 1);
+            assert_eq!(payload_of(r), data);
+            let c = counters.snapshot();
+            assert_eq!(
+                (c.rx_gro_frames, c.rx_gro_segments, c.rx_packets),
+                (1, 21, 21),
+                "{c}"
+            );
+        }
+    }
+}
+
+#[test]
+fn segments_out_of_order_of_other_flows_or_pushed_end_the_merged_frame() {
+    let (mut h, peer, counters) = device(FEATURES | GRO);
+    let a = payload(6 * 1000, 1);
+    let b = payload(4 * 1000, 2);
+    let fa = flow(Ip::V4, 40000, 100, &a, 1000, false);
+    let fb = flow(Ip::V4, 40001, 900, &b, 1000, false);
+    let mut pushed = fa[2].clone();
+    let l = headers::parse(&pushed).unwrap();
+    pushed[l.l4 + 13] |= 0x08; // PSH ends the merged frame after it
+    fill_l4_checksum(&mut pushed);
+    // a0 a1 a2(PSH) a3 a4 | b0 b1 | a5 | b3 (b2 missing: out of order) | a UDP frame
+    let mut udp = frame(Ip::V4, IPPROTO_UDP, false, b"not tcp");
+    fill_l4_checksum(&mut udp);
+    let frames = vec![
+        fa[0].clone(),
+        fa[1].clone(),
+        pushed,
+        fa[3].clone(),
+        fa[4].clone(),
+        fb[0].clone(),
+        fb[1].clone(),
+        fa[5].clone(),
+        fb[3].clone(),
+        udp.clone(),
+    ];
+    let got = receive_batch(&mut h, &peer, &frames, (64, 2048), 6);
+    let sizes: Vec<usize> = got.iter().map(|r| r.frame.len()).collect();
+    assert_eq!(got.len(), 6, "frames as the guest got them: {sizes:?}");
+    assert_eq!(payload_of(&got[0]), a[..3000]);
+    assert_eq!(payload_of(&got[1]), a[3000..5000]);
+    assert_eq!(payload_of(&got[2]), b[..2000]);
+    assert_eq!(payload_of(&got[3]), a[5000..]);
+    assert_eq!(payload_of(&got[4]), b[3000..]);
+    assert_eq!(got[5].frame, udp);
+    let c = counters.snapshot();
+    assert_eq!((c.rx_gro_frames, c.rx_gro_segments), (3, 7), "{c}");
+}
+
+#[test]
+fn frames_spread_over_small_mergeable_buffers_arrive_whole() {
+    let (mut h, peer, _) = device(FEATURES | VIRTIO_NET_F_MRG_RXBUF);
+    let frames: Vec<Vec<u8>> = (0..10u32).map(|i| super::tests::frame(i, 1514)).collect();
+    let got = receive_batch(&mut h, &peer, &frames, (60, 512), 10);
+    assert_eq!(got.len(), 10);
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(r.hdr.num_buffers, 3, "1526 bytes in 512-byte buffers");
+        assert_eq!(r.frame, frames[i], "frame {i}");
+    }
+}
+
+#[test]
+fn without_mergeable_buffers_a_merged_frame_stays_within_one_chain() {
+    let features = FEATURES | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4;
+    let (mut h, peer, counters) = device(features);
+    let data = payload(10 * 500, 4);
+    let frames = flow(Ip::V4, 40000, 1, &data, 500, false);
+    let got = receive_batch(&mut h, &peer, &frames, (32, 2048), 4);
+    // 2048 - 12 - 66 bytes of room: three 500-byte segments per chain.
+    let mut joined = Vec::new();
+    for r in &got {
+        assert_eq!(r.hdr.num_buffers, 1);
+        assert!(r.frame.len() + 12 <= 2048);
+        joined.extend_from_slice(&payload_of(r));
+    }
+    assert_eq!(joined, data);
+    assert_eq!(got.len(), 4, "3 + 3 + 3 + 1 segments");
+    // The lone last segment is delivered as it came.
+    assert_eq!(counters.snapshot().rx_gro_segments, 9);
+}
+
+#[test]
+fn coalescing_stops_when_the_guest_turns_it_off() {
+    let (mut h, peer, counters) = device(FEATURES | GRO);
+    let mut cmd = vec![5u8, 0];
+    cmd.extend_from_slice(&VIRTIO_NET_F_GUEST_CSUM.to_le_bytes());
+    assert_eq!(h.send_ctrl(2, &cmd, Duration::from_secs(5)), Some(0));
+    let data = payload(5 * 1448, 5);
+    let frames = flow(Ip::V4, 40000, 1, &data, 1448, true);
+    let got = receive_batch(&mut h, &peer, &frames, (32, 2048), 5);
+    assert_eq!(got.len(), 5);
+    for (r, f) in got.iter().zip(&frames) {
+        assert_eq!(r.hdr.gso_type, 0);
+        assert_eq!(r.hdr.flags, VIRTIO_NET_HDR_F_DATA_VALID);
+        assert!(l4_checksum_ok(&r.frame), "completed, not merged");
+        assert_eq!(r.frame.len(), f.len());
+    }
+    assert_eq!(counters.snapshot().rx_gro_frames, 0);
+}
+
+#[test]
+fn a_merged_frame_waits_for_buffers_and_loses_nothing() {
+    // Fewer buffers than the batch needs: the rest of the flow waits for
+    // the guest's next buffers, and every byte arrives once, in order.
+    let (mut h, peer, _) = device(FEATURES | GRO);
+    let data = payload(40 * 1448, 6);
+    for f in flow(Ip::V4, 40000, 1, &data, 1448, false) {
+        peer.send(&f).unwrap();
+    }
+    let mut used = Vec::new();
+    let mut joined = Vec::new();
+    let mut frames = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while joined.len() < data.len() && std::time::Instant::now() < deadline {
+        if h.post_rx_buffers_sized(0, 8, 2048) > 0 {
+            h.kick(0);
+        }
+        h.wait_interrupt(Duration::from_millis(50));
+        h.ack_interrupt();
+        h.take_used(0, &mut used);
+        for r in assemble(&h, &mut used) {
+            joined.extend(payload_of(&r));
+            frames += 1;
+        }
+    }
+    assert_eq!(joined.len(), data.len());
+    assert_eq!(joined, data);
+    assert!(frames >= 4, "8 buffers of 2 KiB per merged frame: {frames}");
+}

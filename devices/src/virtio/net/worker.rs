@@ -25,11 +25,13 @@ use super::backend::NetBackend;
 use super::counters::{add, QueuePairCounters};
 use super::link::{LinkState, MAC_TABLE_MAX};
 use super::offload::gso::{self, Segmenter, MAX_HEADERS};
+use super::offload::headers::Ip;
 use super::offload::rx::{self as rx_csum, RxChecksum};
 use super::offload::{
     OffloadError, RxOffloads, TxOffloads, VirtioNetHdr, VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
 };
+use super::rx::{self, OpenFlow, RxError, RxFrameWriter, Segment, VNET_RESERVE};
 use crate::virtio::{Interrupt, INTERRUPT_USED_RING};
 
 /// `virtio_net_hdr_v1`: what precedes every frame on both queues.
@@ -346,14 +348,36 @@ impl TxState {
 /// every pair).
 pub(crate) fn rx_offloads(guest_offloads: &AtomicU64) -> RxOffloads {
     let bits = guest_offloads.load(Ordering::Relaxed);
+    let csum = bits & super::VIRTIO_NET_F_GUEST_CSUM != 0;
+    // Coalesced frames carry NEEDS_CSUM: only for a guest that takes it.
     RxOffloads {
-        csum: bits & super::VIRTIO_NET_F_GUEST_CSUM != 0,
+        csum,
+        tso4: csum && bits & super::VIRTIO_NET_F_GUEST_TSO4 != 0,
+        tso6: csum && bits & super::VIRTIO_NET_F_GUEST_TSO6 != 0,
+    }
+}
+
+/// Receive state of one queue pair, reserved once.
+pub(crate) struct RxState {
+    writer: RxFrameWriter,
+    /// The merged frame being written, if any (only within one batch).
+    open: Option<OpenFlow>,
+}
+
+impl RxState {
+    /// `mergeable`: VIRTIO_NET_F_MRG_RXBUF was negotiated.
+    pub fn new(mergeable: bool) -> Self {
+        Self {
+            writer: RxFrameWriter::new(mergeable),
+            open: None,
+        }
     }
 }
 
 pub(crate) struct QueuePairWorker {
     pub tx_policy: TxPolicy,
     pub tx_state: TxState,
+    pub rx_state: RxState,
     /// Feature bits of the receive offloads the guest has on.
     pub guest_offloads: Arc<AtomicU64>,
     /// This pair's index: it receives for the guest only while it is below
@@ -747,7 +771,8 @@ impl QueuePairWorker {
         }
     }
 
-    /// Delivers up to a queue's worth of waiting frames into guest RX buffers.
+    /// Delivers up to a queue's worth of waiting frames into guest RX
+    /// buffers, coalescing TCP segments where the guest takes GSO frames.
     fn process_rx(&mut self) -> Result<Pass, WorkerFault> {
         if self.pair >= self.active_pairs.load(Ordering::Acquire) || !self.rx.ready() {
             return Ok(self.drop_rx());
@@ -758,8 +783,10 @@ impl QueuePairWorker {
             rx,
             backend,
             counters,
+            rx_state,
             ..
         } = self;
+        let RxState { writer, open } = rx_state;
         let budget = usize::from(rx.size());
         let mut taken = 0usize;
         let mut fault = None;
@@ -770,48 +797,31 @@ impl QueuePairWorker {
                 if taken == budget || fault.is_some() {
                     return false;
                 }
-                let chain = match next_chain(rx, mem, "rx") {
-                    Ok(Some(chain)) => chain,
-                    Ok(None) => {
-                        no_buffer = true;
-                        return false;
-                    }
-                    Err(e) => {
-                        fault = Some(e);
-                        return false;
-                    }
-                };
-                taken += 1;
-                let head = chain.head_index();
-                let (hdr, repair) = rx_header(frame, offloads, counters);
-                let written = match repair {
-                    Some((at, value)) => write_rx_chain(
-                        mem,
-                        chain,
-                        &[&hdr, &frame[..at], &value, &frame[at + 2..]],
-                        budget,
-                    ),
-                    None => write_rx_chain(mem, chain, &[&hdr, frame], budget),
-                };
-                let used_len = match written {
-                    Ok(len) => {
+                match deliver_frame(mem, rx, writer, open, frame, offloads, counters, budget) {
+                    Ok(()) => {
+                        taken += 1;
                         bytes += frame.len() as u64;
-                        len
+                        true
                     }
-                    Err(ChainError::TooBig) => {
-                        add(&counters.rx_dropped_too_big, 1);
-                        0
+                    Err(RxError::NoBuffers) => {
+                        no_buffer = true;
+                        false
                     }
-                    Err(_) => {
-                        add(&counters.rx_bad_descriptors, 1);
-                        0
+                    // Dropped and counted.
+                    Err(RxError::TooBig) => {
+                        taken += 1;
+                        true
                     }
-                };
-                if let Err(e) = rx.add_used(&*mem, head, used_len) {
-                    fault = Some(WorkerFault::queue("rx", e));
+                    Err(RxError::Queue(e)) => {
+                        fault = Some(WorkerFault::queue("rx", e));
+                        false
+                    }
                 }
-                true
             });
+            // Nothing waits for a later batch: a merged frame goes now.
+            if let Err(e) = close_flow(mem, rx, writer, open, offloads, counters) {
+                fault.get_or_insert(WorkerFault::queue("rx", format!("{e:?}")));
+            }
             if delivered > 0 {
                 add(&counters.rx_packets, delivered as u64);
                 add(&counters.rx_bytes, bytes);
@@ -829,12 +839,22 @@ impl QueuePairWorker {
             }
             // Out of guest buffers: ask for a notification, then look again
             // in case buffers arrived before the request was visible.
-            if !more_after_enable(rx, mem, "rx")? {
+            let more = if writer.take_starved() {
+                rx::wait_for_more_buffers(rx, mem).map_err(|e| WorkerFault::queue("rx", e))?
+            } else {
+                more_after_enable(rx, mem, "rx")?
+            };
+            if !more {
                 add(&counters.rx_no_buffer_waits, 1);
                 break Pass::Blocked;
             }
         };
-        if taken > 0 {
+        if self.rx_state.writer.take_multi_published() {
+            // The used index moved past entries EVENT_IDX bookkeeping did
+            // not count: interrupt, and reset that bookkeeping.
+            let _ = self.rx.needs_notification(&self.mem);
+            raise(&self.interrupt, &self.counters);
+        } else if taken > 0 {
             signal_used(&mut self.rx, &self.mem, &self.interrupt, &self.counters);
         }
         match fault {
@@ -998,6 +1018,14 @@ fn wait_readable(event: &EventFd) {
     }
 }
 
+/// Raises the used-ring interrupt.
+fn raise(interrupt: &Interrupt, counters: &QueuePairCounters) {
+    if let Err(e) = interrupt.signal(INTERRUPT_USED_RING) {
+        crate::error_ratelimited!("virtio-net: cannot raise the interrupt: {e}");
+    }
+    add(&counters.interrupts, 1);
+}
+
 /// Raises the interrupt if the driver wants one (EVENT_IDX decides).
 fn signal_used(
     queue: &mut Queue,
@@ -1007,95 +1035,160 @@ fn signal_used(
 ) {
     let needs = queue.needs_notification(mem);
     match needs {
-        Ok(true) => {
-            if let Err(e) = interrupt.signal(INTERRUPT_USED_RING) {
-                crate::error_ratelimited!("virtio-net: cannot raise the interrupt: {e}");
-            }
-            add(&counters.interrupts, 1);
-        }
+        Ok(true) => raise(interrupt, counters),
         Ok(false) => {}
         Err(e) => crate::warn_ratelimited!("virtio-net: cannot read the notification state: {e}"),
     }
 }
 
-/// Writes `parts` (the virtio-net header, then the frame, possibly in
-/// pieces) into an RX chain; returns the bytes written.
-fn write_rx_chain(
+/// Delivers one frame from the backend: merged into the open flow if it
+/// continues it, else as a frame of its own (which may open a flow).
+#[allow(clippy::too_many_arguments)]
+fn deliver_frame(
     mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    parts: &[&[u8]],
-    max_descs: usize,
-) -> Result<u32, ChainError> {
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    let mut written = 0usize;
-    let mut part = 0usize;
-    let mut part_off = 0usize;
-    for (i, desc) in chain.enumerate() {
-        if written == total {
-            break;
-        }
-        if i == max_descs {
-            return Err(ChainError::TooLong);
-        }
-        if !desc.is_write_only() {
-            return Err(ChainError::Bad);
-        }
-        let mut room = desc.len() as usize;
-        let mut addr = desc.addr();
-        while room > 0 && part < parts.len() {
-            let src = &parts[part][part_off..];
-            if src.is_empty() {
-                part += 1;
-                part_off = 0;
-                continue;
-            }
-            let n = src.len().min(room);
-            mem.write_slice(&src[..n], addr)
-                .map_err(|_| ChainError::Bad)?;
-            written += n;
-            room -= n;
-            part_off += n;
-            if room > 0 {
-                addr = addr.checked_add(n as u64).ok_or(ChainError::Bad)?;
-            }
-        }
-    }
-    if written < total {
-        return Err(ChainError::TooBig);
-    }
-    u32::try_from(total).map_err(|_| ChainError::TooBig)
-}
-
-/// The virtio-net header for a received frame, and the checksum repair
-/// (offset into the frame, value) it needs, if any.
-fn rx_header(
+    queue: &mut Queue,
+    w: &mut RxFrameWriter,
+    open: &mut Option<OpenFlow>,
     frame: &[u8],
     offloads: RxOffloads,
     counters: &QueuePairCounters,
-) -> ([u8; NET_HDR_LEN], Option<(usize, [u8; 2])>) {
-    let mut hdr = VirtioNetHdr {
-        // Each frame fits one buffer chain.
-        num_buffers: 1,
+    max_descs: usize,
+) -> Result<(), RxError> {
+    let layout = rx::layout(frame);
+    let gro = offloads.tso4 || offloads.tso6;
+    let check = rx_csum::check_with(frame, layout, offloads.csum || gro);
+    let seg = Segment::of(frame, layout, check).filter(|s| match s.ip() {
+        Ip::V4 => offloads.tso4,
+        Ip::V6 => offloads.tso6,
+    });
+    if let (Some(flow), Some(s)) = (open.as_mut(), seg.as_ref()) {
+        if flow.continues(s, frame) {
+            let mark = w.mark();
+            match w.write(queue, mem, &frame[s.header_len()..], max_descs) {
+                Ok(()) => {
+                    flow.merge(s, frame);
+                    count_rx_checksum(counters, check);
+                    return Ok(());
+                }
+                Err(RxError::Queue(e)) => return Err(RxError::Queue(e)),
+                // No room left for it: the merged frame ends here.
+                Err(_) => w.rewind(queue, mark),
+            }
+        }
+    }
+    close_flow(mem, queue, w, open, offloads, counters)?;
+    let (repair, valid) = match check {
+        RxChecksum::Valid => (None, true),
+        RxChecksum::Completed { at, value } => (Some((at, value)), true),
+        RxChecksum::Invalid | RxChecksum::Unchecked => (None, false),
+    };
+    if let Some(s) = seg {
+        // Open a flow: its headers are written when it closes.
+        let end = s.header_len();
+        let mut headers = [0u8; MAX_HEADERS];
+        headers[..end].copy_from_slice(&frame[..end]);
+        if let Some((at, value)) = repair.filter(|&(at, _)| at + 2 <= end) {
+            headers[at..at + 2].copy_from_slice(&value);
+        }
+        let started = w
+            .begin(queue, mem, VNET_RESERVE + end, max_descs)
+            .and_then(|()| w.write(queue, mem, &frame[end..], max_descs));
+        if let Err(e) = started {
+            return rx_failed(mem, queue, w, e, counters);
+        }
+        count_rx_checksum(counters, check);
+        *open = Some(OpenFlow::new(&s, &headers));
+        return Ok(());
+    }
+    let written = w
+        .begin(queue, mem, VNET_RESERVE, max_descs)
+        .and_then(|()| match repair {
+            Some((at, value)) => {
+                w.write(queue, mem, &frame[..at], max_descs)?;
+                w.write(queue, mem, &value, max_descs)?;
+                w.write(queue, mem, &frame[at + 2..], max_descs)
+            }
+            None => w.write(queue, mem, frame, max_descs),
+        });
+    if let Err(e) = written {
+        return rx_failed(mem, queue, w, e, counters);
+    }
+    let hdr = VirtioNetHdr {
+        flags: if offloads.csum && valid {
+            VIRTIO_NET_HDR_F_DATA_VALID
+        } else {
+            0
+        },
+        num_buffers: w.chains() as u16,
         ..Default::default()
     };
-    let mut repair = None;
-    match rx_csum::check(frame, offloads.csum) {
-        RxChecksum::Valid => {
-            add(&counters.rx_csum_verified, 1);
-            hdr.flags = VIRTIO_NET_HDR_F_DATA_VALID;
-        }
-        RxChecksum::Completed { at, value } => {
-            add(&counters.rx_csum_completed, 1);
-            repair = Some((at, value));
-            hdr.flags = VIRTIO_NET_HDR_F_DATA_VALID;
-        }
+    add(&counters.rx_bad_descriptors, w.bad_chains() as u64);
+    w.finish(queue, mem, &[&hdr.to_bytes()])?;
+    count_rx_checksum(counters, check);
+    Ok(())
+}
+
+fn count_rx_checksum(counters: &QueuePairCounters, check: RxChecksum) {
+    match check {
+        RxChecksum::Valid => add(&counters.rx_csum_verified, 1),
+        RxChecksum::Completed { .. } => add(&counters.rx_csum_completed, 1),
         RxChecksum::Invalid => add(&counters.rx_csum_bad, 1),
         RxChecksum::Unchecked => {}
     }
-    if !offloads.csum {
-        hdr.flags = 0;
+}
+
+/// A frame could not be written: without buffers it waits (what was taken
+/// goes back, but for unusable chains, which are returned); too big, it is
+/// dropped and its chains returned empty.
+fn rx_failed(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    w: &mut RxFrameWriter,
+    e: RxError,
+    counters: &QueuePairCounters,
+) -> Result<(), RxError> {
+    match e {
+        RxError::NoBuffers if w.chains() == 0 => {
+            add(&counters.rx_bad_descriptors, w.bad_chains() as u64);
+            w.discard(queue, mem)?;
+            Err(RxError::NoBuffers)
+        }
+        RxError::NoBuffers => {
+            w.rewind(queue, RxFrameWriter::start_mark());
+            w.set_starved();
+            Err(RxError::NoBuffers)
+        }
+        RxError::TooBig => {
+            add(&counters.rx_dropped_too_big, 1);
+            add(&counters.rx_bad_descriptors, w.bad_chains() as u64);
+            w.discard(queue, mem)?;
+            Err(RxError::TooBig)
+        }
+        RxError::Queue(e) => Err(RxError::Queue(e)),
     }
-    (hdr.to_bytes(), repair)
+}
+
+/// Hands the open merged frame, if any, to the guest.
+fn close_flow(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    w: &mut RxFrameWriter,
+    open: &mut Option<OpenFlow>,
+    offloads: RxOffloads,
+    counters: &QueuePairCounters,
+) -> Result<(), RxError> {
+    let Some(mut flow) = open.take() else {
+        return Ok(());
+    };
+    let segments = flow.segments();
+    let (vnet, headers) = flow.finish(offloads.csum, w.chains() as u16);
+    add(&counters.rx_bad_descriptors, w.bad_chains() as u64);
+    w.finish(queue, mem, &[&vnet.to_bytes(), headers])?;
+    if segments > 1 {
+        add(&counters.rx_gro_frames, 1);
+        add(&counters.rx_gro_segments, segments as u64);
+    }
+    Ok(())
 }
 
 /// Which control commands the negotiated features allow.

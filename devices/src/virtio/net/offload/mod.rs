@@ -77,6 +77,10 @@ pub struct TxOffloads {
 pub struct RxOffloads {
     /// VIRTIO_NET_F_GUEST_CSUM: frames may be marked DATA_VALID or NEEDS_CSUM.
     pub csum: bool,
+    /// VIRTIO_NET_F_GUEST_TSO4 / TSO6: TCP segments may be coalesced into
+    /// GSO frames (GRO), over IPv4 / IPv6.
+    pub tso4: bool,
+    pub tso6: bool,
 }
 
 /// Why a transmitted frame's offload request cannot be honoured; the frame is dropped.

@@ -29,8 +29,14 @@ pub enum RxChecksum {
 /// Checks the transport checksum of `frame`. With `verify` false only a
 /// frame whose field holds the pseudo-header sum is summed (to repair it);
 /// the guest verifies the others itself.
+#[cfg(test)]
 pub fn check(frame: &[u8], verify: bool) -> RxChecksum {
-    let Some(l) = headers::parse(frame) else {
+    check_with(frame, headers::parse(frame), verify)
+}
+
+/// [`check`] with the frame's layout already parsed.
+pub fn check_with(frame: &[u8], layout: Option<headers::Layout>, verify: bool) -> RxChecksum {
+    let Some(l) = layout else {
         return RxChecksum::Unchecked;
     };
     // The IP header says where the segment ends: short frames carry
