@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
-# TCP throughput through xskvm (virtio-net over AF_XDP) beside QEMU's
-# microvm with a tap backend (virtio-net over virtio-mmio, tap bridged to the
-# same veth), same guest kernel and initramfs, same KVM: the nested test host
-# here, the real one with hardware virtualization. iperf3 runs in the guest
-# against a peer in a network namespace behind the veth, both directions.
-# Usage: bench-net.sh [SECONDS]   (build xskvm first: cargo build --release)
+# TCP throughput through xskvm (virtio-net over AF_XDP, offloads done in
+# its IO thread) beside QEMU's microvm with a tap backend (virtio-net over
+# virtio-mmio, tap bridged to the same veth; vhost off and on), same guest
+# kernel and initramfs, same KVM: the nested test host here, the real one
+# with hardware virtualization. iperf3 runs in the guest against a peer in a
+# network namespace behind the veth, both directions; the peer keeps its
+# default offloads for every system (each runs in its natural set-up).
+# The systems alternate within each round; with ROUNDS rounds (>= 3) the
+# medians and their ratios are printed, and a chart is written.
+# Usage: bench-net.sh [SECONDS] [ROUNDS] [VCPUS...]   (defaults: 10 3 1 2)
+#        (build xskvm first: cargo build --release)
+# Writes: $BENCH_OUT (default target/bench-net) /results.txt and /chart.png
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source resources/lib.sh
 secs=${1:-10}
+rounds=${2:-3}
+shift $(( $# > 2 ? 2 : $# ))
+vcpus_list=${*:-1 2}
+out=${BENCH_OUT:-$PWD/target/bench-net}
+mkdir -p "$out"
 xskvm=$PWD/target/release/xskvm
 [ -x "$xskvm" ] || { echo "bench-net: build xskvm first: cargo build --release" >&2; exit 1; }
+ensure_packages python3 python3-matplotlib
 guest=$(bash resources/guest-image.sh | head -n1 | xargs dirname)
 qemu=$(command -v qemu-system-x86_64) || { echo "bench-net: install qemu-system-x86" >&2; exit 1; }
 
@@ -24,28 +37,42 @@ ip -n peer addr add 10.77.0.1/24 dev xs1
 ip -n peer link set xs1 up
 ip link set xs0 up
 ip netns exec peer iperf3 -s -D
-cat > /tmp/guest-cmd <<'CMD'
-ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up; sleep 2; iperf3 -c 10.77.0.1 -t $secs -f m | grep receiver | sed 's/^/GUEST-TO-PEER /'; iperf3 -c 10.77.0.1 -t $secs -f m -R | grep receiver | sed 's/^/PEER-TO-GUEST /'
-CMD
-cmdline="console=ttyS0 reboot=k panic=-1 pci=off quiet -- \"\$(cat /tmp/guest-cmd)\""
-echo "== xskvm, --net af-xdp,ifname=xs0"
-$xskvm --kernel $guest/bzImage --initrd $guest/initramfs.cpio.gz --memory 512M --vcpus 1 \
-    --net af-xdp,ifname=xs0,mac=52:54:00:00:00:02 --cmdline "\$cmdline" </dev/null | grep -- "-TO-"
-# The same veth, now bridged to a tap for QEMU.
 ip link add br0 type bridge
-ip link set xs0 master br0
 ip tuntap add tap0 mode tap
 ip link set tap0 master br0
 ip link set tap0 up
 ip link set br0 up
-for vhost in off on; do
-    echo "== qemu microvm, -netdev tap,vhost=\$vhost"
-    $qemu -M microvm,acpi=on,pic=off,pit=off,rtc=off -enable-kvm -cpu host -m 512M -smp 1 \
+cat > /tmp/guest-cmd <<'CMD'
+ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up; sleep 2; iperf3 -c 10.77.0.1 -t $secs -f m | grep receiver | sed 's/^/GUEST-TO-PEER /'; iperf3 -c 10.77.0.1 -t $secs -f m -R | grep receiver | sed 's/^/PEER-TO-GUEST /'
+CMD
+cmdline="console=ttyS0 reboot=k panic=-1 pci=off quiet -- \"\$(cat /tmp/guest-cmd)\""
+run_xskvm() {
+    ip link set xs0 nomaster 2>/dev/null || true
+    $xskvm --kernel $guest/bzImage --initrd $guest/initramfs.cpio.gz --memory 512M --vcpus \$1 \
+        --net af-xdp,ifname=xs0,mac=52:54:00:00:00:02 --cmdline "\$cmdline" </dev/null \
+        | grep -- "-TO-" | sed "s/^/RESULT xskvm \$1 /"
+}
+run_qemu() {
+    ip link set xs0 master br0
+    $qemu -M microvm,acpi=on,pic=off,pit=off,rtc=off -enable-kvm -cpu host -m 512M -smp \$1 \
         -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
-        -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=\$vhost \
+        -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=\$2 \
         -device virtio-net-device,netdev=n0,mac=52:54:00:00:00:03 \
-        -kernel $guest/bzImage -initrd $guest/initramfs.cpio.gz -append "\$cmdline" </dev/null | grep -- "-TO-"
+        -kernel $guest/bzImage -initrd $guest/initramfs.cpio.gz -append "\$cmdline" </dev/null \
+        | grep -- "-TO-" | sed "s/^/RESULT qemu-tap-vhost-\$2 \$1 /"
+}
+for round in \$(seq $rounds); do
+    for vcpus in $vcpus_list; do
+        # Alternate the order from round to round.
+        if [ \$((round % 2)) = 1 ]; then
+            run_xskvm \$vcpus; run_qemu \$vcpus off; run_qemu \$vcpus on
+        else
+            run_qemu \$vcpus on; run_qemu \$vcpus off; run_xskvm \$vcpus
+        fi
+    done
 done
 SCENARIO
-bash resources/run-scenario.sh --file "$xskvm" --file "$guest" --file "$qemu" \
-    --file /usr/share/qemu --file /usr/share/seabios "$scenario"
+XSKVM_TESTHOST_TIMEOUT=${XSKVM_TESTHOST_TIMEOUT:-3600} \
+    bash resources/run-scenario.sh --file "$xskvm" --file "$guest" --file "$qemu" \
+    --file /usr/share/qemu --file /usr/share/seabios "$scenario" | tee "$out/raw.txt"
+python3 resources/bench-net-report.py "$out/raw.txt" "$out"

@@ -252,7 +252,7 @@ fn offloads_on_both_ends_carry_tcp_and_udp_with_correct_checksums() {
         r#"{testbed}
 ip netns exec peer iperf3 -s -D
 cat > /tmp/guest-cmd <<'CMD'
-{GUEST_NET_UP}; echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_dad; ip -6 addr add {GUEST_IP6}/64 dev eth0; ethtool -K eth0 tx-udp-segmentation on; {offloads}; iperf3 -c {PEER_IP} -t 4 -f m; iperf3 -c {PEER_IP} -t 4 -f m -R; iperf3 -6 -c {PEER_IP6} -t 4 -f m; iperf3 -6 -c {PEER_IP6} -t 4 -f m -R; iperf3 -c {PEER_IP} -u -b 20M -l 8192 -t 3 -f m; iperf3 -c {PEER_IP} -u -b 20M -l 8192 -t 3 -f m -R; ethtool -K eth0 tx off tso off gro off; {offloads}; iperf3 -c {PEER_IP} -t 3 -f m; iperf3 -c {PEER_IP} -t 3 -f m -R; echo GUEST-DONE
+{GUEST_NET_UP}; echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_dad; ip -6 addr add {GUEST_IP6}/64 dev eth0; ethtool -K eth0 tx-udp-segmentation on; {offloads}; iperf3 -c {PEER_IP} -t 4 -f m; iperf3 -c {PEER_IP} -t 4 -f m -R; iperf3 -6 -c {PEER_IP6} -t 4 -f m; iperf3 -6 -c {PEER_IP6} -t 4 -f m -R; iperf3 -c {PEER_IP} -u -b 20M -l 8192 -t 3 -f m; iperf3 -c {PEER_IP} -u -b 20M -l 8192 -t 3 -f m -R; ethtool -K eth0 tx off tso off gro off rx-gro-hw off; {offloads}; iperf3 -c {PEER_IP} -t 3 -f m; iperf3 -c {PEER_IP} -t 3 -f m -R; echo GUEST-DONE
 CMD
 boot_guest /tmp/console --net af-xdp,ifname=xs0
 finish
@@ -290,8 +290,8 @@ ip netns exec peer cat /proc/net/snmp | grep -E '^(Tcp|Udp):'
     }
     assert_value(&out, "OFFLOAD-tx-checksumming", "off");
     assert_value(&out, "OFFLOAD-tcp-segmentation-offload", "off");
-    // gro off takes hardware GRO with it: the guest asked the device
-    // (VIRTIO_NET_CTRL_GUEST_OFFLOADS) to stop coalescing.
+    // rx-gro-hw off goes to the device as VIRTIO_NET_CTRL_GUEST_OFFLOADS:
+    // it stops coalescing for this guest.
     assert_value(&out, "OFFLOAD-rx-gro-hw", "off");
     let rates = receiver_rates(&out);
     assert_eq!(rates.len(), 8, "eight iperf3 runs\n{}", out.describe());
@@ -322,7 +322,11 @@ ip netns exec peer cat /proc/net/snmp | grep -E '^(Tcp|Udp):'
         "xskvm: {gso} GSO frames from the guest, {completed} peer checksums completed, \
          {merged} coalesced frames to the guest"
     );
-    assert!(merged > 0, "no frames coalesced for the guest\n{}", out.describe());
+    assert!(
+        merged > 0,
+        "no frames coalesced for the guest\n{}",
+        out.describe()
+    );
     assert!(gso > 0, "the guest sent no GSO frames\n{}", out.describe());
     assert!(
         completed > 0,

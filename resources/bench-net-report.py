@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Medians, ratios and a chart from bench-net.sh's RESULT lines.
+
+RESULT <system> <vcpus> GUEST-TO-PEER|PEER-TO-GUEST [ 5] ... <rate> Mbits/sec ... receiver
+"""
+import re
+import statistics
+import sys
+from collections import defaultdict
+
+raw, out = sys.argv[1], sys.argv[2]
+rates = defaultdict(list)  # (system, vcpus, direction) -> [Mbit/s]
+pattern = re.compile(r"^RESULT (\S+) (\d+) (GUEST-TO-PEER|PEER-TO-GUEST) .*?([\d.]+) ([KMG])bits/sec")
+scale = {"K": 1e-3, "M": 1.0, "G": 1e3}
+with open(raw) as f:
+    for line in f:
+        m = pattern.match(line)
+        if m:
+            system, vcpus, direction, value, unit = m.groups()
+            rates[(system, int(vcpus), direction)].append(float(value) * scale[unit])
+if not rates:
+    sys.exit("bench-net: no results (see the output above)")
+
+systems = sorted({k[0] for k in rates}, key=lambda s: (s != "xskvm", s))
+cpus = sorted({k[1] for k in rates})
+directions = ["GUEST-TO-PEER", "PEER-TO-GUEST"]
+lines = ["iperf3 TCP, Mbit/s: median of rounds (rounds run), and xskvm / system"]
+for v in cpus:
+    for d in directions:
+        x = rates.get(("xskvm", v, d), [])
+        xm = statistics.median(x) if x else float("nan")
+        row = [f"{v} vCPU {d:14}"]
+        for s in systems:
+            r = rates.get((s, v, d), [])
+            med = statistics.median(r) if r else float("nan")
+            ratio = "" if s == "xskvm" or not r else f", xskvm {xm / med:.2f}x"
+            row.append(f"{s} {med:7.1f} ({len(r)}){ratio}")
+        lines.append("   ".join(row))
+text = "\n".join(lines)
+print(text)
+with open(f"{out}/results.txt", "w") as f:
+    f.write(text + "\n")
+
+try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:
+    sys.exit("bench-net: python3-matplotlib missing: no chart")
+groups = [(v, d) for v in cpus for d in directions]
+width = 0.8 / len(systems)
+fig, ax = plt.subplots(figsize=(2.2 * len(groups) + 2, 4.5))
+for i, s in enumerate(systems):
+    meds = [statistics.median(rates.get((s, v, d), [0])) for v, d in groups]
+    ax.bar([g + i * width for g in range(len(groups))], meds, width, label=s)
+ax.set_xticks([g + width * (len(systems) - 1) / 2 for g in range(len(groups))])
+ax.set_xticklabels([f"{v} vCPU\n{d.lower()}" for v, d in groups])
+ax.set_ylabel("iperf3 TCP, Mbit/s (median)")
+ax.set_title("xskvm (AF_XDP) vs QEMU microvm + tap, same guest, same host")
+ax.legend()
+fig.tight_layout()
+fig.savefig(f"{out}/chart.png", dpi=100)
+print(f"chart: {out}/chart.png")
