@@ -391,6 +391,40 @@ impl Net {
     }
 }
 
+/// The offloads a driver negotiated, for the log: each is done in the
+/// queue pairs' IO threads (checksums in software).
+fn describe_offloads(features: u64) -> String {
+    const NAMES: [(u64, &str); 11] = [
+        (VIRTIO_NET_F_CSUM, "tx-checksum"),
+        (VIRTIO_NET_F_HOST_TSO4, "tso4"),
+        (VIRTIO_NET_F_HOST_TSO6, "tso6"),
+        (VIRTIO_NET_F_HOST_ECN, "tso-ecn"),
+        (VIRTIO_NET_F_HOST_USO, "uso"),
+        (VIRTIO_NET_F_GUEST_CSUM, "rx-checksum"),
+        (VIRTIO_NET_F_GUEST_TSO4, "gro4"),
+        (VIRTIO_NET_F_GUEST_TSO6, "gro6"),
+        (VIRTIO_NET_F_MRG_RXBUF, "mergeable-buffers"),
+        (VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, "switchable"),
+        (
+            VIRTIO_NET_F_GUEST_USO4 | VIRTIO_NET_F_GUEST_USO6,
+            "takes-uso",
+        ),
+    ];
+    let on: Vec<&str> = NAMES
+        .iter()
+        .filter(|(bit, _)| features & bit != 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if on.is_empty() {
+        "none (every frame checksummed and segmented by the guest)".to_string()
+    } else {
+        format!(
+            "{} (segmentation, checksums and coalescing in the IO threads, in software)",
+            on.join(" ")
+        )
+    }
+}
+
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
@@ -466,6 +500,11 @@ impl VirtioDevice for Net {
             self.config.id,
             self.workers.len(),
             self.acked_features
+        );
+        log::info!(
+            "{}: guest offloads: {}",
+            self.config.id,
+            describe_offloads(self.acked_features)
         );
         Ok(())
     }
