@@ -30,13 +30,13 @@ scenario=$(mktemp)
 trap 'rm -f "$scenario"' EXIT
 cat > "$scenario" <<SCENARIO
 exec 2>&1
+set -o pipefail
 ip netns add peer
 ip link add xs0 type veth peer name xs1
 ip link set xs1 netns peer
 ip -n peer addr add 10.77.0.1/24 dev xs1
 ip -n peer link set xs1 up
 ip link set xs0 up
-ip netns exec peer iperf3 -s -D
 ip link add br0 type bridge
 ip tuntap add tap0 mode tap
 ip link set tap0 master br0
@@ -46,20 +46,33 @@ cat > /tmp/guest-cmd <<'CMD'
 ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up; sleep 2; iperf3 -c 10.77.0.1 -t $secs -f m | grep receiver | sed 's/^/GUEST-TO-PEER /'; iperf3 -c 10.77.0.1 -t $secs -f m -R | grep receiver | sed 's/^/PEER-TO-GUEST /'
 CMD
 cmdline="console=ttyS0 reboot=k panic=-1 pci=off quiet -- \"\$(cat /tmp/guest-cmd)\""
+# A VMM that does not finish in time is reported, not waited for.
+limit=\$(( $secs * 2 + 180 ))
+# A fresh iperf3 server per run: one left busy by a run that was cut short
+# would refuse the next client.
+fresh_server() {
+    [ -f /tmp/iperf3.pid ] && kill \$(cat /tmp/iperf3.pid) 2>/dev/null
+    sleep 0.5
+    ip netns exec peer iperf3 -s -D -I /tmp/iperf3.pid
+}
 run_xskvm() {
+    fresh_server
     ip link set xs0 nomaster 2>/dev/null || true
-    $xskvm --kernel $guest/bzImage --initrd $guest/initramfs.cpio.gz --memory 512M --vcpus \$1 \
+    timeout -k 5 \$limit $xskvm --kernel $guest/bzImage --initrd $guest/initramfs.cpio.gz --memory 512M --vcpus \$1 \
         --net af-xdp,ifname=xs0,mac=52:54:00:00:00:02 --cmdline "\$cmdline" </dev/null \
-        | grep -- "-TO-" | sed "s/^/RESULT xskvm \$1 /"
+        | grep -- "-TO-" | sed "s/^/RESULT xskvm \$1 /" \
+        || echo "RESULT xskvm \$1 none (timed out or failed)"
 }
 run_qemu() {
+    fresh_server
     ip link set xs0 master br0
-    $qemu -M microvm,acpi=on,pic=off,pit=off,rtc=off -enable-kvm -cpu host -m 512M -smp \$1 \
+    timeout -k 5 \$limit $qemu -M microvm,acpi=on,pic=off,pit=off,rtc=off -enable-kvm -cpu host -m 512M -smp \$1 \
         -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
         -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=\$2 \
         -device virtio-net-device,netdev=n0,mac=52:54:00:00:00:03 \
         -kernel $guest/bzImage -initrd $guest/initramfs.cpio.gz -append "\$cmdline" </dev/null \
-        | grep -- "-TO-" | sed "s/^/RESULT qemu-tap-vhost-\$2 \$1 /"
+        | grep -- "-TO-" | sed "s/^/RESULT qemu-tap-vhost-\$2 \$1 /" \
+        || echo "RESULT qemu-tap-vhost-\$2 \$1 none (timed out or failed)"
 }
 for round in \$(seq $rounds); do
     for vcpus in $vcpus_list; do
@@ -75,4 +88,5 @@ SCENARIO
 XSKVM_TESTHOST_TIMEOUT=${XSKVM_TESTHOST_TIMEOUT:-3600} \
     bash resources/run-scenario.sh --file "$xskvm" --file "$guest" --file "$qemu" \
     --file /usr/share/qemu --file /usr/share/seabios "$scenario" | tee "$out/raw.txt"
-python3 resources/bench-net-report.py "$out/raw.txt" "$out"
+# Debian's python3 (where python3-matplotlib is), whatever else is on PATH.
+/usr/bin/python3 resources/bench-net-report.py "$out/raw.txt" "$out"
