@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use devices::virtio::net::harness::DriverHarness;
 use devices::virtio::net::{
-    Net, NetConfig, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_RING_F_EVENT_IDX,
+    Net, NetConfig, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX,
 };
 use devices::virtio::VIRTIO_F_VERSION_1;
 use net_afxdp::testbed::{self, VethPair};
@@ -102,12 +103,16 @@ enum Side {
     /// The same, the guest sending 64 KiB TCP segments (TSO) that the
     /// device cuts into `size`-byte frames.
     VirtioTso,
+    /// The same, the guest taking coalesced TCP (GUEST_TSO4, mergeable
+    /// buffers) from a peer that sends one in-order TCP stream.
+    VirtioGro,
 }
 
 /// One run on a fresh veth pair: end `a` is xskvm's side (`side`), end `b`
 /// a bare AF_XDP peer. `tx`: `a` sends and the peer's receptions are
 /// counted; otherwise the peer sends and `a`'s receptions are counted.
-fn measure(side: Side, tx: bool, size: usize, secs: f64) -> Rate {
+/// `tcp_stream`: the peer sends one in-order TCP stream (receive only).
+fn measure(side: Side, tx: bool, size: usize, secs: f64, tcp_stream: bool) -> Rate {
     let pair = VethPair::new(1).expect("veth pair");
     let (mac_a, mac_b) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
     let (_oa, qa) = open(&pair, &pair.a);
@@ -124,6 +129,9 @@ fn measure(side: Side, tx: bool, size: usize, secs: f64) -> Rate {
     let s = stop.clone();
     threads.push(if tx {
         thread::spawn(move || drop(sink(qb, s)))
+    } else if tcp_stream {
+        let segment = tcp_segment(mac_b, mac_a, size);
+        thread::spawn(move || drop(blast_tcp(qb, segment, s)))
     } else {
         let frame = frame.clone();
         thread::spawn(move || drop(blast(qb, frame, s)))
@@ -138,11 +146,18 @@ fn measure(side: Side, tx: bool, size: usize, secs: f64) -> Rate {
             own_counters = Some(qa.stats_handle());
             threads.push(thread::spawn(move || drop(sink(qa, s))));
         }
-        Side::Virtio | Side::VirtioTso => {
+        Side::Virtio | Side::VirtioTso | Side::VirtioGro => {
             let (counters_tx, counters_rx) = std::sync::mpsc::channel();
             let tso = side == Side::VirtioTso;
+            let offloads = match side {
+                Side::VirtioTso => VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4,
+                Side::VirtioGro => {
+                    VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_MRG_RXBUF
+                }
+                _ => 0,
+            };
             threads.push(thread::spawn(move || {
-                let (h, counters) = harness_for(qa, mac_a, tso);
+                let (h, counters) = harness_for(qa, mac_a, offloads);
                 let _ = counters_tx.send(counters);
                 if tso {
                     drive_tso(h, &tso_frame(mac_a, mac_b, size), &s);
@@ -174,7 +189,7 @@ fn measure(side: Side, tx: bool, size: usize, secs: f64) -> Rate {
 fn harness_for(
     qa: XskQueue,
     mac: [u8; 6],
-    tso: bool,
+    offloads: u64,
 ) -> (DriverHarness, Arc<devices::virtio::net::QueuePairCounters>) {
     let net = Net::new(
         NetConfig {
@@ -189,11 +204,6 @@ fn harness_for(
     .expect("device");
     let counters = net.counters()[0].clone();
     let mut h = DriverHarness::new(net);
-    let offloads = if tso {
-        VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4
-    } else {
-        0
-    };
     h.start(
         VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | offloads,
         3,
@@ -229,6 +239,59 @@ fn tso_frame(src: [u8; 6], dst: [u8; 6], wire_len: usize) -> ([u8; 12], Vec<u8>)
     hdr[6..8].copy_from_slice(&34u16.to_le_bytes());
     hdr[8..10].copy_from_slice(&16u16.to_le_bytes());
     (hdr, f)
+}
+
+/// One wire TCP/IPv4 segment of `wire_len` bytes (a TSO frame's first).
+fn tcp_segment(src: [u8; 6], dst: [u8; 6], wire_len: usize) -> Vec<u8> {
+    let (_, big) = tso_frame(src, dst, wire_len);
+    let mut f = big[..wire_len].to_vec();
+    f[16..18].copy_from_slice(&((wire_len - 14) as u16).to_be_bytes());
+    f[24..26].fill(0);
+    let c = !fold(sum(0, &f[14..34]));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+fn sum(mut acc: u64, data: &[u8]) -> u64 {
+    let mut words = data.chunks_exact(2);
+    for w in &mut words {
+        acc += u64::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    if let [last] = words.remainder() {
+        acc += u64::from(*last) << 8;
+    }
+    acc
+}
+
+fn fold(mut acc: u64) -> u16 {
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+/// Sends `segment` over and over as one in-order TCP stream (sequence
+/// number advanced, checksum filled per frame), until `stop`.
+fn blast_tcp(mut q: XskQueue, segment: Vec<u8>, stop: Arc<AtomicBool>) -> XskQueue {
+    let payload = (segment.len() - TSO_HEADERS) as u32;
+    let mut seq = 1u32;
+    while !stop.load(Ordering::Relaxed) {
+        let batch = q.tx_batch(BATCH, |buf| {
+            let f = &mut buf[..segment.len()];
+            f.copy_from_slice(&segment);
+            f[38..42].copy_from_slice(&seq.to_be_bytes());
+            seq = seq.wrapping_add(payload);
+            let pseudo = sum(sum(0, &f[26..34]), &[0, 6]) + (f.len() - 34) as u64;
+            let c = !fold(sum(pseudo, &f[34..]));
+            f[50..52].copy_from_slice(&c.to_be_bytes());
+            Some(f.len())
+        });
+        if batch.sent == 0 {
+            let _ = q.poll(false, true, Some(Duration::from_millis(1)));
+            q.reclaim();
+        }
+    }
+    q
 }
 
 /// The guest's side for TSO: keeps the TX queue full of GSO frames.
@@ -290,8 +353,8 @@ fn main() {
     println!("virtio-net datapath vs raw AF_XDP: veth, copy mode, native XDP, 1 queue pair, {secs} s windows");
     for size in [64usize, 1500] {
         for (dir, tx) in [("tx", true), ("rx", false)] {
-            let r = measure(Side::Raw, tx, size, secs);
-            let v = measure(Side::Virtio, tx, size, secs);
+            let r = measure(Side::Raw, tx, size, secs, false);
+            let v = measure(Side::Virtio, tx, size, secs, false);
             println!(
                 "{dir} {size:4} B   raw AF_XDP {}   virtio-net {}   ratio {:.2}",
                 r.show(),
@@ -316,8 +379,8 @@ fn main() {
     }
     // TSO: the guest hands over 64 KiB segments; the yardstick sends
     // 1514-byte frames, the size the device cuts them into.
-    let r = measure(Side::Raw, true, 1514, secs);
-    let v = measure(Side::VirtioTso, true, 1514, secs);
+    let r = measure(Side::Raw, true, 1514, secs, false);
+    let v = measure(Side::VirtioTso, true, 1514, secs, false);
     println!(
         "tx TSO 64 KiB -> 1514 B   raw AF_XDP {}   virtio-net {}   ratio {:.2}",
         r.show(),
@@ -330,6 +393,25 @@ fn main() {
             c.tx_gso_segments as f64 / c.tx_gso_frames.max(1) as f64,
             c.tx_offload_errors,
             c.tx_dropped
+        );
+    }
+    // Receive coalescing: the peer sends one in-order TCP stream of
+    // 1514-byte frames; the guest takes them merged (GRO).
+    let r = measure(Side::Raw, false, 1514, secs, true);
+    let v = measure(Side::VirtioGro, false, 1514, secs, true);
+    println!(
+        "rx TCP stream 1514 B, coalesced   raw AF_XDP {}   virtio-net {}   ratio {:.2}",
+        r.show(),
+        v.show(),
+        v.pps / r.pps.max(1.0)
+    );
+    if let Some(c) = v.device {
+        let per = |n: u64, d: u64| n as f64 / d.max(1) as f64;
+        println!(
+            "            device: {:.1} wire frames per merged frame, {:.1} wire frames per guest notification, {:.1} per interrupt",
+            per(c.rx_gro_segments, c.rx_gro_frames),
+            per(c.rx_packets, c.rx_notifications),
+            per(c.rx_packets, c.interrupts)
         );
     }
 }
