@@ -14,11 +14,11 @@ use devices::legacy::{AcpiSleepControl, SerialConsole, I8042};
 use devices::virtio::mmio::REG_QUEUE_NOTIFY;
 use devices::virtio::net::{Net, NetBackend, NetConfig, NetLink};
 use devices::virtio::MmioTransport;
-use devices::{BusBuilder, EventTrigger, MmioSlot, ResourceAllocator};
+use devices::{Bus, BusBuilder, EventTrigger, MmioSlot, ResourceAllocator};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -77,57 +77,237 @@ pub enum VmExit {
 }
 
 /// Runs the VM until it ends; `Err` for bad input, host failures and guest crashes.
-pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
-    let config = &mut config;
-    let vcpu_count = check_config(config)?;
-    let filters = Filters::new(config.seccomp)?;
-    let mem = create_guest_memory(config.memory)?;
-    let boot = load_guest(
-        &mem,
-        &config.kernel,
-        config.initrd.as_deref(),
-        &config.cmdline,
-    )?;
-    let mut allocator = ResourceAllocator::new(
-        (DEVICE_MMIO_START, DEVICE_MMIO_END),
-        DEVICE_MMIO_SLOT_SIZE,
-        (DEVICE_IRQ_FIRST, DEVICE_IRQ_LAST),
-    );
-    let virtio_mmio: Vec<MmioSlot> = config
-        .nets
-        .iter()
-        .map(|_| allocator.allocate())
-        .collect::<Result<_, _>>()?;
-    write_acpi_tables(
-        &mem,
-        &AcpiPlatform {
-            vcpus: vcpu_count,
-            virtio_mmio: &virtio_mmio,
-        },
-    )?;
+pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
+    Vm::build(config)?.run()
+}
 
-    let kvm = open_kvm(config)?;
-    let max_vcpus = kvm.get_max_vcpus().min(254) as u32;
-    if config.vcpus > max_vcpus {
-        return Err(VmmError::TooManyVcpus {
-            requested: config.vcpus,
-            max: max_vcpus,
-        });
+/// A VM built and ready to run: guest memory loaded, KVM VM, devices and
+/// vCPUs created; no thread started yet.
+pub struct Vm {
+    filters: Filters,
+    vcpus: Vec<Vcpu>,
+    /// The NICs' host sides, for the watcher started by [`Vm::run`].
+    watched: Vec<WatchedNic>,
+    pio: Bus,
+    mmio: Bus,
+    serial: Arc<Mutex<SerialConsole>>,
+    reset_evt: EventFd,
+    poweroff_evt: EventFd,
+    quit_evt: EventFd,
+    report: Arc<StopReport>,
+    stop: Arc<AtomicBool>,
+    memory: u64,
+    kernel: PathBuf,
+    /// Last: the devices above hold its memory and eventfds registered with it.
+    kvm_vm: KvmVm,
+}
+
+/// The KVM VM and the memory it maps; fields drop in this order, so the
+/// VM is gone before its memory is unmapped.
+struct KvmVm {
+    _vm: VmFd,
+    _kvm: Kvm,
+    _mem: GuestMemoryMmap,
+}
+
+/// Port I/O devices and the eventfds through which they end the VM.
+struct LegacyDevices {
+    pio: Bus,
+    serial: Arc<Mutex<SerialConsole>>,
+    reset_evt: EventFd,
+    poweroff_evt: EventFd,
+}
+
+fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> VmmError {
+    move |source| VmmError::Io { what, source }
+}
+
+fn new_eventfd() -> Result<EventFd, VmmError> {
+    EventFd::new(EFD_NONBLOCK).map_err(io_err("cannot create an eventfd"))
+}
+
+fn clone_eventfd(evt: &EventFd) -> Result<EventFd, VmmError> {
+    evt.try_clone().map_err(io_err("cannot clone an eventfd"))
+}
+
+impl Vm {
+    /// Builds everything a guest needs, in order: input checks, guest
+    /// memory with the kernel and ACPI tables, KVM, devices, vCPUs.
+    pub fn build(mut config: VmConfig) -> Result<Self, VmmError> {
+        let vcpu_count = check_config(&config)?;
+        let filters = Filters::new(config.seccomp)?;
+        let mem = create_guest_memory(config.memory)?;
+        let boot = load_guest(
+            &mem,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &config.cmdline,
+        )?;
+        let mut allocator = ResourceAllocator::new(
+            (DEVICE_MMIO_START, DEVICE_MMIO_END),
+            DEVICE_MMIO_SLOT_SIZE,
+            (DEVICE_IRQ_FIRST, DEVICE_IRQ_LAST),
+        );
+        let virtio_mmio: Vec<MmioSlot> = config
+            .nets
+            .iter()
+            .map(|_| allocator.allocate())
+            .collect::<Result<_, _>>()?;
+        write_acpi_tables(
+            &mem,
+            &AcpiPlatform {
+                vcpus: vcpu_count,
+                virtio_mmio: &virtio_mmio,
+            },
+        )?;
+
+        let kvm = open_kvm(&config)?;
+        let max_vcpus = kvm.get_max_vcpus().min(254) as u32;
+        if config.vcpus > max_vcpus {
+            return Err(VmmError::TooManyVcpus {
+                requested: config.vcpus,
+                max: max_vcpus,
+            });
+        }
+        let vm = create_vm(&kvm, &mem)?;
+        let legacy = create_legacy_devices(&vm)?;
+        let mut mmio = BusBuilder::new();
+        let mut watched = Vec::new();
+        for (net, slot) in config.nets.drain(..).zip(&virtio_mmio) {
+            watched.push(attach_net_device(
+                &vm, &mem, &mut mmio, *slot, net, &filters, vcpu_count,
+            )?);
+        }
+        let mmio = mmio.build();
+
+        let report = Arc::new(StopReport::new(new_eventfd()?));
+        let stop = Arc::new(AtomicBool::new(false));
+        let vcpus = create_vcpus(&kvm, &vm, vcpu_count, boot.entry, |index, fd| Vcpu {
+            index,
+            fd,
+            pio: legacy.pio.clone(),
+            mmio: mmio.clone(),
+            report: report.clone(),
+            stop: stop.clone(),
+        })?;
+        Ok(Self {
+            filters,
+            vcpus,
+            watched,
+            pio: legacy.pio,
+            mmio,
+            serial: legacy.serial,
+            reset_evt: legacy.reset_evt,
+            poweroff_evt: legacy.poweroff_evt,
+            quit_evt: new_eventfd()?,
+            report,
+            stop,
+            memory: config.memory,
+            kernel: config.kernel,
+            kvm_vm: KvmVm {
+                _vm: vm,
+                _kvm: kvm,
+                _mem: mem,
+            },
+        })
     }
-    let vm = create_vm(&kvm, &mem)?;
 
-    let io_err = |what| move |source| VmmError::Io { what, source };
-    let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(io_err("cannot create an eventfd"));
-    let serial_irq = new_evt()?;
+    /// Starts the vCPUs and the threads around them, waits until something
+    /// ends the VM, then stops everything.
+    pub fn run(self) -> Result<VmExit, VmmError> {
+        // Bindings drop in reverse order: the KVM VM last, as in `Vm`.
+        let Vm {
+            kvm_vm,
+            filters,
+            vcpus,
+            watched,
+            pio,
+            mmio,
+            serial,
+            reset_evt,
+            poweroff_evt,
+            quit_evt,
+            report,
+            stop,
+            memory,
+            kernel,
+        } = self;
+        let vcpu_count = vcpus.len();
+        // Stop signals go to a signalfd read by this thread alone; block them
+        // before any thread starts so that every thread inherits the mask.
+        let signals = block_stop_signals().map_err(io_err("cannot set up signal handling"))?;
+        // After the mask: a stop signal must never reach it.
+        let nic_watcher = NicWatcher::start(watched, filters.nic_watch.clone());
+        install_kick_handler().map_err(io_err("cannot install the vCPU kick handler"))?;
+        let stdin = std::io::stdin();
+        let raw_terminal = RawTerminal::enable(stdin.as_fd())
+            .map_err(io_err("cannot put the terminal in raw mode"))?;
+        console::spawn_stdin_reader(
+            serial,
+            clone_eventfd(&quit_evt)?,
+            raw_terminal.is_some(),
+            filters.console.clone(),
+        )?;
+
+        // Each vCPU installs its filter as it starts and waits at the gate;
+        // this thread installs its own last (threads inherit filters), then
+        // lets the guest run.
+        let gate = Arc::new(StartGate::default());
+        let mut handles = Vec::with_capacity(vcpus.len());
+        let mut started = Ok(());
+        for vcpu in vcpus {
+            match vcpu.spawn(filters.vcpu.clone(), gate.clone()) {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    started = Err(e);
+                    break;
+                }
+            }
+        }
+        if started.is_ok() {
+            started = seccomp::install(ThreadKind::Main, filters.main.as_deref());
+        }
+        gate.open(started.is_ok());
+        if let Err(e) = started {
+            stop.store(true, Ordering::Release);
+            for handle in handles {
+                handle.stop(Duration::from_secs(1));
+            }
+            return Err(e.into());
+        }
+        log::info!(
+            "guest started: {} vCPU(s), {} MiB, kernel {}",
+            vcpu_count,
+            memory >> 20,
+            kernel.display()
+        );
+
+        let outcome = wait_for_exit(&reset_evt, &poweroff_evt, &quit_evt, &report, &signals);
+        stop.store(true, Ordering::Release);
+        for handle in handles {
+            handle.stop(Duration::from_secs(2));
+        }
+        drop(raw_terminal);
+        // Devices (and their IO threads) go before what keeps their backends alive.
+        drop(pio);
+        drop(mmio);
+        drop(nic_watcher);
+        drop(kvm_vm);
+        outcome
+    }
+}
+
+/// COM1, the i8042 (its reset line) and the ACPI sleep control register
+/// (power-off), on a new port I/O bus.
+fn create_legacy_devices(vm: &VmFd) -> Result<LegacyDevices, VmmError> {
+    let serial_irq = new_eventfd()?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)
         .map_err(|source| VmmError::Kvm {
             what: "connect the serial interrupt",
             source,
         })?;
-    let reset_evt = new_evt()?;
-    let poweroff_evt = new_evt()?;
-    let quit_evt = new_evt()?;
-
+    let reset_evt = new_eventfd()?;
+    let poweroff_evt = new_eventfd()?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(
         EventTrigger::new(serial_irq),
         Box::new(std::io::stdout()),
@@ -139,81 +319,98 @@ pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
         u64::from(SERIAL_PORT_LEN),
     )?;
     pio.insert(
-        Arc::new(Mutex::new(I8042::new(EventTrigger::new(
-            reset_evt
-                .try_clone()
-                .map_err(io_err("cannot clone an eventfd"))?,
-        )))),
+        Arc::new(Mutex::new(I8042::new(EventTrigger::new(clone_eventfd(
+            &reset_evt,
+        )?)))),
         u64::from(I8042_PORT_BASE),
         u64::from(I8042_PORT_LEN),
     )?;
     pio.insert(
         Arc::new(Mutex::new(AcpiSleepControl::new(EventTrigger::new(
-            poweroff_evt
-                .try_clone()
-                .map_err(io_err("cannot clone an eventfd"))?,
+            clone_eventfd(&poweroff_evt)?,
         )))),
         u64::from(ACPI_SLEEP_CONTROL_PORT),
         1,
     )?;
-    let pio = pio.build();
-    let mut mmio = BusBuilder::new();
-    let mut watched = Vec::new();
-    for (mut net, slot) in config.nets.drain(..).zip(&virtio_mmio) {
-        net.config.on_thread_start = filters.net_io_hook();
-        if net.backends.len() > usize::from(vcpu_count) {
-            // Linux uses min(queue pairs, CPUs) pairs; frames the NIC puts
-            // on the other queues cannot reach the guest (an AF_XDP socket
-            // receives from its own queue only) and are dropped, counted.
-            log::warn!(
-                "{}: {} queues but {vcpu_count} vCPU(s): a Linux guest uses {vcpu_count} queue \
-                 pair(s), and frames on the other queues are dropped (counted as \
-                 rx_dropped_inactive); use queues={vcpu_count}, or steer the NIC's traffic \
-                 to those queues (ethtool -L/-X)",
-                net.config.id,
-                net.backends.len(),
-            );
-        }
-        let id = net.config.id.clone();
-        let link = attach_virtio_net(&vm, &mem, &mut mmio, *slot, net.config, net.backends)?;
-        let rx_filter = match net.host.owner.attachment() {
-            Some(attachment) => {
-                let maps = attachment
-                    .program()
-                    .rx_filter()
-                    .try_clone()
-                    .map_err(|e| VmmError::Net(e.to_string()))?;
-                let filter = Arc::new(XdpRxFilter::new(id.clone(), Some(maps)));
-                link.set_rx_filter(filter.clone());
-                Some(filter)
-            }
-            None => {
-                log::info!("{id}: inhibit=on: no program of ours, so no MAC filtering");
-                None
-            }
-        };
-        watched.push(WatchedNic {
-            rx_filter,
-            id,
-            ifindex: Some(net.host.owner.info().ifindex),
-            config: net.host.af_xdp,
-            owner: Some(net.host.owner),
-            link,
-            mtu: net.host.mtu,
-        });
-    }
-    let mmio = mmio.build();
+    Ok(LegacyDevices {
+        pio: pio.build(),
+        serial,
+        reset_evt,
+        poweroff_evt,
+    })
+}
 
-    let report = Arc::new(StopReport::new(new_evt()?));
-    let stop = Arc::new(AtomicBool::new(false));
+/// Attaches one `--net` device at `slot` and returns what the NIC watcher
+/// needs of it.
+fn attach_net_device(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut BusBuilder,
+    slot: MmioSlot,
+    mut net: NetDevice,
+    filters: &Filters,
+    vcpu_count: u8,
+) -> Result<WatchedNic, VmmError> {
+    net.config.on_thread_start = filters.net_io_hook();
+    if net.backends.len() > usize::from(vcpu_count) {
+        // Linux uses min(queue pairs, CPUs) pairs; frames the NIC puts
+        // on the other queues cannot reach the guest (an AF_XDP socket
+        // receives from its own queue only) and are dropped, counted.
+        log::warn!(
+            "{}: {} queues but {vcpu_count} vCPU(s): a Linux guest uses {vcpu_count} queue \
+             pair(s), and frames on the other queues are dropped (counted as \
+             rx_dropped_inactive); use queues={vcpu_count}, or steer the NIC's traffic \
+             to those queues (ethtool -L/-X)",
+            net.config.id,
+            net.backends.len(),
+        );
+    }
+    let id = net.config.id.clone();
+    let link = attach_virtio_net(vm, mem, mmio, slot, net.config, net.backends)?;
+    let rx_filter = match net.host.owner.attachment() {
+        Some(attachment) => {
+            let maps = attachment
+                .program()
+                .rx_filter()
+                .try_clone()
+                .map_err(|e| VmmError::Net(e.to_string()))?;
+            let filter = Arc::new(XdpRxFilter::new(id.clone(), Some(maps)));
+            link.set_rx_filter(filter.clone());
+            Some(filter)
+        }
+        None => {
+            log::info!("{id}: inhibit=on: no program of ours, so no MAC filtering");
+            None
+        }
+    };
+    Ok(WatchedNic {
+        rx_filter,
+        id,
+        ifindex: Some(net.host.owner.info().ifindex),
+        config: net.host.af_xdp,
+        owner: Some(net.host.owner),
+        link,
+        mtu: net.host.mtu,
+    })
+}
+
+/// Creates and configures `count` vCPUs (the first one to boot at
+/// `entry`); `wrap` gives each its place in the VM.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    count: u8,
+    entry: GuestAddress,
+    wrap: impl Fn(u8, VcpuFd) -> Vcpu,
+) -> Result<Vec<Vcpu>, VmmError> {
     let supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|source| VmmError::Kvm {
             what: "report its supported CPUID",
             source,
         })?;
-    let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
-    for index in 0..vcpu_count {
+    let mut vcpus = Vec::with_capacity(usize::from(count));
+    for index in 0..count {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(|source| VmmError::Kvm {
@@ -221,83 +418,14 @@ pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
                 source,
             })?;
         let mut cpuid = supported_cpuid.clone();
-        cpu::patch_cpuid(&mut cpuid, index, vcpu_count);
+        cpu::patch_cpuid(&mut cpuid, index, count);
         cpu::configure_vcpu(&fd, &cpuid, index)?;
         if index == 0 {
-            cpu::configure_boot_vcpu(&fd, boot.entry.raw_value())?;
+            cpu::configure_boot_vcpu(&fd, entry.raw_value())?;
         }
-        vcpus.push(Vcpu {
-            index,
-            fd,
-            pio: pio.clone(),
-            mmio: mmio.clone(),
-            report: report.clone(),
-            stop: stop.clone(),
-        });
+        vcpus.push(wrap(index, fd));
     }
-
-    // Stop signals go to a signalfd read by this thread alone; block them
-    // before any thread starts so that every thread inherits the mask.
-    let signals = block_stop_signals().map_err(io_err("cannot set up signal handling"))?;
-    // After the mask: a stop signal must never reach it.
-    let nic_watcher = NicWatcher::start(watched, filters.nic_watch.clone());
-    install_kick_handler().map_err(io_err("cannot install the vCPU kick handler"))?;
-    let stdin = std::io::stdin();
-    let raw_terminal = RawTerminal::enable(stdin.as_fd())
-        .map_err(io_err("cannot put the terminal in raw mode"))?;
-    console::spawn_stdin_reader(
-        serial,
-        quit_evt
-            .try_clone()
-            .map_err(io_err("cannot clone an eventfd"))?,
-        raw_terminal.is_some(),
-        filters.console.clone(),
-    )?;
-
-    // Each vCPU installs its filter as it starts and waits at the gate;
-    // this thread installs its own last (threads inherit filters), then
-    // lets the guest run.
-    let gate = Arc::new(StartGate::default());
-    let mut handles = Vec::with_capacity(vcpus.len());
-    let mut started = Ok(());
-    for vcpu in vcpus {
-        match vcpu.spawn(filters.vcpu.clone(), gate.clone()) {
-            Ok(handle) => handles.push(handle),
-            Err(e) => {
-                started = Err(e);
-                break;
-            }
-        }
-    }
-    if started.is_ok() {
-        started = seccomp::install(ThreadKind::Main, filters.main.as_deref());
-    }
-    gate.open(started.is_ok());
-    if let Err(e) = started {
-        stop.store(true, Ordering::Release);
-        for handle in handles {
-            handle.stop(Duration::from_secs(1));
-        }
-        return Err(e.into());
-    }
-    log::info!(
-        "guest started: {} vCPU(s), {} MiB, kernel {}",
-        vcpu_count,
-        config.memory >> 20,
-        config.kernel.display()
-    );
-
-    let outcome = wait_for_exit(&reset_evt, &poweroff_evt, &quit_evt, &report, &signals);
-    stop.store(true, Ordering::Release);
-    for handle in handles {
-        handle.stop(Duration::from_secs(2));
-    }
-    drop(raw_terminal);
-    // Devices (and their IO threads) go before what keeps their backends alive.
-    drop(pio);
-    drop(mmio);
-    drop(nic_watcher);
-    outcome
+    Ok(vcpus)
 }
 
 /// Puts a virtio-net device behind a virtio-mmio window: registers on the
