@@ -96,6 +96,8 @@ pub struct Vm {
     quit_evt: EventFd,
     report: Arc<StopReport>,
     stop: Arc<AtomicBool>,
+    /// Raises the ACPI power button (a GED interrupt); nothing presses it yet.
+    _power_button: EventFd,
     memory: u64,
     kernel: PathBuf,
     /// Last: the devices above hold its memory and eventfds registered with it.
@@ -158,6 +160,7 @@ impl Vm {
             &AcpiPlatform {
                 vcpus: vcpu_count,
                 virtio_mmio: &virtio_mmio,
+                power_button_irq: POWER_BUTTON_IRQ,
             },
         )?;
 
@@ -171,6 +174,12 @@ impl Vm {
         }
         let vm = create_vm(&kvm, &mem)?;
         let legacy = create_legacy_devices(&vm)?;
+        let power_button = new_eventfd()?;
+        vm.register_irqfd(&power_button, POWER_BUTTON_IRQ)
+            .map_err(|source| VmmError::Kvm {
+                what: "connect the power button interrupt",
+                source,
+            })?;
         let mut mmio = BusBuilder::new();
         let mut watched = Vec::new();
         for (net, slot) in config.nets.drain(..).zip(&virtio_mmio) {
@@ -202,6 +211,7 @@ impl Vm {
             quit_evt: new_eventfd()?,
             report,
             stop,
+            _power_button: power_button,
             memory: config.memory,
             kernel: config.kernel,
             kvm_vm: KvmVm {
@@ -229,6 +239,7 @@ impl Vm {
             quit_evt,
             report,
             stop,
+            _power_button,
             memory,
             kernel,
         } = self;
