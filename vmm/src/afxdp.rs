@@ -120,6 +120,7 @@ pub fn open_net_device(index: usize, spec: &NetSpec) -> Result<NetDevice, crate:
         .min(config.umem.max_rx_frame().saturating_sub(L2_OVERHEAD));
     let nic = AfXdpNic::open(&config).map_err(|e| crate::VmmError::Net(e.to_string()))?;
     let (owner, queues) = nic.into_parts();
+    let xsk_stats = queues.iter().map(XskQueue::stats_handle).collect();
     let mac = spec.mac.unwrap_or_else(|| MacAddr::generate(index));
     let id = format!("net{index}");
     log::info!(
@@ -147,6 +148,7 @@ pub fn open_net_device(index: usize, spec: &NetSpec) -> Result<NetDevice, crate:
             af_xdp: config,
             owner,
             mtu: interface_mtu_now,
+            xsk_stats,
         },
     })
 }

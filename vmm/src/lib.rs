@@ -3,6 +3,7 @@
 
 pub mod acpi;
 pub mod afxdp;
+pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod console;
@@ -68,6 +69,8 @@ pub enum VmmError {
     Resources(#[from] devices::ResourceError),
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
     #[error("guest stopped: {0}")]
     GuestCrash(String),
 }

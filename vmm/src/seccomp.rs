@@ -45,15 +45,18 @@ pub enum ThreadKind {
     /// Follows the host interfaces over rtnetlink and reopens a NIC whose
     /// interface came back (XDP program, AF_XDP sockets, UMEM).
     NicWatch,
+    /// Serves `--api-socket`.
+    Api,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         Self::Main,
         Self::Vcpu,
         Self::NetIo,
         Self::Console,
         Self::NicWatch,
+        Self::Api,
     ];
 
     fn name(self) -> &'static str {
@@ -63,6 +66,7 @@ impl ThreadKind {
             Self::NetIo => "net IO",
             Self::Console => "console",
             Self::NicWatch => "NIC watcher",
+            Self::Api => "API",
         }
     }
 }
@@ -323,6 +327,40 @@ fn nic_watch(rules: &mut Rules) -> Result<(), SeccompError> {
     Ok(())
 }
 
+/// The API thread: its poll loop over the listening socket and a stop
+/// eventfd, one blocking connection at a time (with timeouts), reading
+/// AF_XDP kernel statistics, the guest's link (an eventfd write to raise
+/// its interrupt), waiting on the main thread's answers, and removing the
+/// socket file at the end.
+fn api(rules: &mut Rules) -> Result<(), SeccompError> {
+    common(rules)?;
+    rules.allow(&[
+        libc::SYS_read,
+        libc::SYS_poll,
+        libc::SYS_accept4,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_close,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+        // Back-off after a failed accept.
+        libc::SYS_clock_nanosleep,
+    ]);
+    for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        rules.allow_when(
+            libc::SYS_setsockopt,
+            &[(1, libc::SOL_SOCKET as u64), (2, option as u64)],
+        )?;
+    }
+    rules.allow_when(
+        libc::SYS_getsockopt,
+        &[(1, libc::SOL_XDP as u64), (2, libc::XDP_STATISTICS as u64)],
+    )?;
+    Ok(())
+}
+
 /// Compiles the filter of `kind`: calls outside its list kill the process
 /// (`On`) or are logged (`Log`). `None` for `Off`.
 pub fn compile(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
@@ -338,6 +376,7 @@ pub fn compile(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>
         ThreadKind::NetIo => net_io(&mut rules)?,
         ThreadKind::Console => console(&mut rules)?,
         ThreadKind::NicWatch => nic_watch(&mut rules)?,
+        ThreadKind::Api => api(&mut rules)?,
     }
     let build = |source| SeccompError::Build {
         kind: kind.name(),
@@ -369,6 +408,7 @@ pub struct Filters {
     pub net_io: Option<Arc<BpfProgram>>,
     pub console: Option<Arc<BpfProgram>>,
     pub nic_watch: Option<Arc<BpfProgram>>,
+    pub api: Option<Arc<BpfProgram>>,
 }
 
 impl Filters {
@@ -380,6 +420,7 @@ impl Filters {
             net_io: get(ThreadKind::NetIo)?,
             console: get(ThreadKind::Console)?,
             nic_watch: get(ThreadKind::NicWatch)?,
+            api: get(ThreadKind::Api)?,
         })
     }
 

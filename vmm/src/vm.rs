@@ -7,12 +7,12 @@
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use devices::legacy::{AcpiSleepControl, SerialConsole, I8042};
 use devices::virtio::mmio::REG_QUEUE_NOTIFY;
-use devices::virtio::net::{Net, NetBackend, NetConfig, NetLink};
+use devices::virtio::net::{Net, NetBackend, NetConfig, NetLink, QueuePairCounters};
 use devices::virtio::MmioTransport;
 use devices::{Bus, BusBuilder, EventTrigger, MmioSlot, ResourceAllocator};
 use kvm_bindings::{
@@ -25,12 +25,19 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::{write_acpi_tables, AcpiPlatform};
 use crate::afxdp::XdpRxFilter;
+use crate::api::{
+    Action, ActionError, ActionRequest, ApiListener, ApiServer, NicStatus, VmState, VmStatus,
+};
 use crate::boot::load_guest;
 use crate::layout::*;
-use crate::nic_watch::{NicWatcher, WatchedNic};
+use crate::net::MacAddr;
+use crate::nic_watch::{GuestLink, NicWatcher, WatchedNic, XskStats};
 use crate::seccomp::{self, Filters, SeccompMode, ThreadKind};
 use crate::terminal::RawTerminal;
-use crate::vcpu::{install_kick_handler, StartGate, StopReport, Vcpu, VcpuStop};
+use crate::vcpu::{
+    install_kick_handler, PauseControl, StartGate, StopReport, Vcpu, VcpuExitCounters, VcpuHandle,
+    VcpuStop,
+};
 use crate::{console, cpu, VmmError};
 
 /// Smallest guest xskvm accepts: room for a kernel and its early allocations.
@@ -47,6 +54,10 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     pub nets: Vec<NetDevice>,
     pub seccomp: SeccompMode,
+    /// `--api-socket`: where to serve the API, if anywhere.
+    pub api_socket: Option<PathBuf>,
+    /// `--name`: the `vm` label of the metrics.
+    pub name: String,
 }
 
 /// A virtio-net device to attach, with its backends already open.
@@ -64,6 +75,8 @@ pub struct NetHost {
     pub af_xdp: net_afxdp::AfXdpConfig,
     pub owner: net_afxdp::NicOwner,
     pub mtu: Option<u32>,
+    /// One per queue, for the API's AF_XDP statistics.
+    pub xsk_stats: Vec<net_afxdp::QueueStatsHandle>,
 }
 
 /// How a VM ended without error.
@@ -74,6 +87,11 @@ pub enum VmExit {
     Signal(i32),
     /// The user typed the console escape (Ctrl-A x).
     Quit,
+    /// `vm.reboot` through the API: stopped as a guest reboot would be.
+    ApiReboot,
+    /// `vm.shutdown` pressed the power button and the guest did not
+    /// power off within the timeout it gave: stopped by us.
+    ShutdownTimeout,
 }
 
 /// Runs the VM until it ends; `Err` for bad input, host failures and guest crashes.
@@ -96,8 +114,11 @@ pub struct Vm {
     quit_evt: EventFd,
     report: Arc<StopReport>,
     stop: Arc<AtomicBool>,
-    /// Raises the ACPI power button (a GED interrupt); nothing presses it yet.
-    _power_button: EventFd,
+    pause: Arc<PauseControl>,
+    /// Raises the ACPI power button (a GED interrupt).
+    power_button: EventFd,
+    status: Arc<VmStatus>,
+    api: Option<ApiListener>,
     memory: u64,
     kernel: PathBuf,
     /// Last: the devices above hold its memory and eventfds registered with it.
@@ -138,6 +159,12 @@ impl Vm {
     pub fn build(mut config: VmConfig) -> Result<Self, VmmError> {
         let vcpu_count = check_config(&config)?;
         let filters = Filters::new(config.seccomp)?;
+        // Early: a path in use is the user's mistake, reported before KVM.
+        let api = config
+            .api_socket
+            .as_deref()
+            .map(ApiListener::bind)
+            .transpose()?;
         let mem = create_guest_memory(config.memory)?;
         let boot = load_guest(
             &mem,
@@ -182,15 +209,19 @@ impl Vm {
             })?;
         let mut mmio = BusBuilder::new();
         let mut watched = Vec::new();
+        let mut nics = Vec::new();
         for (net, slot) in config.nets.drain(..).zip(&virtio_mmio) {
-            watched.push(attach_net_device(
-                &vm, &mem, &mut mmio, *slot, net, &filters, vcpu_count,
-            )?);
+            let (watch, status) =
+                attach_net_device(&vm, &mem, &mut mmio, *slot, net, &filters, vcpu_count)?;
+            watched.push(watch);
+            nics.push(status);
         }
         let mmio = mmio.build();
 
         let report = Arc::new(StopReport::new(new_eventfd()?));
         let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(PauseControl::default());
+        let exits: Vec<Arc<VcpuExitCounters>> = (0..vcpu_count).map(|_| Arc::default()).collect();
         let vcpus = create_vcpus(&kvm, &vm, vcpu_count, boot.entry, |index, fd| Vcpu {
             index,
             fd,
@@ -198,7 +229,16 @@ impl Vm {
             mmio: mmio.clone(),
             report: report.clone(),
             stop: stop.clone(),
+            pause: pause.clone(),
+            exits: exits[usize::from(index)].clone(),
         })?;
+        let status = Arc::new(VmStatus::new(
+            config.name,
+            config.memory,
+            config.kernel.clone(),
+            nics,
+            exits,
+        ));
         Ok(Self {
             filters,
             vcpus,
@@ -211,7 +251,10 @@ impl Vm {
             quit_evt: new_eventfd()?,
             report,
             stop,
-            _power_button: power_button,
+            pause,
+            power_button,
+            status,
+            api,
             memory: config.memory,
             kernel: config.kernel,
             kvm_vm: KvmVm {
@@ -239,7 +282,10 @@ impl Vm {
             quit_evt,
             report,
             stop,
-            _power_button,
+            pause,
+            power_button,
+            status,
+            api,
             memory,
             kernel,
         } = self;
@@ -249,6 +295,21 @@ impl Vm {
         let signals = block_stop_signals().map_err(io_err("cannot set up signal handling"))?;
         // After the mask: a stop signal must never reach it.
         let nic_watcher = NicWatcher::start(watched, filters.nic_watch.clone());
+        let (action_tx, action_rx) = mpsc::channel();
+        let api_wake = new_eventfd()?;
+        let api_server = match api {
+            Some(listener) => {
+                log::info!("API on {}", listener.path().display());
+                Some(ApiServer::start(
+                    listener,
+                    status.clone(),
+                    action_tx,
+                    clone_eventfd(&api_wake)?,
+                    filters.api.clone(),
+                )?)
+            }
+            None => None,
+        };
         install_kick_handler().map_err(io_err("cannot install the vCPU kick handler"))?;
         let stdin = std::io::stdin();
         let raw_terminal = RawTerminal::enable(stdin.as_fd())
@@ -293,8 +354,28 @@ impl Vm {
             kernel.display()
         );
 
-        let outcome = wait_for_exit(&reset_evt, &poweroff_evt, &quit_evt, &report, &signals);
+        let outcome = MainLoop {
+            reset: &reset_evt,
+            poweroff: &poweroff_evt,
+            quit: &quit_evt,
+            report: &report,
+            signals: &signals,
+            api_wake: &api_wake,
+            actions: &action_rx,
+            handles: &handles,
+            pause: &pause,
+            status: &status,
+            power_button: &power_button,
+            shutdown_deadline: None,
+        }
+        .run();
         stop.store(true, Ordering::Release);
+        // Parked vCPUs see the stop flag once released.
+        pause.resume();
+        // No more actions: a request the API thread still waits on is
+        // answered "stopping" when its channel goes.
+        drop(action_rx);
+        drop(api_server);
         for handle in handles {
             handle.stop(Duration::from_secs(2));
         }
@@ -361,7 +442,7 @@ fn attach_net_device(
     mut net: NetDevice,
     filters: &Filters,
     vcpu_count: u8,
-) -> Result<WatchedNic, VmmError> {
+) -> Result<(WatchedNic, NicStatus), VmmError> {
     net.config.on_thread_start = filters.net_io_hook();
     if net.backends.len() > usize::from(vcpu_count) {
         // Linux uses min(queue pairs, CPUs) pairs; frames the NIC puts
@@ -377,7 +458,8 @@ fn attach_net_device(
         );
     }
     let id = net.config.id.clone();
-    let link = attach_virtio_net(vm, mem, mmio, slot, net.config, net.backends)?;
+    let (mac, mtu) = (net.config.mac, net.config.mtu);
+    let (link, counters) = attach_virtio_net(vm, mem, mmio, slot, net.config, net.backends)?;
     let rx_filter = match net.host.owner.attachment() {
         Some(attachment) => {
             let maps = attachment
@@ -394,15 +476,32 @@ fn attach_net_device(
             None
         }
     };
-    Ok(WatchedNic {
+    let link = Arc::new(GuestLink::new(link));
+    let xsk_stats = Arc::new(XskStats::new(net.host.xsk_stats));
+    let info = net.host.owner.info();
+    let status = NicStatus {
+        id: id.clone(),
+        ifname: info.ifname.clone(),
+        queue_ids: info.queue_ids.clone(),
+        zero_copy: info.zero_copy.clone(),
+        xdp_mode: info.attach_mode.map(|m| m.as_str()),
+        mac: MacAddr(mac).to_string(),
+        mtu,
+        link: link.clone(),
+        counters,
+        xsk_stats: xsk_stats.clone(),
+    };
+    let watched = WatchedNic {
         rx_filter,
         id,
-        ifindex: Some(net.host.owner.info().ifindex),
+        ifindex: Some(info.ifindex),
         config: net.host.af_xdp,
         owner: Some(net.host.owner),
         link,
+        xsk_stats,
         mtu: net.host.mtu,
-    })
+    };
+    Ok((watched, status))
 }
 
 /// Creates and configures `count` vCPUs (the first one to boot at
@@ -448,11 +547,12 @@ fn attach_virtio_net(
     slot: MmioSlot,
     config: NetConfig,
     backends: Vec<Box<dyn NetBackend>>,
-) -> Result<NetLink, VmmError> {
+) -> Result<(NetLink, Vec<Arc<QueuePairCounters>>), VmmError> {
     let id = config.id.clone();
     let net = Net::new(config, backends)
         .map_err(|e| VmmError::VirtioDevice(id.clone(), e.to_string()))?;
     let link = net.link();
+    let counters = net.counters().to_vec();
     let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| VmmError::Io {
         what: "cannot create an eventfd",
         source,
@@ -477,7 +577,7 @@ fn attach_virtio_net(
     }
     mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)?;
     log::info!("{id}: virtio-mmio at {:#x}, IRQ {}", slot.base, slot.irq);
-    Ok(link)
+    Ok((link, counters))
 }
 
 /// Checks everything about `config` that needs neither KVM nor the NICs;
@@ -641,64 +741,169 @@ fn read_signal(fd: &OwnedFd) -> Option<i32> {
     (n == size as isize).then_some(info.ssi_signo as i32)
 }
 
-/// Sleeps until something ends the VM.
-fn wait_for_exit(
-    reset: &EventFd,
-    poweroff: &EventFd,
-    quit: &EventFd,
-    report: &StopReport,
-    signals: &OwnedFd,
-) -> Result<VmExit, VmmError> {
-    const RESET: u64 = 0;
-    const POWEROFF: u64 = 1;
-    const QUIT: u64 = 2;
-    const VCPU: u64 = 3;
-    const SIGNAL: u64 = 4;
-    let io_err = |source| VmmError::Io {
-        what: "main event loop",
-        source,
-    };
-    let epoll = Epoll::new().map_err(io_err)?;
-    for (fd, token) in [
-        (reset.as_raw_fd(), RESET),
-        (poweroff.as_raw_fd(), POWEROFF),
-        (quit.as_raw_fd(), QUIT),
-        (report.wake_fd().as_raw_fd(), VCPU),
-        (signals.as_raw_fd(), SIGNAL),
-    ] {
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-            .map_err(io_err)?;
-    }
-    let mut events = [EpollEvent::default(); 5];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err(e)),
+/// The main thread's loop once the guest runs: waits for what ends the
+/// VM (guest power-off or reset, a vCPU's report, a stop signal, the
+/// console's quit) and carries out the API's actions.
+struct MainLoop<'a> {
+    reset: &'a EventFd,
+    poweroff: &'a EventFd,
+    quit: &'a EventFd,
+    report: &'a StopReport,
+    signals: &'a OwnedFd,
+    api_wake: &'a EventFd,
+    actions: &'a mpsc::Receiver<ActionRequest>,
+    handles: &'a [VcpuHandle],
+    pause: &'a PauseControl,
+    status: &'a VmStatus,
+    power_button: &'a EventFd,
+    /// After `vm.shutdown` with a timeout: when to stop waiting for the guest.
+    shutdown_deadline: Option<Instant>,
+}
+
+/// How long vCPUs get to leave the guest when the VM is paused.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl MainLoop<'_> {
+    fn run(mut self) -> Result<VmExit, VmmError> {
+        const RESET: u64 = 0;
+        const POWEROFF: u64 = 1;
+        const QUIT: u64 = 2;
+        const VCPU: u64 = 3;
+        const SIGNAL: u64 = 4;
+        const API: u64 = 5;
+        let io_err = |source| VmmError::Io {
+            what: "main event loop",
+            source,
         };
-        for event in &events[..n] {
-            match event.data() {
-                RESET => return Ok(VmExit::Reset),
-                POWEROFF => return Ok(VmExit::PowerOff),
-                QUIT => return Ok(VmExit::Quit),
-                SIGNAL => {
-                    if let Some(sig) = read_signal(signals) {
-                        return Ok(VmExit::Signal(sig));
+        let epoll = Epoll::new().map_err(io_err)?;
+        for (fd, token) in [
+            (self.reset.as_raw_fd(), RESET),
+            (self.poweroff.as_raw_fd(), POWEROFF),
+            (self.quit.as_raw_fd(), QUIT),
+            (self.report.wake_fd().as_raw_fd(), VCPU),
+            (self.signals.as_raw_fd(), SIGNAL),
+            (self.api_wake.as_raw_fd(), API),
+        ] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(io_err)?;
+        }
+        let mut events = [EpollEvent::default(); 6];
+        loop {
+            let timeout = match self.shutdown_deadline {
+                None => -1,
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        log::warn!(
+                            "the guest did not power off in time after vm.shutdown; stopping it"
+                        );
+                        return Ok(VmExit::ShutdownTimeout);
                     }
+                    // Rounded up, so the wait does not end just before the deadline.
+                    i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
                 }
-                VCPU => match report.take() {
-                    Some(VcpuStop::PowerOff) => return Ok(VmExit::PowerOff),
-                    Some(VcpuStop::Reset) => return Ok(VmExit::Reset),
-                    Some(VcpuStop::Crash(reason)) => return Err(VmmError::GuestCrash(reason)),
-                    None => {}
-                },
-                _ => {}
+            };
+            let n = match epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err(e)),
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    RESET => return Ok(VmExit::Reset),
+                    POWEROFF => return Ok(VmExit::PowerOff),
+                    QUIT => return Ok(VmExit::Quit),
+                    SIGNAL => {
+                        if let Some(sig) = read_signal(self.signals) {
+                            return Ok(VmExit::Signal(sig));
+                        }
+                    }
+                    VCPU => match self.report.take() {
+                        Some(VcpuStop::PowerOff) => return Ok(VmExit::PowerOff),
+                        Some(VcpuStop::Reset) => return Ok(VmExit::Reset),
+                        Some(VcpuStop::Crash(reason)) => return Err(VmmError::GuestCrash(reason)),
+                        None => {}
+                    },
+                    API => {
+                        // Cleared before draining: a request sent after the
+                        // drain wakes the loop again.
+                        let _ = self.api_wake.read();
+                        while let Ok(request) = self.actions.try_recv() {
+                            let (result, exit) = self.act(request.action);
+                            // The API thread may have given up waiting.
+                            let _ = request.reply.send(result);
+                            if let Some(exit) = exit {
+                                return Ok(exit);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
             }
         }
+    }
+
+    /// Carries out one API action; returns its result and, for those
+    /// that end the VM, how.
+    fn act(&mut self, action: Action) -> (Result<(), ActionError>, Option<VmExit>) {
+        let state = self.status.state();
+        let conflict = |what: &str| {
+            Err(ActionError::Conflict(format!(
+                "{what}: the VM is {}",
+                state.as_str()
+            )))
+        };
+        let result = match action {
+            Action::Pause if state != VmState::Running => conflict("cannot pause"),
+            Action::Pause => {
+                self.pause.request_pause();
+                let parked = self
+                    .pause
+                    .wait_parked(self.handles.len(), PAUSE_TIMEOUT, || {
+                        self.handles.iter().for_each(VcpuHandle::kick)
+                    });
+                if parked {
+                    self.status.set_state(VmState::Paused);
+                    log::info!("VM paused through the API");
+                    Ok(())
+                } else {
+                    self.pause.resume();
+                    Err(ActionError::Failed(format!(
+                        "the vCPUs did not stop within {PAUSE_TIMEOUT:?}; the VM runs on"
+                    )))
+                }
+            }
+            Action::Resume if state != VmState::Paused => conflict("cannot resume"),
+            Action::Resume => {
+                self.pause.resume();
+                self.status.set_state(VmState::Running);
+                log::info!("VM resumed through the API");
+                Ok(())
+            }
+            Action::Shutdown { .. } if state != VmState::Running => {
+                conflict("cannot shut down (a paused VM must be resumed first)")
+            }
+            Action::Shutdown { timeout } => match self.power_button.write(1) {
+                Ok(()) => {
+                    self.status.set_state(VmState::ShuttingDown);
+                    self.shutdown_deadline = timeout.map(|t| Instant::now() + t);
+                    log::info!("power button pressed through the API (timeout {timeout:?})");
+                    Ok(())
+                }
+                Err(e) => Err(ActionError::Failed(format!(
+                    "cannot press the power button: {e}"
+                ))),
+            },
+            Action::Reboot => {
+                log::info!("VM reset through the API");
+                return (Ok(()), Some(VmExit::ApiReboot));
+            }
+        };
+        (result, None)
     }
 }
