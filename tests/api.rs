@@ -152,10 +152,15 @@ boot_guest /tmp/console --api-socket $SOCK --name test-vm --net af-xdp,ifname=xs
 wait_for GUEST-NET-UP /tmp/console
 echo "SOCKET-MODE=$(stat -c %a $SOCK)"
 echo "INFO=$(api GET /api/v1/vm.info | head -n 1)"
+peer_tx() {{ ip netns exec peer cat /sys/class/net/xs1/statistics/tx_packets; }}
+# Counters first, the peer's count after: frames in between count for us.
 echo "COUNTERS-BEFORE=$(api GET /api/v1/vm.counters | head -n 1)"
+echo "PEER-TX-BEFORE=$(peer_tx)"
 ip netns exec peer iperf3 -c 10.77.0.2 -t 8 -i 1 >/tmp/iperf.log 2>&1 &
 iperf=$!
 sleep 2
+# Also frames that arrive while the guest is paused.
+ip netns exec peer ping -c 6 -W 1 10.77.0.2 >/tmp/ping.log 2>&1 &
 echo "PAUSE-CODE=$(code PUT /api/v1/vm.pause)"
 echo "STATE-PAUSED=$(api GET /api/v1/vm.info | head -n 1 | grep -o '"state":"[a-z-]*"')"
 a=$(ticks); sleep 2; b=$(ticks)
@@ -166,9 +171,12 @@ echo "RESUME-CODE=$(code PUT /api/v1/vm.resume)"
 echo "RESUME-AGAIN-CODE=$(code PUT /api/v1/vm.resume)"
 wait $iperf
 echo "IPERF-RC=$?"
-sleep 1
+sleep 2
 c=$(ticks)
 [ $c -gt $b ] && echo TICKS-RESUMED=yes
+# The peer's count first, then what arrived once it settled.
+echo "PEER-TX-AFTER=$(peer_tx)"
+sleep 1
 echo "COUNTERS-AFTER=$(api GET /api/v1/vm.counters | head -n 1)"
 echo METRICS-BEGIN
 {CURL} -sS --unix-socket $SOCK http://localhost/metrics
@@ -239,6 +247,44 @@ cat /tmp/console
             "{name} did not grow: {before} -> {after}"
         );
     }
+    // No frame lost uncounted, pause included: every frame the peer sent
+    // is in a counter (delivered, dropped by the device or the kernel's
+    // AF_XDP socket, or passed to the host stack by the receive filter).
+    let peer_value = |key: &str| -> u64 {
+        out.value_of(key)
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key}\n{}", out.describe()))
+    };
+    let sent = peer_value("PEER-TX-AFTER") - peer_value("PEER-TX-BEFORE");
+    let accounted = |c: &serde_json::Value| -> u64 {
+        let queue = &c["nics"][0]["queues"][0];
+        let device = [
+            "rx_packets",
+            "rx_dropped_too_big",
+            "rx_bad_descriptors",
+            "rx_dropped_inactive",
+        ]
+        .iter()
+        .map(|name| device_counter(c, name))
+        .sum::<u64>();
+        let kernel = ["rx_dropped", "rx_ring_full"]
+            .iter()
+            .map(|name| {
+                queue["af_xdp_kernel"][name]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{c}"))
+            })
+            .sum::<u64>();
+        let filtered = queue["xdp_filtered_frames"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{c}"));
+        device + kernel + filtered
+    };
+    let counted = accounted(&after) - accounted(&before);
+    assert!(
+        sent > 100 && counted >= sent,
+        "the peer sent {sent} frames, xskvm accounted for {counted}: {before} -> {after}"
+    );
     let names = devices::virtio::net::CountersSnapshot::default().values();
     assert_eq!(
         after["nics"][0]["queues"][0]["device"]
@@ -273,6 +319,7 @@ cat /tmp/console
         "gauge xskvm_net_link_up{nic=net0,vm=test-vm} 1.0",
         "counter xskvm_afxdp_rx_dropped_total{nic=net0,queue=0,vm=test-vm} ",
         "counter xskvm_vcpu_exits_total{reason=mmio_write,vcpu=0,vm=test-vm} ",
+        "counter xskvm_xdp_filtered_frames_total{nic=net0,queue=0,vm=test-vm} ",
     ] {
         assert!(
             samples.lines().any(|l| l.starts_with(wanted)),

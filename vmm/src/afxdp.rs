@@ -87,6 +87,14 @@ impl XdpRxFilter {
     pub fn set_maps(&self, maps: Option<RxFilterMaps>) {
         *self.maps.lock().unwrap_or_else(PoisonError::into_inner) = maps;
     }
+
+    /// Frames the filter kept from the guest on device queue `queue` and
+    /// passed to the host stack, since our program was attached; None
+    /// while the interface is gone.
+    pub fn filtered_frames(&self, queue: u32) -> Option<u64> {
+        let maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
+        maps.as_ref().map(|maps| maps.filtered_frames(queue))
+    }
 }
 
 impl RxFilterSink for XdpRxFilter {

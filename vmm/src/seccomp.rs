@@ -329,7 +329,7 @@ fn nic_watch(rules: &mut Rules) -> Result<(), SeccompError> {
 
 /// The API thread: its poll loop over the listening socket and a stop
 /// eventfd, one blocking connection at a time (with timeouts), reading
-/// AF_XDP kernel statistics, the guest's link (an eventfd write to raise
+/// AF_XDP kernel statistics and the receive filter's map, the guest's link (an eventfd write to raise
 /// its interrupt), waiting on the main thread's answers, and removing the
 /// socket file at the end.
 fn api(rules: &mut Rules) -> Result<(), SeccompError> {
@@ -358,6 +358,8 @@ fn api(rules: &mut Rules) -> Result<(), SeccompError> {
         libc::SYS_getsockopt,
         &[(1, libc::SOL_XDP as u64), (2, libc::XDP_STATISTICS as u64)],
     )?;
+    // Reading the receive filter's count of frames kept from the guest.
+    rules.allow_when(libc::SYS_bpf, &[(0, BPF_MAP_ELEMENT_COMMANDS[0])])?;
     Ok(())
 }
 

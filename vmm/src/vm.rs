@@ -490,7 +490,14 @@ fn attach_net_device(
         link: link.clone(),
         counters,
         xsk_stats: xsk_stats.clone(),
+        rx_filter: rx_filter.clone(),
     };
+    // libbpf learns the number of possible CPUs (for per-CPU maps) from
+    // sysfs on its first call, which the API thread's filter would not
+    // allow: make that call here, before any filter.
+    if let Some(filter) = &rx_filter {
+        let _ = filter.filtered_frames(info.queue_ids.first().copied().unwrap_or(0));
+    }
     let watched = WatchedNic {
         rx_filter,
         id,

@@ -119,6 +119,7 @@ pub fn render(status: &VmStatus) -> String {
         queue: String,
         device: CountersSnapshot,
         kernel: Option<net_afxdp::XdpStatistics>,
+        filtered: Option<u64>,
     }
     let mut queues = Vec::new();
     for nic in &status.nics {
@@ -129,6 +130,7 @@ pub fn render(status: &VmStatus) -> String {
                 queue: pair.to_string(),
                 device: counters.snapshot(),
                 kernel: kernel.get(pair).copied().flatten(),
+                filtered: nic.filtered_frames(pair),
             });
         }
     }
@@ -169,6 +171,20 @@ pub fn render(status: &VmStatus) -> String {
                     xdp_statistics(kernel)[index].1,
                 );
             }
+        }
+    }
+    let mut family = Family::new(
+        &mut out,
+        "xskvm_xdp_filtered_frames_total".into(),
+        "counter",
+        "Frames the receive filter passed to the host stack instead of the guest.",
+    );
+    for queue in &queues {
+        if let Some(filtered) = queue.filtered {
+            family.sample(
+                &[("vm", vm), ("nic", queue.nic), ("queue", &queue.queue)],
+                filtered,
+            );
         }
     }
     out

@@ -16,6 +16,7 @@ use devices::virtio::net::QueuePairCounters;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::afxdp::XdpRxFilter;
 use crate::nic_watch::{GuestLink, XskStats};
 use crate::vcpu::VcpuExitCounters;
 use http::{Request, Response};
@@ -53,6 +54,17 @@ pub struct NicStatus {
     pub link: Arc<GuestLink>,
     pub counters: Vec<Arc<QueuePairCounters>>,
     pub xsk_stats: Arc<XskStats>,
+    /// Our XDP program's receive filter (None with inhibit=on).
+    pub rx_filter: Option<Arc<XdpRxFilter>>,
+}
+
+impl NicStatus {
+    /// Frames the receive filter passed to the host stack instead of the
+    /// guest, on queue pair `pair`'s device queue.
+    pub fn filtered_frames(&self, pair: usize) -> Option<u64> {
+        let queue = *self.queue_ids.get(pair)?;
+        self.rx_filter.as_ref()?.filtered_frames(queue)
+    }
 }
 
 /// What the API thread reads without asking the main thread: fixed facts,
@@ -174,6 +186,7 @@ impl VmStatus {
                             "queue": pair,
                             "device": device,
                             "af_xdp_kernel": af_xdp,
+                            "xdp_filtered_frames": nic.filtered_frames(pair),
                         })
                     })
                     .collect();

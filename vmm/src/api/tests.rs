@@ -51,6 +51,7 @@ fn status() -> VmStatus {
         link: Arc::new(GuestLink::new(net.link())),
         counters: net.counters().to_vec(),
         xsk_stats: Arc::default(),
+        rx_filter: None,
     };
     nic.counters[1]
         .rx_packets
@@ -308,6 +309,10 @@ fn counters_list_every_device_counter_per_queue() {
     assert_eq!(device.len(), names.len());
     assert_eq!(device["rx_packets"], 7);
     assert!(queues[1]["af_xdp_kernel"].is_null(), "no socket here");
+    assert!(
+        queues[1]["xdp_filtered_frames"].is_null(),
+        "no program here"
+    );
     let vcpus = counters["vcpus"].as_array().unwrap();
     assert_eq!(vcpus.len(), 2);
     assert_eq!(vcpus[1]["exits"]["mmio_write"], 0);
