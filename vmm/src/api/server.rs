@@ -20,6 +20,10 @@ use crate::seccomp::{self, SeccompError, ThreadKind};
 /// one connection is served at a time, so a stuck client must not hold
 /// the socket for long.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After refusing a request: how much of the rest we read and drop, and
+/// how long we wait for more of it.
+const DRAIN_LIMIT: usize = 1 << 20;
+const DRAIN_TIMEOUT: Duration = Duration::from_millis(200);
 /// How long the API thread waits for the main thread to carry out an
 /// action (pausing waits for every vCPU to leave the guest).
 const ACTION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -225,12 +229,38 @@ fn serve_connection(
             })
         }
         Err(e) => match e.status() {
-            Some(code) => Response::error(code, &e),
+            Some(code) => {
+                let response = Response::error(code, &e);
+                if let Err(e) = response.write_to(&mut stream) {
+                    devices::warn_ratelimited!("API socket: cannot answer: {e}");
+                }
+                // The client may still be sending what we refused (a body
+                // too large): closing now would make its writes fail
+                // before it reads our answer.
+                drain(&mut stream);
+                return;
+            }
             None => return,
         },
     };
     if let Err(e) = response.write_to(&mut stream) {
         devices::warn_ratelimited!("API socket: cannot answer: {e}");
+    }
+}
+
+/// Reads and discards what the client still sends, up to [`DRAIN_LIMIT`]
+/// bytes and as long as it keeps sending within [`DRAIN_TIMEOUT`].
+fn drain(stream: &mut UnixStream) {
+    if stream.set_read_timeout(Some(DRAIN_TIMEOUT)).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    let mut total = 0;
+    while total < DRAIN_LIMIT {
+        match std::io::Read::read(stream, &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => total += n,
+        }
     }
 }
 
@@ -298,6 +328,33 @@ mod tests {
             ApiListener::bind(&missing_dir),
             Err(ApiError::Io { .. })
         ));
+    }
+
+    #[test]
+    fn an_oversized_body_gets_413_while_the_client_still_sends_it() {
+        use std::io::{Read, Write};
+        let (client, server) = UnixStream::pair().unwrap();
+        let status = VmStatus::new("t".into(), 1 << 30, "/k".into(), Vec::new(), Vec::new());
+        let (actions, _requests) = mpsc::channel();
+        let wake = EventFd::new(EFD_NONBLOCK).unwrap();
+        let client = std::thread::spawn(move || {
+            let mut client = client;
+            let body = vec![b'x'; 300 * 1024];
+            let head = format!(
+                "PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            client.write_all(head.as_bytes()).unwrap();
+            // More than a socket buffer: fails if the server hangs up early.
+            client.write_all(&body).unwrap();
+            let mut answer = String::new();
+            client.read_to_string(&mut answer).unwrap();
+            answer
+        });
+        serve_connection(server, &status, &actions, &wake);
+        let answer = client.join().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+        assert!(wake.read().is_err(), "nothing reached the main thread");
     }
 
     #[test]
