@@ -8,6 +8,7 @@ pub mod boot;
 pub mod cli;
 pub mod console;
 pub mod cpu;
+pub mod event_loop;
 pub mod layout;
 pub mod net;
 pub mod nic_watch;
@@ -71,6 +72,8 @@ pub enum VmmError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error(transparent)]
     Api(#[from] api::ApiError),
+    #[error("main event loop: {0}")]
+    EventLoop(event_manager::Error),
     #[error("guest stopped: {0}")]
     GuestCrash(String),
 }

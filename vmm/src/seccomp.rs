@@ -241,8 +241,8 @@ fn vcpu(rules: &mut Rules) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// The main thread once the guest runs: its epoll loop (eventfds and the
-/// signalfd), kicking vCPUs with the kick signal and joining them, and
+/// The main thread once the guest runs: its event-manager loop (eventfds
+/// and the signalfd), kicking vCPUs with the kick signal and joining them, and
 /// tearing down devices, AF_XDP sockets and the XDP program's link.
 fn main_thread(rules: &mut Rules) -> Result<(), SeccompError> {
     common(rules)?;
@@ -257,6 +257,9 @@ fn main_thread(rules: &mut Rules) -> Result<(), SeccompError> {
         libc::SYS_clock_nanosleep,
         // Peak RSS for the exit log line.
         libc::SYS_getrusage,
+        // event-manager keeps its subscribers in HashMaps, whose RandomState
+        // seeds itself from getrandom the first time a thread makes one.
+        libc::SYS_getrandom,
     ]);
     rules.allow_when(libc::SYS_tgkill, &[(2, crate::vcpu::kick_signal() as u64)])?;
     Ok(())

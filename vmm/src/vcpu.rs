@@ -45,7 +45,7 @@ impl StopReport {
         &self.wake
     }
 
-    fn report(&self, stop: VcpuStop) {
+    pub(crate) fn report(&self, stop: VcpuStop) {
         let mut reason = self.reason.lock().unwrap_or_else(|p| p.into_inner());
         if reason.is_none() {
             *reason = Some(stop);

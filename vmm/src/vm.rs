@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use devices::legacy::{AcpiSleepControl, SerialConsole, I8042};
 use devices::virtio::mmio::REG_QUEUE_NOTIFY;
@@ -20,23 +20,20 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::{write_acpi_tables, AcpiPlatform};
 use crate::afxdp::XdpRxFilter;
-use crate::api::{
-    Action, ActionError, ActionRequest, ApiListener, ApiServer, NicStatus, VmState, VmStatus,
-};
+use crate::api::{ApiListener, ApiServer, NicStatus, VmStatus};
 use crate::boot::load_guest;
+use crate::event_loop::MainLoop;
 use crate::layout::*;
 use crate::net::MacAddr;
 use crate::nic_watch::{GuestLink, NicWatcher, WatchedNic, XskStats};
 use crate::seccomp::{self, Filters, SeccompMode, ThreadKind};
 use crate::terminal::RawTerminal;
 use crate::vcpu::{
-    install_kick_handler, PauseControl, StartGate, StopReport, Vcpu, VcpuExitCounters, VcpuHandle,
-    VcpuStop,
+    install_kick_handler, PauseControl, StartGate, StopReport, Vcpu, VcpuExitCounters,
 };
 use crate::{console, cpu, VmmError};
 
@@ -366,7 +363,6 @@ impl Vm {
             pause: &pause,
             status: &status,
             power_button: &power_button,
-            shutdown_deadline: None,
         }
         .run();
         stop.store(true, Ordering::Release);
@@ -733,7 +729,7 @@ fn block_stop_signals() -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn read_signal(fd: &OwnedFd) -> Option<i32> {
+pub(crate) fn read_signal(fd: &OwnedFd) -> Option<i32> {
     // SAFETY: signalfd_siginfo is plain data.
     let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
     let size = std::mem::size_of::<libc::signalfd_siginfo>();
@@ -746,171 +742,4 @@ fn read_signal(fd: &OwnedFd) -> Option<i32> {
         )
     };
     (n == size as isize).then_some(info.ssi_signo as i32)
-}
-
-/// The main thread's loop once the guest runs: waits for what ends the
-/// VM (guest power-off or reset, a vCPU's report, a stop signal, the
-/// console's quit) and carries out the API's actions.
-struct MainLoop<'a> {
-    reset: &'a EventFd,
-    poweroff: &'a EventFd,
-    quit: &'a EventFd,
-    report: &'a StopReport,
-    signals: &'a OwnedFd,
-    api_wake: &'a EventFd,
-    actions: &'a mpsc::Receiver<ActionRequest>,
-    handles: &'a [VcpuHandle],
-    pause: &'a PauseControl,
-    status: &'a VmStatus,
-    power_button: &'a EventFd,
-    /// After `vm.shutdown` with a timeout: when to stop waiting for the guest.
-    shutdown_deadline: Option<Instant>,
-}
-
-/// How long vCPUs get to leave the guest when the VM is paused.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-impl MainLoop<'_> {
-    fn run(mut self) -> Result<VmExit, VmmError> {
-        const RESET: u64 = 0;
-        const POWEROFF: u64 = 1;
-        const QUIT: u64 = 2;
-        const VCPU: u64 = 3;
-        const SIGNAL: u64 = 4;
-        const API: u64 = 5;
-        let io_err = |source| VmmError::Io {
-            what: "main event loop",
-            source,
-        };
-        let epoll = Epoll::new().map_err(io_err)?;
-        for (fd, token) in [
-            (self.reset.as_raw_fd(), RESET),
-            (self.poweroff.as_raw_fd(), POWEROFF),
-            (self.quit.as_raw_fd(), QUIT),
-            (self.report.wake_fd().as_raw_fd(), VCPU),
-            (self.signals.as_raw_fd(), SIGNAL),
-            (self.api_wake.as_raw_fd(), API),
-        ] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(io_err)?;
-        }
-        let mut events = [EpollEvent::default(); 6];
-        loop {
-            let timeout = match self.shutdown_deadline {
-                None => -1,
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        log::warn!(
-                            "the guest did not power off in time after vm.shutdown; stopping it"
-                        );
-                        return Ok(VmExit::ShutdownTimeout);
-                    }
-                    // Rounded up, so the wait does not end just before the deadline.
-                    i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
-                }
-            };
-            let n = match epoll.wait(timeout, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err(e)),
-            };
-            for event in &events[..n] {
-                match event.data() {
-                    RESET => return Ok(VmExit::Reset),
-                    POWEROFF => return Ok(VmExit::PowerOff),
-                    QUIT => return Ok(VmExit::Quit),
-                    SIGNAL => {
-                        if let Some(sig) = read_signal(self.signals) {
-                            return Ok(VmExit::Signal(sig));
-                        }
-                    }
-                    VCPU => match self.report.take() {
-                        Some(VcpuStop::PowerOff) => return Ok(VmExit::PowerOff),
-                        Some(VcpuStop::Reset) => return Ok(VmExit::Reset),
-                        Some(VcpuStop::Crash(reason)) => return Err(VmmError::GuestCrash(reason)),
-                        None => {}
-                    },
-                    API => {
-                        // Cleared before draining: a request sent after the
-                        // drain wakes the loop again.
-                        let _ = self.api_wake.read();
-                        while let Ok(request) = self.actions.try_recv() {
-                            let (result, exit) = self.act(request.action);
-                            // The API thread may have given up waiting.
-                            let _ = request.reply.send(result);
-                            if let Some(exit) = exit {
-                                return Ok(exit);
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-
-    /// Carries out one API action; returns its result and, for those
-    /// that end the VM, how.
-    fn act(&mut self, action: Action) -> (Result<(), ActionError>, Option<VmExit>) {
-        let state = self.status.state();
-        let conflict = |what: &str| {
-            Err(ActionError::Conflict(format!(
-                "{what}: the VM is {}",
-                state.as_str()
-            )))
-        };
-        let result = match action {
-            Action::Pause if state != VmState::Running => conflict("cannot pause"),
-            Action::Pause => {
-                self.pause.request_pause();
-                let parked = self
-                    .pause
-                    .wait_parked(self.handles.len(), PAUSE_TIMEOUT, || {
-                        self.handles.iter().for_each(VcpuHandle::kick)
-                    });
-                if parked {
-                    self.status.set_state(VmState::Paused);
-                    log::info!("VM paused through the API");
-                    Ok(())
-                } else {
-                    self.pause.resume();
-                    Err(ActionError::Failed(format!(
-                        "the vCPUs did not stop within {PAUSE_TIMEOUT:?}; the VM runs on"
-                    )))
-                }
-            }
-            Action::Resume if state != VmState::Paused => conflict("cannot resume"),
-            Action::Resume => {
-                self.pause.resume();
-                self.status.set_state(VmState::Running);
-                log::info!("VM resumed through the API");
-                Ok(())
-            }
-            Action::Shutdown { .. } if state != VmState::Running => {
-                conflict("cannot shut down (a paused VM must be resumed first)")
-            }
-            Action::Shutdown { timeout } => match self.power_button.write(1) {
-                Ok(()) => {
-                    self.status.set_state(VmState::ShuttingDown);
-                    self.shutdown_deadline = timeout.map(|t| Instant::now() + t);
-                    log::info!("power button pressed through the API (timeout {timeout:?})");
-                    Ok(())
-                }
-                Err(e) => Err(ActionError::Failed(format!(
-                    "cannot press the power button: {e}"
-                ))),
-            },
-            Action::Reboot => {
-                log::info!("VM reset through the API");
-                return (Ok(()), Some(VmExit::ApiReboot));
-            }
-        };
-        (result, None)
-    }
 }
