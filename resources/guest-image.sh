@@ -2,7 +2,8 @@
 # Builds the xskvm guest image from Debian packages:
 #   $XSKVM_CACHE/guest/bzImage            Debian cloud kernel (bookworm-backports)
 #   $XSKVM_CACHE/guest/vmlinux            the same kernel as an ELF
-#   $XSKVM_CACHE/guest/initramfs.cpio.gz  busybox, iperf3, ethtool, virtio_mmio/virtio_net, guest-init.sh
+#   $XSKVM_CACHE/guest/initramfs.cpio.gz  busybox, iperf3, ethtool, virtio_mmio/virtio_net, the ACPI
+#                                         power button, guest-init.sh
 # Rebuilt only when an input changes (this script, guest-init.sh, lib.sh,
 # the kernel and package versions); prints the three paths.
 set -euo pipefail
@@ -11,7 +12,9 @@ source "$(dirname "$0")/lib.sh"
 # Words after "--" on the guest's command line run as a command (guest-init.sh).
 # virtio and virtio_ring are built into the cloud kernel (skipped, as are
 # built-in dependencies); virtio_net brings failover and net_failover.
-GUEST_MODULES=(virtio virtio_ring virtio_mmio virtio_net)
+# evdev and button: the ACPI power button (xskvm's vm.shutdown) as an input
+# device guest-init.sh watches.
+GUEST_MODULES=(virtio virtio_ring virtio_mmio virtio_net evdev button)
 
 lock_cache
 fetch_kernel

@@ -14,6 +14,15 @@ while read -r module; do
 done < /modules.list
 ip link set lo up
 hostname xskvm-guest
+# The ACPI power button (xskvm's vm.shutdown): power off when it is pressed,
+# as systemd-logind or acpid would. One read of a whole input event (24
+# bytes; evdev refuses shorter reads) is the press.
+for event in /sys/class/input/event*; do
+    if [ "$(cat "$event/device/name" 2>/dev/null)" = "Power Button" ]; then
+        (dd if="/dev/input/${event##*/}" of=/dev/null bs=24 count=1 2>/dev/null &&
+            echo "XSKVM-GUEST-POWER-BUTTON" && poweroff -f) &
+    fi
+done
 echo XSKVM-GUEST-READY
 if [ $# -gt 0 ]; then
     sh -c "$*"

@@ -246,3 +246,34 @@ fn bad_net_specs() {
         "multicast",
     );
 }
+
+#[test]
+fn api_socket_path_taken_by_a_file_or_a_listener() {
+    let dir = TempDir::new("api-socket");
+    let kernel = fake_bzimage(dir.path());
+    let kernel = kernel.to_str().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"keep me").unwrap();
+    assert_error(
+        &xskvm(&["--kernel", kernel, "--api-socket", file.to_str().unwrap()]),
+        "exists and is not a socket",
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me", "left alone");
+    let socket = dir.path().join("live.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    assert_error(
+        &xskvm(&["--kernel", kernel, "--api-socket", socket.to_str().unwrap()]),
+        "another process is listening there",
+    );
+    assert!(socket.exists(), "a live socket is not removed");
+    let missing = dir.path().join("no/such/dir/api.sock");
+    assert_error(
+        &xskvm(&[
+            "--kernel",
+            kernel,
+            "--api-socket",
+            missing.to_str().unwrap(),
+        ]),
+        "cannot bind",
+    );
+}

@@ -1,7 +1,8 @@
 //! Seccomp in a real run: with the default `--seccomp on`, every xskvm
-//! thread (main, vCPUs, console, virtio-net IO threads) runs under a filter
-//! while a guest moves traffic, and the guest still ends cleanly. Direct on
-//! hosts with hardware virtualization, in the nested test host otherwise.
+//! thread (main, vCPUs, console, virtio-net IO threads, NIC watcher, API)
+//! runs under a filter while a guest moves traffic, and the guest still
+//! ends cleanly. Direct on hosts with hardware virtualization, in the
+//! nested test host otherwise.
 
 mod common;
 
@@ -28,7 +29,7 @@ ip -n peer link set xs1 up
 ip link set xs0 up
 mkfifo /tmp/in
 {XSKVM} --kernel {kernel} --initrd {initrd} --memory 512M --vcpus 2 \
-    --net af-xdp,ifname=xs0,queues=2 \
+    --net af-xdp,ifname=xs0,queues=2 --api-socket /tmp/api.sock \
     --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet -- \"ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up; ping -c 3 -W 5 10.77.0.1 && echo GUEST-PING=ok; read line; echo got:\$line\"" \
     </tmp/in >/tmp/console 2>&1 &
 pid=$!
@@ -66,6 +67,7 @@ cat /tmp/console
         "xskvm-net0-q0",
         "xskvm-net0-q1",
         "xskvm-nicwatch",
+        "xskvm-api",
     ] {
         assert!(
             threads.iter().any(|(n, _)| *n == name),

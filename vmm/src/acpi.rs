@@ -44,6 +44,8 @@ pub enum AcpiError {
 pub struct AcpiPlatform<'a> {
     pub vcpus: u8,
     pub virtio_mmio: &'a [MmioSlot],
+    /// The GSI whose edge is a press of the power button.
+    pub power_button_irq: u32,
 }
 
 /// Builds the tables and writes them to guest memory; returns the RSDP address.
@@ -54,7 +56,7 @@ pub fn write_acpi_tables(
     let rsdp_addr = ACPI_START;
     let mut next = align(rsdp_addr + Rsdp::len() as u64);
 
-    let dsdt = bytes_of(&build_dsdt(platform.virtio_mmio));
+    let dsdt = bytes_of(&build_dsdt(platform.virtio_mmio, platform.power_button_irq));
     let dsdt_addr = next;
     next = align(next + dsdt.len() as u64);
 
@@ -137,14 +139,17 @@ fn build_madt(vcpus: u8) -> MADT {
     madt
 }
 
-fn build_dsdt(virtio_mmio: &[MmioSlot]) -> Sdt {
+fn build_dsdt(virtio_mmio: &[MmioSlot], power_button_irq: u32) -> Sdt {
     let com1 = Com1;
+    let power_button = PowerButton {
+        irq: power_button_irq,
+    };
     let mmio_devices: Vec<VirtioMmioDevice> = virtio_mmio
         .iter()
         .enumerate()
         .map(|(index, slot)| VirtioMmioDevice { index, slot: *slot })
         .collect();
-    let mut sb_children: Vec<&dyn Aml> = vec![&com1];
+    let mut sb_children: Vec<&dyn Aml> = vec![&com1, &power_button];
     sb_children.extend(mmio_devices.iter().map(|d| d as &dyn Aml));
 
     // \_S5_ gives the SLP_TYP value the guest writes to power off.
@@ -159,6 +164,48 @@ fn build_dsdt(virtio_mmio: &[MmioSlot]) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     dsdt.append_slice(&body);
     dsdt
+}
+
+/// The power button of a hardware-reduced platform (which has no fixed
+/// power button event): a control-method button (`PNP0C0C`, as the FADT's
+/// PWR_BUTTON flag says) notified by a Generic Event Device (`ACPI0013`)
+/// whose one interrupt means "pressed". Linux's button driver turns the
+/// notification into a KEY_POWER input event; the guest's userspace
+/// decides what to do with it (power off, usually).
+struct PowerButton {
+    irq: u32,
+}
+
+impl Aml for PowerButton {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        aml::Device::new(
+            "PWRB".into(),
+            vec![
+                &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+                &aml::Name::new("_UID".into(), &aml::ZERO),
+            ],
+        )
+        .to_aml_bytes(sink);
+        // _EVT gets the GSI that fired; this GED has only the one.
+        let button = aml::Path::new("\\_SB_.PWRB");
+        // 0x80: "the button was pressed" (ACPI 6.5, 4.8.2.2.1.1).
+        let notify_button = aml::Notify::new(&button, &0x80u8);
+        aml::Device::new(
+            "GED_".into(),
+            vec![
+                &aml::Name::new("_HID".into(), &"ACPI0013"),
+                &aml::Name::new("_UID".into(), &aml::ZERO),
+                &aml::Name::new(
+                    "_CRS".into(),
+                    &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                        true, true, false, false, self.irq,
+                    )]),
+                ),
+                &aml::Method::new("_EVT".into(), 1, true, vec![&notify_button]),
+            ],
+        )
+        .to_aml_bytes(sink);
+    }
 }
 
 /// COM1 as a PNP0501 UART with its ports and IRQ.
@@ -255,6 +302,7 @@ mod tests {
             &AcpiPlatform {
                 vcpus: 2,
                 virtio_mmio: &slots,
+                power_button_irq: POWER_BUTTON_IRQ,
             },
         )
         .unwrap();
@@ -311,9 +359,21 @@ mod tests {
             &AcpiPlatform {
                 vcpus: 1,
                 virtio_mmio: &slots,
+                power_button_irq: POWER_BUTTON_IRQ,
             },
         )
         .unwrap_err();
         assert!(matches!(err, AcpiError::TooLarge { .. }));
+    }
+
+    #[test]
+    fn dsdt_has_a_power_button_behind_a_generic_event_device() {
+        let dsdt = bytes_of(&build_dsdt(&[], POWER_BUTTON_IRQ));
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"PWRB") && has(b"GED_") && has(b"_EVT"));
+        assert!(has(b"ACPI0013\0"), "GED _HID as a string");
+        // Interrupt descriptor (0x89) with the power button's GSI.
+        let irq = POWER_BUTTON_IRQ.to_le_bytes();
+        assert!(dsdt.windows(9).any(|w| w[0] == 0x89 && w[5..9] == irq));
     }
 }

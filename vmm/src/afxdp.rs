@@ -87,6 +87,14 @@ impl XdpRxFilter {
     pub fn set_maps(&self, maps: Option<RxFilterMaps>) {
         *self.maps.lock().unwrap_or_else(PoisonError::into_inner) = maps;
     }
+
+    /// Frames the filter kept from the guest on device queue `queue` and
+    /// passed to the host stack, since our program was attached; None
+    /// while the interface is gone.
+    pub fn filtered_frames(&self, queue: u32) -> Option<u64> {
+        let maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
+        maps.as_ref().map(|maps| maps.filtered_frames(queue))
+    }
 }
 
 impl RxFilterSink for XdpRxFilter {
@@ -120,6 +128,7 @@ pub fn open_net_device(index: usize, spec: &NetSpec) -> Result<NetDevice, crate:
         .min(config.umem.max_rx_frame().saturating_sub(L2_OVERHEAD));
     let nic = AfXdpNic::open(&config).map_err(|e| crate::VmmError::Net(e.to_string()))?;
     let (owner, queues) = nic.into_parts();
+    let xsk_stats = queues.iter().map(XskQueue::stats_handle).collect();
     let mac = spec.mac.unwrap_or_else(|| MacAddr::generate(index));
     let id = format!("net{index}");
     log::info!(
@@ -147,6 +156,7 @@ pub fn open_net_device(index: usize, spec: &NetSpec) -> Result<NetDevice, crate:
             af_xdp: config,
             owner,
             mtu: interface_mtu_now,
+            xsk_stats,
         },
     })
 }

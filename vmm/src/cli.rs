@@ -53,6 +53,15 @@ pub struct Args {
     #[arg(long, value_name = "MODE", default_value = "on")]
     pub seccomp: crate::seccomp::SeccompMode,
 
+    /// Serve the HTTP API (JSON; see docs/api.md) on a Unix socket at
+    /// PATH, created with mode 0600 and removed at exit.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// The VM's name: the `vm` label of its metrics.
+    #[arg(long, value_name = "NAME", default_value = "xskvm")]
+    pub name: String,
+
     /// Log level on stderr: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: log::LevelFilter,

@@ -64,9 +64,12 @@ pub const I8042_PORT_LEN: u16 = 5;
 /// Hardware-reduced ACPI sleep control register (the FADT points here).
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x3c0;
 
-/// GSIs handed to virtio-mmio devices: the I/O APIC pins above the legacy ones.
+/// GSIs handed to virtio-mmio devices: the I/O APIC pins above the legacy
+/// ones, but for the last.
 pub const DEVICE_IRQ_FIRST: u32 = 5;
-pub const DEVICE_IRQ_LAST: u32 = 23;
+pub const DEVICE_IRQ_LAST: u32 = 22;
+/// The ACPI Generic Event Device's interrupt: the power button.
+pub const POWER_BUTTON_IRQ: u32 = 23;
 
 // The fixed areas must not overlap; checked when the crate compiles.
 const _: () = {

@@ -3,10 +3,12 @@
 
 pub mod acpi;
 pub mod afxdp;
+pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod console;
 pub mod cpu;
+pub mod event_loop;
 pub mod layout;
 pub mod net;
 pub mod nic_watch;
@@ -68,6 +70,10 @@ pub enum VmmError {
     Resources(#[from] devices::ResourceError),
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
+    #[error("main event loop: {0}")]
+    EventLoop(event_manager::Error),
     #[error("guest stopped: {0}")]
     GuestCrash(String),
 }

@@ -25,6 +25,8 @@ fn main() -> ExitCode {
         kvm_device: args.kvm_device,
         nets: Vec::new(),
         seccomp: args.seccomp,
+        api_socket: args.api_socket,
+        name: args.name,
     };
     // Bad paths and sizes are reported before any XDP program is attached.
     if let Err(e) = vm::check_config(&config) {
@@ -47,6 +49,10 @@ fn main() -> ExitCode {
                 VmExit::Reset => "guest rebooted".to_string(),
                 VmExit::Quit => "quit from the console".to_string(),
                 VmExit::Signal(sig) => format!("stopped by signal {sig}"),
+                VmExit::ApiReboot => "reset through the API".to_string(),
+                VmExit::ShutdownTimeout => {
+                    "stopped: the guest did not power off within the shutdown timeout".to_string()
+                }
             };
             log::info!("{how}; peak RSS {}", peak_rss());
             ExitCode::SUCCESS

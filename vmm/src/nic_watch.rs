@@ -6,11 +6,11 @@
 //! down or unregister), so without it a guest would send into a void.
 
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use devices::virtio::net::{NetBackend, NetLink};
-use net_afxdp::{AfXdpConfig, AfXdpNic, NicOwner};
+use net_afxdp::{AfXdpConfig, AfXdpNic, NicOwner, QueueStatsHandle};
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
@@ -24,6 +24,87 @@ use crate::seccomp::{self, ThreadKind};
 /// Multicast group of link changes (`RTMGRP_LINK`).
 const RTMGRP_LINK: u32 = 1;
 
+/// The link a guest sees: up when the host interface is (followed by the
+/// watcher) and the API has not set it down. Both inputs are kept so
+/// that neither overrides the other.
+pub struct GuestLink {
+    link: NetLink,
+    inputs: Mutex<LinkInputs>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LinkInputs {
+    host_up: bool,
+    admin_up: bool,
+}
+
+impl GuestLink {
+    pub fn new(link: NetLink) -> Self {
+        Self {
+            inputs: Mutex::new(LinkInputs {
+                host_up: link.is_up(),
+                admin_up: true,
+            }),
+            link,
+        }
+    }
+
+    pub fn net_link(&self) -> &NetLink {
+        &self.link
+    }
+
+    /// The host interface's carrier; returns whether it changed.
+    pub fn set_host_up(&self, up: bool) -> bool {
+        self.update(|inputs| std::mem::replace(&mut inputs.host_up, up) != up)
+    }
+
+    /// The API's setting; returns whether it changed.
+    pub fn set_admin_up(&self, up: bool) -> bool {
+        self.update(|inputs| std::mem::replace(&mut inputs.admin_up, up) != up)
+    }
+
+    /// (guest sees it up, host interface up, API setting up).
+    pub fn state(&self) -> (bool, bool, bool) {
+        let inputs = *self.inputs.lock().unwrap_or_else(PoisonError::into_inner);
+        (self.link.is_up(), inputs.host_up, inputs.admin_up)
+    }
+
+    fn update(&self, change: impl FnOnce(&mut LinkInputs) -> bool) -> bool {
+        // Under the lock, so that two callers cannot apply their states
+        // to the device in the opposite order.
+        let mut inputs = self.inputs.lock().unwrap_or_else(PoisonError::into_inner);
+        let changed = change(&mut inputs);
+        self.link.set_up(inputs.host_up && inputs.admin_up);
+        changed
+    }
+}
+
+/// Handles on a NIC's AF_XDP sockets for their kernel statistics; they
+/// do not keep the sockets open.
+#[derive(Default)]
+pub struct XskStats(Mutex<Vec<QueueStatsHandle>>);
+
+impl XskStats {
+    pub fn new(handles: Vec<QueueStatsHandle>) -> Self {
+        Self(Mutex::new(handles))
+    }
+
+    pub fn replace(&self, handles: Vec<QueueStatsHandle>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = handles;
+    }
+
+    /// The kernel's statistics of each queue's socket, in queue order;
+    /// None for a queue whose socket is gone.
+    pub fn kernel(&self) -> Vec<Option<net_afxdp::XdpStatistics>> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|h| h.snapshot().kernel)
+            .collect()
+    }
+}
+
 /// One NIC as the watcher keeps it.
 pub struct WatchedNic {
     /// "net0", for log lines.
@@ -34,7 +115,9 @@ pub struct WatchedNic {
     pub ifindex: Option<u32>,
     /// Keeps our XDP program attached (dropped when the interface goes).
     pub owner: Option<NicOwner>,
-    pub link: NetLink,
+    pub link: Arc<GuestLink>,
+    /// Statistics of the NIC's AF_XDP sockets, for the API; follows a reopen.
+    pub xsk_stats: Arc<XskStats>,
     pub mtu: Option<u32>,
     /// Enforces the guest's receive mode in our program (None with
     /// inhibit=on: no program of ours, no filtering).
@@ -74,7 +157,8 @@ impl WatchedNic {
                     filter.set_maps(None);
                 }
                 self.owner = None;
-                self.link.set_up(false);
+                self.xsk_stats.replace(Vec::new());
+                self.link.set_host_up(false);
                 log::warn!(
                     "{}: {} was deleted; the guest's link is down until it comes back",
                     self.id,
@@ -82,7 +166,7 @@ impl WatchedNic {
                 );
                 return;
             }
-            if self.link.set_up(running) {
+            if self.link.set_host_up(running) {
                 log::warn!(
                     "{}: {} link {}",
                     self.id,
@@ -138,27 +222,29 @@ impl WatchedNic {
             }
         };
         let (owner, queues) = nic.into_parts();
+        let stats = queues.iter().map(|q| q.stats_handle()).collect();
         let backends: Vec<Box<dyn NetBackend>> = queues
             .into_iter()
             .map(|q| Box::new(XskBackend::new(q)) as Box<dyn NetBackend>)
             .collect();
-        if self.link.replace_backends(backends).is_err() {
+        if self.link.net_link().replace_backends(backends).is_err() {
             log::error!("{}: the reopened NIC has another number of queues", self.id);
             return;
         }
+        self.xsk_stats.replace(stats);
         self.ifindex = Some(owner.info().ifindex);
         if let (Some(filter), Some(attachment)) = (&self.rx_filter, owner.attachment()) {
             match attachment.program().rx_filter().try_clone() {
                 Ok(maps) => {
                     filter.set_maps(Some(maps));
                     // The new program learns the guest's receive mode.
-                    self.link.set_rx_filter(filter.clone());
+                    self.link.net_link().set_rx_filter(filter.clone());
                 }
                 Err(e) => log::warn!("{}: no receive filter on the new program: {e}", self.id),
             }
         }
         self.owner = Some(owner);
-        self.link.set_up(running);
+        self.link.set_host_up(running);
         log::warn!(
             "{}: {} is back (ifindex {}); traffic resumes{}",
             self.id,
@@ -191,7 +277,7 @@ impl NicWatcher {
             };
         }
         for nic in &mut nics {
-            nic.link.set_up(carrier(&nic.config.ifname));
+            nic.link.set_host_up(carrier(&nic.config.ifname));
         }
         let started = open_socket().and_then(|socket| {
             let stop = EventFd::new(EFD_NONBLOCK)?;
@@ -323,7 +409,7 @@ fn watch(socket: Socket, stop: EventFd, mut nics: Vec<WatchedNic>) -> Vec<Watche
                     log::warn!("interface watcher: {e}; rereading link states");
                     for nic in &mut nics {
                         if nic.ifindex.is_some() {
-                            nic.link.set_up(carrier(&nic.config.ifname));
+                            nic.link.set_host_up(carrier(&nic.config.ifname));
                         }
                     }
                     break;

@@ -45,15 +45,18 @@ pub enum ThreadKind {
     /// Follows the host interfaces over rtnetlink and reopens a NIC whose
     /// interface came back (XDP program, AF_XDP sockets, UMEM).
     NicWatch,
+    /// Serves `--api-socket`.
+    Api,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         Self::Main,
         Self::Vcpu,
         Self::NetIo,
         Self::Console,
         Self::NicWatch,
+        Self::Api,
     ];
 
     fn name(self) -> &'static str {
@@ -63,6 +66,7 @@ impl ThreadKind {
             Self::NetIo => "net IO",
             Self::Console => "console",
             Self::NicWatch => "NIC watcher",
+            Self::Api => "API",
         }
     }
 }
@@ -237,8 +241,8 @@ fn vcpu(rules: &mut Rules) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// The main thread once the guest runs: its epoll loop (eventfds and the
-/// signalfd), kicking vCPUs with the kick signal and joining them, and
+/// The main thread once the guest runs: its event-manager loop (eventfds
+/// and the signalfd), kicking vCPUs with the kick signal and joining them, and
 /// tearing down devices, AF_XDP sockets and the XDP program's link.
 fn main_thread(rules: &mut Rules) -> Result<(), SeccompError> {
     common(rules)?;
@@ -253,6 +257,9 @@ fn main_thread(rules: &mut Rules) -> Result<(), SeccompError> {
         libc::SYS_clock_nanosleep,
         // Peak RSS for the exit log line.
         libc::SYS_getrusage,
+        // event-manager keeps its subscribers in HashMaps, whose RandomState
+        // seeds itself from getrandom the first time a thread makes one.
+        libc::SYS_getrandom,
     ]);
     rules.allow_when(libc::SYS_tgkill, &[(2, crate::vcpu::kick_signal() as u64)])?;
     Ok(())
@@ -323,6 +330,42 @@ fn nic_watch(rules: &mut Rules) -> Result<(), SeccompError> {
     Ok(())
 }
 
+/// The API thread: its poll loop over the listening socket and a stop
+/// eventfd, one blocking connection at a time (with timeouts), reading
+/// AF_XDP kernel statistics and the receive filter's map, the guest's link (an eventfd write to raise
+/// its interrupt), waiting on the main thread's answers, and removing the
+/// socket file at the end.
+fn api(rules: &mut Rules) -> Result<(), SeccompError> {
+    common(rules)?;
+    rules.allow(&[
+        libc::SYS_read,
+        libc::SYS_poll,
+        libc::SYS_accept4,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_close,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+        // Back-off after a failed accept.
+        libc::SYS_clock_nanosleep,
+    ]);
+    for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        rules.allow_when(
+            libc::SYS_setsockopt,
+            &[(1, libc::SOL_SOCKET as u64), (2, option as u64)],
+        )?;
+    }
+    rules.allow_when(
+        libc::SYS_getsockopt,
+        &[(1, libc::SOL_XDP as u64), (2, libc::XDP_STATISTICS as u64)],
+    )?;
+    // Reading the receive filter's count of frames kept from the guest.
+    rules.allow_when(libc::SYS_bpf, &[(0, BPF_MAP_ELEMENT_COMMANDS[0])])?;
+    Ok(())
+}
+
 /// Compiles the filter of `kind`: calls outside its list kill the process
 /// (`On`) or are logged (`Log`). `None` for `Off`.
 pub fn compile(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
@@ -338,6 +381,7 @@ pub fn compile(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>
         ThreadKind::NetIo => net_io(&mut rules)?,
         ThreadKind::Console => console(&mut rules)?,
         ThreadKind::NicWatch => nic_watch(&mut rules)?,
+        ThreadKind::Api => api(&mut rules)?,
     }
     let build = |source| SeccompError::Build {
         kind: kind.name(),
@@ -369,6 +413,7 @@ pub struct Filters {
     pub net_io: Option<Arc<BpfProgram>>,
     pub console: Option<Arc<BpfProgram>>,
     pub nic_watch: Option<Arc<BpfProgram>>,
+    pub api: Option<Arc<BpfProgram>>,
 }
 
 impl Filters {
@@ -380,6 +425,7 @@ impl Filters {
             net_io: get(ThreadKind::NetIo)?,
             console: get(ThreadKind::Console)?,
             nic_watch: get(ThreadKind::NicWatch)?,
+            api: get(ThreadKind::Api)?,
         })
     }
 

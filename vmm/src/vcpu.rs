@@ -2,7 +2,7 @@
 //! device buses. A vCPU that cannot go on records why and wakes the main
 //! thread; the main thread stops the others with [`VcpuHandle::stop`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -45,7 +45,7 @@ impl StopReport {
         &self.wake
     }
 
-    fn report(&self, stop: VcpuStop) {
+    pub(crate) fn report(&self, stop: VcpuStop) {
         let mut reason = self.reason.lock().unwrap_or_else(|p| p.into_inner());
         if reason.is_none() {
             *reason = Some(stop);
@@ -67,6 +67,114 @@ pub struct Vcpu {
     pub mmio: Bus,
     pub report: Arc<StopReport>,
     pub stop: Arc<AtomicBool>,
+    pub pause: Arc<PauseControl>,
+    pub exits: Arc<VcpuExitCounters>,
+}
+
+/// Why KVM_RUN returned, counted per vCPU (read by the API).
+#[derive(Debug, Default)]
+pub struct VcpuExitCounters {
+    pub io_in: AtomicU64,
+    pub io_out: AtomicU64,
+    pub mmio_read: AtomicU64,
+    pub mmio_write: AtomicU64,
+    /// KVM_RUN interrupted by a signal (a kick) or asked to retry.
+    pub interrupted: AtomicU64,
+    /// Everything else (system events, failures): they end the VM.
+    pub other: AtomicU64,
+}
+
+impl VcpuExitCounters {
+    /// (name, value) of every counter.
+    pub fn values(&self) -> [(&'static str, u64); 6] {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("io_in", get(&self.io_in)),
+            ("io_out", get(&self.io_out)),
+            ("mmio_read", get(&self.mmio_read)),
+            ("mmio_write", get(&self.mmio_write)),
+            ("interrupted", get(&self.interrupted)),
+            ("other", get(&self.other)),
+        ]
+    }
+}
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Pauses and resumes vCPUs: a paused vCPU waits here, outside KVM_RUN,
+/// until it is resumed or the VM stops. The main thread sets the request,
+/// kicks the threads out of KVM_RUN and waits until all of them parked.
+#[derive(Default)]
+pub struct PauseControl {
+    /// Read on every loop turn by the vCPUs, without the lock.
+    requested: AtomicBool,
+    state: Mutex<PauseState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct PauseState {
+    paused: bool,
+    /// vCPUs waiting in `park`.
+    parked: usize,
+}
+
+impl PauseControl {
+    /// Asks the vCPUs to park; they do so at their next loop turn.
+    pub fn request_pause(&self) {
+        self.lock().paused = true;
+        self.requested.store(true, Ordering::Release);
+    }
+
+    /// Waits until `count` vCPUs are parked, at most `timeout`; calls
+    /// `kick` between checks (a kick can land just before KVM_RUN and be
+    /// lost, so it is repeated). Returns whether they all parked.
+    pub fn wait_parked(&self, count: usize, timeout: Duration, mut kick: impl FnMut()) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            if state.parked >= count {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            kick();
+            let wait = (deadline - now).min(Duration::from_millis(2));
+            state = self
+                .changed
+                .wait_timeout(state, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets parked vCPUs go back to the guest (also used to release them
+    /// when the VM stops: they check the stop flag first).
+    pub fn resume(&self) {
+        self.requested.store(false, Ordering::Release);
+        self.lock().paused = false;
+        self.changed.notify_all();
+    }
+
+    /// Called by a vCPU thread between two KVM_RUNs when a pause is asked.
+    fn park(&self, stop: &AtomicBool) {
+        let mut state = self.lock();
+        state.parked += 1;
+        self.changed.notify_all();
+        while state.paused && !stop.load(Ordering::Acquire) {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state.parked -= 1;
+        self.changed.notify_all();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// A running vCPU thread.
@@ -137,6 +245,10 @@ impl Vcpu {
 
     fn run(mut self) {
         while !self.stop.load(Ordering::Acquire) {
+            if self.pause.requested.load(Ordering::Acquire) {
+                self.pause.park(&self.stop);
+                continue;
+            }
             if let Some(stop) = self.run_once() {
                 log::debug!("vCPU {}: {stop:?}", self.index);
                 self.report.report(stop);
@@ -148,8 +260,10 @@ impl Vcpu {
     /// One KVM_RUN; returns why the VM must stop, if it must.
     fn run_once(&mut self) -> Option<VcpuStop> {
         let index = self.index;
-        match self.fd.run() {
+        let exits = &self.exits;
+        let stop = match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
+                count(&exits.io_in);
                 if !self.pio.read(u64::from(port), data) {
                     // Nothing there: a floating ISA bus reads as all ones.
                     data.fill(0xff);
@@ -157,10 +271,12 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                count(&exits.io_out);
                 self.pio.write(u64::from(port), data);
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                count(&exits.mmio_read);
                 if !self.mmio.read(addr, data) {
                     devices::log_ratelimited!(
                         log::Level::Debug,
@@ -171,6 +287,7 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                count(&exits.mmio_write);
                 if !self.mmio.write(addr, data) {
                     devices::log_ratelimited!(
                         log::Level::Debug,
@@ -208,15 +325,27 @@ impl Vcpu {
                 "vCPU {index}: unexpected KVM exit {other:?}"
             ))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                count(&exits.interrupted);
                 // Kicked (the loop checks the stop flag) or asked to retry.
                 None
             }
             Err(e) => Some(VcpuStop::Crash(format!("vCPU {index}: KVM_RUN failed: {e}"))),
+        };
+        if stop.is_some() {
+            count(&exits.other);
         }
+        stop
     }
 }
 
 impl VcpuHandle {
+    /// Interrupts KVM_RUN on this vCPU's thread (if it is in it).
+    pub fn kick(&self) {
+        if let Err(e) = self.thread.kill(kick_signal()) {
+            devices::warn_ratelimited!("cannot kick a vCPU thread: {e}");
+        }
+    }
+
     /// Stops the thread: the caller has set the shared stop flag; kick the
     /// thread out of KVM_RUN until it notices, then join it.
     pub fn stop(self, timeout: Duration) {

@@ -7,30 +7,34 @@
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use devices::legacy::{AcpiSleepControl, SerialConsole, I8042};
 use devices::virtio::mmio::REG_QUEUE_NOTIFY;
-use devices::virtio::net::{Net, NetBackend, NetConfig, NetLink};
+use devices::virtio::net::{Net, NetBackend, NetConfig, NetLink, QueuePairCounters};
 use devices::virtio::MmioTransport;
-use devices::{BusBuilder, EventTrigger, MmioSlot, ResourceAllocator};
+use devices::{Bus, BusBuilder, EventTrigger, MmioSlot, ResourceAllocator};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::{write_acpi_tables, AcpiPlatform};
 use crate::afxdp::XdpRxFilter;
+use crate::api::{ApiListener, ApiServer, NicStatus, VmStatus};
 use crate::boot::load_guest;
+use crate::event_loop::MainLoop;
 use crate::layout::*;
-use crate::nic_watch::{NicWatcher, WatchedNic};
+use crate::net::MacAddr;
+use crate::nic_watch::{GuestLink, NicWatcher, WatchedNic, XskStats};
 use crate::seccomp::{self, Filters, SeccompMode, ThreadKind};
 use crate::terminal::RawTerminal;
-use crate::vcpu::{install_kick_handler, StartGate, StopReport, Vcpu, VcpuStop};
+use crate::vcpu::{
+    install_kick_handler, PauseControl, StartGate, StopReport, Vcpu, VcpuExitCounters,
+};
 use crate::{console, cpu, VmmError};
 
 /// Smallest guest xskvm accepts: room for a kernel and its early allocations.
@@ -47,6 +51,10 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     pub nets: Vec<NetDevice>,
     pub seccomp: SeccompMode,
+    /// `--api-socket`: where to serve the API, if anywhere.
+    pub api_socket: Option<PathBuf>,
+    /// `--name`: the `vm` label of the metrics.
+    pub name: String,
 }
 
 /// A virtio-net device to attach, with its backends already open.
@@ -64,6 +72,8 @@ pub struct NetHost {
     pub af_xdp: net_afxdp::AfXdpConfig,
     pub owner: net_afxdp::NicOwner,
     pub mtu: Option<u32>,
+    /// One per queue, for the API's AF_XDP statistics.
+    pub xsk_stats: Vec<net_afxdp::QueueStatsHandle>,
 }
 
 /// How a VM ended without error.
@@ -74,60 +84,318 @@ pub enum VmExit {
     Signal(i32),
     /// The user typed the console escape (Ctrl-A x).
     Quit,
+    /// `vm.reboot` through the API: stopped as a guest reboot would be.
+    ApiReboot,
+    /// `vm.shutdown` pressed the power button and the guest did not
+    /// power off within the timeout it gave: stopped by us.
+    ShutdownTimeout,
 }
 
 /// Runs the VM until it ends; `Err` for bad input, host failures and guest crashes.
-pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
-    let config = &mut config;
-    let vcpu_count = check_config(config)?;
-    let filters = Filters::new(config.seccomp)?;
-    let mem = create_guest_memory(config.memory)?;
-    let boot = load_guest(
-        &mem,
-        &config.kernel,
-        config.initrd.as_deref(),
-        &config.cmdline,
-    )?;
-    let mut allocator = ResourceAllocator::new(
-        (DEVICE_MMIO_START, DEVICE_MMIO_END),
-        DEVICE_MMIO_SLOT_SIZE,
-        (DEVICE_IRQ_FIRST, DEVICE_IRQ_LAST),
-    );
-    let virtio_mmio: Vec<MmioSlot> = config
-        .nets
-        .iter()
-        .map(|_| allocator.allocate())
-        .collect::<Result<_, _>>()?;
-    write_acpi_tables(
-        &mem,
-        &AcpiPlatform {
-            vcpus: vcpu_count,
-            virtio_mmio: &virtio_mmio,
-        },
-    )?;
+pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
+    Vm::build(config)?.run()
+}
 
-    let kvm = open_kvm(config)?;
-    let max_vcpus = kvm.get_max_vcpus().min(254) as u32;
-    if config.vcpus > max_vcpus {
-        return Err(VmmError::TooManyVcpus {
-            requested: config.vcpus,
-            max: max_vcpus,
-        });
+/// A VM built and ready to run: guest memory loaded, KVM VM, devices and
+/// vCPUs created; no thread started yet.
+pub struct Vm {
+    filters: Filters,
+    vcpus: Vec<Vcpu>,
+    /// The NICs' host sides, for the watcher started by [`Vm::run`].
+    watched: Vec<WatchedNic>,
+    pio: Bus,
+    mmio: Bus,
+    serial: Arc<Mutex<SerialConsole>>,
+    reset_evt: EventFd,
+    poweroff_evt: EventFd,
+    quit_evt: EventFd,
+    report: Arc<StopReport>,
+    stop: Arc<AtomicBool>,
+    pause: Arc<PauseControl>,
+    /// Raises the ACPI power button (a GED interrupt).
+    power_button: EventFd,
+    status: Arc<VmStatus>,
+    api: Option<ApiListener>,
+    memory: u64,
+    kernel: PathBuf,
+    /// Last: the devices above hold its memory and eventfds registered with it.
+    kvm_vm: KvmVm,
+}
+
+/// The KVM VM and the memory it maps; fields drop in this order, so the
+/// VM is gone before its memory is unmapped.
+struct KvmVm {
+    _vm: VmFd,
+    _kvm: Kvm,
+    _mem: GuestMemoryMmap,
+}
+
+/// Port I/O devices and the eventfds through which they end the VM.
+struct LegacyDevices {
+    pio: Bus,
+    serial: Arc<Mutex<SerialConsole>>,
+    reset_evt: EventFd,
+    poweroff_evt: EventFd,
+}
+
+fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> VmmError {
+    move |source| VmmError::Io { what, source }
+}
+
+fn new_eventfd() -> Result<EventFd, VmmError> {
+    EventFd::new(EFD_NONBLOCK).map_err(io_err("cannot create an eventfd"))
+}
+
+fn clone_eventfd(evt: &EventFd) -> Result<EventFd, VmmError> {
+    evt.try_clone().map_err(io_err("cannot clone an eventfd"))
+}
+
+impl Vm {
+    /// Builds everything a guest needs, in order: input checks, guest
+    /// memory with the kernel and ACPI tables, KVM, devices, vCPUs.
+    pub fn build(mut config: VmConfig) -> Result<Self, VmmError> {
+        let vcpu_count = check_config(&config)?;
+        let filters = Filters::new(config.seccomp)?;
+        // Early: a path in use is the user's mistake, reported before KVM.
+        let api = config
+            .api_socket
+            .as_deref()
+            .map(ApiListener::bind)
+            .transpose()?;
+        let mem = create_guest_memory(config.memory)?;
+        let boot = load_guest(
+            &mem,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &config.cmdline,
+        )?;
+        let mut allocator = ResourceAllocator::new(
+            (DEVICE_MMIO_START, DEVICE_MMIO_END),
+            DEVICE_MMIO_SLOT_SIZE,
+            (DEVICE_IRQ_FIRST, DEVICE_IRQ_LAST),
+        );
+        let virtio_mmio: Vec<MmioSlot> = config
+            .nets
+            .iter()
+            .map(|_| allocator.allocate())
+            .collect::<Result<_, _>>()?;
+        write_acpi_tables(
+            &mem,
+            &AcpiPlatform {
+                vcpus: vcpu_count,
+                virtio_mmio: &virtio_mmio,
+                power_button_irq: POWER_BUTTON_IRQ,
+            },
+        )?;
+
+        let kvm = open_kvm(&config)?;
+        let max_vcpus = kvm.get_max_vcpus().min(254) as u32;
+        if config.vcpus > max_vcpus {
+            return Err(VmmError::TooManyVcpus {
+                requested: config.vcpus,
+                max: max_vcpus,
+            });
+        }
+        let vm = create_vm(&kvm, &mem)?;
+        let legacy = create_legacy_devices(&vm)?;
+        let power_button = new_eventfd()?;
+        vm.register_irqfd(&power_button, POWER_BUTTON_IRQ)
+            .map_err(|source| VmmError::Kvm {
+                what: "connect the power button interrupt",
+                source,
+            })?;
+        let mut mmio = BusBuilder::new();
+        let mut watched = Vec::new();
+        let mut nics = Vec::new();
+        for (net, slot) in config.nets.drain(..).zip(&virtio_mmio) {
+            let (watch, status) =
+                attach_net_device(&vm, &mem, &mut mmio, *slot, net, &filters, vcpu_count)?;
+            watched.push(watch);
+            nics.push(status);
+        }
+        let mmio = mmio.build();
+
+        let report = Arc::new(StopReport::new(new_eventfd()?));
+        let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(PauseControl::default());
+        let exits: Vec<Arc<VcpuExitCounters>> = (0..vcpu_count).map(|_| Arc::default()).collect();
+        let vcpus = create_vcpus(&kvm, &vm, vcpu_count, boot.entry, |index, fd| Vcpu {
+            index,
+            fd,
+            pio: legacy.pio.clone(),
+            mmio: mmio.clone(),
+            report: report.clone(),
+            stop: stop.clone(),
+            pause: pause.clone(),
+            exits: exits[usize::from(index)].clone(),
+        })?;
+        let status = Arc::new(VmStatus::new(
+            config.name,
+            config.memory,
+            config.kernel.clone(),
+            nics,
+            exits,
+        ));
+        Ok(Self {
+            filters,
+            vcpus,
+            watched,
+            pio: legacy.pio,
+            mmio,
+            serial: legacy.serial,
+            reset_evt: legacy.reset_evt,
+            poweroff_evt: legacy.poweroff_evt,
+            quit_evt: new_eventfd()?,
+            report,
+            stop,
+            pause,
+            power_button,
+            status,
+            api,
+            memory: config.memory,
+            kernel: config.kernel,
+            kvm_vm: KvmVm {
+                _vm: vm,
+                _kvm: kvm,
+                _mem: mem,
+            },
+        })
     }
-    let vm = create_vm(&kvm, &mem)?;
 
-    let io_err = |what| move |source| VmmError::Io { what, source };
-    let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(io_err("cannot create an eventfd"));
-    let serial_irq = new_evt()?;
+    /// Starts the vCPUs and the threads around them, waits until something
+    /// ends the VM, then stops everything.
+    pub fn run(self) -> Result<VmExit, VmmError> {
+        // Bindings drop in reverse order: the KVM VM last, as in `Vm`.
+        let Vm {
+            kvm_vm,
+            filters,
+            vcpus,
+            watched,
+            pio,
+            mmio,
+            serial,
+            reset_evt,
+            poweroff_evt,
+            quit_evt,
+            report,
+            stop,
+            pause,
+            power_button,
+            status,
+            api,
+            memory,
+            kernel,
+        } = self;
+        let vcpu_count = vcpus.len();
+        // Stop signals go to a signalfd read by this thread alone; block them
+        // before any thread starts so that every thread inherits the mask.
+        let signals = block_stop_signals().map_err(io_err("cannot set up signal handling"))?;
+        // After the mask: a stop signal must never reach it.
+        let nic_watcher = NicWatcher::start(watched, filters.nic_watch.clone());
+        let (action_tx, action_rx) = mpsc::channel();
+        let api_wake = new_eventfd()?;
+        let api_server = match api {
+            Some(listener) => {
+                log::info!("API on {}", listener.path().display());
+                Some(ApiServer::start(
+                    listener,
+                    status.clone(),
+                    action_tx,
+                    clone_eventfd(&api_wake)?,
+                    filters.api.clone(),
+                )?)
+            }
+            None => None,
+        };
+        install_kick_handler().map_err(io_err("cannot install the vCPU kick handler"))?;
+        let stdin = std::io::stdin();
+        let raw_terminal = RawTerminal::enable(stdin.as_fd())
+            .map_err(io_err("cannot put the terminal in raw mode"))?;
+        console::spawn_stdin_reader(
+            serial,
+            clone_eventfd(&quit_evt)?,
+            raw_terminal.is_some(),
+            filters.console.clone(),
+        )?;
+
+        // Each vCPU installs its filter as it starts and waits at the gate;
+        // this thread installs its own last (threads inherit filters), then
+        // lets the guest run.
+        let gate = Arc::new(StartGate::default());
+        let mut handles = Vec::with_capacity(vcpus.len());
+        let mut started = Ok(());
+        for vcpu in vcpus {
+            match vcpu.spawn(filters.vcpu.clone(), gate.clone()) {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    started = Err(e);
+                    break;
+                }
+            }
+        }
+        if started.is_ok() {
+            started = seccomp::install(ThreadKind::Main, filters.main.as_deref());
+        }
+        gate.open(started.is_ok());
+        if let Err(e) = started {
+            stop.store(true, Ordering::Release);
+            for handle in handles {
+                handle.stop(Duration::from_secs(1));
+            }
+            return Err(e.into());
+        }
+        log::info!(
+            "guest started: {} vCPU(s), {} MiB, kernel {}",
+            vcpu_count,
+            memory >> 20,
+            kernel.display()
+        );
+
+        let outcome = MainLoop {
+            reset: &reset_evt,
+            poweroff: &poweroff_evt,
+            quit: &quit_evt,
+            report: &report,
+            signals: &signals,
+            api_wake: &api_wake,
+            actions: &action_rx,
+            handles: &handles,
+            pause: &pause,
+            status: &status,
+            power_button: &power_button,
+        }
+        .run();
+        stop.store(true, Ordering::Release);
+        // Parked vCPUs see the stop flag once released.
+        pause.resume();
+        // No more actions: a request the API thread still waits on is
+        // answered "stopping" when its channel goes.
+        drop(action_rx);
+        drop(api_server);
+        for handle in handles {
+            handle.stop(Duration::from_secs(2));
+        }
+        drop(raw_terminal);
+        // Devices (and their IO threads) go before what keeps their backends alive.
+        drop(pio);
+        drop(mmio);
+        drop(nic_watcher);
+        drop(kvm_vm);
+        outcome
+    }
+}
+
+/// COM1, the i8042 (its reset line) and the ACPI sleep control register
+/// (power-off), on a new port I/O bus.
+fn create_legacy_devices(vm: &VmFd) -> Result<LegacyDevices, VmmError> {
+    let serial_irq = new_eventfd()?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)
         .map_err(|source| VmmError::Kvm {
             what: "connect the serial interrupt",
             source,
         })?;
-    let reset_evt = new_evt()?;
-    let poweroff_evt = new_evt()?;
-    let quit_evt = new_evt()?;
-
+    let reset_evt = new_eventfd()?;
+    let poweroff_evt = new_eventfd()?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(
         EventTrigger::new(serial_irq),
         Box::new(std::io::stdout()),
@@ -139,81 +407,123 @@ pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
         u64::from(SERIAL_PORT_LEN),
     )?;
     pio.insert(
-        Arc::new(Mutex::new(I8042::new(EventTrigger::new(
-            reset_evt
-                .try_clone()
-                .map_err(io_err("cannot clone an eventfd"))?,
-        )))),
+        Arc::new(Mutex::new(I8042::new(EventTrigger::new(clone_eventfd(
+            &reset_evt,
+        )?)))),
         u64::from(I8042_PORT_BASE),
         u64::from(I8042_PORT_LEN),
     )?;
     pio.insert(
         Arc::new(Mutex::new(AcpiSleepControl::new(EventTrigger::new(
-            poweroff_evt
-                .try_clone()
-                .map_err(io_err("cannot clone an eventfd"))?,
+            clone_eventfd(&poweroff_evt)?,
         )))),
         u64::from(ACPI_SLEEP_CONTROL_PORT),
         1,
     )?;
-    let pio = pio.build();
-    let mut mmio = BusBuilder::new();
-    let mut watched = Vec::new();
-    for (mut net, slot) in config.nets.drain(..).zip(&virtio_mmio) {
-        net.config.on_thread_start = filters.net_io_hook();
-        if net.backends.len() > usize::from(vcpu_count) {
-            // Linux uses min(queue pairs, CPUs) pairs; frames the NIC puts
-            // on the other queues cannot reach the guest (an AF_XDP socket
-            // receives from its own queue only) and are dropped, counted.
-            log::warn!(
-                "{}: {} queues but {vcpu_count} vCPU(s): a Linux guest uses {vcpu_count} queue \
-                 pair(s), and frames on the other queues are dropped (counted as \
-                 rx_dropped_inactive); use queues={vcpu_count}, or steer the NIC's traffic \
-                 to those queues (ethtool -L/-X)",
-                net.config.id,
-                net.backends.len(),
-            );
-        }
-        let id = net.config.id.clone();
-        let link = attach_virtio_net(&vm, &mem, &mut mmio, *slot, net.config, net.backends)?;
-        let rx_filter = match net.host.owner.attachment() {
-            Some(attachment) => {
-                let maps = attachment
-                    .program()
-                    .rx_filter()
-                    .try_clone()
-                    .map_err(|e| VmmError::Net(e.to_string()))?;
-                let filter = Arc::new(XdpRxFilter::new(id.clone(), Some(maps)));
-                link.set_rx_filter(filter.clone());
-                Some(filter)
-            }
-            None => {
-                log::info!("{id}: inhibit=on: no program of ours, so no MAC filtering");
-                None
-            }
-        };
-        watched.push(WatchedNic {
-            rx_filter,
-            id,
-            ifindex: Some(net.host.owner.info().ifindex),
-            config: net.host.af_xdp,
-            owner: Some(net.host.owner),
-            link,
-            mtu: net.host.mtu,
-        });
-    }
-    let mmio = mmio.build();
+    Ok(LegacyDevices {
+        pio: pio.build(),
+        serial,
+        reset_evt,
+        poweroff_evt,
+    })
+}
 
-    let report = Arc::new(StopReport::new(new_evt()?));
-    let stop = Arc::new(AtomicBool::new(false));
+/// Attaches one `--net` device at `slot` and returns what the NIC watcher
+/// needs of it.
+fn attach_net_device(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut BusBuilder,
+    slot: MmioSlot,
+    mut net: NetDevice,
+    filters: &Filters,
+    vcpu_count: u8,
+) -> Result<(WatchedNic, NicStatus), VmmError> {
+    net.config.on_thread_start = filters.net_io_hook();
+    if net.backends.len() > usize::from(vcpu_count) {
+        // Linux uses min(queue pairs, CPUs) pairs; frames the NIC puts
+        // on the other queues cannot reach the guest (an AF_XDP socket
+        // receives from its own queue only) and are dropped, counted.
+        log::warn!(
+            "{}: {} queues but {vcpu_count} vCPU(s): a Linux guest uses {vcpu_count} queue \
+             pair(s), and frames on the other queues are dropped (counted as \
+             rx_dropped_inactive); use queues={vcpu_count}, or steer the NIC's traffic \
+             to those queues (ethtool -L/-X)",
+            net.config.id,
+            net.backends.len(),
+        );
+    }
+    let id = net.config.id.clone();
+    let (mac, mtu) = (net.config.mac, net.config.mtu);
+    let (link, counters) = attach_virtio_net(vm, mem, mmio, slot, net.config, net.backends)?;
+    let rx_filter = match net.host.owner.attachment() {
+        Some(attachment) => {
+            let maps = attachment
+                .program()
+                .rx_filter()
+                .try_clone()
+                .map_err(|e| VmmError::Net(e.to_string()))?;
+            let filter = Arc::new(XdpRxFilter::new(id.clone(), Some(maps)));
+            link.set_rx_filter(filter.clone());
+            Some(filter)
+        }
+        None => {
+            log::info!("{id}: inhibit=on: no program of ours, so no MAC filtering");
+            None
+        }
+    };
+    let link = Arc::new(GuestLink::new(link));
+    let xsk_stats = Arc::new(XskStats::new(net.host.xsk_stats));
+    let info = net.host.owner.info();
+    let status = NicStatus {
+        id: id.clone(),
+        ifname: info.ifname.clone(),
+        queue_ids: info.queue_ids.clone(),
+        zero_copy: info.zero_copy.clone(),
+        xdp_mode: info.attach_mode.map(|m| m.as_str()),
+        mac: MacAddr(mac).to_string(),
+        mtu,
+        link: link.clone(),
+        counters,
+        xsk_stats: xsk_stats.clone(),
+        rx_filter: rx_filter.clone(),
+    };
+    // libbpf learns the number of possible CPUs (for per-CPU maps) from
+    // sysfs on its first call, which the API thread's filter would not
+    // allow: make that call here, before any filter.
+    if let Some(filter) = &rx_filter {
+        let _ = filter.filtered_frames(info.queue_ids.first().copied().unwrap_or(0));
+    }
+    let watched = WatchedNic {
+        rx_filter,
+        id,
+        ifindex: Some(info.ifindex),
+        config: net.host.af_xdp,
+        owner: Some(net.host.owner),
+        link,
+        xsk_stats,
+        mtu: net.host.mtu,
+    };
+    Ok((watched, status))
+}
+
+/// Creates and configures `count` vCPUs (the first one to boot at
+/// `entry`); `wrap` gives each its place in the VM.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    count: u8,
+    entry: GuestAddress,
+    wrap: impl Fn(u8, VcpuFd) -> Vcpu,
+) -> Result<Vec<Vcpu>, VmmError> {
     let supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|source| VmmError::Kvm {
             what: "report its supported CPUID",
             source,
         })?;
-    let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
-    for index in 0..vcpu_count {
+    let mut vcpus = Vec::with_capacity(usize::from(count));
+    for index in 0..count {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(|source| VmmError::Kvm {
@@ -221,83 +531,14 @@ pub fn run(mut config: VmConfig) -> Result<VmExit, VmmError> {
                 source,
             })?;
         let mut cpuid = supported_cpuid.clone();
-        cpu::patch_cpuid(&mut cpuid, index, vcpu_count);
+        cpu::patch_cpuid(&mut cpuid, index, count);
         cpu::configure_vcpu(&fd, &cpuid, index)?;
         if index == 0 {
-            cpu::configure_boot_vcpu(&fd, boot.entry.raw_value())?;
+            cpu::configure_boot_vcpu(&fd, entry.raw_value())?;
         }
-        vcpus.push(Vcpu {
-            index,
-            fd,
-            pio: pio.clone(),
-            mmio: mmio.clone(),
-            report: report.clone(),
-            stop: stop.clone(),
-        });
+        vcpus.push(wrap(index, fd));
     }
-
-    // Stop signals go to a signalfd read by this thread alone; block them
-    // before any thread starts so that every thread inherits the mask.
-    let signals = block_stop_signals().map_err(io_err("cannot set up signal handling"))?;
-    // After the mask: a stop signal must never reach it.
-    let nic_watcher = NicWatcher::start(watched, filters.nic_watch.clone());
-    install_kick_handler().map_err(io_err("cannot install the vCPU kick handler"))?;
-    let stdin = std::io::stdin();
-    let raw_terminal = RawTerminal::enable(stdin.as_fd())
-        .map_err(io_err("cannot put the terminal in raw mode"))?;
-    console::spawn_stdin_reader(
-        serial,
-        quit_evt
-            .try_clone()
-            .map_err(io_err("cannot clone an eventfd"))?,
-        raw_terminal.is_some(),
-        filters.console.clone(),
-    )?;
-
-    // Each vCPU installs its filter as it starts and waits at the gate;
-    // this thread installs its own last (threads inherit filters), then
-    // lets the guest run.
-    let gate = Arc::new(StartGate::default());
-    let mut handles = Vec::with_capacity(vcpus.len());
-    let mut started = Ok(());
-    for vcpu in vcpus {
-        match vcpu.spawn(filters.vcpu.clone(), gate.clone()) {
-            Ok(handle) => handles.push(handle),
-            Err(e) => {
-                started = Err(e);
-                break;
-            }
-        }
-    }
-    if started.is_ok() {
-        started = seccomp::install(ThreadKind::Main, filters.main.as_deref());
-    }
-    gate.open(started.is_ok());
-    if let Err(e) = started {
-        stop.store(true, Ordering::Release);
-        for handle in handles {
-            handle.stop(Duration::from_secs(1));
-        }
-        return Err(e.into());
-    }
-    log::info!(
-        "guest started: {} vCPU(s), {} MiB, kernel {}",
-        vcpu_count,
-        config.memory >> 20,
-        config.kernel.display()
-    );
-
-    let outcome = wait_for_exit(&reset_evt, &poweroff_evt, &quit_evt, &report, &signals);
-    stop.store(true, Ordering::Release);
-    for handle in handles {
-        handle.stop(Duration::from_secs(2));
-    }
-    drop(raw_terminal);
-    // Devices (and their IO threads) go before what keeps their backends alive.
-    drop(pio);
-    drop(mmio);
-    drop(nic_watcher);
-    outcome
+    Ok(vcpus)
 }
 
 /// Puts a virtio-net device behind a virtio-mmio window: registers on the
@@ -309,11 +550,12 @@ fn attach_virtio_net(
     slot: MmioSlot,
     config: NetConfig,
     backends: Vec<Box<dyn NetBackend>>,
-) -> Result<NetLink, VmmError> {
+) -> Result<(NetLink, Vec<Arc<QueuePairCounters>>), VmmError> {
     let id = config.id.clone();
     let net = Net::new(config, backends)
         .map_err(|e| VmmError::VirtioDevice(id.clone(), e.to_string()))?;
     let link = net.link();
+    let counters = net.counters().to_vec();
     let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| VmmError::Io {
         what: "cannot create an eventfd",
         source,
@@ -338,7 +580,7 @@ fn attach_virtio_net(
     }
     mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)?;
     log::info!("{id}: virtio-mmio at {:#x}, IRQ {}", slot.base, slot.irq);
-    Ok(link)
+    Ok((link, counters))
 }
 
 /// Checks everything about `config` that needs neither KVM nor the NICs;
@@ -487,7 +729,7 @@ fn block_stop_signals() -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn read_signal(fd: &OwnedFd) -> Option<i32> {
+pub(crate) fn read_signal(fd: &OwnedFd) -> Option<i32> {
     // SAFETY: signalfd_siginfo is plain data.
     let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
     let size = std::mem::size_of::<libc::signalfd_siginfo>();
@@ -500,66 +742,4 @@ fn read_signal(fd: &OwnedFd) -> Option<i32> {
         )
     };
     (n == size as isize).then_some(info.ssi_signo as i32)
-}
-
-/// Sleeps until something ends the VM.
-fn wait_for_exit(
-    reset: &EventFd,
-    poweroff: &EventFd,
-    quit: &EventFd,
-    report: &StopReport,
-    signals: &OwnedFd,
-) -> Result<VmExit, VmmError> {
-    const RESET: u64 = 0;
-    const POWEROFF: u64 = 1;
-    const QUIT: u64 = 2;
-    const VCPU: u64 = 3;
-    const SIGNAL: u64 = 4;
-    let io_err = |source| VmmError::Io {
-        what: "main event loop",
-        source,
-    };
-    let epoll = Epoll::new().map_err(io_err)?;
-    for (fd, token) in [
-        (reset.as_raw_fd(), RESET),
-        (poweroff.as_raw_fd(), POWEROFF),
-        (quit.as_raw_fd(), QUIT),
-        (report.wake_fd().as_raw_fd(), VCPU),
-        (signals.as_raw_fd(), SIGNAL),
-    ] {
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-            .map_err(io_err)?;
-    }
-    let mut events = [EpollEvent::default(); 5];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err(e)),
-        };
-        for event in &events[..n] {
-            match event.data() {
-                RESET => return Ok(VmExit::Reset),
-                POWEROFF => return Ok(VmExit::PowerOff),
-                QUIT => return Ok(VmExit::Quit),
-                SIGNAL => {
-                    if let Some(sig) = read_signal(signals) {
-                        return Ok(VmExit::Signal(sig));
-                    }
-                }
-                VCPU => match report.take() {
-                    Some(VcpuStop::PowerOff) => return Ok(VmExit::PowerOff),
-                    Some(VcpuStop::Reset) => return Ok(VmExit::Reset),
-                    Some(VcpuStop::Crash(reason)) => return Err(VmmError::GuestCrash(reason)),
-                    None => {}
-                },
-                _ => {}
-            }
-        }
-    }
 }

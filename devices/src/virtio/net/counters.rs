@@ -2,144 +2,114 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-#[derive(Debug, Default)]
-pub struct QueuePairCounters {
-    pub rx_packets: AtomicU64,
-    pub rx_bytes: AtomicU64,
-    /// Frames that did not fit the guest buffer they were offered.
-    pub rx_dropped_too_big: AtomicU64,
-    /// Guest buffers that could not be written (bad descriptors).
-    pub rx_bad_descriptors: AtomicU64,
-    /// Times frames had to wait because the guest posted no buffers.
-    pub rx_no_buffer_waits: AtomicU64,
-    /// Frames that arrived for a queue pair the guest does not use, dropped.
-    pub rx_dropped_inactive: AtomicU64,
-    pub tx_packets: AtomicU64,
-    pub tx_bytes: AtomicU64,
-    /// Chains dropped for bad descriptors, oversize or runt frames.
-    pub tx_dropped: AtomicU64,
-    /// Of those, chains longer than the queue size (virtio 1.2 2.7.5.2).
-    pub tx_chains_too_long: AtomicU64,
-    /// Of those, frames longer than the MTU allows.
-    pub tx_dropped_oversize: AtomicU64,
-    /// Of those, frames whose source MAC is not the guest's (spoof check).
-    pub tx_dropped_spoofed: AtomicU64,
-    /// Chains returned unsent while the host link was down.
-    pub tx_dropped_link_down: AtomicU64,
-    /// Times the host transmit ring was full.
-    pub tx_ring_full: AtomicU64,
-    /// Transmit retries after waiting for room timed out.
-    pub tx_retries: AtomicU64,
-    /// GSO frames from the guest (TSO/USO), and the wire frames cut from them.
-    pub tx_gso_frames: AtomicU64,
-    pub tx_gso_segments: AtomicU64,
-    /// Frames whose transport checksum the device filled (NEEDS_CSUM, and
-    /// every segment of a GSO frame).
-    pub tx_csum_filled: AtomicU64,
-    /// Of the dropped chains: offload requests that cannot be honoured (not
-    /// negotiated, checksum outside the frame, GSO of something not TCP/UDP).
-    pub tx_offload_errors: AtomicU64,
-    /// Received frames whose transport checksum verified (DATA_VALID for
-    /// the guest), was completed for a sender that left it to the device,
-    /// or failed (passed on unmarked).
-    pub rx_csum_verified: AtomicU64,
-    pub rx_csum_completed: AtomicU64,
-    pub rx_csum_bad: AtomicU64,
-    /// Merged frames handed to the guest (GRO), and the wire frames in them.
-    pub rx_gro_frames: AtomicU64,
-    pub rx_gro_segments: AtomicU64,
-    pub rx_notifications: AtomicU64,
-    pub tx_notifications: AtomicU64,
-    pub interrupts: AtomicU64,
-    /// Sum of frames per processed batch and number of batches: their ratio is the mean batch.
-    pub rx_batch_frames: AtomicU64,
-    pub rx_batches: AtomicU64,
-    pub tx_batch_frames: AtomicU64,
-    pub tx_batches: AtomicU64,
-    /// Queues found unusable (bad avail index or ring, head outside the
-    /// queue) or a worker that failed: each put the device in DEVICE_NEEDS_RESET.
-    pub queue_errors: AtomicU64,
+/// Defines [`QueuePairCounters`] and [`CountersSnapshot`] from one list of
+/// fields, with [`CountersSnapshot::values`] over all of them: a counter
+/// added here reaches every report (the VMM's API and metrics) by itself.
+macro_rules! queue_pair_counters {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        #[derive(Debug, Default)]
+        pub struct QueuePairCounters {
+            $($(#[doc = $doc])* pub $name: AtomicU64,)*
+        }
+
+        /// A point-in-time copy, for tests and logs.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct CountersSnapshot {
+            $($(#[doc = $doc])* pub $name: u64,)*
+        }
+
+        impl QueuePairCounters {
+            pub fn snapshot(&self) -> CountersSnapshot {
+                CountersSnapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+
+        impl CountersSnapshot {
+            /// Every counter as (name, description, value), in declaration
+            /// order; the description is the field's doc comment (empty if none).
+            pub fn values(&self) -> Vec<CounterValue> {
+                vec![$(CounterValue {
+                    name: stringify!($name),
+                    help: concat!($($doc),*).trim_ascii(),
+                    value: self.$name,
+                },)*]
+            }
+        }
+    };
 }
 
-/// A point-in-time copy, for tests and logs.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct CountersSnapshot {
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub rx_dropped_too_big: u64,
-    pub rx_bad_descriptors: u64,
-    pub rx_no_buffer_waits: u64,
-    pub rx_dropped_inactive: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    pub tx_dropped: u64,
-    pub tx_chains_too_long: u64,
-    pub tx_dropped_oversize: u64,
-    pub tx_dropped_spoofed: u64,
-    pub tx_dropped_link_down: u64,
-    pub tx_ring_full: u64,
-    pub tx_retries: u64,
-    pub tx_gso_frames: u64,
-    pub tx_gso_segments: u64,
-    pub tx_csum_filled: u64,
-    pub tx_offload_errors: u64,
-    pub rx_csum_verified: u64,
-    pub rx_csum_completed: u64,
-    pub rx_csum_bad: u64,
-    pub rx_gro_frames: u64,
-    pub rx_gro_segments: u64,
-    pub rx_notifications: u64,
-    pub tx_notifications: u64,
-    pub interrupts: u64,
-    pub rx_batch_frames: u64,
-    pub rx_batches: u64,
-    pub tx_batch_frames: u64,
-    pub tx_batches: u64,
-    pub queue_errors: u64,
+/// One counter of a [`CountersSnapshot`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterValue {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub value: u64,
+}
+
+queue_pair_counters! {
+    rx_packets,
+    rx_bytes,
+    /// Frames that did not fit the guest buffer they were offered.
+    rx_dropped_too_big,
+    /// Guest buffers that could not be written (bad descriptors).
+    rx_bad_descriptors,
+    /// Times frames had to wait because the guest posted no buffers.
+    rx_no_buffer_waits,
+    /// Frames that arrived for a queue pair the guest does not use, dropped.
+    rx_dropped_inactive,
+    tx_packets,
+    tx_bytes,
+    /// Chains dropped for bad descriptors, oversize or runt frames.
+    tx_dropped,
+    /// Of those, chains longer than the queue size (virtio 1.2 2.7.5.2).
+    tx_chains_too_long,
+    /// Of those, frames longer than the MTU allows.
+    tx_dropped_oversize,
+    /// Of those, frames whose source MAC is not the guest's (spoof check).
+    tx_dropped_spoofed,
+    /// Chains returned unsent while the host link was down.
+    tx_dropped_link_down,
+    /// Times the host transmit ring was full.
+    tx_ring_full,
+    /// Transmit retries after waiting for room timed out.
+    tx_retries,
+    /// GSO frames from the guest (TSO/USO).
+    tx_gso_frames,
+    /// Wire frames cut from GSO frames.
+    tx_gso_segments,
+    /// Frames whose transport checksum the device filled (NEEDS_CSUM, and
+    /// every segment of a GSO frame).
+    tx_csum_filled,
+    /// Of the dropped chains: offload requests that cannot be honoured (not
+    /// negotiated, checksum outside the frame, GSO of something not TCP/UDP).
+    tx_offload_errors,
+    /// Received frames whose transport checksum verified (DATA_VALID for the guest).
+    rx_csum_verified,
+    /// Received frames whose sender left the checksum to the device, completed.
+    rx_csum_completed,
+    /// Received frames whose checksum failed (passed on unmarked).
+    rx_csum_bad,
+    /// Merged frames handed to the guest (GRO).
+    rx_gro_frames,
+    /// Wire frames merged into them.
+    rx_gro_segments,
+    rx_notifications,
+    tx_notifications,
+    interrupts,
+    /// Sum of frames per processed batch and number of batches: their ratio is the mean batch.
+    rx_batch_frames,
+    rx_batches,
+    tx_batch_frames,
+    tx_batches,
+    /// Queues found unusable (bad avail index or ring, head outside the
+    /// queue) or a worker that failed: each put the device in DEVICE_NEEDS_RESET.
+    queue_errors,
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
-}
-
-impl QueuePairCounters {
-    pub fn snapshot(&self) -> CountersSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        CountersSnapshot {
-            rx_packets: get(&self.rx_packets),
-            rx_bytes: get(&self.rx_bytes),
-            rx_dropped_too_big: get(&self.rx_dropped_too_big),
-            rx_bad_descriptors: get(&self.rx_bad_descriptors),
-            rx_no_buffer_waits: get(&self.rx_no_buffer_waits),
-            rx_dropped_inactive: get(&self.rx_dropped_inactive),
-            tx_packets: get(&self.tx_packets),
-            tx_bytes: get(&self.tx_bytes),
-            tx_dropped: get(&self.tx_dropped),
-            tx_chains_too_long: get(&self.tx_chains_too_long),
-            tx_dropped_oversize: get(&self.tx_dropped_oversize),
-            tx_dropped_spoofed: get(&self.tx_dropped_spoofed),
-            tx_dropped_link_down: get(&self.tx_dropped_link_down),
-            tx_ring_full: get(&self.tx_ring_full),
-            tx_retries: get(&self.tx_retries),
-            tx_gso_frames: get(&self.tx_gso_frames),
-            tx_gso_segments: get(&self.tx_gso_segments),
-            tx_csum_filled: get(&self.tx_csum_filled),
-            tx_offload_errors: get(&self.tx_offload_errors),
-            rx_csum_verified: get(&self.rx_csum_verified),
-            rx_csum_completed: get(&self.rx_csum_completed),
-            rx_csum_bad: get(&self.rx_csum_bad),
-            rx_gro_frames: get(&self.rx_gro_frames),
-            rx_gro_segments: get(&self.rx_gro_segments),
-            rx_notifications: get(&self.rx_notifications),
-            tx_notifications: get(&self.tx_notifications),
-            interrupts: get(&self.interrupts),
-            rx_batch_frames: get(&self.rx_batch_frames),
-            rx_batches: get(&self.rx_batches),
-            tx_batch_frames: get(&self.tx_batch_frames),
-            tx_batches: get(&self.tx_batches),
-            queue_errors: get(&self.queue_errors),
-        }
-    }
 }
 
 impl std::fmt::Display for CountersSnapshot {
@@ -193,5 +163,32 @@ impl std::fmt::Display for CountersSnapshot {
             mean(self.tx_batch_frames, self.tx_batches),
             self.queue_errors,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_list_every_counter_once_with_its_doc() {
+        let counters = QueuePairCounters::default();
+        add(&counters.rx_packets, 3);
+        add(&counters.queue_errors, 1);
+        let values = counters.snapshot().values();
+        let names: Vec<&str> = values.iter().map(|v| v.name).collect();
+        let mut unique = names.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len());
+        let find = |name: &str| values.iter().find(|v| v.name == name).copied();
+        assert_eq!(find("rx_packets").map(|v| v.value), Some(3));
+        assert_eq!(find("queue_errors").map(|v| v.value), Some(1));
+        assert_eq!(find("tx_packets").map(|v| v.value), Some(0));
+        assert_eq!(
+            find("rx_dropped_inactive").map(|v| v.help),
+            Some("Frames that arrived for a queue pair the guest does not use, dropped.")
+        );
+        assert_eq!(find("rx_packets").map(|v| v.help), Some(""));
     }
 }

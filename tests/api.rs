@@ -1,0 +1,425 @@
+//! The API socket with a real client: `curl --unix-socket` against a guest
+//! with an AF_XDP NIC on a veth pair while iperf3 moves traffic; `/metrics`
+//! read by the Python `prometheus_client` text parser. Direct on hosts
+//! with hardware virtualization, in the nested test host otherwise.
+
+mod common;
+
+use std::path::Path;
+
+use common::{guest_image, run_scenario, ScenarioOutput, TempDir};
+
+const XSKVM: &str = env!("CARGO_BIN_EXE_xskvm");
+const CURL: &str = "/usr/bin/curl";
+/// Debian's python3 (python3-prometheus-client, resources/install-deps.sh).
+const PYTHON: &str = "/usr/bin/python3";
+
+/// Shell for the scenarios: a veth pair with the peer in namespace `peer`,
+/// `boot_guest OUT ARGS...` (guest command in /tmp/guest-cmd, pid in
+/// $XSKVM_PID), `wait_for TEXT FILE`, `api METHOD PATH [BODY]` (prints the
+/// body, then `CODE=status` on a line of its own) and `finish`.
+fn testbed() -> String {
+    let image = guest_image();
+    format!(
+        r#"
+set -u
+ip netns add peer
+ip -n peer link set lo up
+ip link add xs0 type veth peer name xs1
+ip link set xs1 netns peer
+ip -n peer addr add 10.77.0.1/24 dev xs1
+ip netns exec peer ethtool -K xs1 tx off >/dev/null
+ip -n peer link set xs1 up
+ip link set xs0 up
+boot_guest() {{
+    local out=$1; shift
+    {XSKVM} --kernel {kernel} --initrd {initrd} --memory 512M --log-level info "$@" \
+        --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet -- \"$(cat /tmp/guest-cmd)\"" \
+        </dev/null >$out 2>&1 &
+    XSKVM_PID=$!
+}}
+wait_for() {{
+    for i in $(seq 1200); do grep -q "$1" "$2" && return 0; kill -0 $XSKVM_PID 2>/dev/null || break; sleep 0.1; done
+    grep -q "$1" "$2"
+}}
+SOCK=/tmp/api.sock
+api() {{
+    if [ $# -gt 2 ]; then
+        {CURL} -sS --max-time 20 --unix-socket $SOCK -X "$1" -H 'Content-Type: application/json' \
+            -d "$3" -w '\nCODE=%{{http_code}}\n' "http://localhost$2"
+    else
+        {CURL} -sS --max-time 20 --unix-socket $SOCK -X "$1" -w '\nCODE=%{{http_code}}\n' "http://localhost$2"
+    fi
+}}
+# Just the status code of a call.
+code() {{ api "$@" | sed -n 's/^CODE=//p'; }}
+ticks() {{ grep -c TICK /tmp/console; }}
+finish() {{
+    wait $XSKVM_PID
+    echo "XSKVM-RC=$?"
+}}
+"#,
+        kernel = image.bzimage.display(),
+        initrd = image.initramfs.display(),
+    )
+}
+
+fn run(script: String) -> ScenarioOutput {
+    let image = guest_image();
+    assert!(
+        Path::new(CURL).exists(),
+        "{CURL} is missing: install curl (resources/install-deps.sh)"
+    );
+    run_scenario(
+        &script,
+        &[
+            Path::new(XSKVM),
+            &image.bzimage,
+            &image.initramfs,
+            Path::new(CURL),
+        ],
+    )
+}
+
+fn assert_value(out: &ScenarioOutput, key: &str, want: &str) {
+    assert_eq!(out.value_of(key), Some(want), "{key}\n{}", out.describe());
+}
+
+/// The JSON the scenario printed as `KEY=json`.
+fn json_of(out: &ScenarioOutput, key: &str) -> serde_json::Value {
+    let text = out
+        .value_of(key)
+        .unwrap_or_else(|| panic!("no {key}\n{}", out.describe()));
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{key}: {e}: {text}"))
+}
+
+/// The lines between `begin` and `end` markers.
+fn section<'a>(out: &'a ScenarioOutput, begin: &str, end: &str) -> Vec<&'a str> {
+    out.stdout
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .skip_while(|l| *l != begin)
+        .skip(1)
+        .take_while(|l| *l != end)
+        .collect()
+}
+
+/// Parses Prometheus text with `prometheus_client`'s parser and returns
+/// `name{labels} value` for every sample, labels sorted, one per line.
+fn parse_metrics(text: &str) -> String {
+    let dir = TempDir::new("metrics");
+    let file = dir.path().join("metrics.txt");
+    std::fs::write(&file, text).expect("write metrics");
+    let program = r#"
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+for family in text_string_to_metric_families(open(sys.argv[1]).read()):
+    for s in family.samples:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+        print(f"{family.type} {s.name}{{{labels}}} {s.value}")
+"#;
+    let output = std::process::Command::new(PYTHON)
+        .arg("-c")
+        .arg(program)
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {PYTHON}: {e} (install python3-prometheus-client: resources/install-deps.sh)")
+        });
+    assert!(
+        output.status.success(),
+        "prometheus_client could not parse /metrics (is python3-prometheus-client installed? \
+         resources/install-deps.sh):\n{}\n--- metrics ---\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn device_counter(counters: &serde_json::Value, name: &str) -> u64 {
+    counters["nics"][0]["queues"][0]["device"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {counters}"))
+}
+
+#[test]
+fn every_call_with_curl_while_iperf3_runs() {
+    let script = format!(
+        r#"{testbed}
+cat > /tmp/guest-cmd <<'CMD'
+ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up; iperf3 -s -D; sleep 1; echo GUEST-NET-UP; while true; do echo TICK; ip link show eth0 | grep -o NO-CARRIER; sleep 0.3; done
+CMD
+boot_guest /tmp/console --api-socket $SOCK --name test-vm --net af-xdp,ifname=xs0
+wait_for GUEST-NET-UP /tmp/console
+echo "SOCKET-MODE=$(stat -c %a $SOCK)"
+echo "INFO=$(api GET /api/v1/vm.info | head -n 1)"
+peer_tx() {{ ip netns exec peer cat /sys/class/net/xs1/statistics/tx_packets; }}
+# Counters first, the peer's count after: frames in between count for us.
+echo "COUNTERS-BEFORE=$(api GET /api/v1/vm.counters | head -n 1)"
+echo "PEER-TX-BEFORE=$(peer_tx)"
+ip netns exec peer iperf3 -c 10.77.0.2 -t 8 -i 1 >/tmp/iperf.log 2>&1 &
+iperf=$!
+sleep 2
+# Also frames that arrive while the guest is paused.
+ip netns exec peer ping -c 6 -W 1 10.77.0.2 >/tmp/ping.log 2>&1 &
+echo "PAUSE-CODE=$(code PUT /api/v1/vm.pause)"
+echo "STATE-PAUSED=$(api GET /api/v1/vm.info | head -n 1 | grep -o '"state":"[a-z-]*"')"
+a=$(ticks); sleep 2; b=$(ticks)
+echo "TICKS-WHILE-PAUSED=$((b - a))"
+echo "PAUSE-AGAIN-CODE=$(code PUT /api/v1/vm.pause)"
+echo "SHUTDOWN-PAUSED-CODE=$(code PUT /api/v1/vm.shutdown)"
+echo "RESUME-CODE=$(code PUT /api/v1/vm.resume)"
+echo "RESUME-AGAIN-CODE=$(code PUT /api/v1/vm.resume)"
+wait $iperf
+echo "IPERF-RC=$?"
+sleep 2
+c=$(ticks)
+[ $c -gt $b ] && echo TICKS-RESUMED=yes
+# The peer's count first, then what arrived once it settled.
+echo "PEER-TX-AFTER=$(peer_tx)"
+sleep 1
+echo "COUNTERS-AFTER=$(api GET /api/v1/vm.counters | head -n 1)"
+echo METRICS-BEGIN
+{CURL} -sS --unix-socket $SOCK http://localhost/metrics
+echo METRICS-END
+echo "LINK-DOWN-CODE=$(code PUT /api/v1/vm.net-link '{{"id": "net0", "up": false}}')"
+wait_for NO-CARRIER /tmp/console && echo NO-CARRIER-SEEN=yes
+echo "INFO-LINK-DOWN=$(api GET /api/v1/vm.info | head -n 1)"
+echo "LINK-UP-CODE=$(code PUT /api/v1/vm.net-link '{{"id": "net0", "up": true}}')"
+echo "UNKNOWN-NIC-CODE=$(code PUT /api/v1/vm.net-link '{{"id": "net9", "up": true}}')"
+echo "UNKNOWN-PATH-CODE=$(code GET /api/v1/vm.nothing)"
+echo "WRONG-METHOD-CODE=$(code DELETE /api/v1/vm.info)"
+echo "MALFORMED-CODE=$(code PUT /api/v1/vm.net-link '{{"id": ')"
+head -c 100000 /dev/zero | tr '\0' x > /tmp/big
+echo "OVERSIZED-CODE=$({CURL} -sS --unix-socket $SOCK -X PUT --data-binary @/tmp/big -o /dev/null -w '%{{http_code}}' http://localhost/api/v1/vm.pause)"
+# A request line httparse refuses (a space in the method).
+echo "GARBAGE-CODE=$(code 'G T' /api/v1/vm.info)"
+echo "STILL-RUNNING=$(api GET /api/v1/vm.info | head -n 1 | grep -o '"state":"[a-z-]*"')"
+echo "SHUTDOWN-CODE=$(code PUT /api/v1/vm.shutdown '{{"timeout_s": 60}}')"
+finish
+[ -e $SOCK ] && echo SOCKET-GONE=no || echo SOCKET-GONE=yes
+cat /tmp/iperf.log
+cat /tmp/console
+"#,
+        testbed = testbed()
+    );
+    let out = run(script);
+    assert_eq!(out.status, Some(0), "scenario failed\n{}", out.describe());
+    assert_value(&out, "SOCKET-MODE", "600");
+
+    let info = json_of(&out, "INFO");
+    assert_eq!(info["state"], "running", "{info}");
+    assert_eq!(info["name"], "test-vm");
+    assert_eq!(info["vcpus"], 1);
+    assert_eq!(info["memory_bytes"], 512u64 << 20);
+    let nic = &info["nics"][0];
+    assert_eq!(nic["id"], "net0", "{info}");
+    assert_eq!(nic["ifname"], "xs0");
+    assert_eq!(nic["queues"], 1);
+    assert!(
+        nic["mode"] == "copy" || nic["mode"] == "zero-copy",
+        "{info}"
+    );
+    assert_eq!(nic["mtu"], 1500);
+    assert_eq!(nic["mac"].as_str().map(str::len), Some(17), "{info}");
+    assert_eq!(nic["link"]["up"], true);
+
+    assert_value(&out, "PAUSE-CODE", "204");
+    assert_value(&out, "STATE-PAUSED", "\"state\":\"paused\"");
+    assert_value(&out, "TICKS-WHILE-PAUSED", "0");
+    assert_value(&out, "PAUSE-AGAIN-CODE", "409");
+    assert_value(&out, "SHUTDOWN-PAUSED-CODE", "409");
+    assert_value(&out, "RESUME-CODE", "204");
+    assert_value(&out, "RESUME-AGAIN-CODE", "409");
+    assert_value(&out, "IPERF-RC", "0");
+    assert_value(&out, "TICKS-RESUMED", "yes");
+
+    let before = json_of(&out, "COUNTERS-BEFORE");
+    let after = json_of(&out, "COUNTERS-AFTER");
+    for name in [
+        "rx_packets",
+        "rx_bytes",
+        "tx_packets",
+        "tx_bytes",
+        "interrupts",
+    ] {
+        assert!(
+            device_counter(&after, name) > device_counter(&before, name),
+            "{name} did not grow: {before} -> {after}"
+        );
+    }
+    // No frame lost uncounted, pause included: every frame the peer sent
+    // is in a counter (delivered, dropped by the device or the kernel's
+    // AF_XDP socket, or passed to the host stack by the receive filter).
+    let peer_value = |key: &str| -> u64 {
+        out.value_of(key)
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key}\n{}", out.describe()))
+    };
+    let sent = peer_value("PEER-TX-AFTER") - peer_value("PEER-TX-BEFORE");
+    let accounted = |c: &serde_json::Value| -> u64 {
+        let queue = &c["nics"][0]["queues"][0];
+        let device = [
+            "rx_packets",
+            "rx_dropped_too_big",
+            "rx_bad_descriptors",
+            "rx_dropped_inactive",
+        ]
+        .iter()
+        .map(|name| device_counter(c, name))
+        .sum::<u64>();
+        let kernel = ["rx_dropped", "rx_ring_full"]
+            .iter()
+            .map(|name| {
+                queue["af_xdp_kernel"][name]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{c}"))
+            })
+            .sum::<u64>();
+        let filtered = queue["xdp_filtered_frames"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{c}"));
+        device + kernel + filtered
+    };
+    let counted = accounted(&after) - accounted(&before);
+    assert!(
+        sent > 100 && counted >= sent,
+        "the peer sent {sent} frames, xskvm accounted for {counted}: {before} -> {after}"
+    );
+    let names = devices::virtio::net::CountersSnapshot::default().values();
+    assert_eq!(
+        after["nics"][0]["queues"][0]["device"]
+            .as_object()
+            .map(|m| m.len()),
+        Some(names.len()),
+        "every device counter: {after}"
+    );
+    assert!(
+        after["nics"][0]["queues"][0]["af_xdp_kernel"]["rx_dropped"].is_u64(),
+        "AF_XDP kernel statistics: {after}"
+    );
+    assert!(
+        after["vcpus"][0]["exits"]["mmio_write"].as_u64() > Some(0),
+        "{after}"
+    );
+
+    let metrics = section(&out, "METRICS-BEGIN", "METRICS-END").join("\n") + "\n";
+    let samples = parse_metrics(&metrics);
+    let rx_packets = samples
+        .lines()
+        .find(|l| l.starts_with("counter xskvm_net_rx_packets_total{nic=net0,queue=0,vm=test-vm} "))
+        .unwrap_or_else(|| panic!("no rx_packets sample in\n{samples}"));
+    let value: f64 = rx_packets
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(value > 0.0, "{rx_packets}");
+    for wanted in [
+        "gauge xskvm_vm_state{state=running,vm=test-vm} 1.0",
+        "gauge xskvm_net_link_up{nic=net0,vm=test-vm} 1.0",
+        "counter xskvm_afxdp_rx_dropped_total{nic=net0,queue=0,vm=test-vm} ",
+        "counter xskvm_vcpu_exits_total{reason=mmio_write,vcpu=0,vm=test-vm} ",
+        "counter xskvm_xdp_filtered_frames_total{nic=net0,queue=0,vm=test-vm} ",
+    ] {
+        assert!(
+            samples.lines().any(|l| l.starts_with(wanted)),
+            "no {wanted:?} in\n{samples}"
+        );
+    }
+
+    assert_value(&out, "LINK-DOWN-CODE", "204");
+    assert_value(&out, "NO-CARRIER-SEEN", "yes");
+    let down = json_of(&out, "INFO-LINK-DOWN");
+    assert_eq!(down["nics"][0]["link"]["up"], false, "{down}");
+    assert_eq!(down["nics"][0]["link"]["admin_up"], false, "{down}");
+    assert_value(&out, "LINK-UP-CODE", "204");
+    assert_value(&out, "UNKNOWN-NIC-CODE", "404");
+    assert_value(&out, "UNKNOWN-PATH-CODE", "404");
+    assert_value(&out, "WRONG-METHOD-CODE", "405");
+    assert_value(&out, "MALFORMED-CODE", "400");
+    assert_value(&out, "OVERSIZED-CODE", "413");
+    assert_value(&out, "GARBAGE-CODE", "400");
+    assert_value(&out, "STILL-RUNNING", "\"state\":\"running\"");
+
+    assert_value(&out, "SHUTDOWN-CODE", "204");
+    assert_value(&out, "XSKVM-RC", "0");
+    assert!(
+        out.stdout.contains("XSKVM-GUEST-POWER-BUTTON"),
+        "the guest saw no power button press\n{}",
+        out.describe()
+    );
+    assert!(
+        out.stdout.contains("guest powered off"),
+        "{}",
+        out.describe()
+    );
+    assert_value(&out, "SOCKET-GONE", "yes");
+}
+
+#[test]
+fn reboot_shutdown_timeout_and_the_socket_path() {
+    let script = format!(
+        r#"{testbed}
+# A guest that ignores its power button (its watcher is killed).
+cat > /tmp/guest-cmd <<'CMD'
+killall dd; echo GUEST-UP; sleep 600
+CMD
+boot_guest /tmp/console1 --api-socket $SOCK
+wait_for GUEST-UP /tmp/console1
+# Killed: its socket file stays behind, stale.
+kill -KILL $XSKVM_PID; wait $XSKVM_PID 2>/dev/null
+[ -S $SOCK ] && echo STALE-LEFT=yes
+boot_guest /tmp/console2 --api-socket $SOCK
+wait_for GUEST-UP /tmp/console2
+echo "STALE-REPLACED-CODE=$(code GET /api/v1/vm.info)"
+first=$XSKVM_PID
+# A second xskvm on a socket in use is refused, and leaves it alone.
+boot_guest /tmp/console3 --api-socket $SOCK
+wait $XSKVM_PID
+echo "IN-USE-RC=$?"
+grep -o 'another process is listening there' /tmp/console3 | sed 's/^/IN-USE-MSG=/'
+XSKVM_PID=$first
+echo "STILL-SERVED-CODE=$(code GET /api/v1/vm.info)"
+start=$(date +%s)
+echo "SHUTDOWN-CODE=$(code PUT /api/v1/vm.shutdown '{{"timeout_s": 3}}')"
+echo "SHUTTING-DOWN=$(api GET /api/v1/vm.info | head -n 1 | grep -o '"state":"[a-z-]*"')"
+echo "SHUTDOWN-AGAIN-CODE=$(code PUT /api/v1/vm.shutdown)"
+finish
+echo "SHUTDOWN-SECONDS=$(( $(date +%s) - start ))"
+grep -q 'did not power off within the shutdown timeout' /tmp/console2 && echo TIMEOUT-LOGGED=yes
+[ -e $SOCK ] && echo SOCKET-GONE=no || echo SOCKET-GONE=yes
+
+boot_guest /tmp/console4 --api-socket $SOCK
+wait_for GUEST-UP /tmp/console4
+echo "REBOOT-CODE=$(code PUT /api/v1/vm.reboot)"
+finish
+grep -q 'reset through the API' /tmp/console4 && echo REBOOT-LOGGED=yes
+cat /tmp/console2 /tmp/console3 /tmp/console4
+"#,
+        testbed = testbed()
+    );
+    let out = run(script);
+    assert_eq!(out.status, Some(0), "scenario failed\n{}", out.describe());
+    assert_value(&out, "STALE-LEFT", "yes");
+    assert_value(&out, "STALE-REPLACED-CODE", "200");
+    assert_value(&out, "IN-USE-RC", "1");
+    assert_value(&out, "IN-USE-MSG", "another process is listening there");
+    assert_value(&out, "STILL-SERVED-CODE", "200");
+    assert_value(&out, "SHUTDOWN-CODE", "204");
+    assert_value(&out, "SHUTTING-DOWN", "\"state\":\"shutting-down\"");
+    assert_value(&out, "SHUTDOWN-AGAIN-CODE", "409");
+    assert_value(&out, "TIMEOUT-LOGGED", "yes");
+    let seconds: u64 = out
+        .value_of("SHUTDOWN-SECONDS")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(
+        (3..=10).contains(&seconds),
+        "{seconds} s\n{}",
+        out.describe()
+    );
+    assert_value(&out, "SOCKET-GONE", "yes");
+    assert_value(&out, "REBOOT-CODE", "204");
+    assert_value(&out, "REBOOT-LOGGED", "yes");
+    assert_value(&out, "XSKVM-RC", "0");
+}

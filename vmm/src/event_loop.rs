@@ -1,0 +1,432 @@
+//! The main thread's loop once the guest runs, on rust-vmm's
+//! `event-manager`: one subscriber per concern, as in vmm-reference.
+//!
+//! - [`GuestEnds`]: the guest (i8042 reset, ACPI power-off) or the user on
+//!   the console (Ctrl-A x) ends the VM;
+//! - [`VcpuReports`]: a vCPU stopped (system event, crash);
+//! - [`StopSignals`]: SIGINT, SIGTERM, SIGHUP through a signalfd;
+//! - [`ApiActions`]: what the API thread asks (pause, resume, shutdown,
+//!   reboot), carried out here because this thread owns the vCPU threads.
+//!
+//! The console's input has a thread of its own (a blocking read of stdin);
+//! packets never come here (the virtio-net IO threads move them). Each
+//! subscriber records how the VM ends in the shared [`Outcome`]; the first
+//! record wins and ends the loop.
+
+use std::cell::{Cell, RefCell};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::{Action, ActionError, ActionRequest, VmState, VmStatus};
+use crate::vcpu::{PauseControl, StopReport, VcpuHandle, VcpuStop};
+use crate::vm::VmExit;
+use crate::VmmError;
+
+/// How long vCPUs get to leave the guest when the VM is paused.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How the VM ended, once something ended it.
+#[derive(Clone, Default)]
+pub struct Outcome(Rc<RefCell<Option<Result<VmExit, VmmError>>>>);
+
+impl Outcome {
+    /// Records how the VM ends, unless something else already did.
+    fn set(&self, outcome: Result<VmExit, VmmError>) {
+        let mut slot = self.0.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(outcome);
+        }
+    }
+
+    fn take(&self) -> Option<Result<VmExit, VmmError>> {
+        self.0.borrow_mut().take()
+    }
+
+    /// For a subscriber whose `init` could not register its fd: the loop
+    /// would never hear of it, so the VM cannot run.
+    fn register(&self, ops: &mut EventOps, fd: &impl AsRawFd, tag: u32) {
+        if let Err(e) = ops.add(Events::with_data(fd, tag, EventSet::IN)) {
+            self.set(Err(VmmError::EventLoop(e)));
+        }
+    }
+}
+
+/// What the loop waits on; borrowed from [`crate::vm::Vm::run`].
+pub struct MainLoop<'a> {
+    pub reset: &'a EventFd,
+    pub poweroff: &'a EventFd,
+    pub quit: &'a EventFd,
+    pub report: &'a StopReport,
+    pub signals: &'a OwnedFd,
+    pub api_wake: &'a EventFd,
+    pub actions: &'a mpsc::Receiver<ActionRequest>,
+    pub handles: &'a [VcpuHandle],
+    pub pause: &'a PauseControl,
+    pub status: &'a VmStatus,
+    pub power_button: &'a EventFd,
+}
+
+impl MainLoop<'_> {
+    /// Runs until something ends the VM.
+    pub fn run(self) -> Result<VmExit, VmmError> {
+        let outcome = Outcome::default();
+        let deadline = Rc::new(Cell::new(None));
+        let mut manager: EventManager<Box<dyn MutEventSubscriber + '_>> =
+            EventManager::new().map_err(VmmError::EventLoop)?;
+        manager.add_subscriber(Box::new(GuestEnds {
+            reset: self.reset,
+            poweroff: self.poweroff,
+            quit: self.quit,
+            outcome: outcome.clone(),
+        }));
+        manager.add_subscriber(Box::new(VcpuReports {
+            report: self.report,
+            outcome: outcome.clone(),
+        }));
+        manager.add_subscriber(Box::new(StopSignals {
+            signals: self.signals,
+            outcome: outcome.clone(),
+        }));
+        manager.add_subscriber(Box::new(ApiActions {
+            wake: self.api_wake,
+            actions: self.actions,
+            handles: self.handles,
+            pause: self.pause,
+            status: self.status,
+            power_button: self.power_button,
+            shutdown_deadline: deadline.clone(),
+            outcome: outcome.clone(),
+        }));
+        loop {
+            if let Some(outcome) = outcome.take() {
+                return outcome;
+            }
+            let timeout = match deadline.get() {
+                None => -1,
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        log::warn!(
+                            "the guest did not power off in time after vm.shutdown; stopping it"
+                        );
+                        return Ok(VmExit::ShutdownTimeout);
+                    }
+                    // Rounded up, so the wait does not end just before the deadline.
+                    i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
+                }
+            };
+            // A signal interrupting the wait is not an error (0 events).
+            manager
+                .run_with_timeout(timeout)
+                .map_err(VmmError::EventLoop)?;
+        }
+    }
+}
+
+/// The guest's reset (i8042) and power-off (ACPI sleep control), and the
+/// console's quit escape.
+struct GuestEnds<'a> {
+    reset: &'a EventFd,
+    poweroff: &'a EventFd,
+    quit: &'a EventFd,
+    outcome: Outcome,
+}
+
+impl GuestEnds<'_> {
+    const RESET: u32 = 0;
+    const POWEROFF: u32 = 1;
+    const QUIT: u32 = 2;
+}
+
+impl MutEventSubscriber for GuestEnds<'_> {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.outcome.register(ops, self.reset, Self::RESET);
+        self.outcome.register(ops, self.poweroff, Self::POWEROFF);
+        self.outcome.register(ops, self.quit, Self::QUIT);
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            Self::RESET => self.outcome.set(Ok(VmExit::Reset)),
+            Self::POWEROFF => self.outcome.set(Ok(VmExit::PowerOff)),
+            Self::QUIT => self.outcome.set(Ok(VmExit::Quit)),
+            _ => {}
+        }
+    }
+}
+
+/// A vCPU that cannot go on (power-off or reset as a system event, a crash).
+struct VcpuReports<'a> {
+    report: &'a StopReport,
+    outcome: Outcome,
+}
+
+impl MutEventSubscriber for VcpuReports<'_> {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.outcome.register(ops, self.report.wake_fd(), 0);
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        match self.report.take() {
+            Some(VcpuStop::PowerOff) => self.outcome.set(Ok(VmExit::PowerOff)),
+            Some(VcpuStop::Reset) => self.outcome.set(Ok(VmExit::Reset)),
+            Some(VcpuStop::Crash(reason)) => self.outcome.set(Err(VmmError::GuestCrash(reason))),
+            None => {}
+        }
+    }
+}
+
+/// The stop signals, blocked in every thread and read here.
+struct StopSignals<'a> {
+    signals: &'a OwnedFd,
+    outcome: Outcome,
+}
+
+impl MutEventSubscriber for StopSignals<'_> {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.outcome.register(ops, self.signals, 0);
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        if let Some(sig) = crate::vm::read_signal(self.signals) {
+            self.outcome.set(Ok(VmExit::Signal(sig)));
+        }
+    }
+}
+
+/// The API thread's actions: each comes over `actions` with a write to
+/// `wake`, and its answer goes back on its own channel.
+struct ApiActions<'a> {
+    wake: &'a EventFd,
+    actions: &'a mpsc::Receiver<ActionRequest>,
+    handles: &'a [VcpuHandle],
+    pause: &'a PauseControl,
+    status: &'a VmStatus,
+    power_button: &'a EventFd,
+    /// After `vm.shutdown` with a timeout: when to stop waiting for the guest.
+    shutdown_deadline: Rc<Cell<Option<Instant>>>,
+    outcome: Outcome,
+}
+
+impl MutEventSubscriber for ApiActions<'_> {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.outcome.register(ops, self.wake, 0);
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Cleared before draining: a request sent after the drain wakes
+        // the loop again.
+        let _ = self.wake.read();
+        while let Ok(request) = self.actions.try_recv() {
+            let (result, exit) = self.act(request.action);
+            // The API thread may have given up waiting.
+            let _ = request.reply.send(result);
+            if let Some(exit) = exit {
+                self.outcome.set(Ok(exit));
+                return;
+            }
+        }
+    }
+}
+
+impl ApiActions<'_> {
+    /// Carries out one action; returns its result and, for those that end
+    /// the VM, how.
+    fn act(&mut self, action: Action) -> (Result<(), ActionError>, Option<VmExit>) {
+        let state = self.status.state();
+        let conflict = |what: &str| {
+            Err(ActionError::Conflict(format!(
+                "{what}: the VM is {}",
+                state.as_str()
+            )))
+        };
+        let result = match action {
+            Action::Pause if state != VmState::Running => conflict("cannot pause"),
+            Action::Pause => {
+                self.pause.request_pause();
+                let handles = self.handles;
+                let parked = self.pause.wait_parked(handles.len(), PAUSE_TIMEOUT, || {
+                    handles.iter().for_each(VcpuHandle::kick)
+                });
+                if parked {
+                    self.status.set_state(VmState::Paused);
+                    log::info!("VM paused through the API");
+                    Ok(())
+                } else {
+                    self.pause.resume();
+                    Err(ActionError::Failed(format!(
+                        "the vCPUs did not stop within {PAUSE_TIMEOUT:?}; the VM runs on"
+                    )))
+                }
+            }
+            Action::Resume if state != VmState::Paused => conflict("cannot resume"),
+            Action::Resume => {
+                self.pause.resume();
+                self.status.set_state(VmState::Running);
+                log::info!("VM resumed through the API");
+                Ok(())
+            }
+            Action::Shutdown { .. } if state != VmState::Running => {
+                conflict("cannot shut down (a paused VM must be resumed first)")
+            }
+            Action::Shutdown { timeout } => match self.power_button.write(1) {
+                Ok(()) => {
+                    self.status.set_state(VmState::ShuttingDown);
+                    self.shutdown_deadline
+                        .set(timeout.map(|t| Instant::now() + t));
+                    log::info!("power button pressed through the API (timeout {timeout:?})");
+                    Ok(())
+                }
+                Err(e) => Err(ActionError::Failed(format!(
+                    "cannot press the power button: {e}"
+                ))),
+            },
+            Action::Reboot => {
+                log::info!("VM reset through the API");
+                return (Ok(()), Some(VmExit::ApiReboot));
+            }
+        };
+        (result, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    struct Fixture {
+        reset: EventFd,
+        poweroff: EventFd,
+        quit: EventFd,
+        report: StopReport,
+        signals: OwnedFd,
+        _signal_writer: std::io::PipeWriter,
+        api_wake: EventFd,
+        actions: mpsc::Receiver<ActionRequest>,
+        sender: mpsc::Sender<ActionRequest>,
+        pause: PauseControl,
+        status: VmStatus,
+        power_button: EventFd,
+    }
+
+    fn evt() -> EventFd {
+        EventFd::new(EFD_NONBLOCK).unwrap()
+    }
+
+    fn fixture() -> Fixture {
+        let (sender, actions) = mpsc::channel();
+        // Never readable while the writer lives: a stand-in for the signalfd.
+        let (signals, signal_writer) = std::io::pipe().unwrap();
+        Fixture {
+            reset: evt(),
+            poweroff: evt(),
+            quit: evt(),
+            report: StopReport::new(evt()),
+            signals: OwnedFd::from(signals),
+            _signal_writer: signal_writer,
+            api_wake: evt(),
+            actions,
+            sender,
+            pause: PauseControl::default(),
+            status: VmStatus::new("t".into(), 1 << 30, "/k".into(), Vec::new(), Vec::new()),
+            power_button: evt(),
+        }
+    }
+
+    impl Fixture {
+        fn main_loop(&self) -> MainLoop<'_> {
+            MainLoop {
+                reset: &self.reset,
+                poweroff: &self.poweroff,
+                quit: &self.quit,
+                report: &self.report,
+                signals: &self.signals,
+                api_wake: &self.api_wake,
+                actions: &self.actions,
+                handles: &[],
+                pause: &self.pause,
+                status: &self.status,
+                power_button: &self.power_button,
+            }
+        }
+
+        /// Queues `action`; returns where its answer arrives.
+        fn ask(&self, action: Action) -> mpsc::Receiver<Result<(), ActionError>> {
+            let (reply, answer) = mpsc::channel();
+            self.sender.send(ActionRequest { action, reply }).unwrap();
+            self.api_wake.write(1).unwrap();
+            answer
+        }
+    }
+
+    #[test]
+    fn each_source_ends_the_loop_its_way() {
+        let f = fixture();
+        f.poweroff.write(1).unwrap();
+        assert_eq!(f.main_loop().run().unwrap(), VmExit::PowerOff);
+        let f = fixture();
+        f.quit.write(1).unwrap();
+        assert_eq!(f.main_loop().run().unwrap(), VmExit::Quit);
+        let f = fixture();
+        f.reset.write(1).unwrap();
+        assert_eq!(f.main_loop().run().unwrap(), VmExit::Reset);
+        let f = fixture();
+        f.report.report(VcpuStop::Crash("boom".into()));
+        assert!(matches!(
+            f.main_loop().run(),
+            Err(VmmError::GuestCrash(reason)) if reason == "boom"
+        ));
+    }
+
+    #[test]
+    fn actions_follow_the_vm_state_and_reboot_ends_it() {
+        let f = fixture();
+        let answers: Vec<_> = [
+            Action::Resume,
+            Action::Pause,
+            Action::Pause,
+            Action::Shutdown { timeout: None },
+            Action::Resume,
+            Action::Reboot,
+        ]
+        .into_iter()
+        .map(|a| f.ask(a))
+        .collect();
+        assert_eq!(f.main_loop().run().unwrap(), VmExit::ApiReboot);
+        let answers: Vec<_> = answers.iter().map(|a| a.recv().unwrap()).collect();
+        assert!(matches!(&answers[0], Err(ActionError::Conflict(m)) if m.contains("running")));
+        assert_eq!(answers[1], Ok(()));
+        assert!(matches!(&answers[2], Err(ActionError::Conflict(m)) if m.contains("paused")));
+        assert!(matches!(&answers[3], Err(ActionError::Conflict(_))));
+        assert_eq!(answers[4], Ok(()));
+        assert_eq!(answers[5], Ok(()));
+        assert_eq!(f.status.state(), VmState::Running);
+    }
+
+    #[test]
+    fn shutdown_presses_the_button_and_times_out() {
+        let f = fixture();
+        let answer = f.ask(Action::Shutdown {
+            timeout: Some(Duration::from_millis(50)),
+        });
+        let started = Instant::now();
+        assert_eq!(f.main_loop().run().unwrap(), VmExit::ShutdownTimeout);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(answer.recv().unwrap(), Ok(()));
+        assert_eq!(f.power_button.read().unwrap(), 1, "pressed once");
+        assert_eq!(f.status.state(), VmState::ShuttingDown);
+        let again = f.ask(Action::Shutdown { timeout: None });
+        f.poweroff.write(1).unwrap();
+        assert_eq!(f.main_loop().run().unwrap(), VmExit::PowerOff);
+        assert!(matches!(
+            again.recv().unwrap(),
+            Err(ActionError::Conflict(_))
+        ));
+    }
+}
