@@ -16,6 +16,7 @@ pub mod seccomp;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;
+pub mod wait;
 
 use std::path::PathBuf;
 

@@ -374,30 +374,13 @@ fn carrier(ifname: &str) -> bool {
 fn watch(socket: Socket, stop: EventFd, mut nics: Vec<WatchedNic>) -> Vec<WatchedNic> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: socket.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: two valid pollfds for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+        match crate::wait::until_work_or_stop(socket.as_raw_fd(), stop.as_raw_fd()) {
+            Ok(false) => {}
+            Ok(true) => return nics,
+            Err(e) => {
+                log::error!("interface watcher: poll: {e}; link changes go unnoticed");
+                return nics;
             }
-            log::error!("interface watcher: poll: {e}; link changes go unnoticed");
-            return nics;
-        }
-        if fds[1].revents != 0 {
-            return nics;
         }
         loop {
             let len = match socket.recv(&mut &mut buf[..], 0) {

@@ -171,30 +171,13 @@ fn serve(
     stop: &EventFd,
 ) {
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: listener.listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: two valid pollfds for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+        match crate::wait::until_work_or_stop(listener.listener.as_raw_fd(), stop.as_raw_fd()) {
+            Ok(false) => {}
+            Ok(true) => return,
+            Err(e) => {
+                log::error!("API socket: poll: {e}; the API stops");
+                return;
             }
-            log::error!("API socket: poll: {e}; the API stops");
-            return;
-        }
-        if fds[1].revents != 0 {
-            return;
         }
         match listener.listener.accept() {
             Ok((stream, _)) => serve_connection(stream, status, actions, wake),

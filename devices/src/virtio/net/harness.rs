@@ -199,23 +199,7 @@ impl DriverHarness {
 
     /// Posts up to `n` receive buffers (header + frame room each); returns how many.
     pub fn post_rx_buffers(&mut self, queue: usize, n: usize) -> usize {
-        let mut posted = 0;
-        while posted < n {
-            let Some(id) = self.queues[queue].free.pop() else {
-                break;
-            };
-            self.write_desc(
-                queue,
-                id,
-                Self::buffer_addr(queue, id),
-                BUFFER_SIZE,
-                VIRTQ_DESC_F_WRITE,
-                0,
-            );
-            self.publish(queue, id);
-            posted += 1;
-        }
-        posted
+        self.post_rx_buffers_sized(queue, n, BUFFER_SIZE)
     }
 
     /// Posts up to `n` receive buffers of `size` bytes (at most the slot

@@ -13,7 +13,7 @@ use super::offload::{
     VirtioNetHdr, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4,
 };
-use super::tests::{collect_used, config, SocketBackend, FEATURES};
+use super::tests::{collect_used, config, recv_all, SocketBackend, FEATURES};
 use super::*;
 
 const TX_OFFLOADS: u64 = VIRTIO_NET_F_CSUM
@@ -53,17 +53,6 @@ fn gso_frame(ip: Ip, proto: u8, gso_type: u8, mss: u16, data: &[u8]) -> ([u8; 12
         num_buffers: 0,
     };
     (hdr.to_bytes(), f)
-}
-
-fn recv_all(peer: &UnixDatagram) -> Vec<Vec<u8>> {
-    peer.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = peer.recv(&mut buf) {
-        got.push(buf[..n].to_vec());
-    }
-    got
 }
 
 /// Checks every wire frame and returns the payload they carry, in order.

@@ -598,6 +598,11 @@ fn send_and_collect(
     }
     h.kick(1);
     assert_eq!(collect_used(h, 1, frames.len()).len(), frames.len());
+    recv_all(peer)
+}
+
+/// Every frame the peer receives until 300 ms pass without one.
+pub(super) fn recv_all(peer: &UnixDatagram) -> Vec<Vec<u8>> {
     peer.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
     let mut got = Vec::new();
