@@ -616,7 +616,7 @@ impl XorShift {
 fn coalescing_keeps_every_flows_bytes_in_order_whatever_arrives() {
     let mut merged = 0;
     for round in 0..200u64 {
-        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ (round + 1) * 0x1234_5678);
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ ((round + 1) * 0x1234_5678));
         let mergeable = round % 3 != 2;
         let mut features =
             FEATURES | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6;
