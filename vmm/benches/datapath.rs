@@ -69,6 +69,9 @@ fn sink(mut q: XskQueue, stop: Arc<AtomicBool>) -> XskQueue {
 struct Rate {
     pps: f64,
     size: usize,
+    /// CPU time per frame (µs) of the side measured: the raw socket's
+    /// thread, or the device's IO thread and the harness (the guest).
+    cpu_us: (f64, f64),
     /// The device's counters (virtio-net runs only).
     device: Option<devices::virtio::net::CountersSnapshot>,
 }
@@ -84,11 +87,75 @@ impl Rate {
 }
 
 /// Counts packets seen by `counter` over `secs` after a warm-up.
-fn window(secs: f64, counter: impl Fn() -> u64) -> f64 {
+/// Also returns the CPU time each named thread used in the window.
+fn window(secs: f64, counter: impl Fn() -> u64) -> (f64, ThreadCpu) {
     thread::sleep(Duration::from_millis(300));
+    let cpu0 = thread_cpu();
     let (c0, t0) = (counter(), Instant::now());
     thread::sleep(Duration::from_secs_f64(secs));
-    (counter() - c0) as f64 / t0.elapsed().as_secs_f64()
+    let pps = (counter() - c0) as f64 / t0.elapsed().as_secs_f64();
+    let mut cpu = thread_cpu();
+    for (name, ticks) in &mut cpu.0 {
+        *ticks -= cpu0
+            .0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, t)| *t);
+    }
+    (pps, cpu)
+}
+
+/// CPU time (user + system, in clock ticks) of this process's threads, by
+/// name (threads of the same name summed).
+#[derive(Default)]
+struct ThreadCpu(Vec<(String, u64)>);
+
+impl ThreadCpu {
+    /// Microseconds of CPU per frame of the threads named `name`.
+    fn per_frame_us(&self, name: &str, frames: f64) -> f64 {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let ticks = self
+            .0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, t)| *t);
+        ticks as f64 / hz * 1e6 / frames.max(1.0)
+    }
+}
+
+fn thread_cpu() -> ThreadCpu {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return ThreadCpu(out);
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ... utime stime: fields 14 and 15, 12 and 13 after ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = fields
+            .get(11..13)
+            .map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, t)) => *t += ticks,
+            None => out.push((name, ticks)),
+        }
+    }
+    ThreadCpu(out)
+}
+
+/// Spawns a thread named `name` (so that its CPU time can be found).
+fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> thread::JoinHandle<()> {
+    thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .expect("spawn")
 }
 
 /// An AF_XDP socket on one end of the pair blasts frames at one on the
@@ -128,23 +195,23 @@ fn measure(side: Side, tx: bool, size: usize, secs: f64, tcp_stream: bool) -> Ra
     let peer_counters = qb.stats_handle();
     let s = stop.clone();
     threads.push(if tx {
-        thread::spawn(move || drop(sink(qb, s)))
+        spawn_named("peer", move || drop(sink(qb, s)))
     } else if tcp_stream {
         let segment = tcp_segment(mac_b, mac_a, size);
-        thread::spawn(move || drop(blast_tcp(qb, segment, s)))
+        spawn_named("peer", move || drop(blast_tcp(qb, segment, s)))
     } else {
         let frame = frame.clone();
-        thread::spawn(move || drop(blast(qb, frame, s)))
+        spawn_named("peer", move || drop(blast(qb, frame, s)))
     });
 
     let s = stop.clone();
     let mut device = None;
     let mut own_counters = None;
     match side {
-        Side::Raw if tx => threads.push(thread::spawn(move || drop(blast(qa, frame, s)))),
+        Side::Raw if tx => threads.push(spawn_named("raw", move || drop(blast(qa, frame, s)))),
         Side::Raw => {
             own_counters = Some(qa.stats_handle());
-            threads.push(thread::spawn(move || drop(sink(qa, s))));
+            threads.push(spawn_named("raw", move || drop(sink(qa, s))));
         }
         Side::Virtio | Side::VirtioTso | Side::VirtioGro => {
             let (counters_tx, counters_rx) = std::sync::mpsc::channel();
@@ -156,7 +223,7 @@ fn measure(side: Side, tx: bool, size: usize, secs: f64, tcp_stream: bool) -> Ra
                 }
                 _ => 0,
             };
-            threads.push(thread::spawn(move || {
+            threads.push(spawn_named("guest", move || {
                 let (h, counters) = harness_for(qa, mac_a, offloads);
                 let _ = counters_tx.send(counters);
                 if tso {
@@ -168,7 +235,7 @@ fn measure(side: Side, tx: bool, size: usize, secs: f64, tcp_stream: bool) -> Ra
             device = Some(counters_rx.recv().expect("device counters"));
         }
     }
-    let pps = window(secs, || match (tx, &own_counters, &device) {
+    let (pps, cpu) = window(secs, || match (tx, &own_counters, &device) {
         (true, _, _) => peer_counters.counters().snapshot().rx_packets,
         (false, Some(own), _) => own.counters().snapshot().rx_packets,
         (false, None, Some(dev)) => dev.snapshot().rx_packets,
@@ -178,9 +245,18 @@ fn measure(side: Side, tx: bool, size: usize, secs: f64, tcp_stream: bool) -> Ra
     for thread in threads {
         let _ = thread.join();
     }
+    let frames = pps * secs;
+    let cpu_us = match side {
+        Side::Raw => (cpu.per_frame_us("raw", frames), 0.0),
+        _ => (
+            cpu.per_frame_us("xskvm-bench-q0", frames),
+            cpu.per_frame_us("guest", frames),
+        ),
+    };
     Rate {
         pps,
         size,
+        cpu_us,
         device: device.map(|d| d.snapshot()),
     }
 }
@@ -361,6 +437,10 @@ fn main() {
                 v.show(),
                 v.pps / r.pps.max(1.0)
             );
+            println!(
+                "            CPU per frame: raw socket thread {:.2} us; device IO thread {:.2} us, harness (guest) {:.2} us",
+                r.cpu_us.0, v.cpu_us.0, v.cpu_us.1
+            );
             if let Some(c) = v.device {
                 let per = |n: u64, d: u64| n as f64 / d.max(1) as f64;
                 let (frames, batches, notes) = if tx {
@@ -387,6 +467,10 @@ fn main() {
         v.show(),
         v.pps / r.pps.max(1.0)
     );
+    println!(
+        "            CPU per wire frame: raw socket thread {:.2} us; device IO thread {:.2} us, harness (guest) {:.2} us",
+        r.cpu_us.0, v.cpu_us.0, v.cpu_us.1
+    );
     if let Some(c) = v.device {
         println!(
             "            device: {:.1} wire frames per GSO frame, {} offload errors, {} dropped",
@@ -404,6 +488,10 @@ fn main() {
         r.show(),
         v.show(),
         v.pps / r.pps.max(1.0)
+    );
+    println!(
+        "            CPU per wire frame: raw socket thread {:.2} us; device IO thread {:.2} us, harness (guest) {:.2} us",
+        r.cpu_us.0, v.cpu_us.0, v.cpu_us.1
     );
     if let Some(c) = v.device {
         let per = |n: u64, d: u64| n as f64 / d.max(1) as f64;
