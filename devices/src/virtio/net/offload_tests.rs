@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::harness::DriverHarness;
 use super::offload::csum;
-use super::offload::headers::testing::{fill_l4_checksum, frame, l4_checksum_ok};
+use super::offload::headers::testing::{fill_l4_checksum, frame, l4_checksum_ok, leave_partial};
 use super::offload::headers::{self, Ip, IPPROTO_TCP, IPPROTO_UDP};
 use super::offload::{
     VirtioNetHdr, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -104,13 +104,9 @@ fn gso_frames_leave_as_checksummed_wire_frames_carrying_the_whole_payload() {
 fn needs_csum_frames_leave_with_their_checksum_filled() {
     let (mut h, peer, counters) = device(FEATURES | VIRTIO_NET_F_CSUM);
     for (ip, proto) in [(Ip::V4, IPPROTO_TCP), (Ip::V6, IPPROTO_UDP)] {
-        let (mut hdr, f) = gso_frame(ip, proto, 0, 0, &payload(1001, 3));
+        let (mut hdr, mut f) = gso_frame(ip, proto, 0, 0, &payload(1001, 3));
         // Not GSO: the pseudo-header sum covers this frame's length.
-        let l = headers::parse(&f).unwrap();
-        let mut f = f;
-        let at = l.l4 + l.csum_offset();
-        let pseudo = csum::fold(l.pseudo_sum(&f, f.len() - l.l4));
-        f[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
+        leave_partial(&mut f);
         hdr[1] = 0;
         assert!(h.queue_tx_frame_with_header(1, hdr, &f));
         h.kick(1);
@@ -217,10 +213,7 @@ fn receive(h: &mut DriverHarness, peer: &UnixDatagram, f: &[u8]) -> (VirtioNetHd
 /// A frame from a sender that left its checksum to the device.
 fn partial(ip: Ip, proto: u8) -> Vec<u8> {
     let mut f = frame(ip, proto, false, &payload(1200, 9));
-    let l = headers::parse(&f).unwrap();
-    let at = l.l4 + l.csum_offset();
-    let pseudo = csum::fold(l.pseudo_sum(&f, f.len() - l.l4));
-    f[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
+    leave_partial(&mut f);
     f
 }
 
@@ -340,9 +333,7 @@ fn flow(ip: Ip, port: u16, seq0: u32, data: &[u8], mss: usize, partial_csum: boo
             f[l.l4 + 4..l.l4 + 8].copy_from_slice(&seq.to_be_bytes());
             f[l.l4 + 13] = 0x10; // ACK
             if partial_csum {
-                let at = l.l4 + 16;
-                let pseudo = csum::fold(l.pseudo_sum(&f, f.len() - l.l4));
-                f[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
+                leave_partial(&mut f);
             } else {
                 fill_l4_checksum(&mut f);
             }

@@ -207,6 +207,17 @@ pub(crate) mod testing {
         super::super::csum::fold(super::super::csum::add(sum, &frame[l.l4..])) == 0xffff
     }
 
+    /// Leaves the transport checksum as a CHECKSUM_PARTIAL sender does (a
+    /// guest with NEEDS_CSUM, a veth peer with offloads): the folded
+    /// pseudo-header sum. Returns the field's offset.
+    pub fn leave_partial(frame: &mut [u8]) -> usize {
+        let l = parse(frame).expect("a TCP or UDP frame");
+        let at = l.l4 + l.csum_offset();
+        let pseudo = super::super::csum::fold(l.pseudo_sum(frame, frame.len() - l.l4));
+        frame[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
+        at
+    }
+
     /// Sets the transport checksum of a whole frame.
     pub fn fill_l4_checksum(frame: &mut [u8]) {
         let l = parse(frame).expect("a TCP or UDP frame");

@@ -80,7 +80,7 @@ pub fn check_with(frame: &[u8], layout: Option<headers::Layout>, verify: bool) -
 
 #[cfg(test)]
 mod tests {
-    use super::super::headers::testing::{fill_l4_checksum, frame, l4_checksum_ok};
+    use super::super::headers::testing::{fill_l4_checksum, frame, l4_checksum_ok, leave_partial};
     use super::super::headers::{IPPROTO_TCP, IPPROTO_UDP};
     use super::*;
 
@@ -97,15 +97,6 @@ mod tests {
         out
     }
 
-    /// What a CHECKSUM_PARTIAL sender's frame looks like after XDP.
-    fn as_partial(f: &mut [u8]) -> usize {
-        let l = headers::parse(f).unwrap();
-        let at = l.l4 + l.csum_offset();
-        let pseudo = csum::fold(l.pseudo_sum(f, f.len() - l.l4));
-        f[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
-        at
-    }
-
     #[test]
     fn valid_frames_verify_and_are_left_alone_without_verify() {
         for mut f in cases() {
@@ -118,7 +109,7 @@ mod tests {
     #[test]
     fn partial_frames_are_completed_whether_or_not_the_guest_wants_verification() {
         for mut f in cases() {
-            let at = as_partial(&mut f);
+            let at = leave_partial(&mut f);
             for verify in [true, false] {
                 let RxChecksum::Completed { at: got, value } = check(&f, verify) else {
                     panic!("not completed: {:?}", check(&f, verify));
