@@ -164,6 +164,10 @@ pub(crate) struct TxFrame {
     hdr: VirtioNetHdr,
     pieces: Vec<(GuestAddress, usize)>,
     len: usize,
+    /// The piece the last read started in, and that piece's offset in the
+    /// frame: segments are read in order, so the next read starts there
+    /// rather than walking the pieces from the first again.
+    cursor: (usize, usize),
 }
 
 impl TxFrame {
@@ -172,6 +176,7 @@ impl TxFrame {
             hdr: VirtioNetHdr::default(),
             pieces: Vec::with_capacity(descriptors),
             len: 0,
+            cursor: (0, 0),
         }
     }
 
@@ -185,6 +190,7 @@ impl TxFrame {
     ) -> Result<(), ChainError> {
         self.pieces.clear();
         self.len = 0;
+        self.cursor = (0, 0);
         let mut hdr = [0u8; NET_HDR_LEN];
         let mut hdr_len = 0usize;
         for (i, desc) in chain.enumerate() {
@@ -223,23 +229,35 @@ impl TxFrame {
     }
 
     /// Copies the frame's bytes from `offset` into all of `dst`.
-    fn read(&self, mem: &GuestMemoryMmap, offset: usize, dst: &mut [u8]) -> Result<(), ChainError> {
-        let mut skip = offset;
+    fn read(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        offset: usize,
+        dst: &mut [u8],
+    ) -> Result<(), ChainError> {
+        if offset < self.cursor.1 {
+            self.cursor = (0, 0);
+        }
+        let (first, mut piece_start) = self.cursor;
         let mut done = 0usize;
-        for &(addr, len) in &self.pieces {
+        for (i, &(addr, len)) in self.pieces.iter().enumerate().skip(first) {
             if done == dst.len() {
                 break;
             }
+            let skip = offset.saturating_sub(piece_start);
             if skip >= len {
-                skip -= len;
+                piece_start += len;
                 continue;
+            }
+            if done == 0 {
+                self.cursor = (i, piece_start);
             }
             let n = (len - skip).min(dst.len() - done);
             let from = addr.checked_add(skip as u64).ok_or(ChainError::Bad)?;
             mem.read_slice(&mut dst[done..done + n], from)
                 .map_err(|_| ChainError::Bad)?;
             done += n;
-            skip = 0;
+            piece_start += len;
         }
         if done < dst.len() {
             return Err(ChainError::Bad);
@@ -310,7 +328,7 @@ fn start_tx_chain(
 /// from guest memory, then its headers.
 fn write_segment(
     mem: &GuestMemoryMmap,
-    frame: &TxFrame,
+    frame: &mut TxFrame,
     headers: &[u8],
     seg: &Segmenter,
     i: usize,
