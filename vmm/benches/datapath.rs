@@ -413,6 +413,20 @@ fn drive(mut h: DriverHarness, tx: bool, frame: &[u8], stop: &AtomicBool) {
     }
 }
 
+/// One comparison's first lines: rates, their ratio, CPU per frame.
+fn compare(label: &str, r: &Rate, v: &Rate) {
+    println!(
+        "{label}   raw AF_XDP {}   virtio-net {}   ratio {:.2}",
+        r.show(),
+        v.show(),
+        v.pps / r.pps.max(1.0)
+    );
+    println!(
+        "            CPU per wire frame: raw socket thread {:.2} us; device IO thread {:.2} us, harness (guest) {:.2} us",
+        r.cpu_us.0, v.cpu_us.0, v.cpu_us.1
+    );
+}
+
 fn main() {
     if !testbed::is_root() {
         eprintln!("datapath bench: needs root (veth pairs, namespaces, AF_XDP); skipped");
@@ -431,16 +445,7 @@ fn main() {
         for (dir, tx) in [("tx", true), ("rx", false)] {
             let r = measure(Side::Raw, tx, size, secs, false);
             let v = measure(Side::Virtio, tx, size, secs, false);
-            println!(
-                "{dir} {size:4} B   raw AF_XDP {}   virtio-net {}   ratio {:.2}",
-                r.show(),
-                v.show(),
-                v.pps / r.pps.max(1.0)
-            );
-            println!(
-                "            CPU per frame: raw socket thread {:.2} us; device IO thread {:.2} us, harness (guest) {:.2} us",
-                r.cpu_us.0, v.cpu_us.0, v.cpu_us.1
-            );
+            compare(&format!("{dir} {size:4} B"), &r, &v);
             if let Some(c) = v.device {
                 let per = |n: u64, d: u64| n as f64 / d.max(1) as f64;
                 let (frames, batches, notes) = if tx {
@@ -461,16 +466,7 @@ fn main() {
     // 1514-byte frames, the size the device cuts them into.
     let r = measure(Side::Raw, true, 1514, secs, false);
     let v = measure(Side::VirtioTso, true, 1514, secs, false);
-    println!(
-        "tx TSO 64 KiB -> 1514 B   raw AF_XDP {}   virtio-net {}   ratio {:.2}",
-        r.show(),
-        v.show(),
-        v.pps / r.pps.max(1.0)
-    );
-    println!(
-        "            CPU per wire frame: raw socket thread {:.2} us; device IO thread {:.2} us, harness (guest) {:.2} us",
-        r.cpu_us.0, v.cpu_us.0, v.cpu_us.1
-    );
+    compare("tx TSO 64 KiB -> 1514 B", &r, &v);
     if let Some(c) = v.device {
         println!(
             "            device: {:.1} wire frames per GSO frame, {} offload errors, {} dropped",
@@ -483,16 +479,7 @@ fn main() {
     // 1514-byte frames; the guest takes them merged (GRO).
     let r = measure(Side::Raw, false, 1514, secs, true);
     let v = measure(Side::VirtioGro, false, 1514, secs, true);
-    println!(
-        "rx TCP stream 1514 B, coalesced   raw AF_XDP {}   virtio-net {}   ratio {:.2}",
-        r.show(),
-        v.show(),
-        v.pps / r.pps.max(1.0)
-    );
-    println!(
-        "            CPU per wire frame: raw socket thread {:.2} us; device IO thread {:.2} us, harness (guest) {:.2} us",
-        r.cpu_us.0, v.cpu_us.0, v.cpu_us.1
-    );
+    compare("rx TCP stream 1514 B, coalesced", &r, &v);
     if let Some(c) = v.device {
         let per = |n: u64, d: u64| n as f64 / d.max(1) as f64;
         println!(
