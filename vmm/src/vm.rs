@@ -198,12 +198,8 @@ impl Vm {
         }
         let vm = create_vm(&kvm, &mem)?;
         let legacy = create_legacy_devices(&vm)?;
-        let power_button = new_eventfd()?;
-        vm.register_irqfd(&power_button, POWER_BUTTON_IRQ)
-            .map_err(|source| VmmError::Kvm {
-                what: "connect the power button interrupt",
-                source,
-            })?;
+        let power_button =
+            irq_eventfd(&vm, POWER_BUTTON_IRQ, "connect the power button interrupt")?;
         let mut mmio = BusBuilder::new();
         let mut watched = Vec::new();
         let mut nics = Vec::new();
@@ -385,15 +381,18 @@ impl Vm {
     }
 }
 
+/// An eventfd that raises interrupt `gsi` in the guest when written.
+fn irq_eventfd(vm: &VmFd, gsi: u32, what: &'static str) -> Result<EventFd, VmmError> {
+    let event = new_eventfd()?;
+    vm.register_irqfd(&event, gsi)
+        .map_err(|source| VmmError::Kvm { what, source })?;
+    Ok(event)
+}
+
 /// COM1, the i8042 (its reset line) and the ACPI sleep control register
 /// (power-off), on a new port I/O bus.
 fn create_legacy_devices(vm: &VmFd) -> Result<LegacyDevices, VmmError> {
-    let serial_irq = new_eventfd()?;
-    vm.register_irqfd(&serial_irq, SERIAL_IRQ)
-        .map_err(|source| VmmError::Kvm {
-            what: "connect the serial interrupt",
-            source,
-        })?;
+    let serial_irq = irq_eventfd(vm, SERIAL_IRQ, "connect the serial interrupt")?;
     let reset_evt = new_eventfd()?;
     let poweroff_evt = new_eventfd()?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(
@@ -556,15 +555,7 @@ fn attach_virtio_net(
         .map_err(|e| VmmError::VirtioDevice(id.clone(), e.to_string()))?;
     let link = net.link();
     let counters = net.counters().to_vec();
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| VmmError::Io {
-        what: "cannot create an eventfd",
-        source,
-    })?;
-    vm.register_irqfd(&irq, slot.irq)
-        .map_err(|source| VmmError::Kvm {
-            what: "connect a virtio interrupt",
-            source,
-        })?;
+    let irq = irq_eventfd(vm, slot.irq, "connect a virtio interrupt")?;
     let transport = MmioTransport::new(Box::new(net), mem.clone(), irq)
         .map_err(|e| VmmError::VirtioDevice(id.clone(), e.to_string()))?;
     for (index, event) in transport.queue_events().iter().enumerate() {
