@@ -87,7 +87,11 @@ static __always_inline int is_for_guest(const __u8 *dst,
 	return bpf_map_lookup_elem(&mac_table, &key) != 0;
 }
 
-SEC("xdp")
+/* "xdp.frags": the program handles frames in several buffers (it reads
+ * only the Ethernet header, always in the first), so drivers accept it on
+ * interfaces whose MTU exceeds a page and multi-buffer sockets get jumbo
+ * frames. */
+SEC("xdp.frags")
 int xskvm_redirect(struct xdp_md *ctx)
 {
 	const __u8 *data = (const __u8 *)(long)ctx->data;

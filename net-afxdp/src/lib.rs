@@ -98,8 +98,14 @@
 //! - Copy mode transmits at most 32 frames per kick before Linux 6.17
 //!   (`XDP_MAX_TX_SKB_BUDGET`, set to the ring size where available);
 //!   [`TxBatch::kick_pending`] then asks for another kick.
-//! - No multi-buffer (`XDP_USE_SG`): longer frames than `frame_size - 256`
-//!   are dropped by the kernel and counted in `rx_dropped`.
+//! - Frames longer than one UMEM frame (`frame_size - 256` received) need
+//!   multi-buffer sockets (`XDP_USE_SG`, Linux 6.6+): they are bound so
+//!   when the interface's MTU asks for it ([`NicInfo::multi_buffer`]).
+//!   Received, such a frame is put together in a buffer of the queue (one
+//!   copy); transmitted, it is written into a slot of consecutive UMEM
+//!   frames and sent as one descriptor per frame. Without multi-buffer
+//!   (older kernels, or the MTU raised after the NIC was opened) longer
+//!   frames are dropped by the kernel and counted in `rx_dropped`.
 //! - veth in skb mode reports the sender's transmit queue j+1 as receive
 //!   queue j (generic XDP reads the skb's queue mapping as a recorded
 //!   receive queue); native mode maps transmit queue j to receive queue j.
@@ -119,7 +125,7 @@ mod umem;
 
 pub use config::{AfXdpConfig, CallerOptions, UmemConfig, XdpMode, OPTION_KEYS};
 pub use error::{ConfigError, Error, Result};
-pub use nic::{AfXdpNic, NicInfo, NicOwner, PreparedSockets};
+pub use nic::{AfXdpNic, NicInfo, NicOwner, PreparedSockets, LINK_HEADER_LEN};
 pub use program::{
     attached_program, AttachedProgram, RxFilterConfig, RxFilterMaps, XdpAttachment, XdpProgram,
     RX_FILTER_TABLE_MAX,

@@ -22,7 +22,19 @@ pub struct NicInfo {
     pub queue_ids: Vec<u32>,
     /// Whether each queue runs zero-copy.
     pub zero_copy: Vec<bool>,
+    /// The interface's MTU when the NIC was opened (None: unreadable).
+    pub mtu: Option<u32>,
+    /// The sockets are bound with `XDP_USE_SG`: frames longer than one
+    /// UMEM frame travel as several descriptors.
+    pub multi_buffer: bool,
+    /// The longest frame (link header included) every queue carries each
+    /// way; a device in front should not offer an MTU above this less
+    /// [`LINK_HEADER_LEN`].
+    pub max_frame: u32,
 }
+
+/// Ethernet header plus one VLAN tag: what a frame adds to the MTU.
+pub const LINK_HEADER_LEN: u32 = 18;
 
 /// Owns the XDP program link of an opened NIC. Dropping it detaches the
 /// program (so does the process dying, even by SIGKILL). The queues keep
@@ -277,6 +289,10 @@ impl AfXdpNic {
         let copy = copy_flag(config, attach_mode, ifindex);
 
         sys::raise_memlock(config.umem.bytes_per_queue() * u64::from(config.queues));
+        // Frames as long as the interface's MTU allows; beyond one UMEM
+        // frame that takes multi-buffer sockets.
+        let mtu = sys::interface_mtu(&config.ifname);
+        let max_frame = mtu.unwrap_or(1500) + LINK_HEADER_LEN;
         let mut queues = Vec::with_capacity(sockets.len());
         for (fd, queue_id) in sockets.into_iter().zip(config.queue_ids()) {
             let setup = QueueSetup {
@@ -287,11 +303,21 @@ impl AfXdpNic {
                 copy_flag: copy,
                 total_queues: config.queues,
                 adopted: config.sock_fds.is_some(),
+                max_frame,
             };
             let queue = XskQueue::setup(fd, &setup)?;
             log::info!(
-                "af-xdp: {} queue {queue_id}: {}",
+                "af-xdp: {} queue {queue_id}: {}{}",
                 config.ifname,
+                if queue.is_multi_buffer() {
+                    format!(
+                        "multi-buffer (frames up to {} bytes in {}-byte pieces), ",
+                        queue.max_frame(),
+                        queue.frame_size()
+                    )
+                } else {
+                    String::new()
+                },
                 if queue.is_zero_copy() {
                     "zero-copy"
                 } else if config.force_copy {
@@ -321,6 +347,13 @@ impl AfXdpNic {
             program_id: attachment.as_ref().and_then(|a| a.program().id()),
             queue_ids: config.queue_ids().collect(),
             zero_copy: queues.iter().map(XskQueue::is_zero_copy).collect(),
+            mtu,
+            multi_buffer: queues.iter().all(XskQueue::is_multi_buffer),
+            max_frame: queues
+                .iter()
+                .map(XskQueue::max_frame)
+                .min()
+                .unwrap_or_else(|| config.umem.max_rx_frame()),
         };
         Ok(AfXdpNic {
             queues,
@@ -401,6 +434,10 @@ impl PreparedSockets {
             program_id: attachment.as_ref().and_then(|a| a.program().id()),
             queue_ids: config.queue_ids().collect(),
             zero_copy: vec![false; config.queues as usize],
+            mtu: sys::interface_mtu(&config.ifname),
+            // Decided by whoever binds the sockets.
+            multi_buffer: false,
+            max_frame: config.umem.max_rx_frame(),
         };
         Ok(PreparedSockets {
             sockets,

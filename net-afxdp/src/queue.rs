@@ -28,6 +28,8 @@ pub struct QueueCounters {
     /// rx descriptors pointing at frames the kernel did not own or outside
     /// the frame; skipped (should stay 0).
     pub rx_bad_descs: AtomicU64,
+    /// Multi-buffer packets longer than [`XskQueue::max_frame`]: dropped.
+    pub rx_too_long: AtomicU64,
     /// Frames put in the tx ring.
     pub tx_packets: AtomicU64,
     pub tx_bytes: AtomicU64,
@@ -95,6 +97,7 @@ pub struct CounterSnapshot {
     pub rx_batches: u64,
     pub rx_wakeups: u64,
     pub rx_bad_descs: u64,
+    pub rx_too_long: u64,
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub tx_batches: u64,
@@ -116,6 +119,7 @@ impl QueueCounters {
             rx_batches: r(&self.rx_batches),
             rx_wakeups: r(&self.rx_wakeups),
             rx_bad_descs: r(&self.rx_bad_descs),
+            rx_too_long: r(&self.rx_too_long),
             tx_packets: r(&self.tx_packets),
             tx_bytes: r(&self.tx_bytes),
             tx_batches: r(&self.tx_batches),
@@ -214,7 +218,16 @@ pub(crate) struct QueueSetup<'a> {
     pub total_queues: u32,
     /// The socket came from sock-fds (changes the EBUSY messages).
     pub adopted: bool,
+    /// The longest frame this queue must carry each way (the interface's
+    /// MTU plus link headers). Above what one UMEM frame holds, the socket
+    /// binds with `XDP_USE_SG` (multi-buffer) where the kernel allows it.
+    pub max_frame: u32,
 }
+
+/// Descriptors one packet may use: copy mode takes at most
+/// `MAX_SKB_FRAGS + 1` (18 with the default 17 frags) per transmitted
+/// packet; 16 keeps to a power of two below that on every kernel.
+pub const MAX_DESCS_PER_FRAME: u32 = 16;
 
 /// One AF_XDP socket, bound to `(ifindex, queue_id)`, with its own UMEM
 /// and four rings. `Send`, not `Sync`: move it to the thread that serves
@@ -225,6 +238,11 @@ pub struct XskQueue {
     queue_id: u32,
     frame_size: u32,
     zero_copy: bool,
+    /// Bound with `XDP_USE_SG`: packets may span several descriptors.
+    multi_buffer: bool,
+    /// Where a received packet of several descriptors is put together
+    /// (allocated once; empty without multi-buffer).
+    rx_gather: Vec<u8>,
     fill: Ring<u64>,
     comp: Ring<u64>,
     rx: Ring<libc::xdp_desc>,
@@ -245,6 +263,7 @@ impl std::fmt::Debug for XskQueue {
             .field("fd", &self.fd.as_raw_fd())
             .field("zero_copy", &self.zero_copy)
             .field("frame_size", &self.frame_size)
+            .field("multi_buffer", &self.multi_buffer)
             .finish_non_exhaustive()
     }
 }
@@ -392,15 +411,35 @@ impl XskQueue {
         )
         .map_err(sock_err("mapping the tx ring"))?;
 
+        // A frame longer than one UMEM frame takes several descriptors:
+        // transmit slots of that many consecutive frames (a power of two,
+        // so slots tile the pool) hold one frame each, contiguously.
+        let want_sg = s.max_frame > s.umem.max_rx_frame();
+        let slot_frames = if want_sg {
+            s.max_frame
+                .div_ceil(s.umem.frame_size)
+                .next_power_of_two()
+                .min(MAX_DESCS_PER_FRAME)
+                .min(s.umem.tx_frames / 2)
+        } else {
+            1
+        };
         let mut queue = XskQueue {
             queue_id: q,
             frame_size: s.umem.frame_size,
             zero_copy: false,
+            multi_buffer: want_sg,
+            rx_gather: Vec::new(),
             fill,
             comp,
             rx,
             tx,
-            ledger: FrameLedger::new(s.umem.frame_size, s.umem.rx_frames, s.umem.tx_frames),
+            ledger: FrameLedger::new(
+                s.umem.frame_size,
+                s.umem.rx_frames,
+                s.umem.tx_frames,
+                slot_frames,
+            ),
             kick_pending: false,
             counters: Arc::new(QueueCounters::default()),
             fd: Arc::new(fd),
@@ -410,23 +449,51 @@ impl XskQueue {
         // frame arriving right after bind finds the fill ring empty.
         queue.refill();
 
-        let addr = libc::sockaddr_xdp {
-            sxdp_family: libc::AF_XDP as u16,
-            sxdp_flags: libc::XDP_USE_NEED_WAKEUP | s.copy_flag,
-            sxdp_ifindex: s.ifindex,
-            sxdp_queue_id: q,
-            sxdp_shared_umem_fd: 0,
+        let bind = |flags: u16| {
+            let addr = libc::sockaddr_xdp {
+                sxdp_family: libc::AF_XDP as u16,
+                sxdp_flags: libc::XDP_USE_NEED_WAKEUP | s.copy_flag | flags,
+                sxdp_ifindex: s.ifindex,
+                sxdp_queue_id: q,
+                sxdp_shared_umem_fd: 0,
+            };
+            // SAFETY: addr is a valid sockaddr_xdp of the given length.
+            let ret = unsafe {
+                libc::bind(
+                    queue.fd.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_xdp).cast(),
+                    std::mem::size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
+                )
+            };
+            if ret < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
         };
-        // SAFETY: addr is a valid sockaddr_xdp of the given length.
-        let ret = unsafe {
-            libc::bind(
-                queue.fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_xdp).cast(),
-                std::mem::size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
-            )
-        };
-        if ret < 0 {
-            let source = io::Error::last_os_error();
+        let mut bound = bind(if want_sg { libc::XDP_USE_SG } else { 0 });
+        if want_sg {
+            if let Err(e) = &bound {
+                // Linux < 6.6 knows no XDP_USE_SG (EINVAL); a zero-copy
+                // driver without multi-buffer refuses it (EOPNOTSUPP).
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+                ) {
+                    log::warn!(
+                        "af-xdp: {} queue {q}: no multi-buffer AF_XDP here (XDP_USE_SG: {e}; \
+                         needs Linux 6.6+ and, for zero-copy, driver support): frames are \
+                         limited to {} bytes",
+                        s.ifname,
+                        s.umem.max_rx_frame()
+                    );
+                    queue.multi_buffer = false;
+                    queue.ledger.set_tx_slot_frames(1);
+                    bound = bind(0);
+                }
+            }
+        }
+        if let Err(source) = bound {
             return Err(match source.raw_os_error() {
                 Some(libc::EBUSY) => Error::QueueBusy {
                     ifname: s.ifname.to_string(),
@@ -449,7 +516,31 @@ impl XskQueue {
         )
         .map(|(o, _)| o.flags & libc::XDP_OPTIONS_ZEROCOPY != 0)
         .unwrap_or(false);
+        if queue.multi_buffer {
+            queue.rx_gather = vec![0; queue.max_frame() as usize];
+        }
         Ok(queue)
+    }
+
+    /// Bound with `XDP_USE_SG`: frames longer than one UMEM frame are
+    /// sent and received as several descriptors.
+    pub fn is_multi_buffer(&self) -> bool {
+        self.multi_buffer
+    }
+
+    /// The longest frame this queue carries each way: one UMEM frame less
+    /// the receive headroom, or with multi-buffer a transmit slot.
+    pub fn max_frame(&self) -> u32 {
+        if self.multi_buffer {
+            self.tx_buffer_len() as u32
+        } else {
+            self.frame_size - crate::config::XDP_PACKET_HEADROOM
+        }
+    }
+
+    /// Length of the buffer `tx_batch` hands to its callback.
+    pub fn tx_buffer_len(&self) -> usize {
+        self.frame_size as usize * self.ledger.tx_slot_frames() as usize
     }
 
     /// The device queue this socket is bound to.
@@ -462,7 +553,7 @@ impl XskQueue {
         self.zero_copy
     }
 
-    /// UMEM frame size; the buffer `tx_batch` hands out is this long.
+    /// UMEM frame size.
     pub fn frame_size(&self) -> u32 {
         self.frame_size
     }
@@ -511,37 +602,104 @@ impl XskQueue {
     /// false when it cannot take a frame (e.g. no guest buffer): that frame
     /// and the ones after it stay queued for the next call. The slice is
     /// only valid during the call. Returns the number of frames taken.
+    ///
+    /// With multi-buffer, a frame of several descriptors is put together
+    /// in a buffer of the queue's own first (one copy; the kernel never
+    /// places the pieces next to each other).
     pub fn rx_batch<F>(&mut self, max: usize, mut deliver: F) -> usize
     where
         F: FnMut(&[u8]) -> bool,
     {
         let want = u32::try_from(max).unwrap_or(u32::MAX);
-        let avail = self.rx.cons_available(want);
+        // Multi-buffer: look at the whole ring, so a frame's last pieces
+        // are never cut off by `max` (the kernel publishes whole frames).
+        let avail = if self.multi_buffer {
+            self.rx.cons_available(self.rx.size())
+        } else {
+            self.rx.cons_available(want)
+        };
         let frame_size = u64::from(self.frame_size);
+        let mut pos = 0u32;
         let mut taken = 0u32;
         let mut bad = 0u32;
+        let mut too_long = 0u64;
         let mut bytes = 0u64;
-        while taken + bad < avail {
-            let desc = self.rx.cons_read(taken + bad);
-            let Some(base) = self.ledger.check_rx(desc.addr) else {
-                // Not a frame we gave the kernel: skip it, reuse nothing.
-                bad += 1;
-                continue;
-            };
-            if desc.addr - base + u64::from(desc.len) > frame_size {
+        while pos < avail && taken < want {
+            let desc = self.rx.cons_read(pos);
+            if desc.options & libc::XDP_PKT_CONTD == 0 {
+                let Some(base) = self.ledger.check_rx(desc.addr) else {
+                    // Not a frame we gave the kernel: skip it, reuse nothing.
+                    bad += 1;
+                    pos += 1;
+                    continue;
+                };
+                if desc.addr - base + u64::from(desc.len) > frame_size {
+                    self.ledger.rx_done(base);
+                    bad += 1;
+                    pos += 1;
+                    continue;
+                }
+                let frame = self.umem.slice(desc.addr, desc.len as usize);
+                if !deliver(frame) {
+                    break;
+                }
                 self.ledger.rx_done(base);
-                bad += 1;
+                pos += 1;
+                taken += 1;
+                bytes += u64::from(desc.len);
                 continue;
             }
-            let frame = self.umem.slice(desc.addr, desc.len as usize);
-            if !deliver(frame) {
+            // A frame in several pieces: find its end, check every piece.
+            let mut end = pos;
+            let mut len = 0usize;
+            let mut valid = true;
+            loop {
+                if end == avail {
+                    // Not published whole (the kernel does not do that):
+                    // leave it for the next call.
+                    break;
+                }
+                let d = self.rx.cons_read(end);
+                end += 1;
+                match self.ledger.check_rx(d.addr) {
+                    Some(base) if d.addr - base + u64::from(d.len) <= frame_size => {}
+                    _ => valid = false,
+                }
+                len += d.len as usize;
+                if d.options & libc::XDP_PKT_CONTD == 0 {
+                    break;
+                }
+            }
+            let last = self.rx.cons_read(end - 1);
+            if last.options & libc::XDP_PKT_CONTD != 0 {
                 break;
             }
-            self.ledger.rx_done(base);
-            taken += 1;
-            bytes += u64::from(desc.len);
+            if valid && len <= self.rx_gather.len() {
+                let mut at = 0;
+                for i in pos..end {
+                    let d = self.rx.cons_read(i);
+                    let piece = self.umem.slice(d.addr, d.len as usize);
+                    self.rx_gather[at..at + piece.len()].copy_from_slice(piece);
+                    at += piece.len();
+                }
+                if !deliver(&self.rx_gather[..len]) {
+                    break;
+                }
+                taken += 1;
+                bytes += len as u64;
+            } else if valid {
+                too_long += 1;
+            } else {
+                bad += end - pos;
+            }
+            for i in pos..end {
+                if let Some(base) = self.ledger.check_rx(self.rx.cons_read(i).addr) {
+                    self.ledger.rx_done(base);
+                }
+            }
+            pos = end;
         }
-        self.rx.cons_release(taken + bad);
+        self.rx.cons_release(pos);
         self.refill();
         if taken > 0 {
             add(&self.counters.rx_packets, u64::from(taken));
@@ -549,6 +707,7 @@ impl XskQueue {
             add(&self.counters.rx_batches, 1);
         }
         add(&self.counters.rx_bad_descs, u64::from(bad));
+        add(&self.counters.rx_too_long, too_long);
         taken as usize
     }
 
@@ -575,11 +734,12 @@ impl XskQueue {
     }
 
     /// Lets `fill` write up to `max` frames into free transmit buffers
-    /// (each `frame_size` bytes; return `Some(len)` to send the first
-    /// `len` bytes, `None` when there is nothing more to send), then
-    /// submits them with at most one kick. A length of 0 or beyond the
+    /// (each [`XskQueue::tx_buffer_len`] bytes; return `Some(len)` to send
+    /// the first `len` bytes, `None` when there is nothing more to send),
+    /// then submits them with at most one kick. A length of 0 or beyond the
     /// buffer drops that frame (counted in `tx_invalid_len`). Reclaims
-    /// completions itself when short of frames.
+    /// completions itself when short of frames. With multi-buffer, a frame
+    /// longer than one UMEM frame goes out as several descriptors.
     pub fn tx_batch<F>(&mut self, max: usize, mut fill: F) -> TxBatch
     where
         F: FnMut(&mut [u8]) -> Option<usize>,
@@ -591,15 +751,21 @@ impl XskQueue {
             };
         }
         let want = u32::try_from(max).unwrap_or(u32::MAX);
-        if (self.ledger.free_len() as u32) < want {
+        if (self.ledger.free_slots() as u32) < want {
             self.reclaim();
         }
-        let free = self.ledger.free_len() as u32;
+        let free = self.ledger.free_slots() as u32;
+        let slot_frames = self.ledger.tx_slot_frames();
         // The tx ring is as large as the transmit pool, so it has a slot
-        // for every free frame; min() only guards the invariant.
-        let room = want.min(free).min(self.tx.prod_free(want.min(free)));
+        // for every descriptor of every free buffer; min() only guards the
+        // invariant.
+        let room = want
+            .min(free)
+            .min(self.tx.prod_free(want.min(free) * slot_frames) / slot_frames);
         let frame_size = self.frame_size as usize;
+        let buffer_len = frame_size * slot_frames as usize;
         let mut sent = 0u32;
+        let mut descs = 0u32;
         let mut calls = 0u32;
         let mut invalid = 0u64;
         let mut bytes = 0u64;
@@ -609,28 +775,37 @@ impl XskQueue {
                 break;
             };
             calls += 1;
-            match fill(self.umem.slice_mut(addr, frame_size)) {
+            match fill(self.umem.slice_mut(addr, buffer_len)) {
                 None => {
                     caller_done = true;
                     break;
                 }
-                Some(len) if len == 0 || len > frame_size => invalid += 1,
+                Some(len) if len == 0 || len > buffer_len => invalid += 1,
                 Some(len) => {
-                    self.ledger.pop_free();
-                    self.tx.prod_write(
-                        sent,
-                        libc::xdp_desc {
-                            addr,
-                            len: len as u32,
-                            options: 0,
-                        },
-                    );
+                    let pieces = len.div_ceil(frame_size) as u32;
+                    self.ledger.pop_free(pieces);
+                    for i in 0..pieces {
+                        let offset = i as usize * frame_size;
+                        self.tx.prod_write(
+                            descs,
+                            libc::xdp_desc {
+                                addr: addr + offset as u64,
+                                len: (len - offset).min(frame_size) as u32,
+                                options: if i + 1 < pieces {
+                                    libc::XDP_PKT_CONTD
+                                } else {
+                                    0
+                                },
+                            },
+                        );
+                        descs += 1;
+                    }
                     sent += 1;
                     bytes += len as u64;
                 }
             }
         }
-        self.tx.prod_submit(sent);
+        self.tx.prod_submit(descs);
         let out_of_room = !caller_done && calls == room && room < want;
         if sent > 0 || self.kick_pending {
             self.kick();
@@ -710,14 +885,17 @@ impl XskQueue {
         n as usize
     }
 
-    /// Transmit frames free right now (without reclaiming).
+    /// Transmit buffers (of [`XskQueue::tx_buffer_len`]) free right now
+    /// (without reclaiming).
     pub fn tx_free(&self) -> usize {
-        self.ledger.free_len()
+        self.ledger.free_slots()
     }
 
-    /// Transmit frames handed to the kernel and not yet reclaimed.
+    /// Transmit frames handed to the kernel and not yet reclaimed (whole
+    /// buffers: with multi-buffer, a buffer counts until all its
+    /// descriptors are back).
     pub fn tx_in_flight(&self) -> usize {
-        self.tx.size() as usize - self.ledger.free_len()
+        self.ledger.tx_frames_out()
     }
 
     /// Waits up to `timeout` (None: forever) for the socket to become

@@ -29,17 +29,17 @@ pub(crate) fn ifindex(name: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
-/// Whether interface `name` is a loopback (IFF_LOOPBACK), as the calling
-/// thread's network namespace sees it (sysfs would show the namespace it
-/// was mounted in).
-pub(crate) fn is_loopback(name: &str) -> bool {
+/// Runs a `SIOCGIF*` request for interface `name` on a throwaway socket
+/// and returns the filled ifreq. Uses the calling thread's network
+/// namespace (sysfs would show the namespace it was mounted in).
+fn interface_request(name: &str, request: libc::c_ulong) -> Option<libc::ifreq> {
     if name.len() >= libc::IFNAMSIZ {
-        return false;
+        return None;
     }
     // SAFETY: plain socket creation; the result is checked.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return false;
+        return None;
     }
     // SAFETY: fd is a socket we own from here on.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -48,11 +48,26 @@ pub(crate) fn is_loopback(name: &str) -> bool {
     for (dst, &src) in ifr.ifr_name.iter_mut().zip(name.as_bytes()) {
         *dst = src as libc::c_char;
     }
-    // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name and writes the
-    // flags into the ifreq we own.
-    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) };
-    // SAFETY: SIOCGIFFLAGS filled in the flags member of the union.
-    ret == 0 && (i32::from(unsafe { ifr.ifr_ifru.ifru_flags }) & libc::IFF_LOOPBACK) != 0
+    // SAFETY: the SIOCGIF* requests read the NUL-terminated name and
+    // write one member of the union in the ifreq we own.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), request, &mut ifr) };
+    (ret == 0).then_some(ifr)
+}
+
+/// Whether interface `name` is a loopback (IFF_LOOPBACK).
+pub(crate) fn is_loopback(name: &str) -> bool {
+    interface_request(name, libc::SIOCGIFFLAGS).is_some_and(|ifr| {
+        // SAFETY: SIOCGIFFLAGS filled in the flags member of the union.
+        (i32::from(unsafe { ifr.ifr_ifru.ifru_flags }) & libc::IFF_LOOPBACK) != 0
+    })
+}
+
+/// The MTU of interface `name`.
+pub(crate) fn interface_mtu(name: &str) -> Option<u32> {
+    interface_request(name, libc::SIOCGIFMTU).and_then(|ifr| {
+        // SAFETY: SIOCGIFMTU filled in the mtu member of the union.
+        u32::try_from(unsafe { ifr.ifr_ifru.ifru_mtu }).ok()
+    })
 }
 
 #[repr(C)]

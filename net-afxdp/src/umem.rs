@@ -32,9 +32,10 @@ enum Owner {
 pub struct FrameAccounting {
     /// All frames in the UMEM.
     pub total: u32,
-    /// Transmit frames free for the caller to fill.
+    /// Transmit frames free for the caller to fill (whole free slots).
     pub tx_free: u32,
-    /// Transmit frames in the tx or completion ring.
+    /// Transmit frames in slots that are out: sent (tx or completion
+    /// ring), or unused parts of a slot whose other frames are.
     pub tx_in_kernel: u32,
     /// Receive frames in the fill or rx ring.
     pub rx_in_kernel: u32,
@@ -114,13 +115,22 @@ impl Drop for UmemArea {
 
 /// Who owns each frame, plus the transmit free stack and the receive
 /// recycle backlog. All storage is allocated once, up front.
+///
+/// The transmit pool is handed out in slots of `tx_slot_frames`
+/// consecutive frames (a power of two; 1 unless frames longer than one
+/// UMEM frame are sent as several descriptors, multi-buffer). A slot is
+/// one contiguous piece of the UMEM; it goes back to the free stack when
+/// the kernel has completed every frame of it that was sent.
 #[derive(Debug)]
 pub(crate) struct FrameLedger {
     frame_shift: u32,
     owner: Box<[Owner]>,
     rx_frames: u32,
     tx_frames: u32,
-    /// Transmit frames we may fill (frame base addresses).
+    tx_slot_frames: u32,
+    /// Per transmit slot: frames sent and not yet completed.
+    slot_outstanding: Box<[u8]>,
+    /// Transmit slots we may fill (slot base addresses).
     free: Vec<u64>,
     /// Received frames to give back to the fill ring (base addresses).
     recycle: Vec<u64>,
@@ -128,9 +138,18 @@ pub(crate) struct FrameLedger {
 
 impl FrameLedger {
     /// Frames `0..rx_frames` form the receive pool (initially `Recycling`,
-    /// i.e. waiting to be put in the fill ring), the rest the transmit pool.
-    pub(crate) fn new(frame_size: u32, rx_frames: u32, tx_frames: u32) -> Self {
+    /// i.e. waiting to be put in the fill ring), the rest the transmit pool,
+    /// in slots of `tx_slot_frames` (a power of two dividing `tx_frames`,
+    /// at most 128).
+    pub(crate) fn new(
+        frame_size: u32,
+        rx_frames: u32,
+        tx_frames: u32,
+        tx_slot_frames: u32,
+    ) -> Self {
         debug_assert!(frame_size.is_power_of_two());
+        debug_assert!(tx_slot_frames.is_power_of_two() && tx_slot_frames <= 128);
+        debug_assert!(tx_frames.is_multiple_of(tx_slot_frames));
         let total = rx_frames + tx_frames;
         let mut owner = vec![Owner::Free; total as usize].into_boxed_slice();
         let mut recycle = Vec::with_capacity(rx_frames as usize);
@@ -138,19 +157,44 @@ impl FrameLedger {
             *o = Owner::Recycling;
             recycle.push((i as u64) << frame_size.trailing_zeros());
         }
-        // Reversed so that pop() hands out the lowest frame first.
-        let free: Vec<u64> = (rx_frames..total)
-            .rev()
-            .map(|i| (i as u64) << frame_size.trailing_zeros())
-            .collect();
-        FrameLedger {
+        let mut ledger = FrameLedger {
             frame_shift: frame_size.trailing_zeros(),
             owner,
             rx_frames,
             tx_frames,
-            free,
+            tx_slot_frames,
+            slot_outstanding: Box::default(),
+            free: Vec::new(),
             recycle,
-        }
+        };
+        ledger.set_tx_slot_frames(tx_slot_frames);
+        ledger
+    }
+
+    /// Regroups the transmit pool into slots of `frames` frames. Only
+    /// while no transmit frame is out (set-up).
+    pub(crate) fn set_tx_slot_frames(&mut self, frames: u32) {
+        debug_assert!(
+            self.free.len() as u32 * self.tx_slot_frames == self.tx_frames || self.free.is_empty()
+        );
+        self.tx_slot_frames = frames;
+        let slots = self.tx_frames / frames;
+        self.slot_outstanding = vec![0; slots as usize].into_boxed_slice();
+        // Reversed so that pop() hands out the lowest slot first.
+        self.free = (0..slots)
+            .rev()
+            .map(|s| u64::from(self.rx_frames + s * frames) << self.frame_shift)
+            .collect();
+    }
+
+    /// Frames per transmit slot.
+    pub(crate) fn tx_slot_frames(&self) -> u32 {
+        self.tx_slot_frames
+    }
+
+    /// The transmit slot holding frame index `i`.
+    fn slot_of(&self, i: usize) -> usize {
+        (i - self.rx_frames as usize) / self.tx_slot_frames as usize
     }
 
     /// The frame index of a UMEM address (any offset inside the frame).
@@ -195,26 +239,41 @@ impl FrameLedger {
 
     // ---- transmit pool ----
 
-    pub(crate) fn free_len(&self) -> usize {
+    /// Transmit slots free right now.
+    pub(crate) fn free_slots(&self) -> usize {
         self.free.len()
     }
 
-    /// The free frame `pop_free` would return next.
+    /// Transmit frames handed to the kernel and not yet completed, counted
+    /// by whole slots (a slot is out until all its sent frames are back).
+    pub(crate) fn tx_frames_out(&self) -> usize {
+        self.tx_frames as usize - self.free.len() * self.tx_slot_frames as usize
+    }
+
+    /// The free slot `pop_free` would return next.
     pub(crate) fn peek_free(&self) -> Option<u64> {
         self.free.last().copied()
     }
 
-    /// Hands the next free frame to the kernel for transmission.
-    pub(crate) fn pop_free(&mut self) -> Option<u64> {
-        let base = self.free.pop()?;
-        if let Some(i) = self.index(base) {
-            self.owner[i] = Owner::KernelTx;
+    /// Hands the next free slot to the kernel, `frames` (1..=slot size) of
+    /// its frames from the start. Returns the slot base.
+    pub(crate) fn pop_free(&mut self, frames: u32) -> Option<u64> {
+        debug_assert!((1..=self.tx_slot_frames).contains(&frames));
+        let base = *self.free.last()?;
+        let first = self.index(base)?;
+        let frames = frames.clamp(1, self.tx_slot_frames) as usize;
+        let slot = self.slot_of(first);
+        self.free.pop();
+        for o in &mut self.owner[first..first + frames] {
+            *o = Owner::KernelTx;
         }
+        self.slot_outstanding[slot] = frames as u8;
         Some(base)
     }
 
     /// The kernel completed a transmit frame; false if it was not one we
-    /// gave it (then it is not reused).
+    /// gave it (then it is not reused). The slot is free again once every
+    /// frame sent from it is back.
     pub(crate) fn tx_completed(&mut self, addr: u64) -> bool {
         let Some(i) = self.index(addr) else {
             return false;
@@ -223,7 +282,12 @@ impl FrameLedger {
             return false;
         }
         self.owner[i] = Owner::Free;
-        self.free.push(self.frame_base(addr));
+        let slot = self.slot_of(i);
+        self.slot_outstanding[slot] -= 1;
+        if self.slot_outstanding[slot] == 0 {
+            let first = self.rx_frames as u64 + slot as u64 * u64::from(self.tx_slot_frames);
+            self.free.push(first << self.frame_shift);
+        }
         true
     }
 
@@ -234,33 +298,69 @@ impl FrameLedger {
             total: self.owner.len() as u32,
             ..Default::default()
         };
+        let mut problems = Vec::new();
         for o in self.owner.iter() {
             match o {
-                Owner::Free => a.tx_free += 1,
-                Owner::KernelTx => a.tx_in_kernel += 1,
+                Owner::Free | Owner::KernelTx => {}
                 Owner::KernelRx => a.rx_in_kernel += 1,
                 Owner::Recycling => a.rx_recycling += 1,
             }
         }
-        let mut problems = Vec::new();
-        if a.tx_free as usize != self.free.len() {
-            problems.push(format!(
-                "{} frames marked free but the free stack holds {}",
-                a.tx_free,
-                self.free.len()
-            ));
+        // Transmit pool, slot by slot: a free slot's frames are all free;
+        // an out slot has as many frames with the kernel as it recorded.
+        let k = self.tx_slot_frames as usize;
+        let mut free_slot = vec![false; self.slot_outstanding.len()];
+        for &base in &self.free {
+            match self.index(base) {
+                Some(i)
+                    if i >= self.rx_frames as usize
+                        && (i - self.rx_frames as usize).is_multiple_of(k) =>
+                {
+                    let s = self.slot_of(i);
+                    if free_slot[s] {
+                        problems.push(format!("transmit slot {s} listed free twice"));
+                    }
+                    free_slot[s] = true;
+                }
+                _ => problems.push(format!(
+                    "{base:#x} in the free stack is not a transmit slot"
+                )),
+            }
+        }
+        for (s, &is_free) in free_slot.iter().enumerate() {
+            let first = self.rx_frames as usize + s * k;
+            let with_kernel = self.owner[first..first + k]
+                .iter()
+                .filter(|o| **o == Owner::KernelTx)
+                .count();
+            if self.owner[first..first + k]
+                .iter()
+                .any(|o| !matches!(o, Owner::Free | Owner::KernelTx))
+            {
+                problems.push(format!("transmit slot {s} holds receive frames"));
+            }
+            if is_free {
+                a.tx_free += k as u32;
+                if with_kernel != 0 {
+                    problems.push(format!(
+                        "free transmit slot {s} has {with_kernel} frames with the kernel"
+                    ));
+                }
+            } else {
+                a.tx_in_kernel += k as u32;
+                if with_kernel != usize::from(self.slot_outstanding[s]) || with_kernel == 0 {
+                    problems.push(format!(
+                        "transmit slot {s}: {with_kernel} frames with the kernel, {} recorded",
+                        self.slot_outstanding[s]
+                    ));
+                }
+            }
         }
         if a.rx_recycling as usize != self.recycle.len() {
             problems.push(format!(
                 "{} frames marked recycling but the backlog holds {}",
                 a.rx_recycling,
                 self.recycle.len()
-            ));
-        }
-        if a.tx_free + a.tx_in_kernel != self.tx_frames {
-            problems.push(format!(
-                "transmit pool: {} free + {} in kernel != {}",
-                a.tx_free, a.tx_in_kernel, self.tx_frames
             ));
         }
         if a.rx_in_kernel + a.rx_recycling != self.rx_frames {
@@ -270,7 +370,7 @@ impl FrameLedger {
             ));
         }
         let mut seen = vec![false; self.owner.len()];
-        for &base in self.free.iter().chain(self.recycle.iter()) {
+        for &base in self.recycle.iter() {
             match self.index(base) {
                 Some(i) if !seen[i] => seen[i] = true,
                 Some(i) => problems.push(format!("frame {i} listed twice")),
@@ -291,7 +391,7 @@ mod tests {
 
     #[test]
     fn pools_start_split_and_accounted() {
-        let l = FrameLedger::new(4096, 8, 4);
+        let l = FrameLedger::new(4096, 8, 4, 1);
         let a = l.accounting().unwrap();
         assert_eq!(a.total, 12);
         assert_eq!(a.rx_recycling, 8);
@@ -301,7 +401,7 @@ mod tests {
 
     #[test]
     fn frames_move_between_owners_and_are_never_handed_out_twice() {
-        let mut l = FrameLedger::new(2048, 4, 4);
+        let mut l = FrameLedger::new(2048, 4, 4, 1);
         // Fill ring gets the whole receive pool.
         let mut fill = Vec::new();
         while let Some(a) = l.pop_recycle() {
@@ -318,7 +418,7 @@ mod tests {
         assert_eq!(l.check_rx(5 * 2048), None);
 
         let mut sent = Vec::new();
-        while let Some(a) = l.pop_free() {
+        while let Some(a) = l.pop_free(1) {
             sent.push(a);
         }
         assert_eq!(sent.len(), 4);
@@ -338,5 +438,38 @@ mod tests {
         assert_eq!(a.tx_in_kernel, 3);
         assert_eq!(a.rx_in_kernel, 3);
         assert_eq!(a.rx_recycling, 1);
+    }
+
+    #[test]
+    fn a_slot_comes_back_only_when_every_frame_sent_from_it_completes() {
+        // 4 receive frames, 16 transmit frames in slots of 4.
+        let mut l = FrameLedger::new(4096, 4, 16, 4);
+        assert_eq!(l.free_slots(), 4);
+        let slot = l.pop_free(3).unwrap();
+        assert_eq!(
+            slot,
+            4 * 4096,
+            "lowest slot first, right after the receive pool"
+        );
+        assert_eq!(l.tx_frames_out(), 4);
+        l.accounting().unwrap();
+        // Completions come per descriptor, in any order.
+        assert!(l.tx_completed(slot + 2 * 4096));
+        assert!(l.tx_completed(slot));
+        assert_eq!(l.free_slots(), 3, "one frame still with the kernel");
+        assert!(
+            !l.tx_completed(slot + 3 * 4096),
+            "the unsent fourth frame cannot complete"
+        );
+        l.accounting().unwrap();
+        assert!(l.tx_completed(slot + 4096));
+        assert_eq!(l.free_slots(), 4);
+        assert_eq!(l.tx_frames_out(), 0);
+        let a = l.accounting().unwrap();
+        assert_eq!((a.tx_free, a.tx_in_kernel), (16, 0));
+        // Regrouping at set-up keeps every frame.
+        l.set_tx_slot_frames(1);
+        assert_eq!(l.free_slots(), 16);
+        assert_eq!(l.accounting().unwrap().tx_free, 16);
     }
 }

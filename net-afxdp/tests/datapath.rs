@@ -205,12 +205,13 @@ fn default_mode_attaches_native_on_veth() {
     assert_eq!(wait_no_xdp(&pair, &pair.a), None, "drop must detach");
 }
 
-/// veth refuses native XDP above its XDP MTU limit (~3.5 KB): the default
-/// mode falls back to skb. A frame longer than the UMEM frame is then
-/// dropped (and counted) without disturbing the next one.
-#[test]
-fn default_mode_falls_back_to_skb_and_oversized_frames_are_dropped() {
-    require_root!();
+/// Jumbo frame lengths around the UMEM frame (4096) and up to MTU 9000.
+const JUMBO_SIZES: [usize; 9] = [60, 1514, 3840, 3841, 4096, 4097, 8192, 8193, 9014];
+
+/// veth at MTU 9000 on both ends: the program (frags-aware) attaches in
+/// the mode asked for, the socket binds multi-buffer, and frames of every
+/// length up to 9014 bytes go both ways byte for byte, in order.
+fn jumbo_frames_both_ways(mode: &str) {
     init_log();
     let pair = VethPair::new(1).unwrap();
     for dev in [&pair.a, &pair.b] {
@@ -218,12 +219,94 @@ fn default_mode_falls_back_to_skb_and_oversized_frames_are_dropped() {
     }
     let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
     let peer = packet_socket(&pair, &pair.b);
-    let mut nic = open(&pair, &format!("ifname={}", pair.a)).unwrap();
-    assert_eq!(nic.info().attach_mode, Some(XdpMode::Skb));
+    let mut nic = open(&pair, &format!("ifname={},mode={mode}", pair.a)).unwrap();
+    let info = nic.info().clone();
+    assert_eq!(info.mtu, Some(9000));
+    assert!(info.multi_buffer, "{info:?}");
+    assert!(info.max_frame >= 9018, "{info:?}");
+    let q = &mut nic.queues_mut()[0];
+    assert!(q.is_multi_buffer());
+
+    let frames: Vec<Vec<u8>> = (0..90)
+        .map(|i| test_frame(b_mac, a_mac, i as u64, JUMBO_SIZES[i % JUMBO_SIZES.len()]))
+        .collect();
+    tx_all(q, &frames);
+    let got = packet_frames(&peer, frames.len(), 5 * SECOND);
+    assert_eq!(got.len(), frames.len(), "frames lost on the way out");
+    for (i, (sent, received)) in frames.iter().zip(&got).enumerate() {
+        assert_eq!(sent.len(), received.len(), "frame {i} length");
+        assert!(sent == received, "frame {i} ({} bytes) differs", sent.len());
+    }
+    let c = q.counters().snapshot();
+    assert_eq!(c.tx_packets, frames.len() as u64);
     assert_eq!(
-        pair.xdp_program(&pair.a).unwrap().map(|p| p.mode),
-        Some("skb")
+        c.tx_bytes,
+        frames.iter().map(|f| f.len() as u64).sum::<u64>()
     );
+
+    let frames: Vec<Vec<u8>> = (0..90)
+        .map(|i| {
+            test_frame(
+                a_mac,
+                b_mac,
+                1000 + i as u64,
+                JUMBO_SIZES[i % JUMBO_SIZES.len()],
+            )
+        })
+        .collect();
+    let mut got = Vec::new();
+    for chunk in frames.chunks(30) {
+        for f in chunk {
+            peer.send(f).unwrap();
+        }
+        got.extend(rx_frames(q, chunk.len(), 5 * SECOND));
+    }
+    assert_eq!(got.len(), frames.len(), "frames lost on the way in");
+    for (i, (sent, received)) in frames.iter().zip(&got).enumerate() {
+        assert_eq!(sent.len(), received.len(), "frame {i} length");
+        assert!(sent == received, "frame {i} ({} bytes) differs", sent.len());
+    }
+    let c = q.counters().snapshot();
+    assert_eq!((c.rx_packets, c.rx_too_long, c.rx_bad_descs), (90, 0, 0));
+    let k = q.xdp_statistics().unwrap();
+    assert_eq!(
+        (k.rx_dropped, k.rx_invalid_descs, k.tx_invalid_descs),
+        (0, 0, 0),
+        "{k:?}"
+    );
+    assert_no_leak(q);
+}
+
+#[test]
+fn jumbo_frames_both_ways_native() {
+    require_root!();
+    jumbo_frames_both_ways("native");
+}
+
+#[test]
+fn jumbo_frames_both_ways_skb() {
+    require_root!();
+    jumbo_frames_both_ways("skb");
+}
+
+/// At MTU 1500 the sockets bind without multi-buffer, and the default
+/// mode attaches native. When the MTU is raised under them, a frame
+/// longer than one UMEM frame is dropped by the kernel (and counted)
+/// without disturbing the next one.
+#[test]
+fn without_multi_buffer_oversized_frames_are_dropped_and_counted() {
+    require_root!();
+    init_log();
+    let pair = VethPair::new(1).unwrap();
+    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
+    let peer = packet_socket(&pair, &pair.b);
+    let mut nic = open(&pair, &format!("ifname={}", pair.a)).unwrap();
+    assert_eq!(nic.info().attach_mode, Some(XdpMode::Native));
+    assert!(!nic.info().multi_buffer);
+    assert_eq!(nic.info().max_frame, 3840);
+    for dev in [&pair.a, &pair.b] {
+        pair.ip(&["link", "set", dev, "mtu", "9000"]).unwrap();
+    }
     let q = &mut nic.queues_mut()[0];
     peer.send(&test_frame(a_mac, b_mac, 1, 5000)).unwrap();
     peer.send(&test_frame(a_mac, b_mac, 2, 3840)).unwrap();
