@@ -2,7 +2,7 @@
 # Builds the xskvm guest image from Debian packages:
 #   $XSKVM_CACHE/guest/bzImage            Debian cloud kernel (bookworm-backports)
 #   $XSKVM_CACHE/guest/vmlinux            the same kernel as an ELF
-#   $XSKVM_CACHE/guest/initramfs.cpio.gz  busybox, iperf3, ethtool, virtio_mmio/virtio_net, the ACPI
+#   $XSKVM_CACHE/guest/initramfs.cpio.gz  busybox, iperf3, ethtool, iputils ping, virtio_mmio/virtio_net, the ACPI
 #                                         power button, guest-init.sh
 # Rebuilt only when an input changes (this script, guest-init.sh, lib.sh,
 # the kernel and package versions); prints the three paths.
@@ -18,10 +18,10 @@ GUEST_MODULES=(virtio virtio_ring virtio_mmio virtio_net evdev button)
 
 lock_cache
 fetch_kernel
-ensure_packages busybox-static iperf3 ethtool
+ensure_packages busybox-static iperf3 ethtool iputils-ping
 out=$XSKVM_CACHE/guest
 stamp=$(stamp_of "$RESOURCES_DIR/guest-image.sh" "$RESOURCES_DIR/guest-init.sh" "$RESOURCES_DIR/lib.sh" \
-    <(dpkg-query -W busybox-static iperf3 ethtool))
+    <(dpkg-query -W busybox-static iperf3 ethtool iputils-ping))
 
 if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$stamp" ]; then
     log "building the guest image in $out"
@@ -45,6 +45,8 @@ if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$stamp" ]; then
     stage_modules "$stage" "${GUEST_MODULES[@]}"
     copy_with_libs "$stage" /usr/bin/iperf3
     copy_with_libs "$stage" /usr/sbin/ethtool
+    # iputils ping (as /usr/bin/ping): busybox's has no -M do (don't fragment).
+    copy_with_libs "$stage" /usr/bin/ping
     (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet) | gzip -9 > "$new/initramfs.cpio.gz"
     # Renames: a VMM still reading the old files keeps them.
     rm -f "$out/.stamp"

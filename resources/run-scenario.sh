@@ -5,7 +5,7 @@
 #  - directly, when this host has hardware virtualization (vmx/svm);
 #  - otherwise inside the nested test host: QEMU TCG with an emulated AMD
 #    SVM CPU, the Debian cloud kernel with kvm-amd loaded, and an initramfs
-#    holding busybox, bash, iproute2, ethtool, iperf3, the PATHs (ELF
+#    holding busybox, bash, iproute2, ethtool, iperf3, iputils ping, the PATHs (ELF
 #    programs with their shared libraries) and SCRIPT.
 # It says which on stderr. A qemu-system-* among the PATHs brings QEMU's
 # firmware directories along. In the test host SCRIPT runs as
@@ -23,7 +23,7 @@ source "$(dirname "$0")/lib.sh"
 
 # Kernel modules and programs every scenario may use in the test host.
 TESTHOST_MODULES=(kvm_amd veth tun vhost_net bridge sch_ingress cls_bpf)
-TESTHOST_PROGRAMS=(/bin/bash /usr/bin/ip /usr/sbin/ethtool /usr/bin/iperf3 /usr/sbin/tc /usr/bin/nproc)
+TESTHOST_PROGRAMS=(/bin/bash /usr/bin/ip /usr/sbin/ethtool /usr/bin/iperf3 /usr/sbin/tc /usr/bin/nproc /usr/bin/ping)
 
 files=()
 while [ $# -gt 1 ]; do
@@ -56,12 +56,12 @@ done
 
 lock_cache
 fetch_kernel
-ensure_packages busybox-static iperf3 iproute2 ethtool
+ensure_packages busybox-static iperf3 iproute2 ethtool iputils-ping
 ensure_packages -t bookworm-backports qemu-system-x86
 
 base=$XSKVM_CACHE/testhost/base.cpio
 stamp=$(stamp_of "$RESOURCES_DIR/run-scenario.sh" "$RESOURCES_DIR/testhost-init.sh" "$RESOURCES_DIR/lib.sh" \
-    <(dpkg-query -W busybox-static iperf3 iproute2 ethtool bash))
+    <(dpkg-query -W busybox-static iperf3 iproute2 ethtool iputils-ping bash))
 if [ "$(cat "$base.stamp" 2>/dev/null)" != "$stamp" ]; then
     log "building the test host initramfs"
     mkdir -p "$(dirname "$base")"

@@ -220,6 +220,10 @@ cat /tmp/console
         "{info}"
     );
     assert_eq!(nic["mtu"], 1500);
+    assert_eq!(
+        nic["multi_buffer"], false,
+        "MTU 1500 fits one UMEM frame: {info}"
+    );
     assert_eq!(nic["mac"].as_str().map(str::len), Some(17), "{info}");
     assert_eq!(nic["link"]["up"], true);
 

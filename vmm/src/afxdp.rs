@@ -6,7 +6,7 @@ use std::os::fd::RawFd;
 use std::sync::{Mutex, PoisonError};
 
 use devices::virtio::net::{NetBackend, NetConfig, RxFilterSink, RxMode};
-use net_afxdp::{AfXdpConfig, AfXdpNic, RxFilterConfig, RxFilterMaps, XskQueue};
+use net_afxdp::{AfXdpConfig, AfXdpNic, RxFilterConfig, RxFilterMaps, XskQueue, LINK_HEADER_LEN};
 
 use crate::net::{MacAddr, NetSpec};
 use crate::vm::{NetDevice, NetHost};
@@ -15,8 +15,6 @@ use crate::vm::{NetDevice, NetHost};
 /// worker looks at its other events again.
 const RX_BATCH: usize = 64;
 const TX_BATCH: usize = 64;
-/// Ethernet header plus one VLAN tag: what a frame adds to the MTU.
-const L2_OVERHEAD: u32 = 18;
 
 /// One AF_XDP socket serving one virtio-net queue pair.
 pub struct XskBackend {
@@ -122,12 +120,31 @@ pub fn open_net_device(index: usize, spec: &NetSpec) -> Result<NetDevice, crate:
         .backend_options
         .parse()
         .map_err(|e: net_afxdp::ConfigError| crate::VmmError::Net(e.to_string()))?;
-    let interface_mtu_now = interface_mtu(&config.ifname);
-    let mtu = interface_mtu_now
-        .unwrap_or(1500)
-        .min(config.umem.max_rx_frame().saturating_sub(L2_OVERHEAD));
     let nic = AfXdpNic::open(&config).map_err(|e| crate::VmmError::Net(e.to_string()))?;
     let (owner, queues) = nic.into_parts();
+    let interface_mtu_now = owner.info().mtu;
+    // The guest gets the interface's MTU, as far as the sockets carry it
+    // (one UMEM frame without multi-buffer).
+    let mtu_limit = owner
+        .info()
+        .max_frame
+        .saturating_sub(LINK_HEADER_LEN)
+        .min(u32::from(u16::MAX));
+    let mtu = interface_mtu_now.unwrap_or(1500).min(mtu_limit);
+    if interface_mtu_now.is_some_and(|m| m > mtu_limit) {
+        log::warn!(
+            "net{index}: {} has MTU {}, but its AF_XDP sockets carry frames of at most {} \
+             bytes{}: the guest gets MTU {mtu}",
+            config.ifname,
+            interface_mtu_now.unwrap_or(0),
+            owner.info().max_frame,
+            if owner.info().multi_buffer {
+                ""
+            } else {
+                " (no multi-buffer)"
+            }
+        );
+    }
     let xsk_stats = queues.iter().map(XskQueue::stats_handle).collect();
     let mac = spec.mac.unwrap_or_else(|| MacAddr::generate(index));
     let id = format!("net{index}");
@@ -144,7 +161,7 @@ pub fn open_net_device(index: usize, spec: &NetSpec) -> Result<NetDevice, crate:
         config: NetConfig {
             id,
             mac: mac.0,
-            mtu: mtu.min(u32::from(u16::MAX)) as u16,
+            mtu: mtu as u16,
             spoof_check: spec.spoof_check,
             on_thread_start: None,
         },
@@ -159,12 +176,4 @@ pub fn open_net_device(index: usize, spec: &NetSpec) -> Result<NetDevice, crate:
             xsk_stats,
         },
     })
-}
-
-fn interface_mtu(ifname: &str) -> Option<u32> {
-    std::fs::read_to_string(format!("/sys/class/net/{ifname}/mtu"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }

@@ -479,6 +479,7 @@ fn attach_net_device(
         ifname: info.ifname.clone(),
         queue_ids: info.queue_ids.clone(),
         zero_copy: info.zero_copy.clone(),
+        multi_buffer: info.multi_buffer,
         xdp_mode: info.attach_mode.map(|m| m.as_str()),
         mac: MacAddr(mac).to_string(),
         mtu,

@@ -47,6 +47,8 @@ pub struct NicStatus {
     pub ifname: String,
     pub queue_ids: Vec<u32>,
     pub zero_copy: Vec<bool>,
+    /// The sockets carry frames longer than one UMEM frame (XDP_USE_SG).
+    pub multi_buffer: bool,
     /// "native" or "skb"; None with inhibit=on (no program of ours).
     pub xdp_mode: Option<&'static str>,
     pub mac: String,
@@ -128,6 +130,7 @@ impl VmStatus {
                     "queues": nic.queue_ids.len(),
                     "queue_ids": nic.queue_ids,
                     "mode": mode,
+                    "multi_buffer": nic.multi_buffer,
                     "xdp_mode": nic.xdp_mode,
                     "mac": nic.mac,
                     "mtu": nic.mtu,

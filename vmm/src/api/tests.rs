@@ -45,6 +45,7 @@ fn status() -> VmStatus {
         ifname: "veth\"0".into(),
         queue_ids: vec![0, 1],
         zero_copy: vec![false, false],
+        multi_buffer: false,
         xdp_mode: Some("skb"),
         mac: "52:54:00:12:34:56".into(),
         mtu: 1500,
