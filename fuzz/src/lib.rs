@@ -255,13 +255,14 @@ impl NetBackend for MemBackend {
         }
     }
 
-    fn transmit(&mut self, fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>) -> (usize, bool) {
+    fn transmit(&mut self, fill: &mut dyn FnMut(&mut [u8]) -> Option<devices::virtio::net::TxFrame>) -> (usize, bool) {
         let mut host = self.host.lock().unwrap();
         let mut buf = [0u8; TX_BUF];
         let mut sent = 0;
         while sent < host.tx_room {
             match fill(&mut buf) {
-                Some(len) => {
+                Some(out) => {
+                    let len = out.len;
                     // The device's TX policy: no runts, nothing over the
                     // MTU, and only the guest's own source MAC (spoof check).
                     if !(14..=MAX_FRAME).contains(&len) && host.violation.is_none() {

@@ -32,6 +32,23 @@ impl std::fmt::Display for XdpMode {
     }
 }
 
+/// Who fills the TCP/UDP checksums a caller leaves open on transmit
+/// (`tx-csum=`, not a QEMU option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TxChecksum {
+    /// The kernel, through AF_XDP TX metadata (`XDP_TXMD_FLAGS_CHECKSUM`,
+    /// Linux 6.8+): in copy mode the frame becomes a CHECKSUM_PARTIAL skb
+    /// that the device (or the stack's software fallback) completes. On
+    /// older kernels the caller fills them (see [`crate::XskQueue::tx_checksum`]).
+    Kernel,
+    /// As `Kernel`, but the kernel computes the checksum in software
+    /// right away (`XDP_UMEM_TX_SW_CSUM`, Linux 6.11+): a debugging and
+    /// testing aid that makes the filled checksum visible on a veth peer.
+    KernelSoftware,
+    /// The caller (xskvm's IO thread) fills them itself.
+    Caller,
+}
+
 /// UMEM geometry per queue. Not part of the option string (QEMU has no
 /// such keys); set it on the config in code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +137,8 @@ pub struct AfXdpConfig {
     pub inhibit: bool,
     /// `sock-fds=a:b:...`: adopt these AF_XDP sockets, one per queue.
     pub sock_fds: Option<Vec<RawFd>>,
+    /// `tx-csum=kernel|vmm` (default kernel where the kernel can).
+    pub tx_checksum: TxChecksum,
     /// Whether `queues=` was given (only for error messages).
     pub queues_given: bool,
     /// UMEM geometry per queue.
@@ -127,7 +146,7 @@ pub struct AfXdpConfig {
 }
 
 /// The option keys this crate understands.
-pub const OPTION_KEYS: [&str; 7] = [
+pub const OPTION_KEYS: [&str; 8] = [
     "ifname",
     "queues",
     "start-queue",
@@ -135,6 +154,7 @@ pub const OPTION_KEYS: [&str; 7] = [
     "force-copy",
     "inhibit",
     "sock-fds",
+    "tx-csum",
 ];
 
 /// `(key, value)` pairs handed back by [`AfXdpConfig::parse_allowing`].
@@ -174,6 +194,7 @@ impl AfXdpConfig {
             force_copy: false,
             inhibit: false,
             sock_fds: None,
+            tx_checksum: TxChecksum::Kernel,
             queues_given: false,
             umem: UmemConfig::default(),
         }
@@ -244,6 +265,19 @@ impl AfXdpConfig {
                 }
                 "force-copy" => config.force_copy = parse_bool("force-copy", value)?,
                 "inhibit" => config.inhibit = parse_bool("inhibit", value)?,
+                "tx-csum" => {
+                    config.tx_checksum = match value {
+                        "kernel" => TxChecksum::Kernel,
+                        "vmm" => TxChecksum::Caller,
+                        _ => {
+                            return Err(ConfigError::BadValue {
+                                key: "tx-csum",
+                                value: value.to_string(),
+                                expected: "kernel or vmm",
+                            })
+                        }
+                    }
+                }
                 "sock-fds" => {
                     let fds = value
                         .split(':')
@@ -362,6 +396,15 @@ mod tests {
         let c = AfXdpConfig::parse("mode=native,force-copy=off,ifname=x").unwrap();
         assert_eq!(c.mode, Some(XdpMode::Native));
         assert!(!c.force_copy);
+        assert_eq!(c.tx_checksum, TxChecksum::Kernel, "the default");
+        let c = AfXdpConfig::parse("ifname=x,tx-csum=vmm").unwrap();
+        assert_eq!(c.tx_checksum, TxChecksum::Caller);
+        let c = AfXdpConfig::parse("ifname=x,tx-csum=kernel").unwrap();
+        assert_eq!(c.tx_checksum, TxChecksum::Kernel);
+        assert!(matches!(
+            AfXdpConfig::parse("ifname=x,tx-csum=nic"),
+            Err(ConfigError::BadValue { key: "tx-csum", .. })
+        ));
     }
 
     #[test]

@@ -123,7 +123,7 @@ mod sys;
 pub mod testbed;
 mod umem;
 
-pub use config::{AfXdpConfig, CallerOptions, UmemConfig, XdpMode, OPTION_KEYS};
+pub use config::{AfXdpConfig, CallerOptions, TxChecksum, UmemConfig, XdpMode, OPTION_KEYS};
 pub use error::{ConfigError, Error, Result};
 pub use nic::{AfXdpNic, NicInfo, NicOwner, PreparedSockets, LINK_HEADER_LEN};
 pub use program::{
@@ -131,7 +131,7 @@ pub use program::{
     RX_FILTER_TABLE_MAX,
 };
 pub use queue::{
-    CounterSnapshot, QueueCounters, QueueStats, QueueStatsHandle, Readiness, TxBatch,
+    CounterSnapshot, QueueCounters, QueueStats, QueueStatsHandle, Readiness, TxBatch, TxRequest,
     XdpStatistics, XskQueue,
 };
 pub use umem::FrameAccounting;

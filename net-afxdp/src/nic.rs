@@ -24,6 +24,8 @@ pub struct NicInfo {
     pub zero_copy: Vec<bool>,
     /// The interface's MTU when the NIC was opened (None: unreadable).
     pub mtu: Option<u32>,
+    /// Every queue asks the kernel to fill transmit checksums.
+    pub tx_checksum: bool,
     /// The sockets are bound with `XDP_USE_SG`: frames longer than one
     /// UMEM frame travel as several descriptors.
     pub multi_buffer: bool,
@@ -304,10 +306,11 @@ impl AfXdpNic {
                 total_queues: config.queues,
                 adopted: config.sock_fds.is_some(),
                 max_frame,
+                tx_checksum: config.tx_checksum,
             };
             let queue = XskQueue::setup(fd, &setup)?;
             log::info!(
-                "af-xdp: {} queue {queue_id}: {}{}",
+                "af-xdp: {} queue {queue_id}: {}{}; transmit checksums {}",
                 config.ifname,
                 if queue.is_multi_buffer() {
                     format!(
@@ -326,6 +329,13 @@ impl AfXdpNic {
                     "copy mode (skb mode)"
                 } else {
                     "copy mode (the driver has no zero-copy support)"
+                },
+                if queue.tx_checksum() {
+                    "by the kernel (AF_XDP TX metadata)"
+                } else if config.tx_checksum == crate::TxChecksum::Caller {
+                    "by xskvm (tx-csum=vmm)"
+                } else {
+                    "by xskvm (no AF_XDP TX metadata before Linux 6.8)"
                 }
             );
             queues.push(queue);
@@ -348,6 +358,7 @@ impl AfXdpNic {
             queue_ids: config.queue_ids().collect(),
             zero_copy: queues.iter().map(XskQueue::is_zero_copy).collect(),
             mtu,
+            tx_checksum: queues.iter().all(XskQueue::tx_checksum),
             multi_buffer: queues.iter().all(XskQueue::is_multi_buffer),
             max_frame: queues
                 .iter()
@@ -436,6 +447,7 @@ impl PreparedSockets {
             zero_copy: vec![false; config.queues as usize],
             mtu: sys::interface_mtu(&config.ifname),
             // Decided by whoever binds the sockets.
+            tx_checksum: false,
             multi_buffer: false,
             max_frame: config.umem.max_rx_frame(),
         };

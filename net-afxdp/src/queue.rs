@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use crate::config::UmemConfig;
+use crate::config::{TxChecksum, UmemConfig};
 use crate::error::{Error, Result, PRIVILEGE_HINT};
 use crate::ring::{Ring, RingOffsets};
 use crate::sys;
@@ -222,6 +222,33 @@ pub(crate) struct QueueSetup<'a> {
     /// MTU plus link headers). Above what one UMEM frame holds, the socket
     /// binds with `XDP_USE_SG` (multi-buffer) where the kernel allows it.
     pub max_frame: u32,
+    /// Who fills checksums left open on transmit.
+    pub tx_checksum: TxChecksum,
+}
+
+/// Bytes of `struct xsk_tx_metadata` (flags; csum_start, csum_offset,
+/// launch_time) in front of every transmit frame when TX metadata is on.
+const TX_METADATA_LEN: u32 = 24;
+/// Where a transmit frame starts in its buffer when TX metadata is on:
+/// the metadata right in front of it, inside the same UMEM frame.
+const TX_DATA_OFFSET: usize = 32;
+
+/// What a transmit callback wrote: its length, and whether the kernel
+/// should fill a TCP/UDP checksum (CHECKSUM_PARTIAL: the sum from
+/// `csum_start` to the end stored at `csum_start + csum_offset`, the field
+/// holding the pseudo-header sum). A plain length converts into one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxRequest {
+    pub len: usize,
+    /// `(csum_start, csum_offset)`; only on a queue with
+    /// [`XskQueue::tx_checksum`], else the frame is dropped as invalid.
+    pub csum: Option<(u16, u16)>,
+}
+
+impl From<usize> for TxRequest {
+    fn from(len: usize) -> Self {
+        TxRequest { len, csum: None }
+    }
 }
 
 /// Descriptors one packet may use: copy mode takes at most
@@ -240,6 +267,8 @@ pub struct XskQueue {
     zero_copy: bool,
     /// Bound with `XDP_USE_SG`: packets may span several descriptors.
     multi_buffer: bool,
+    /// The UMEM has TX metadata room: the kernel fills checksums asked for.
+    tx_metadata: bool,
     /// Where a received packet of several descriptors is put together
     /// (allocated once; empty without multi-buffer).
     rx_gather: Vec<u8>,
@@ -293,15 +322,44 @@ impl XskQueue {
             op: "mapping the UMEM",
             source,
         })?;
-        let reg = libc::xdp_umem_reg {
-            addr: umem.addr(),
-            len: umem.len() as u64,
-            chunk_size: s.umem.frame_size,
-            headroom: 0,
-            flags: 0,
-            tx_metadata_len: 0,
+        let register = |flags: u32, tx_metadata_len: u32| {
+            let reg = libc::xdp_umem_reg {
+                addr: umem.addr(),
+                len: umem.len() as u64,
+                chunk_size: s.umem.frame_size,
+                headroom: 0,
+                flags,
+                tx_metadata_len,
+            };
+            sys::setsockopt(fd.as_fd(), libc::SOL_XDP, libc::XDP_UMEM_REG, &reg)
         };
-        if let Err(source) = sys::setsockopt(fd.as_fd(), libc::SOL_XDP, libc::XDP_UMEM_REG, &reg) {
+        // TX metadata (checksum requests) since Linux 6.8; 6.11 and later
+        // ignore its length without XDP_UMEM_TX_METADATA_LEN. Older kernels
+        // would silently ignore the length and then refuse every
+        // descriptor asking for metadata: go by the version.
+        let version = sys::kernel_version().unwrap_or((0, 0));
+        let mut tx_metadata = s.tx_checksum != TxChecksum::Caller && version >= (6, 8);
+        let mut result = Ok(());
+        if tx_metadata {
+            let mut flags = 0;
+            if version >= (6, 11) {
+                flags |= libc::XDP_UMEM_TX_METADATA_LEN;
+            }
+            if s.tx_checksum == TxChecksum::KernelSoftware {
+                flags |= libc::XDP_UMEM_TX_SW_CSUM;
+            }
+            result = register(flags, TX_METADATA_LEN);
+            if let Err(e) = &result {
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    log::debug!("af-xdp: queue {q}: UMEM with TX metadata refused ({e}); checksums stay with the caller");
+                    tx_metadata = false;
+                }
+            }
+        }
+        if !tx_metadata {
+            result = register(0, 0);
+        }
+        if let Err(source) = result {
             return Err(match source.raw_os_error() {
                 // xdp_umem_account_pages: over RLIMIT_MEMLOCK without CAP_IPC_LOCK.
                 Some(libc::ENOBUFS) | Some(libc::ENOMEM) => Error::Memlock {
@@ -416,8 +474,9 @@ impl XskQueue {
         // so slots tile the pool) hold one frame each, contiguously.
         let want_sg = s.max_frame > s.umem.max_rx_frame();
         let slot_frames = if want_sg {
+            // Each frame may lose TX_DATA_OFFSET to TX metadata.
             s.max_frame
-                .div_ceil(s.umem.frame_size)
+                .div_ceil(s.umem.frame_size - TX_DATA_OFFSET as u32)
                 .next_power_of_two()
                 .min(MAX_DESCS_PER_FRAME)
                 .min(s.umem.tx_frames / 2)
@@ -429,6 +488,7 @@ impl XskQueue {
             frame_size: s.umem.frame_size,
             zero_copy: false,
             multi_buffer: want_sg,
+            tx_metadata,
             rx_gather: Vec::new(),
             fill,
             comp,
@@ -528,6 +588,20 @@ impl XskQueue {
         self.multi_buffer
     }
 
+    /// The kernel fills the transmit checksums a [`TxRequest`] asks for.
+    pub fn tx_checksum(&self) -> bool {
+        self.tx_metadata
+    }
+
+    /// Where a transmit frame starts in its slot.
+    fn tx_data_offset(&self) -> usize {
+        if self.tx_metadata {
+            TX_DATA_OFFSET
+        } else {
+            0
+        }
+    }
+
     /// The longest frame this queue carries each way: one UMEM frame less
     /// the receive headroom, or with multi-buffer a transmit slot.
     pub fn max_frame(&self) -> u32 {
@@ -540,7 +614,7 @@ impl XskQueue {
 
     /// Length of the buffer `tx_batch` hands to its callback.
     pub fn tx_buffer_len(&self) -> usize {
-        self.frame_size as usize * self.ledger.tx_slot_frames() as usize
+        (self.frame_size as usize - self.tx_data_offset()) * self.ledger.tx_slot_frames() as usize
     }
 
     /// The device queue this socket is bound to.
@@ -740,9 +814,10 @@ impl XskQueue {
     /// buffer drops that frame (counted in `tx_invalid_len`). Reclaims
     /// completions itself when short of frames. With multi-buffer, a frame
     /// longer than one UMEM frame goes out as several descriptors.
-    pub fn tx_batch<F>(&mut self, max: usize, mut fill: F) -> TxBatch
+    pub fn tx_batch<F, R>(&mut self, max: usize, mut fill: F) -> TxBatch
     where
-        F: FnMut(&mut [u8]) -> Option<usize>,
+        F: FnMut(&mut [u8]) -> Option<R>,
+        R: Into<TxRequest>,
     {
         if max == 0 {
             return TxBatch {
@@ -763,7 +838,12 @@ impl XskQueue {
             .min(free)
             .min(self.tx.prod_free(want.min(free) * slot_frames) / slot_frames);
         let frame_size = self.frame_size as usize;
-        let buffer_len = frame_size * slot_frames as usize;
+        let data_offset = self.tx_data_offset();
+        // With TX metadata the kernel wants its room in front of every
+        // descriptor, not only the first: each UMEM frame carries
+        // `per_frame` bytes from `data_offset` on.
+        let per_frame = frame_size - data_offset;
+        let buffer_len = per_frame * slot_frames as usize;
         let mut sent = 0u32;
         let mut descs = 0u32;
         let mut calls = 0u32;
@@ -775,35 +855,63 @@ impl XskQueue {
                 break;
             };
             calls += 1;
-            match fill(self.umem.slice_mut(addr, buffer_len)) {
-                None => {
-                    caller_done = true;
-                    break;
-                }
-                Some(len) if len == 0 || len > buffer_len => invalid += 1,
-                Some(len) => {
-                    let pieces = len.div_ceil(frame_size) as u32;
-                    self.ledger.pop_free(pieces);
-                    for i in 0..pieces {
-                        let offset = i as usize * frame_size;
-                        self.tx.prod_write(
-                            descs,
-                            libc::xdp_desc {
-                                addr: addr + offset as u64,
-                                len: (len - offset).min(frame_size) as u32,
-                                options: if i + 1 < pieces {
-                                    libc::XDP_PKT_CONTD
-                                } else {
-                                    0
-                                },
-                            },
-                        );
-                        descs += 1;
-                    }
-                    sent += 1;
-                    bytes += len as u64;
+            let filled = fill(self.umem.slice_mut(addr + data_offset as u64, buffer_len));
+            let Some(request) = filled.map(Into::into) else {
+                caller_done = true;
+                break;
+            };
+            let TxRequest { len, csum } = request;
+            if len == 0 || len > buffer_len || (csum.is_some() && !self.tx_metadata) {
+                invalid += 1;
+                continue;
+            }
+            let mut options = 0;
+            if let Some((csum_start, csum_offset)) = csum {
+                // struct xsk_tx_metadata right in front of the frame.
+                let mut meta = [0u8; TX_METADATA_LEN as usize];
+                meta[..8].copy_from_slice(&u64::from(libc::XDP_TXMD_FLAGS_CHECKSUM).to_ne_bytes());
+                meta[8..10].copy_from_slice(&csum_start.to_ne_bytes());
+                meta[10..12].copy_from_slice(&csum_offset.to_ne_bytes());
+                let at = addr + (data_offset as u64 - u64::from(TX_METADATA_LEN));
+                self.umem.slice_mut(at, meta.len()).copy_from_slice(&meta);
+                options = libc::XDP_TX_METADATA;
+            }
+            // One descriptor per UMEM frame the data touches.
+            let pieces = len.div_ceil(per_frame) as u32;
+            if data_offset > 0 && pieces > 1 {
+                // The callback wrote one contiguous frame; open a gap of
+                // `data_offset` in front of each later piece (last first).
+                let slot = self.umem.slice_mut(addr, frame_size * slot_frames as usize);
+                for i in (1..pieces as usize).rev() {
+                    let from = data_offset + i * per_frame;
+                    let to = (from + per_frame).min(data_offset + len);
+                    slot.copy_within(from..to, i * frame_size + data_offset);
                 }
             }
+            self.ledger.pop_free(pieces);
+            for i in 0..pieces {
+                let from = i as usize * frame_size + data_offset;
+                let to = from + per_frame.min(len - i as usize * per_frame);
+                let mut piece_options = if i + 1 < pieces {
+                    libc::XDP_PKT_CONTD
+                } else {
+                    0
+                };
+                if i == 0 {
+                    piece_options |= options;
+                }
+                self.tx.prod_write(
+                    descs,
+                    libc::xdp_desc {
+                        addr: addr + from as u64,
+                        len: (to - from) as u32,
+                        options: piece_options,
+                    },
+                );
+                descs += 1;
+            }
+            sent += 1;
+            bytes += len as u64;
         }
         self.tx.prod_submit(descs);
         let out_of_room = !caller_done && calls == room && room < want;

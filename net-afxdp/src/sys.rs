@@ -29,6 +29,31 @@ pub(crate) fn ifindex(name: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
+/// The running kernel's version as (major, minor), from uname(2).
+pub(crate) fn kernel_version() -> Option<(u32, u32)> {
+    // SAFETY: utsname is plain data; all-zero is a valid value.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname fills the struct we own.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return None;
+    }
+    let release: String = uts
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8 as char)
+        .collect();
+    parse_kernel_version(&release)
+}
+
+/// "6.12.48+deb13-cloud-amd64" -> (6, 12).
+fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// Runs a `SIOCGIF*` request for interface `name` on a throwaway socket
 /// and returns the filled ifreq. Uses the calling thread's network
 /// namespace (sysfs would show the namespace it was mounted in).
@@ -356,6 +381,18 @@ pub(crate) fn poll_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_versions_parse() {
+        assert_eq!(
+            parse_kernel_version("6.12.48+deb13-cloud-amd64"),
+            Some((6, 12))
+        );
+        assert_eq!(parse_kernel_version("6.1.0-40-amd64"), Some((6, 1)));
+        assert_eq!(parse_kernel_version("5.15"), Some((5, 15)));
+        assert_eq!(parse_kernel_version("garbage"), None);
+        assert!(kernel_version().is_some());
+    }
 
     #[test]
     fn loopback_lookup_and_unknown_interface() {

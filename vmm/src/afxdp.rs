@@ -5,8 +5,10 @@ use std::os::fd::RawFd;
 
 use std::sync::{Mutex, PoisonError};
 
-use devices::virtio::net::{NetBackend, NetConfig, RxFilterSink, RxMode};
-use net_afxdp::{AfXdpConfig, AfXdpNic, RxFilterConfig, RxFilterMaps, XskQueue, LINK_HEADER_LEN};
+use devices::virtio::net::{NetBackend, NetConfig, RxFilterSink, RxMode, TxFrame};
+use net_afxdp::{
+    AfXdpConfig, AfXdpNic, RxFilterConfig, RxFilterMaps, TxRequest, XskQueue, LINK_HEADER_LEN,
+};
 
 use crate::net::{MacAddr, NetSpec};
 use crate::vm::{NetDevice, NetHost};
@@ -36,14 +38,23 @@ impl NetBackend for XskBackend {
         self.queue.rx_batch(RX_BATCH, deliver)
     }
 
-    fn transmit(&mut self, fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>) -> (usize, bool) {
+    fn transmit(&mut self, fill: &mut dyn FnMut(&mut [u8]) -> Option<TxFrame>) -> (usize, bool) {
         if self.queue.tx_kick_pending() {
             self.queue.kick_tx();
         }
-        let batch = self.queue.tx_batch(TX_BATCH, fill);
+        let batch = self.queue.tx_batch(TX_BATCH, |buf| {
+            fill(buf).map(|frame| TxRequest {
+                len: frame.len,
+                csum: frame.csum.map(|c| (c.start, c.offset)),
+            })
+        });
         // Frames still waiting for a kick count as "no room": the worker
         // then waits for the socket to turn writable and tries again.
         (batch.sent, batch.out_of_room || batch.kick_pending)
+    }
+
+    fn tx_checksum_offload(&self) -> bool {
+        self.queue.tx_checksum()
     }
 
     fn report(&self) -> Option<String> {

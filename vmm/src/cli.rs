@@ -38,8 +38,8 @@ pub struct Args {
 
     /// A NIC backed by AF_XDP sockets on a host interface (repeatable):
     /// af-xdp,ifname=IF[,mac=MAC][,queues=N][,start-queue=M][,mode=native|skb]
-    /// [,force-copy=on][,inhibit=on][,sock-fds=a:b]. The guest gets one
-    /// virtio-net queue pair per queue.
+    /// [,force-copy=on][,inhibit=on][,sock-fds=a:b][,tx-csum=kernel|vmm].
+    /// The guest gets one virtio-net queue pair per queue.
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<crate::net::NetSpec>,
 

@@ -20,7 +20,10 @@ impl NetBackend for IdleBackend {
         0
     }
 
-    fn transmit(&mut self, _fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>) -> (usize, bool) {
+    fn transmit(
+        &mut self,
+        _fill: &mut dyn FnMut(&mut [u8]) -> Option<devices::virtio::net::TxFrame>,
+    ) -> (usize, bool) {
         (0, false)
     }
 }

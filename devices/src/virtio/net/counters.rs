@@ -82,6 +82,9 @@ queue_pair_counters! {
     /// Frames whose transport checksum the device filled (NEEDS_CSUM, and
     /// every segment of a GSO frame).
     tx_csum_filled,
+    /// Frames whose transport checksum the device left to the host kernel
+    /// (AF_XDP TX metadata) instead.
+    tx_csum_offloaded,
     /// Of the dropped chains: offload requests that cannot be honoured (not
     /// negotiated, checksum outside the frame, GSO of something not TCP/UDP).
     tx_offload_errors,
@@ -127,7 +130,7 @@ impl std::fmt::Display for CountersSnapshot {
              {} no-buffer waits), \
              tx {} pkts {} B ({} dropped: {} too long, {} oversize, {} spoofed; {} link down, \
              {} ring full, {} retries), \
-             offloads: tx {} gso frames -> {} segments, {} checksums filled, {} refused; \
+             offloads: tx {} gso frames -> {} segments, {} checksums filled, {} left to the kernel, {} refused; \
              rx checksums {} verified, {} completed, {} bad; \
              rx coalesced {} frames from {} segments; \
              notifications rx {} tx {}, interrupts {}, mean batch rx {:.1} tx {:.1}, \
@@ -150,6 +153,7 @@ impl std::fmt::Display for CountersSnapshot {
             self.tx_gso_frames,
             self.tx_gso_segments,
             self.tx_csum_filled,
+            self.tx_csum_offloaded,
             self.tx_offload_errors,
             self.rx_csum_verified,
             self.rx_csum_completed,

@@ -290,7 +290,7 @@ impl NetBackend for FloodingBackend {
         taken
     }
 
-    fn transmit(&mut self, fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>) -> (usize, bool) {
+    fn transmit(&mut self, fill: &mut dyn FnMut(&mut [u8]) -> Option<TxFrame>) -> (usize, bool) {
         let mut frame = [0u8; 2048];
         let mut sent = 0;
         while fill(&mut frame).is_some() {
@@ -450,7 +450,7 @@ impl NetBackend for PanickingBackend {
         self.inner.receive(deliver)
     }
 
-    fn transmit(&mut self, fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>) -> (usize, bool) {
+    fn transmit(&mut self, fill: &mut dyn FnMut(&mut [u8]) -> Option<TxFrame>) -> (usize, bool) {
         if !self.panicked.swap(true, Ordering::Relaxed) {
             panic!("backend bug (deliberate, in a test)");
         }

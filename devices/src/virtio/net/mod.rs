@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use backend::NetBackend;
+pub use backend::{CsumRequest, NetBackend, TxFrame};
 pub use counters::{CounterValue, CountersSnapshot, QueuePairCounters};
 pub use link::{NetLink, RxFilterSink, RxMode, MAC_TABLE_MAX};
 pub use worker::NET_HDR_LEN;

@@ -16,6 +16,8 @@ pub(super) struct SocketBackend {
     pending: Option<usize>,
     /// Frames transmit accepts per call before claiming the ring is full.
     tx_room: usize,
+    /// Takes checksums left to the host side, and fills them itself.
+    host_csum: bool,
 }
 
 impl SocketBackend {
@@ -28,6 +30,24 @@ impl SocketBackend {
             buf: Box::new([0; 65536]),
             pending: None,
             tx_room: usize::MAX,
+            host_csum: false,
+        };
+        (Box::new(backend), b)
+    }
+
+    /// As [`SocketBackend::pair`], but taking the checksums the device
+    /// leaves to the host side (as AF_XDP TX metadata does), filling them
+    /// as a NIC would.
+    pub(super) fn pair_with_host_csum() -> (Box<dyn NetBackend>, UnixDatagram) {
+        let (a, b) = UnixDatagram::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let backend = SocketBackend {
+            sock: a,
+            buf: Box::new([0; 65536]),
+            pending: None,
+            tx_room: usize::MAX,
+            host_csum: true,
         };
         (Box::new(backend), b)
     }
@@ -39,6 +59,7 @@ impl SocketBackend {
             buf: Box::new([0; 65536]),
             pending: None,
             tx_room,
+            host_csum: false,
         })
     }
 }
@@ -67,12 +88,22 @@ impl NetBackend for SocketBackend {
         }
     }
 
-    fn transmit(&mut self, fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>) -> (usize, bool) {
+    fn transmit(&mut self, fill: &mut dyn FnMut(&mut [u8]) -> Option<TxFrame>) -> (usize, bool) {
         let mut frame = [0u8; 2048];
         let mut sent = 0;
         while sent < self.tx_room {
             match fill(&mut frame) {
-                Some(len) => {
+                Some(TxFrame { len, csum }) => {
+                    // As a NIC would: finish what was left to it.
+                    if let Some(c) = csum {
+                        assert!(self.host_csum, "checksum left to a backend that takes none");
+                        offload::gso::fill_partial_csum(
+                            &mut frame[..len],
+                            usize::from(c.start),
+                            usize::from(c.offset),
+                        )
+                        .expect("a checksum request inside the frame");
+                    }
                     // The socket is non-blocking (for receive); a full
                     // peer only slows the test down, it loses nothing.
                     while let Err(e) = self.sock.send(&frame[..len]) {
@@ -85,6 +116,10 @@ impl NetBackend for SocketBackend {
             }
         }
         (sent, true)
+    }
+
+    fn tx_checksum_offload(&self) -> bool {
+        self.host_csum
     }
 }
 
@@ -438,6 +473,7 @@ fn full_host_tx_ring_keeps_chains_waiting() {
         buf: Box::new([0; 65536]),
         pending: None,
         tx_room: 3,
+        host_csum: false,
     };
     let (dev, counters) = net(vec![Box::new(backend)]);
     let mut h = DriverHarness::new(dev);

@@ -21,7 +21,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::backend::NetBackend;
+use super::backend::{CsumRequest, NetBackend, TxFrame};
 use super::counters::{add, QueuePairCounters};
 use super::link::{LinkState, MAC_TABLE_MAX};
 use super::offload::gso::{self, Segmenter, MAX_HEADERS};
@@ -157,10 +157,19 @@ fn count_tx_drop(counters: &QueuePairCounters, drop: &TxDrop) {
     }
 }
 
+/// Counts a checksum the device took on: filled here, or left to the host.
+fn count_tx_csum(counters: &QueuePairCounters, frame: &TxFrame) {
+    if frame.csum.is_some() {
+        add(&counters.tx_csum_offloaded, 1);
+    } else {
+        add(&counters.tx_csum_filled, 1);
+    }
+}
+
 /// A guest TX frame as it lies in guest memory: the virtio-net header,
 /// then the frame's pieces. Gathered once per chain and read from as
 /// often as segmentation needs; its storage is reserved once per worker.
-pub(crate) struct TxFrame {
+pub(crate) struct TxChain {
     hdr: VirtioNetHdr,
     pieces: Vec<(GuestAddress, usize)>,
     len: usize,
@@ -170,7 +179,7 @@ pub(crate) struct TxFrame {
     cursor: (usize, usize),
 }
 
-impl TxFrame {
+impl TxChain {
     pub fn with_capacity(descriptors: usize) -> Self {
         Self {
             hdr: VirtioNetHdr::default(),
@@ -277,23 +286,25 @@ struct PendingGso {
 /// The first thing a TX chain turns into.
 enum TxStart {
     /// A whole frame, already in the host buffer.
-    Frame(usize),
+    Frame(TxFrame),
     /// A GSO frame: segments follow, one per host buffer.
     Gso(Segmenter),
 }
 
 /// Reads a TX chain: a plain frame goes into `buf` (checksum filled if
-/// asked), a GSO frame is planned, its headers kept in `headers`.
+/// asked, or left to the host side with `host_csum`), a GSO frame is
+/// planned, its headers kept in `headers`.
 #[allow(clippy::too_many_arguments)]
 fn start_tx_chain(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
-    frame: &mut TxFrame,
+    frame: &mut TxChain,
     headers: &mut [u8; MAX_HEADERS],
     buf: &mut [u8],
     max_descs: usize,
     offloads: TxOffloads,
     policy: &TxPolicy,
+    host_csum: bool,
 ) -> Result<TxStart, TxDrop> {
     frame.gather(mem, chain, max_descs)?;
     let hdr = frame.hdr;
@@ -314,38 +325,59 @@ fn start_tx_chain(
     if let Some(refusal) = policy.refuse(out) {
         return Err(TxDrop::Refused(refusal));
     }
+    let mut csum = None;
     if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
-        gso::fill_partial_csum(
-            out,
-            usize::from(hdr.csum_start),
-            usize::from(hdr.csum_offset),
-        )?;
+        let (start, offset) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
+        if host_csum {
+            // The kernel checks the same bounds, but would drop the frame
+            // without telling us why.
+            gso::check_partial_csum(out.len(), start, offset)?;
+            csum = Some(CsumRequest {
+                start: hdr.csum_start,
+                offset: hdr.csum_offset,
+            });
+        } else {
+            gso::fill_partial_csum(out, start, offset)?;
+        }
     }
-    Ok(TxStart::Frame(frame.len))
+    Ok(TxStart::Frame(TxFrame {
+        len: frame.len,
+        csum,
+    }))
 }
 
 /// Writes segment `i` of a GSO frame into `buf`: the payload straight
-/// from guest memory, then its headers.
+/// from guest memory, then its headers; the transport checksum is filled,
+/// or left to the host side with `host_csum`.
 fn write_segment(
     mem: &GuestMemoryMmap,
-    frame: &mut TxFrame,
+    frame: &mut TxChain,
     headers: &[u8],
     seg: &Segmenter,
     i: usize,
     buf: &mut [u8],
-) -> Result<usize, ChainError> {
+    host_csum: bool,
+) -> Result<TxFrame, ChainError> {
     let len = seg.segment_len(i);
     let out = buf.get_mut(..len).ok_or(ChainError::TooBig)?;
     let (at, _) = seg.payload(i);
     frame.read(mem, at, &mut out[seg.header_len()..])?;
-    seg.finish_segment(i, headers, out);
-    Ok(len)
+    seg.finish_segment(i, headers, out, host_csum);
+    let (start, offset) = seg.csum_request();
+    Ok(TxFrame {
+        len,
+        // Both below MAX_HEADERS, so they fit.
+        csum: host_csum.then_some(CsumRequest {
+            start: start as u16,
+            offset: offset as u16,
+        }),
+    })
 }
 
 /// Transmit offload state of one queue pair, reserved once.
 pub(crate) struct TxState {
     pub offloads: TxOffloads,
-    frame: TxFrame,
+    frame: TxChain,
     headers: Box<[u8; MAX_HEADERS]>,
     pending: Option<PendingGso>,
 }
@@ -354,7 +386,7 @@ impl TxState {
     pub fn new(offloads: TxOffloads, queue_size: u16) -> Self {
         Self {
             offloads,
-            frame: TxFrame::with_capacity(usize::from(queue_size)),
+            frame: TxChain::with_capacity(usize::from(queue_size)),
             headers: Box::new([0; MAX_HEADERS]),
             pending: None,
         }
@@ -689,6 +721,9 @@ impl QueuePairWorker {
         let budget = usize::from(tx.size());
         let mut taken = 0usize;
         let mut fault = None;
+        // Checksums the guest leaves to the device go on to the kernel
+        // where it takes them (AF_XDP TX metadata), else are filled here.
+        let host_csum = backend.tx_checksum_offload();
         let pass = loop {
             tx.disable_notification(mem)
                 .map_err(|e| WorkerFault::queue("tx", e))?;
@@ -701,7 +736,7 @@ impl QueuePairWorker {
                 if let Some(p) = pending.as_mut() {
                     let i = p.next;
                     p.next += 1;
-                    let result = write_segment(mem, frame, &headers[..], &p.seg, i, buf);
+                    let result = write_segment(mem, frame, &headers[..], &p.seg, i, buf, host_csum);
                     if p.next == p.seg.segments() || result.is_err() {
                         let head = p.head;
                         *pending = None;
@@ -711,11 +746,11 @@ impl QueuePairWorker {
                         }
                     }
                     match result {
-                        Ok(len) => {
+                        Ok(out) => {
                             add(&counters.tx_gso_segments, 1);
-                            add(&counters.tx_csum_filled, 1);
-                            bytes += len as u64;
-                            return Some(len);
+                            count_tx_csum(counters, &out);
+                            bytes += out.len as u64;
+                            return Some(out);
                         }
                         // The guest changed its chain under us; the rest
                         // of the frame is gone with it.
@@ -734,8 +769,9 @@ impl QueuePairWorker {
                     }
                 };
                 let head = chain.head_index();
-                let start =
-                    start_tx_chain(mem, chain, frame, headers, buf, budget, offloads, tx_policy);
+                let start = start_tx_chain(
+                    mem, chain, frame, headers, buf, budget, offloads, tx_policy, host_csum,
+                );
                 if let Ok(TxStart::Gso(seg)) = start {
                     add(&counters.tx_gso_frames, 1);
                     *pending = Some(PendingGso { head, seg, next: 0 });
@@ -748,12 +784,12 @@ impl QueuePairWorker {
                     return None;
                 }
                 match start {
-                    Ok(TxStart::Frame(len)) => {
+                    Ok(TxStart::Frame(out)) => {
                         if frame.hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
-                            add(&counters.tx_csum_filled, 1);
+                            count_tx_csum(counters, &out);
                         }
-                        bytes += len as u64;
-                        return Some(len);
+                        bytes += out.len as u64;
+                        return Some(out);
                     }
                     Ok(TxStart::Gso(_)) => {}
                     Err(drop) => count_tx_drop(counters, &drop),

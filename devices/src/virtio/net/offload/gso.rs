@@ -29,13 +29,23 @@ pub fn fill_partial_csum(
     csum_start: usize,
     csum_offset: usize,
 ) -> Result<(), OffloadError> {
-    let at = csum_start
-        .checked_add(csum_offset)
-        .filter(|&at| frame.len() >= 2 && at <= frame.len() - 2)
-        .ok_or(OffloadError::BadChecksumRequest)?;
+    let at = check_partial_csum(frame.len(), csum_start, csum_offset)?;
     let c = csum::finish(csum::add(0, &frame[csum_start..]));
     frame[at..at + 2].copy_from_slice(&c.to_be_bytes());
     Ok(())
+}
+
+/// Checks that a checksum request fits a frame of `len` bytes; returns
+/// where the checksum is stored.
+pub fn check_partial_csum(
+    len: usize,
+    csum_start: usize,
+    csum_offset: usize,
+) -> Result<usize, OffloadError> {
+    csum_start
+        .checked_add(csum_offset)
+        .filter(|&at| len >= 2 && at <= len - 2)
+        .ok_or(OffloadError::BadChecksumRequest)
 }
 
 /// Whether a frame needs segmenting, given its header.
@@ -131,8 +141,10 @@ impl Segmenter {
     /// bytes, payload already at [`Self::header_len`]): copies the
     /// original `headers` in front, fixes lengths, IPv4 id and header
     /// checksum, TCP sequence number and flags, and fills the transport
-    /// checksum.
-    pub fn finish_segment(&self, i: usize, headers: &[u8], seg: &mut [u8]) {
+    /// checksum — or, with `leave_partial`, only its pseudo-header sum,
+    /// for the host side to finish (as a NIC does a CHECKSUM_PARTIAL
+    /// frame).
+    pub fn finish_segment(&self, i: usize, headers: &[u8], seg: &mut [u8], leave_partial: bool) {
         let l = &self.layout;
         let last = i + 1 == self.segments;
         seg[..l.end].copy_from_slice(&headers[..l.end]);
@@ -167,9 +179,19 @@ impl Segmenter {
             seg[l.l4 + 4..l.l4 + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
         }
         let at = l.l4 + l.csum_offset();
-        seg[at..at + 2].fill(0);
-        let c = csum::finish(csum::add(l.pseudo_sum(seg, l4_len), &seg[l.l4..]));
+        let c = if leave_partial {
+            csum::fold(l.pseudo_sum(seg, l4_len))
+        } else {
+            seg[at..at + 2].fill(0);
+            csum::finish(csum::add(l.pseudo_sum(seg, l4_len), &seg[l.l4..]))
+        };
         seg[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+
+    /// Where the transport checksum of every segment starts, and where it
+    /// is stored relative to that.
+    pub fn csum_request(&self) -> (usize, usize) {
+        (self.layout.l4, self.layout.csum_offset())
     }
 }
 
@@ -206,7 +228,7 @@ mod tests {
                 let mut seg = vec![0u8; s.segment_len(i)];
                 let (at, len) = s.payload(i);
                 seg[s.header_len()..].copy_from_slice(&big[at..at + len]);
-                s.finish_segment(i, big, &mut seg);
+                s.finish_segment(i, big, &mut seg, false);
                 seg
             })
             .collect()
@@ -283,6 +305,34 @@ mod tests {
                 joined.extend_from_slice(&seg[l.end..]);
             }
             assert_eq!(joined, data);
+        }
+    }
+
+    /// Segments left partial (pseudo-header sum only, for the kernel to
+    /// finish) come out exactly as the software-filled ones once the sum
+    /// from `csum_start` is stored at `csum_offset`, as the host side does.
+    #[test]
+    fn segments_left_partial_complete_to_the_software_checksums() {
+        for (ip, proto, gso) in [
+            (Ip::V4, IPPROTO_TCP, VIRTIO_NET_HDR_GSO_TCPV4),
+            (Ip::V6, IPPROTO_TCP, VIRTIO_NET_HDR_GSO_TCPV6),
+            (Ip::V4, IPPROTO_UDP, VIRTIO_NET_HDR_GSO_UDP_L4),
+            (Ip::V6, IPPROTO_UDP, VIRTIO_NET_HDR_GSO_UDP_L4),
+        ] {
+            let data = payload(10_001);
+            let big = frame(ip, proto, true, &data);
+            let s = Segmenter::new(&hdr(gso, 1400), ALL, &big, big.len()).unwrap();
+            let want = segment(&s, &big);
+            let (start, offset) = s.csum_request();
+            for (i, want) in want.iter().enumerate() {
+                let mut seg = vec![0u8; s.segment_len(i)];
+                let (at, len) = s.payload(i);
+                seg[s.header_len()..].copy_from_slice(&big[at..at + len]);
+                s.finish_segment(i, &big, &mut seg, true);
+                assert!(!l4_checksum_ok(&seg), "left partial, not complete");
+                fill_partial_csum(&mut seg, start, offset).unwrap();
+                assert_eq!(&seg, want, "{ip:?} proto {proto} segment {i}");
+            }
         }
     }
 
