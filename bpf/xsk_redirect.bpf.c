@@ -87,12 +87,7 @@ static __always_inline int is_for_guest(const __u8 *dst,
 	return bpf_map_lookup_elem(&mac_table, &key) != 0;
 }
 
-/* "xdp.frags": the program handles frames in several buffers (it reads
- * only the Ethernet header, always in the first), so drivers accept it on
- * interfaces whose MTU exceeds a page and multi-buffer sockets get jumbo
- * frames. */
-SEC("xdp.frags")
-int xskvm_redirect(struct xdp_md *ctx)
+static __always_inline int redirect(struct xdp_md *ctx)
 {
 	const __u8 *data = (const __u8 *)(long)ctx->data;
 	const __u8 *end = (const __u8 *)(long)ctx->data_end;
@@ -109,6 +104,26 @@ int xskvm_redirect(struct xdp_md *ctx)
 		return XDP_PASS;
 	}
 	return bpf_redirect_map(&xsks_map, queue, XDP_PASS);
+}
+
+/* One buffer per frame: for sockets without multi-buffer. Drivers then
+ * keep frames linear (veth refuses native mode above ~3.5 KB MTU, and
+ * generic XDP linearizes), so no frame reaches a socket in pieces it
+ * cannot take. */
+SEC("xdp")
+int xskvm_redirect(struct xdp_md *ctx)
+{
+	return redirect(ctx);
+}
+
+/* Frames may come in several buffers ("xdp.frags"; the Ethernet header is
+ * always in the first): for multi-buffer sockets (XDP_USE_SG), so drivers
+ * accept it on interfaces whose MTU exceeds a page. Only one of the two is
+ * loaded. */
+SEC("xdp.frags")
+int xskvm_redirect_frags(struct xdp_md *ctx)
+{
+	return redirect(ctx);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

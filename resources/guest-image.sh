@@ -30,10 +30,15 @@ if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$stamp" ]; then
     mkdir -p "$new"
     cp "$KERNEL_IMAGE" "$new/bzImage"
 
-    # The bzImage payload is one zstd frame; what follows it is not ours.
-    offset=$(LC_ALL=C grep -obUaP -m1 '\x28\xb5\x2f\xfd' "$new/bzImage" | cut -d: -f1 | head -n1 || true)
-    [ -n "$offset" ] || die "no zstd payload in $KERNEL_IMAGE"
-    tail -c +$((offset + 1)) "$new/bzImage" | zstd -qdc > "$new/vmlinux" 2>/dev/null || true
+    # The bzImage payload: one zstd frame (Debian 6.12) or an LZ4 stream
+    # (Debian 6.1), found by its magic; what follows it is not ours.
+    : > "$new/vmlinux"
+    for way in '\x28\xb5\x2f\xfd:zstd -qdc' '\x02\x21\x4c\x18:lz4 -qdc' '\xfd7zXZ\x00:xz -qdc --single-stream'; do
+        offset=$(LC_ALL=C grep -obUaP -m1 "${way%%:*}" "$new/bzImage" | cut -d: -f1 | head -n1 || true)
+        [ -n "$offset" ] || continue
+        tail -c +$((offset + 1)) "$new/bzImage" | ${way#*:} > "$new/vmlinux" 2>/dev/null || true
+        [ "$(head -c 4 "$new/vmlinux")" = $'\x7fELF' ] && break
+    done
     [ "$(head -c 4 "$new/vmlinux")" = $'\x7fELF' ] || die "could not extract vmlinux from $KERNEL_IMAGE"
 
     stage=$(mktemp -d)

@@ -58,7 +58,7 @@ kernel_package() {
 # fetch_kernel: downloads and unpacks the kernel package (not installed on
 # the host); sets KERNEL_DIR (unpacked tree), KERNEL_VERSION and KERNEL_IMAGE.
 fetch_kernel() {
-    ensure_packages kmod xz-utils zstd cpio
+    ensure_packages kmod xz-utils zstd lz4 cpio
     local pkg
     pkg=$(kernel_package)
     [ -n "$pkg" ] || die "cannot find linux-image-cloud-amd64 in bookworm-backports (apt-get update?)"

@@ -184,10 +184,25 @@ fn close_sock_fds(fds: &[RawFd]) {
     }
 }
 
+/// What the interface asks of the sockets: its MTU, the longest frame
+/// that brings, and whether that takes multi-buffer sockets (and the
+/// program variant that takes frames in pieces), which Linux has from 6.6.
+fn frame_plan(config: &AfXdpConfig) -> (Option<u32>, u32, bool) {
+    let mtu = sys::interface_mtu(&config.ifname);
+    let max_frame = mtu.unwrap_or(1500) + LINK_HEADER_LEN;
+    let frags = max_frame > config.umem.max_rx_frame()
+        && sys::kernel_version().is_some_and(|v| v >= (6, 6));
+    (mtu, max_frame, frags)
+}
+
 /// Loads and attaches the program unless `inhibit=on`: refuses when
 /// another program is attached; with no mode given, tries native and
-/// falls back to skb.
-pub(crate) fn attach_program(config: &AfXdpConfig, ifindex: u32) -> Result<Option<XdpAttachment>> {
+/// falls back to skb. `frags`: the variant for multi-buffer sockets.
+pub(crate) fn attach_program(
+    config: &AfXdpConfig,
+    ifindex: u32,
+    frags: bool,
+) -> Result<Option<XdpAttachment>> {
     if config.inhibit {
         match attached_program(ifindex) {
             Some(p) => log::info!(
@@ -216,7 +231,7 @@ pub(crate) fn attach_program(config: &AfXdpConfig, ifindex: u32) -> Result<Optio
     let entries = sys::rx_queue_count(&config.ifname, ifindex)
         .unwrap_or(0)
         .max(config.start_queue + config.queues);
-    let program = XdpProgram::load(entries)?;
+    let program = XdpProgram::load(entries, frags)?;
     let (link, mode) = match config.mode {
         Some(mode) => (program.attach(&config.ifname, ifindex, mode)?, mode),
         None => match program.attach(&config.ifname, ifindex, XdpMode::Native) {
@@ -286,15 +301,14 @@ impl AfXdpNic {
                 .collect::<Result<Vec<_>>>()?,
         };
 
-        let attachment = attach_program(config, ifindex)?;
+        // Frames as long as the interface's MTU allows; beyond one UMEM
+        // frame that takes multi-buffer sockets.
+        let (mtu, max_frame, frags) = frame_plan(config);
+        let attachment = attach_program(config, ifindex, frags)?;
         let attach_mode = attachment.as_ref().map(|a| a.mode());
         let copy = copy_flag(config, attach_mode, ifindex);
 
         sys::raise_memlock(config.umem.bytes_per_queue() * u64::from(config.queues));
-        // Frames as long as the interface's MTU allows; beyond one UMEM
-        // frame that takes multi-buffer sockets.
-        let mtu = sys::interface_mtu(&config.ifname);
-        let max_frame = mtu.unwrap_or(1500) + LINK_HEADER_LEN;
         let mut queues = Vec::with_capacity(sockets.len());
         for (fd, queue_id) in sockets.into_iter().zip(config.queue_ids()) {
             let setup = QueueSetup {
@@ -432,7 +446,8 @@ impl PreparedSockets {
                 log::debug!("af-xdp: SO_BINDTODEVICE on an AF_XDP socket: {e}");
             }
         }
-        let attachment = attach_program(&config, ifindex)?;
+        let (mtu, _, frags) = frame_plan(&config);
+        let attachment = attach_program(&config, ifindex, frags)?;
         if let Some(attachment) = &attachment {
             for (s, q) in sockets.iter().zip(config.queue_ids()) {
                 attachment.program().insert_socket(q, s.as_fd())?;
@@ -445,7 +460,7 @@ impl PreparedSockets {
             program_id: attachment.as_ref().and_then(|a| a.program().id()),
             queue_ids: config.queue_ids().collect(),
             zero_copy: vec![false; config.queues as usize],
-            mtu: sys::interface_mtu(&config.ifname),
+            mtu,
             // Decided by whoever binds the sockets.
             tx_checksum: false,
             multi_buffer: false,

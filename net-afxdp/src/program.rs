@@ -211,8 +211,10 @@ impl RxFilterMaps {
 
 impl XdpProgram {
     /// Loads the program with an XSKMAP of `map_entries` slots (one per
-    /// device queue, so any queue id can be redirected).
-    pub fn load(map_entries: u32) -> Result<XdpProgram> {
+    /// device queue, so any queue id can be redirected). `frags`: the
+    /// variant that takes frames in several buffers (for multi-buffer
+    /// sockets); otherwise drivers keep every frame in one.
+    pub fn load(map_entries: u32, frags: bool) -> Result<XdpProgram> {
         route_libbpf_logs();
         let load_err = |e: libbpf_rs::Error| match e.kind() {
             libbpf_rs::ErrorKind::PermissionDenied => Error::PermissionDenied {
@@ -235,7 +237,15 @@ impl XdpProgram {
             .filtered_frames
             .set_max_entries(map_entries.max(1))
             .map_err(load_err)?;
+        // Only the variant asked for is loaded.
+        open.progs.xskvm_redirect.set_autoload(!frags);
+        open.progs.xskvm_redirect_frags.set_autoload(frags);
         let skel = open.load().map_err(load_err)?;
+        let prog = if frags {
+            skel.progs.xskvm_redirect_frags.as_fd()
+        } else {
+            skel.progs.xskvm_redirect.as_fd()
+        };
         let dup = |fd: BorrowedFd<'_>| {
             fd.try_clone_to_owned().map_err(|source| Error::Io {
                 op: "duplicating the program fd",
@@ -245,7 +255,7 @@ impl XdpProgram {
         // Own copies of the fds keep program and map alive after the
         // skeleton (and its libbpf object) is dropped below.
         Ok(XdpProgram {
-            prog: dup(skel.progs.xskvm_redirect.as_fd())?,
+            prog: dup(prog)?,
             map: dup(skel.maps.xsks_map.as_fd())?,
             map_entries: map_entries.max(1),
             rx_filter: RxFilterMaps {

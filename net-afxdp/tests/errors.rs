@@ -125,7 +125,7 @@ fn foreign_program_is_never_replaced() {
     let pair = VethPair::new(1).unwrap();
     pair.run(|| {
         let ifindex = net_afxdp::ifindex(&pair.a).unwrap();
-        let prog = XdpProgram::load(1).unwrap();
+        let prog = XdpProgram::load(1, false).unwrap();
         // SAFETY: valid program fd and ifindex; no options.
         let ret = unsafe {
             libbpf_sys::bpf_xdp_attach(
