@@ -47,8 +47,14 @@ ensure_backports() {
     fi
 }
 
-# The cloud kernel package from bookworm-backports (override: XSKVM_KERNEL_PKG).
+# The cloud kernel package from bookworm-backports (override: XSKVM_KERNEL_PKG,
+# a package name, or "bookworm" for bookworm's own cloud kernel, Linux 6.1).
 kernel_package() {
+    if [ "${XSKVM_KERNEL_PKG:-}" = bookworm ]; then
+        apt-cache depends linux-image-cloud-amd64 2>/dev/null \
+            | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
+        return
+    fi
     if [ -n "${XSKVM_KERNEL_PKG:-}" ]; then echo "$XSKVM_KERNEL_PKG"; return; fi
     ensure_backports
     apt-cache depends -t bookworm-backports linux-image-cloud-amd64 2>/dev/null \
