@@ -116,6 +116,7 @@ mod ring;
 mod sys;
 pub mod testbed;
 mod umem;
+mod xskmap;
 
 pub use config::{AfXdpConfig, CallerOptions, UmemConfig, XdpMode, OPTION_KEYS};
 pub use error::{ConfigError, Error, Result};
