@@ -131,6 +131,20 @@ pub use queue::{
 };
 pub use umem::FrameAccounting;
 
+/// Capability numbers (linux/capability.h) that opening a NIC takes:
+/// CAP_NET_ADMIN (attach), CAP_NET_RAW (AF_XDP sockets), CAP_IPC_LOCK
+/// (UMEM not charged to RLIMIT_MEMLOCK), CAP_PERFMON and CAP_BPF (load the
+/// program and create its maps). A process that keeps only these can
+/// still open (or reopen) a NIC.
+pub const OPEN_CAPABILITIES: [u32; 5] = [12, 13, 14, 38, 39];
+
+/// Raises RLIMIT_MEMLOCK by `bytes` (what UMEMs about to be registered
+/// lock), never to unlimited; for a privileged helper preparing the
+/// limit an unprivileged xskvm inherits.
+pub fn raise_memlock(bytes: u64) {
+    sys::raise_memlock(bytes)
+}
+
 /// The interface index of `ifname` in the calling thread's network
 /// namespace.
 pub fn ifindex(ifname: &str) -> Option<u32> {

@@ -206,6 +206,17 @@ fn child_process_entry() {
             );
             println!("{OK}");
         }
+        "open-capabilities" => {
+            // What xskvm's NIC watcher keeps to reopen a NIC: enough for
+            // the program, the sockets and default-size UMEMs (CAP_IPC_LOCK:
+            // not charged to RLIMIT_MEMLOCK, which stays as it is).
+            testbed::limit_capabilities(&net_afxdp::OPEN_CAPABILITIES).unwrap();
+            let nic =
+                AfXdpNic::open(&format!("ifname={ifname},queues=2").parse().unwrap()).unwrap();
+            assert!(nic.info().program_id.is_some());
+            drop(nic);
+            println!("{OK}");
+        }
         "map-path" => {
             // Only what creating AF_XDP sockets takes: no CAP_BPF,
             // CAP_NET_ADMIN or CAP_SYS_ADMIN, yet the pinned map is ours
@@ -386,4 +397,16 @@ fn map_path_needs_no_bpf_capability() {
         ],
         &[],
     ));
+}
+
+#[test]
+fn the_capabilities_kept_for_reopening_open_a_nic() {
+    require_root!();
+    let pair = VethPair::new(2).unwrap();
+    expect_ok(spawn_child(
+        "open-capabilities",
+        &[("XSK_NETNS", &pair.netns), ("XSK_IF", &pair.a)],
+        &[],
+    ));
+    assert_eq!(wait_no_xdp(&pair, &pair.a), None);
 }

@@ -58,6 +58,15 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
+    /// Capabilities kept once the guest runs (xskvm drops the others after
+    /// setup and sets no_new_privs): auto (net when xskvm opened a NIC
+    /// itself, else none), none (nothing; a deleted and recreated host
+    /// interface then cannot be reattached), net (only what reopening a
+    /// NIC takes: CAP_NET_ADMIN, CAP_NET_RAW, CAP_IPC_LOCK, CAP_PERFMON,
+    /// CAP_BPF, held by the NIC watcher thread alone), keep (drop nothing).
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub capabilities: crate::privileges::CapabilityMode,
+
     /// The VM's name: the `vm` label of its metrics.
     #[arg(long, value_name = "NAME", default_value = "xskvm")]
     pub name: String,
