@@ -140,8 +140,9 @@ pub const OPEN_CAPABILITIES: [u32; 5] = [12, 13, 14, 38, 39];
 
 /// Raises RLIMIT_MEMLOCK by `bytes` (what UMEMs about to be registered
 /// lock), never to unlimited; for a privileged helper preparing the
-/// limit an unprivileged xskvm inherits.
-pub fn raise_memlock(bytes: u64) {
+/// limit an unprivileged xskvm inherits. Returns whether the limit now
+/// leaves that room (false: no CAP_SYS_RESOURCE to go past the hard limit).
+pub fn raise_memlock(bytes: u64) -> bool {
     sys::raise_memlock(bytes)
 }
 

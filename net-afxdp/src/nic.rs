@@ -292,7 +292,8 @@ impl AfXdpNic {
         let attach_mode = attachment.as_ref().map(|a| a.mode());
         let copy = copy_flag(config, attach_mode, ifindex);
 
-        sys::raise_memlock(config.umem.bytes_per_queue() * u64::from(config.queues));
+        // Registration says what to do if this was not enough.
+        let _ = sys::raise_memlock(config.umem.bytes_per_queue() * u64::from(config.queues));
         let mut queues = Vec::with_capacity(sockets.len());
         for (fd, queue_id) in sockets.into_iter().zip(config.queue_ids()) {
             let setup = QueueSetup {

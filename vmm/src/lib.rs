@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod event_loop;
 pub mod layout;
 pub mod net;
+pub mod net_helper;
 pub mod nic_watch;
 pub mod privileges;
 pub mod seccomp;
