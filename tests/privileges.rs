@@ -26,7 +26,8 @@ const NO_CAPS: &str = "0000000000000000";
 /// The veth pair (xs0 here, xs1 with PEER_IP in namespace `peer`) and
 /// shell helpers: `start OUT CMD...` runs CMD (xskvm or the helper) in
 /// the background with the guest's command from /tmp/guest-cmd appended
-/// as its --cmdline, console in OUT, pid in $XSKVM_PID; `caps PREFIX`
+/// as its --cmdline, console in OUT, log in OUT.log (apart, so that log
+/// lines cannot split the guest's), pid in $XSKVM_PID; `caps PREFIX`
 /// prints one line per thread of it: PREFIX comm CapEff CapPrm CapBnd
 /// NoNewPrivs; `finish` waits for it and says whether an XDP program is
 /// left on xs0.
@@ -49,7 +50,7 @@ KERNEL_ARGS="--kernel {kernel} --initrd {initrd} --memory 512M --log-level debug
 start() {{
     local out=$1; shift
     "$@" --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet -- \"$(cat /tmp/guest-cmd)\"" \
-        </dev/null >$out 2>&1 &
+        </dev/null >$out 2>$out.log &
     XSKVM_PID=$!
 }}
 wait_for() {{
@@ -95,7 +96,20 @@ fn assert_value(out: &ScenarioOutput, key: &str, want: &str) {
     assert_eq!(out.value_of(key), Some(want), "{key}\n{}", out.describe());
 }
 
+/// Shows what the checks below look at (in the test's output).
+fn show(out: &ScenarioOutput) {
+    for line in out.stdout.lines() {
+        if ["XSKVM-", "THREAD ", "REFUSALS"]
+            .iter()
+            .any(|p| line.starts_with(p))
+        {
+            eprintln!("{line}");
+        }
+    }
+}
+
 fn assert_clean_exit(out: &ScenarioOutput) {
+    show(out);
     assert_eq!(out.status, Some(0), "scenario failed\n{}", out.describe());
     assert_value(out, "XSKVM-RC", "0");
     assert_value(out, "XDP", "gone");
@@ -160,7 +174,7 @@ head -c 16777216 /dev/urandom > /tmp/www/to-guest
 echo "HOST-SENT-SHA=$(sha256sum /tmp/www/to-guest | cut -d' ' -f1)"
 ip netns exec peer busybox httpd -p 8080 -h /tmp/www
 cat > /tmp/guest-cmd <<'CMD'
-{GUEST_WAIT_CARRIER}; {GUEST_NET_UP}; ping -c 3 -W 5 {PEER_IP} && echo GUEST-PING=ok; iperf3 -c {PEER_IP} -t 5 -f m; iperf3 -c {PEER_IP} -t 5 -f m -R; {transfer}; wait_carrier 0 GUEST-CARRIER-GONE; sleep 600
+{GUEST_WAIT_CARRIER}; {GUEST_NET_UP}; ping -c 3 -W 5 {PEER_IP} && echo GUEST-PING=ok; iperf3 -c {PEER_IP} -t 10 -f m; iperf3 -c {PEER_IP} -t 10 -f m -R; {transfer}; wait_carrier 0 GUEST-CARRIER-GONE; sleep 600
 CMD
 start /tmp/console {HELPER} --user {VM_USER} --groups {KVM_GROUP} --net af-xdp,ifname=xs0 -- {XSKVM} $KERNEL_ARGS
 wait_for GUEST-SERVER-UP /tmp/console
@@ -183,11 +197,11 @@ make_veth
 sleep 2
 ip link set xs0 down; ip link set xs0 up
 sleep 2
-echo "REFUSALS=$(grep -c 'cannot be attached again' /tmp/console)"
+echo "REFUSALS=$(grep -c 'cannot be attached again' /tmp/console.log)"
 kill -0 $XSKVM_PID && echo XSKVM-ALIVE=yes
 kill -TERM $XSKVM_PID
 finish
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed(),
         transfer = guest_transfer_commands(),
@@ -255,7 +269,7 @@ caps THREAD
 ip netns exec peer ping -c 3 -W 5 {GUEST_IP} && echo PEER-PING=ok
 kill -TERM $XSKVM_PID
 finish
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed(),
     );
@@ -300,11 +314,11 @@ make_veth
 sleep 2
 ip link set xs0 down; ip link set xs0 up
 sleep 2
-echo "REFUSALS=$(grep -c 'cannot be attached again' /tmp/console)"
+echo "REFUSALS=$(grep -c 'cannot be attached again' /tmp/console.log)"
 ip -d link show xs0 | grep -q xdp && echo XDP-ON-NEW-XS0=yes || echo XDP-ON-NEW-XS0=no
 kill -TERM $XSKVM_PID
 finish
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed(),
     );
