@@ -129,7 +129,8 @@ fn inherit(fd: RawFd) -> Result<(), HelperError> {
     )
 }
 
-fn prepare(text: &str) -> Result<Prepared, HelperError> {
+/// Parses one `--net` and refuses the keys that are the helper's to set.
+fn check_spec(text: &str) -> Result<AfXdpConfig, HelperError> {
     let spec: NetSpec = text.parse()?;
     let config: AfXdpConfig =
         spec.backend_options
@@ -150,7 +151,11 @@ fn prepare(text: &str) -> Result<Prepared, HelperError> {
             });
         }
     }
-    let sockets = PreparedSockets::create(&config).map_err(|e| HelperError::Backend {
+    Ok(config)
+}
+
+fn prepare(text: &str, config: &AfXdpConfig) -> Result<Prepared, HelperError> {
+    let sockets = PreparedSockets::create(config).map_err(|e| HelperError::Backend {
         spec: text.to_string(),
         error: e.to_string(),
     })?;
@@ -247,18 +252,25 @@ pub fn run(args: HelperArgs) -> HelperError {
 }
 
 fn try_run(args: HelperArgs) -> Result<std::convert::Infallible, HelperError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(HelperError::NotRoot);
-    }
+    // Bad input first, whoever runs it; then nothing is opened.
     let (uid, gid) = args.user;
     if uid == 0 {
         return Err(HelperError::RootUser);
     }
+    let configs = args
+        .net
+        .iter()
+        .map(|text| check_spec(text))
+        .collect::<Result<Vec<_>, _>>()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(HelperError::NotRoot);
+    }
     let prepared = args
         .net
         .iter()
-        .map(|text| prepare(text))
+        .zip(&configs)
+        .map(|(text, config)| prepare(text, config))
         .collect::<Result<Vec<_>, _>>()?;
     // What the UMEMs will lock, no more: the limit xskvm inherits.
     let umem_bytes: u64 = prepared.iter().map(|p| p.umem_bytes).sum();
@@ -330,18 +342,18 @@ mod tests {
             ("af-xdp,ifname=a,inhibit=on,sock-fds=3", "inhibit"),
             ("af-xdp,ifname=a,inhibit=on,map-path=/m", "inhibit"),
         ] {
-            match prepare(spec) {
+            match check_spec(spec) {
                 Err(HelperError::ReservedKey { key: k, .. }) => assert_eq!(k, key),
                 Err(e) => panic!("{spec}: {e}"),
                 Ok(_) => panic!("{spec}: accepted"),
             }
         }
         assert!(matches!(
-            prepare("tap,ifname=a"),
+            check_spec("tap,ifname=a"),
             Err(HelperError::Spec(NetSpecError::UnknownBackend(_)))
         ));
         assert!(matches!(
-            prepare("af-xdp,ifname=a,bogus=1"),
+            check_spec("af-xdp,ifname=a,bogus=1"),
             Err(HelperError::Backend { .. })
         ));
     }
