@@ -10,7 +10,8 @@
 //!   socket in `xsks_map[i]`, passes everything else to the kernel.
 //! - [`AfXdpConfig`]: the options, with QEMU `-netdev af-xdp` semantics
 //!   (`ifname=IF[,queues=N][,start-queue=M][,mode=native|skb]
-//!   [,force-copy=on][,inhibit=on][,sock-fds=a:b]`), parsed with
+//!   [,force-copy=on][,inhibit=on][,sock-fds=a:b][,map-path=PATH]
+//!   [,map-start-index=N]`), parsed with
 //!   [`AfXdpConfig::parse`] or [`AfXdpConfig::parse_allowing`] (which hands
 //!   keys the caller owns, like `mac`, back instead of rejecting them).
 //! - [`AfXdpNic::open`]: checks the interface and queue range, creates (or
@@ -88,6 +89,16 @@
 //! `sock-fds` sockets must be fresh (created, optionally SO_BINDTODEVICE,
 //! put in the XSKMAP — nothing more): xskvm registers the UMEM, sizes and
 //! maps the rings and binds them itself.
+//!
+//! With `inhibit=on,map-path=PATH[,map-start-index=N]` the NIC loads no
+//! program: after binding, it puts queue i's socket at key N+i of the
+//! XSKMAP pinned at PATH (BPF_OBJ_GET then a map update: on Linux 6.5 and
+//! later these need only read/write access to the pinned file, even with
+//! `kernel.unprivileged_bpf_disabled`; the sockets still need
+//! CAP_NET_RAW). A key that already holds a socket is refused. The
+//! [`NicOwner`] deletes its keys when dropped, and holds duplicates of
+//! the sockets until then, so no key is emptied (and possibly taken by
+//! someone else) earlier.
 //!
 //! # Limits worth knowing
 //!

@@ -37,9 +37,12 @@ pub struct Args {
     pub vcpus: u32,
 
     /// A NIC backed by AF_XDP sockets on a host interface (repeatable):
-    /// af-xdp,ifname=IF[,mac=MAC][,queues=N][,start-queue=M][,mode=native|skb]
-    /// [,force-copy=on][,inhibit=on][,sock-fds=a:b]. The guest gets one
-    /// virtio-net queue pair per queue.
+    /// af-xdp,ifname=IF[,mac=MAC][,spoof-check=off][,queues=N][,start-queue=M]
+    /// [,mode=native|skb][,force-copy=on][,inhibit=on][,sock-fds=a:b]
+    /// [,map-path=PATH[,map-start-index=N]]. The guest gets one virtio-net
+    /// queue pair per queue. inhibit=on: no XDP program of ours; the
+    /// sockets come from sock-fds (see xskvm-net-helper) or go into the
+    /// XSKMAP pinned at map-path, queue i at key map-start-index+i.
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<crate::net::NetSpec>,
 
@@ -58,12 +61,9 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
-    /// Capabilities kept once the guest runs (xskvm drops the others after
-    /// setup and sets no_new_privs): auto (net when xskvm opened a NIC
-    /// itself, else none), none (nothing; a deleted and recreated host
-    /// interface then cannot be reattached), net (only what reopening a
-    /// NIC takes: CAP_NET_ADMIN, CAP_NET_RAW, CAP_IPC_LOCK, CAP_PERFMON,
-    /// CAP_BPF, held by the NIC watcher thread alone), keep (drop nothing).
+    /// Capabilities kept once the guest runs: xskvm drops all others after
+    /// setup, before any thread starts, and sets no_new_privs (see
+    /// docs/privileges.md).
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub capabilities: crate::privileges::CapabilityMode,
 
@@ -127,6 +127,25 @@ mod tests {
             "kernel is required"
         );
         assert!(Args::try_parse_from(["xskvm", "--kernel", "k", "--vcpus", "-1"]).is_err());
+    }
+
+    #[test]
+    fn capability_modes() {
+        use crate::privileges::CapabilityMode;
+        let parse = |mode: &str| {
+            Args::try_parse_from(["xskvm", "--kernel", "k", "--capabilities", mode])
+                .map(|a| a.capabilities)
+        };
+        let default = Args::try_parse_from(["xskvm", "--kernel", "k"]).unwrap();
+        assert_eq!(default.capabilities, CapabilityMode::Auto);
+        assert_eq!(parse("none").unwrap(), CapabilityMode::None);
+        assert_eq!(parse("net").unwrap(), CapabilityMode::Net);
+        assert_eq!(parse("keep").unwrap(), CapabilityMode::Keep);
+        let error = parse("all").unwrap_err().to_string();
+        assert!(
+            error.contains("[possible values: auto, none, net, keep]"),
+            "{error}"
+        );
     }
 
     #[test]
