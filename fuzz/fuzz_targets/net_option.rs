@@ -37,6 +37,12 @@ fn format_config(c: &AfXdpConfig) -> String {
         let fds: Vec<String> = fds.iter().map(i32::to_string).collect();
         write!(s, ",sock-fds={}", fds.join(":")).unwrap();
     }
+    if let Some(path) = &c.map_path {
+        write!(s, ",map-path={path}").unwrap();
+    }
+    if let Some(start) = c.map_start_index {
+        write!(s, ",map-start-index={start}").unwrap();
+    }
     s
 }
 
