@@ -2,7 +2,6 @@
 #![allow(dead_code, unused_imports)]
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -201,10 +200,7 @@ impl Pin {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let c = CString::new(path.clone()).unwrap();
-        // SAFETY: a valid map fd and a NUL-terminated path.
-        let ret = unsafe { libbpf_sys::bpf_obj_pin(fd, c.as_ptr()) };
-        assert_eq!(ret, 0, "pinning at {path}");
+        testbed::pin_object(fd, &path).unwrap_or_else(|e| panic!("pinning at {path}: {e}"));
         Pin(path)
     }
 }
