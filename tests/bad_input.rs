@@ -248,6 +248,62 @@ fn bad_net_specs() {
 }
 
 #[test]
+fn bad_map_path_options() {
+    let dir = TempDir::new("bad-map-path");
+    let kernel = fake_bzimage(dir.path());
+    let kernel = kernel.to_str().unwrap();
+    for (spec, needle) in [
+        (
+            "af-xdp,ifname=xs0,map-path=/sys/fs/bpf/m",
+            "map-path needs inhibit=on",
+        ),
+        (
+            "af-xdp,ifname=xs0,inhibit=on,map-start-index=2",
+            "map-start-index needs map-path",
+        ),
+        (
+            "af-xdp,ifname=xs0,inhibit=on,sock-fds=3,map-path=/sys/fs/bpf/m",
+            "mutually exclusive",
+        ),
+        (
+            "af-xdp,ifname=xs0,inhibit=on,map-path=/m,map-start-index=x",
+            "map-start-index=\"x\"",
+        ),
+    ] {
+        assert_error(&xskvm(&["--kernel", kernel, "--net", spec]), needle);
+    }
+}
+
+fn helper(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xskvm-net-helper"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run xskvm-net-helper")
+}
+
+#[test]
+fn helper_bad_input_is_refused_before_anything_is_opened() {
+    let run = |user: &str, net: &str| helper(&["--user", user, "--net", net, "--", "xskvm"]);
+    assert_error(&run("0", "af-xdp,ifname=xs0"), "give an unprivileged user");
+    assert_error(&run("alice", "af-xdp,ifname=xs0"), "numeric ids");
+    assert_error(
+        &run("4241", "af-xdp,ifname=xs0,inhibit=on,sock-fds=3"),
+        "inhibit is the helper's to set",
+    );
+    assert_error(
+        &run("4241", "af-xdp,ifname=xs0,mode=fast"),
+        "mode=\"fast\" is not valid",
+    );
+    assert_error(&run("4241", "tap,ifname=xs0"), "only the af-xdp backend");
+    // No xskvm command after --.
+    assert_error(
+        &helper(&["--user", "4241", "--net", "af-xdp,ifname=xs0"]),
+        "XSKVM",
+    );
+}
+
+#[test]
 fn api_socket_path_taken_by_a_file_or_a_listener() {
     let dir = TempDir::new("api-socket");
     let kernel = fake_bzimage(dir.path());

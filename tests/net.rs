@@ -113,24 +113,6 @@ cat /tmp/console
     assert_clean_exit(&out);
 }
 
-/// Mbit/s of the iperf3 "receiver" summary lines, in order.
-fn receiver_rates(out: &ScenarioOutput) -> Vec<f64> {
-    out.stdout
-        .lines()
-        .filter(|l| l.contains("receiver"))
-        .filter_map(|l| {
-            let words: Vec<&str> = l.split_whitespace().collect();
-            let unit = words.iter().position(|w| w.ends_with("bits/sec"))?;
-            let value: f64 = words.get(unit.checked_sub(1)?)?.parse().ok()?;
-            Some(match words[unit] {
-                "Gbits/sec" => value * 1000.0,
-                "Kbits/sec" => value / 1000.0,
-                _ => value,
-            })
-        })
-        .collect()
-}
-
 /// TCP through xskvm must move real bulk traffic. The floor is for the
 /// slowest place these tests run: the nested test host, where the guest
 /// runs under KVM inside QEMU's TCG emulator (every instruction of the
@@ -154,7 +136,7 @@ cat /tmp/console
     );
     let out = run(script);
     assert_clean_exit(&out);
-    let rates = receiver_rates(&out);
+    let rates = common::iperf_receiver_rates(&out);
     assert_eq!(rates.len(), 2, "two iperf3 runs\n{}", out.describe());
     eprintln!(
         "iperf3 guest->peer {:.0} Mbit/s, peer->guest {:.0} Mbit/s",
@@ -252,7 +234,7 @@ cat /tmp/console
     assert_value(&out, "GUEST-PING", "ok");
     assert_value(&out, "GUEST-PING-8973", "refused");
     assert_value(&out, "PEER-PING", "ok");
-    let rates = receiver_rates(&out);
+    let rates = common::iperf_receiver_rates(&out);
     assert_eq!(rates.len(), 2, "two iperf3 runs\n{}", out.describe());
     eprintln!(
         "MTU 9000: iperf3 guest->peer {:.0} Mbit/s, peer->guest {:.0} Mbit/s",
@@ -412,7 +394,7 @@ ip netns exec peer cat /proc/net/snmp | grep -E '^(Tcp|Udp):'
     // rx-gro-hw off goes to the device as VIRTIO_NET_CTRL_GUEST_OFFLOADS:
     // it stops coalescing for this guest.
     assert_value(&out, "OFFLOAD-rx-gro-hw", "off");
-    let rates = receiver_rates(&out);
+    let rates = common::iperf_receiver_rates(&out);
     assert_eq!(rates.len(), 8, "eight iperf3 runs\n{}", out.describe());
     eprintln!(
         "iperf3 Mbit/s: v4 tcp out {:.0} in {:.0}; v6 tcp out {:.0} in {:.0}; udp 8 KiB out {:.1} in {:.1}; offloads off: tcp out {:.0} in {:.0}",

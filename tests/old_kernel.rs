@@ -100,16 +100,7 @@ finish
             .contains("transmit checksums by xskvm (no AF_XDP TX metadata before Linux 6.8)"),
         "{d}"
     );
-    let rates: Vec<f64> = out
-        .stdout
-        .lines()
-        .filter(|l| l.contains("receiver"))
-        .filter_map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            let unit = w.iter().position(|x| *x == "Mbits/sec")?;
-            w.get(unit.checked_sub(1)?)?.parse().ok()
-        })
-        .collect();
+    let rates = common::iperf_receiver_rates(&out);
     assert_eq!(rates.len(), 2, "two iperf3 runs\n{d}");
     eprintln!(
         "Linux 6.1: iperf3 guest->peer {:.0} Mbit/s, peer->guest {:.0} Mbit/s",

@@ -12,7 +12,7 @@
 use std::fmt::Write;
 
 use libfuzzer_sys::fuzz_target;
-use net_afxdp::AfXdpConfig;
+use net_afxdp::{AfXdpConfig, TxChecksum};
 use vmm::net::{MacAddr, NetSpec};
 
 /// An `AfXdpConfig` as an option string (the crate has no Display).
@@ -36,6 +36,17 @@ fn format_config(c: &AfXdpConfig) -> String {
     if let Some(fds) = &c.sock_fds {
         let fds: Vec<String> = fds.iter().map(i32::to_string).collect();
         write!(s, ",sock-fds={}", fds.join(":")).unwrap();
+    }
+    if let Some(path) = &c.map_path {
+        write!(s, ",map-path={path}").unwrap();
+    }
+    if let Some(start) = c.map_start_index {
+        write!(s, ",map-start-index={start}").unwrap();
+    }
+    match c.tx_checksum {
+        TxChecksum::Kernel => {}
+        TxChecksum::Caller => s.push_str(",tx-csum=vmm"),
+        TxChecksum::KernelSoftware => unreachable!("not an option value"),
     }
     s
 }

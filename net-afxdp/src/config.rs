@@ -1,6 +1,6 @@
 //! The backend's options, with QEMU `-netdev af-xdp` semantics:
 //! `ifname=IF[,queues=N][,start-queue=M][,mode=native|skb][,force-copy=on]
-//! [,inhibit=on][,sock-fds=a:b:...]`.
+//! [,inhibit=on][,sock-fds=a:b:...][,map-path=PATH][,map-start-index=N]`.
 
 use std::os::fd::RawFd;
 use std::str::FromStr;
@@ -139,6 +139,12 @@ pub struct AfXdpConfig {
     pub sock_fds: Option<Vec<RawFd>>,
     /// `tx-csum=kernel|vmm` (default kernel where the kernel can).
     pub tx_checksum: TxChecksum,
+    /// `map-path=PATH`: put the sockets into the XSKMAP pinned at PATH
+    /// (bpffs) by someone else's program; needs `inhibit=on`.
+    pub map_path: Option<String>,
+    /// `map-start-index=N`: the key of the first queue's socket in that
+    /// map (queue i goes to N+i); None when not given (means 0).
+    pub map_start_index: Option<u32>,
     /// Whether `queues=` was given (only for error messages).
     pub queues_given: bool,
     /// UMEM geometry per queue.
@@ -146,7 +152,7 @@ pub struct AfXdpConfig {
 }
 
 /// The option keys this crate understands.
-pub const OPTION_KEYS: [&str; 8] = [
+pub const OPTION_KEYS: [&str; 10] = [
     "ifname",
     "queues",
     "start-queue",
@@ -155,6 +161,8 @@ pub const OPTION_KEYS: [&str; 8] = [
     "inhibit",
     "sock-fds",
     "tx-csum",
+    "map-path",
+    "map-start-index",
 ];
 
 /// `(key, value)` pairs handed back by [`AfXdpConfig::parse_allowing`].
@@ -195,6 +203,8 @@ impl AfXdpConfig {
             inhibit: false,
             sock_fds: None,
             tx_checksum: TxChecksum::Kernel,
+            map_path: None,
+            map_start_index: None,
             queues_given: false,
             umem: UmemConfig::default(),
         }
@@ -294,6 +304,14 @@ impl AfXdpConfig {
                         .collect::<Result<Vec<_>, _>>()?;
                     config.sock_fds = Some(fds);
                 }
+                "map-path" => config.map_path = Some(value.to_string()),
+                "map-start-index" => {
+                    config.map_start_index = Some(parse_u32(
+                        "map-start-index",
+                        value,
+                        "a map key (0 or more)",
+                    )?);
+                }
                 _ => unreachable!("key checked against OPTION_KEYS"),
             }
         }
@@ -347,7 +365,41 @@ impl AfXdpConfig {
                 }
             }
         }
+        if let Some(path) = &self.map_path {
+            if !self.inhibit {
+                return Err(ConfigError::MapPathWithoutInhibit);
+            }
+            if self.sock_fds.is_some() {
+                return Err(ConfigError::MapPathWithSockFds);
+            }
+            if path.is_empty() || path.contains('\0') {
+                return Err(ConfigError::BadValue {
+                    key: "map-path",
+                    value: path.clone(),
+                    expected: "the path of a pinned XSKMAP (e.g. /sys/fs/bpf/xsks_map)",
+                });
+            }
+        }
+        if let Some(start) = self.map_start_index {
+            if self.map_path.is_none() {
+                return Err(ConfigError::MapStartIndexWithoutMapPath);
+            }
+            if start.checked_add(self.queues).is_none() {
+                return Err(ConfigError::BadValue {
+                    key: "map-start-index",
+                    value: start.to_string(),
+                    expected: "a map key that leaves room for all queues",
+                });
+            }
+        }
         self.umem.validate()
+    }
+
+    /// The XSKMAP keys the sockets take with `map-path` (queue i at
+    /// `map-start-index + i`).
+    pub fn map_keys(&self) -> std::ops::Range<u32> {
+        let start = self.map_start_index.unwrap_or(0);
+        start..start.saturating_add(self.queues)
     }
 
     /// The device queue ids this config uses.
@@ -520,6 +572,79 @@ mod tests {
             err("ifname=a,inhibit=on,queues=2,sock-fds=3:3"),
             DuplicateSockFd(3)
         );
+    }
+
+    #[test]
+    fn map_path_and_start_index() {
+        let c = AfXdpConfig::parse(
+            "ifname=eth0,queues=2,start-queue=14,inhibit=on,map-path=/sys/fs/bpf/xsks_map,map-start-index=14",
+        )
+        .unwrap();
+        assert_eq!(c.map_path.as_deref(), Some("/sys/fs/bpf/xsks_map"));
+        assert_eq!(c.map_start_index, Some(14));
+        assert_eq!(c.map_keys(), 14..16);
+        assert_eq!(c.queue_ids(), 14..16);
+        // The start index defaults to 0, whatever start-queue is.
+        let c = AfXdpConfig::parse("ifname=eth0,start-queue=3,inhibit=on,map-path=/m").unwrap();
+        assert_eq!((c.map_start_index, c.map_keys()), (None, 0..1));
+        assert_eq!(AfXdpConfig::new("eth0").map_path, None);
+    }
+
+    #[test]
+    fn map_path_errors() {
+        use ConfigError::*;
+        let err = |s: &str| AfXdpConfig::parse(s).unwrap_err();
+        assert_eq!(err("ifname=a,map-path=/m"), MapPathWithoutInhibit);
+        assert_eq!(
+            err("ifname=a,inhibit=off,map-path=/m"),
+            MapPathWithoutInhibit
+        );
+        assert_eq!(
+            err("ifname=a,inhibit=on,sock-fds=3,map-path=/m"),
+            MapPathWithSockFds
+        );
+        assert_eq!(
+            err("ifname=a,inhibit=on,map-start-index=2"),
+            MapStartIndexWithoutMapPath
+        );
+        assert_eq!(
+            err("ifname=a,inhibit=on,map-path=/m,map-path=/n"),
+            Duplicate("map-path".into())
+        );
+        assert!(matches!(
+            err("ifname=a,inhibit=on,map-path="),
+            BadValue {
+                key: "map-path",
+                ..
+            }
+        ));
+        for bad in ["-1", "x", "", "4294967296"] {
+            assert!(
+                matches!(
+                    err(&format!(
+                        "ifname=a,inhibit=on,map-path=/m,map-start-index={bad}"
+                    )),
+                    BadValue {
+                        key: "map-start-index",
+                        ..
+                    }
+                ),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            err("ifname=a,queues=2,inhibit=on,map-path=/m,map-start-index=4294967295"),
+            BadValue {
+                key: "map-start-index",
+                ..
+            }
+        ));
+        // Each message says what to do.
+        assert!(MapPathWithoutInhibit.to_string().contains("inhibit=on"));
+        assert!(MapStartIndexWithoutMapPath
+            .to_string()
+            .contains("needs map-path"));
+        assert!(err("ifname=a,bogus=1").to_string().contains("map-path"));
     }
 
     #[test]

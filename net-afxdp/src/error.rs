@@ -19,7 +19,7 @@ pub enum ConfigError {
     NotKeyValue(String),
     #[error(
         "af-xdp: unknown option {0:?} (known: ifname, queues, start-queue, mode, force-copy, \
-         inhibit, sock-fds)"
+         inhibit, sock-fds, map-path, map-start-index, tx-csum)"
     )]
     UnknownOption(String),
     #[error("af-xdp: option {0} given twice")]
@@ -41,6 +41,18 @@ pub enum ConfigError {
     },
     #[error("af-xdp: sock-fds needs inhibit=on (the sockets must already be in an XSKMAP that someone else loaded)")]
     SockFdsWithoutInhibit,
+    #[error(
+        "af-xdp: map-path needs inhibit=on (the map belongs to an XDP program someone else \
+         attached; xskvm then loads none)"
+    )]
+    MapPathWithoutInhibit,
+    #[error(
+        "af-xdp: map-path and sock-fds are mutually exclusive (sock-fds sockets are already in \
+         their XSKMAP)"
+    )]
+    MapPathWithSockFds,
+    #[error("af-xdp: map-start-index needs map-path")]
+    MapStartIndexWithoutMapPath,
     #[error("af-xdp: sock-fds lists fd {0} twice")]
     DuplicateSockFd(RawFd),
     #[error("af-xdp: UMEM: {0}")]
@@ -128,6 +140,40 @@ pub enum Error {
         mode: &'static str,
         source: io::Error,
     },
+
+    #[error(
+        "af-xdp: map-path={path}: no such pinned object (is bpffs mounted, e.g. \
+         `mount -t bpf bpf /sys/fs/bpf`, and did the program's loader pin its XSKMAP there?)"
+    )]
+    MapNotFound { path: String },
+
+    #[error(
+        "af-xdp: map-path={path}: access refused ({source}); the pinned file must be readable \
+         and writable by xskvm's user (chown/chmod it), and be a pinned BPF map"
+    )]
+    MapAccess { path: String, source: io::Error },
+
+    #[error(
+        "af-xdp: map-path={path} is not an XSKMAP ({what}); pin the program's BPF_MAP_TYPE_XSKMAP"
+    )]
+    NotXskMap { path: String, what: String },
+
+    #[error(
+        "af-xdp: map-path={path} has {max_entries} entries, but map-start-index and queues need \
+         keys {}..{}",
+        .keys.start, .keys.end
+    )]
+    MapTooSmall {
+        path: String,
+        max_entries: u32,
+        keys: std::ops::Range<u32>,
+    },
+
+    #[error(
+        "af-xdp: map-path={path}: key {key} already holds a socket (another VM or program uses it); \
+         pick another map-start-index"
+    )]
+    MapKeyBusy { path: String, key: u32 },
 
     #[error("af-xdp: {op} for queue {queue} failed: {source}")]
     Socket {

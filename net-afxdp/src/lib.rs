@@ -10,7 +10,8 @@
 //!   socket in `xsks_map[i]`, passes everything else to the kernel.
 //! - [`AfXdpConfig`]: the options, with QEMU `-netdev af-xdp` semantics
 //!   (`ifname=IF[,queues=N][,start-queue=M][,mode=native|skb]
-//!   [,force-copy=on][,inhibit=on][,sock-fds=a:b]`), parsed with
+//!   [,force-copy=on][,inhibit=on][,sock-fds=a:b][,map-path=PATH]
+//!   [,map-start-index=N]`), parsed with
 //!   [`AfXdpConfig::parse`] or [`AfXdpConfig::parse_allowing`] (which hands
 //!   keys the caller owns, like `mac`, back instead of rejecting them).
 //! - [`AfXdpNic::open`]: checks the interface and queue range, creates (or
@@ -89,6 +90,16 @@
 //! put in the XSKMAP — nothing more): xskvm registers the UMEM, sizes and
 //! maps the rings and binds them itself.
 //!
+//! With `inhibit=on,map-path=PATH[,map-start-index=N]` the NIC loads no
+//! program: after binding, it puts queue i's socket at key N+i of the
+//! XSKMAP pinned at PATH (BPF_OBJ_GET then a map update: on Linux 6.5 and
+//! later these need only read/write access to the pinned file, even with
+//! `kernel.unprivileged_bpf_disabled`; the sockets still need
+//! CAP_NET_RAW). A key that already holds a socket is refused. The
+//! [`NicOwner`] deletes its keys when dropped, and holds duplicates of
+//! the sockets until then, so no key is emptied (and possibly taken by
+//! someone else) earlier.
+//!
 //! # Limits worth knowing
 //!
 //! - The completion ring has no poll event. When every transmit frame is
@@ -122,6 +133,7 @@ mod ring;
 mod sys;
 pub mod testbed;
 mod umem;
+mod xskmap;
 
 pub use config::{AfXdpConfig, CallerOptions, TxChecksum, UmemConfig, XdpMode, OPTION_KEYS};
 pub use error::{ConfigError, Error, Result};
@@ -135,6 +147,21 @@ pub use queue::{
     XdpStatistics, XskQueue,
 };
 pub use umem::FrameAccounting;
+
+/// Capability numbers (linux/capability.h) that opening a NIC takes:
+/// CAP_NET_ADMIN (attach), CAP_NET_RAW (AF_XDP sockets), CAP_IPC_LOCK
+/// (UMEM not charged to RLIMIT_MEMLOCK), CAP_PERFMON and CAP_BPF (load the
+/// program and create its maps). A process that keeps only these can
+/// still open (or reopen) a NIC.
+pub const OPEN_CAPABILITIES: [u32; 5] = [12, 13, 14, 38, 39];
+
+/// Raises RLIMIT_MEMLOCK by `bytes` (what UMEMs about to be registered
+/// lock), never to unlimited; for a privileged helper preparing the
+/// limit an unprivileged xskvm inherits. Returns whether the limit now
+/// leaves that room (false: no CAP_SYS_RESOURCE to go past the hard limit).
+pub fn raise_memlock(bytes: u64) -> bool {
+    sys::raise_memlock(bytes)
+}
 
 /// The interface index of `ifname` in the calling thread's network
 /// namespace.

@@ -8,6 +8,7 @@ use crate::error::{Error, Result, PRIVILEGE_HINT};
 use crate::program::{attached_program, XdpAttachment, XdpProgram};
 use crate::queue::{QueueSetup, XskQueue};
 use crate::sys;
+use crate::xskmap::PinnedXskMap;
 
 /// What was set up, for logs and the VMM's status output.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +46,9 @@ pub const LINK_HEADER_LEN: u32 = 18;
 pub struct NicOwner {
     info: NicInfo,
     attachment: Option<XdpAttachment>,
+    /// `map-path=`: the foreign XSKMAP holding our sockets; dropping it
+    /// takes them out.
+    xsk_map: Option<PinnedXskMap>,
 }
 
 impl NicOwner {
@@ -55,6 +59,11 @@ impl NicOwner {
     /// The program link, if we attached one.
     pub fn attachment(&self) -> Option<&XdpAttachment> {
         self.attachment.as_ref()
+    }
+
+    /// The pinned XSKMAP our sockets are in (`map-path=`), if any.
+    pub fn map_path(&self) -> Option<&str> {
+        self.xsk_map.as_ref().map(PinnedXskMap::path)
     }
 }
 
@@ -292,6 +301,13 @@ impl AfXdpNic {
         let ifindex = resolve(config)?;
         check_queue_range(config, ifindex)?;
 
+        // A foreign map that is missing or wrong fails before anything is
+        // created.
+        let mut xsk_map = match &config.map_path {
+            Some(path) => Some(PinnedXskMap::open(path, config.map_keys())?),
+            None => None,
+        };
+
         // Sockets first: a missing capability fails here, before the
         // interface is touched.
         let sockets = match &config.sock_fds {
@@ -308,7 +324,8 @@ impl AfXdpNic {
         let attach_mode = attachment.as_ref().map(|a| a.mode());
         let copy = copy_flag(config, attach_mode, ifindex);
 
-        sys::raise_memlock(config.umem.bytes_per_queue() * u64::from(config.queues));
+        // Registration says what to do if this was not enough.
+        let _ = sys::raise_memlock(config.umem.bytes_per_queue() * u64::from(config.queues));
         let mut queues = Vec::with_capacity(sockets.len());
         for (fd, queue_id) in sockets.into_iter().zip(config.queue_ids()) {
             let setup = QueueSetup {
@@ -361,6 +378,20 @@ impl AfXdpNic {
                     .insert_socket(queue.queue_id(), queue.as_fd())?;
             }
         }
+        if let Some(map) = &mut xsk_map {
+            // Bound sockets only: the kernel would take an unbound one, and
+            // the program would redirect into a socket with no rings.
+            for (queue, key) in queues.iter().zip(config.map_keys()) {
+                map.insert(key, queue.as_fd())?;
+            }
+            log::info!(
+                "af-xdp: {}: sockets of queues {:?} at keys {:?} of {}",
+                config.ifname,
+                config.queue_ids(),
+                config.map_keys(),
+                map.path()
+            );
+        }
         if let Some(fds) = &config.sock_fds {
             close_sock_fds(fds);
         }
@@ -382,7 +413,11 @@ impl AfXdpNic {
         };
         Ok(AfXdpNic {
             queues,
-            owner: NicOwner { info, attachment },
+            owner: NicOwner {
+                info,
+                attachment,
+                xsk_map,
+            },
         })
     }
 
@@ -424,12 +459,14 @@ pub struct PreparedSockets {
 }
 
 impl PreparedSockets {
-    /// `config` as for [`AfXdpNic::open`]; `inhibit` and `sock-fds` are
-    /// ignored (this is the side that loads the program).
+    /// `config` as for [`AfXdpNic::open`]; `inhibit`, `sock-fds` and
+    /// `map-path` are ignored (this is the side that loads the program).
     pub fn create(config: &AfXdpConfig) -> Result<PreparedSockets> {
         let mut config = config.clone();
         config.inhibit = false;
         config.sock_fds = None;
+        config.map_path = None;
+        config.map_start_index = None;
         config.validate()?;
         let ifindex = resolve(&config)?;
         check_queue_range(&config, ifindex)?;
@@ -468,7 +505,11 @@ impl PreparedSockets {
         };
         Ok(PreparedSockets {
             sockets,
-            owner: NicOwner { info, attachment },
+            owner: NicOwner {
+                info,
+                attachment,
+                xsk_map: None,
+            },
         })
     }
 }

@@ -192,16 +192,18 @@ pub(crate) fn memlock_limit() -> Option<u64> {
 /// privilege; beyond it both limits go up, which needs CAP_SYS_RESOURCE.
 /// Failure is not an error: with CAP_IPC_LOCK the kernel does not charge
 /// UMEMs at all, and registration reports a limit that is too low.
-pub(crate) fn raise_memlock(needed: u64) {
+/// Returns whether the soft limit now leaves `needed` more bytes (or is
+/// unlimited).
+pub(crate) fn raise_memlock(needed: u64) -> bool {
     let mut lim = MaybeUninit::<libc::rlimit>::uninit();
     // SAFETY: lim is writable storage for one rlimit.
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, lim.as_mut_ptr()) } != 0 {
-        return;
+        return false;
     }
     // SAFETY: filled by getrlimit.
     let lim = unsafe { lim.assume_init() };
     let Some(new) = memlock_for(lim, needed) else {
-        return;
+        return true;
     };
     // SAFETY: valid rlimit struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &new) } == 0 {
@@ -209,7 +211,7 @@ pub(crate) fn raise_memlock(needed: u64) {
             "af-xdp: RLIMIT_MEMLOCK raised by {needed} bytes to {}",
             new.rlim_cur
         );
-        return;
+        return true;
     }
     // Without CAP_SYS_RESOURCE: as far as the hard limit goes.
     let to_hard = libc::rlimit {
@@ -229,6 +231,7 @@ pub(crate) fn raise_memlock(needed: u64) {
             ""
         }
     );
+    false
 }
 
 /// The limits that leave `needed` more bytes lockable, or None when

@@ -349,6 +349,18 @@ pub fn limit_capabilities(keep: &[u32]) -> io::Result<()> {
     Ok(())
 }
 
+/// Pins the BPF object `fd` (a map, say) at `path` in bpffs, as a loader
+/// that shares its XSKMAP with `map-path=` would.
+pub fn pin_object(fd: RawFd, path: &str) -> io::Result<()> {
+    let path = CString::new(path).map_err(io::Error::other)?;
+    // SAFETY: fd is a BPF object fd; path is NUL-terminated.
+    let ret = unsafe { libbpf_sys::bpf_obj_pin(fd, path.as_ptr()) };
+    if ret < 0 {
+        return Err(io::Error::from_raw_os_error(-ret));
+    }
+    Ok(())
+}
+
 /// Sets RLIMIT_MEMLOCK (soft and hard) to `bytes`.
 pub fn set_memlock_limit(bytes: u64) -> io::Result<()> {
     let lim = libc::rlimit {

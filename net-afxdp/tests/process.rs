@@ -206,6 +206,44 @@ fn child_process_entry() {
             );
             println!("{OK}");
         }
+        "open-capabilities" => {
+            // What xskvm's NIC watcher keeps to reopen a NIC: enough for
+            // the program, the sockets and default-size UMEMs (CAP_IPC_LOCK:
+            // not charged to RLIMIT_MEMLOCK, which stays as it is).
+            testbed::limit_capabilities(&net_afxdp::OPEN_CAPABILITIES).unwrap();
+            let nic =
+                AfXdpNic::open(&format!("ifname={ifname},queues=2").parse().unwrap()).unwrap();
+            assert!(nic.info().program_id.is_some());
+            drop(nic);
+            println!("{OK}");
+        }
+        "map-path" => {
+            // Only what creating AF_XDP sockets takes: no CAP_BPF,
+            // CAP_NET_ADMIN or CAP_SYS_ADMIN, yet the pinned map is ours
+            // to fill (BPF_OBJ_GET and a map update need file access only).
+            let peer = PacketSocket::open(&env("XSK_PEER")).unwrap();
+            let (a_mac, b_mac) = (mac_of(&ifname), mac_of(&env("XSK_PEER")));
+            testbed::limit_capabilities(&[cap::NET_RAW]).unwrap();
+            let mut config: AfXdpConfig =
+                format!("ifname={ifname},inhibit=on,map-path={}", env("XSK_MAP"))
+                    .parse()
+                    .unwrap();
+            config.umem = net_afxdp::UmemConfig {
+                frame_size: 2048,
+                rx_frames: 256,
+                tx_frames: 256,
+            };
+            let mut nic = AfXdpNic::open(&config).unwrap();
+            let frames: Vec<_> = (0..10)
+                .map(|i| test_frame(a_mac, b_mac, i, 100 + i as usize))
+                .collect();
+            for f in &frames {
+                peer.send(f).unwrap();
+            }
+            let got = rx_frames(&mut nic.queues_mut()[0], 10, Duration::from_secs(5));
+            assert_eq!(got, frames);
+            println!("{OK}");
+        }
         other => panic!("unknown child role {other}"),
     }
 }
@@ -333,4 +371,42 @@ fn umem_beyond_the_memlock_limit_is_reported() {
         &[],
     ));
     assert_eq!(pair.xdp_program(&pair.a).unwrap(), None);
+}
+
+#[test]
+fn map_path_needs_no_bpf_capability() {
+    require_root!();
+    init_log();
+    let pair = VethPair::new(1).unwrap();
+    let program = net_afxdp::XdpProgram::load(1, false).unwrap();
+    let _link = pair
+        .run(|| {
+            let ifindex = net_afxdp::ifindex(&pair.a).expect("interface");
+            program.attach(&pair.a, ifindex, net_afxdp::XdpMode::Native)
+        })
+        .unwrap()
+        .unwrap();
+    let pin = Pin::new(program.map_fd());
+    expect_ok(spawn_child(
+        "map-path",
+        &[
+            ("XSK_NETNS", &pair.netns),
+            ("XSK_IF", &pair.a),
+            ("XSK_PEER", &pair.b),
+            ("XSK_MAP", &pin.0),
+        ],
+        &[],
+    ));
+}
+
+#[test]
+fn the_capabilities_kept_for_reopening_open_a_nic() {
+    require_root!();
+    let pair = VethPair::new(2).unwrap();
+    expect_ok(spawn_child(
+        "open-capabilities",
+        &[("XSK_NETNS", &pair.netns), ("XSK_IF", &pair.a)],
+        &[],
+    ));
+    assert_eq!(wait_no_xdp(&pair, &pair.a), None);
 }

@@ -160,3 +160,21 @@ pub fn run_scenario_with_env(
     }
     result
 }
+
+/// Mbit/s of the iperf3 "receiver" summary lines, in order.
+pub fn iperf_receiver_rates(out: &ScenarioOutput) -> Vec<f64> {
+    out.stdout
+        .lines()
+        .filter(|l| l.contains("receiver"))
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let unit = words.iter().position(|w| w.ends_with("bits/sec"))?;
+            let value: f64 = words.get(unit.checked_sub(1)?)?.parse().ok()?;
+            Some(match words[unit] {
+                "Gbits/sec" => value * 1000.0,
+                "Kbits/sec" => value / 1000.0,
+                _ => value,
+            })
+        })
+        .collect()
+}

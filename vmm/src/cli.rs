@@ -37,9 +37,13 @@ pub struct Args {
     pub vcpus: u32,
 
     /// A NIC backed by AF_XDP sockets on a host interface (repeatable):
-    /// af-xdp,ifname=IF[,mac=MAC][,queues=N][,start-queue=M][,mode=native|skb]
-    /// [,force-copy=on][,inhibit=on][,sock-fds=a:b][,tx-csum=kernel|vmm].
-    /// The guest gets one virtio-net queue pair per queue.
+    /// af-xdp,ifname=IF[,mac=MAC][,spoof-check=off][,queues=N][,start-queue=M]
+    /// [,mode=native|skb][,force-copy=on][,inhibit=on][,sock-fds=a:b]
+    /// [,map-path=PATH[,map-start-index=N]][,tx-csum=kernel|vmm]. The guest
+    /// gets one virtio-net queue pair per queue. inhibit=on: no XDP program
+    /// of ours; the sockets come from sock-fds (see xskvm-net-helper) or go
+    /// into the XSKMAP pinned at map-path, queue i at key map-start-index+i.
+    /// tx-csum: who fills the checksums the guest leaves to the device.
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<crate::net::NetSpec>,
 
@@ -57,6 +61,12 @@ pub struct Args {
     /// PATH, created with mode 0600 and removed at exit.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// Capabilities kept once the guest runs: xskvm drops all others after
+    /// setup, before any thread starts, and sets no_new_privs (see
+    /// docs/privileges.md).
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub capabilities: crate::privileges::CapabilityMode,
 
     /// The VM's name: the `vm` label of its metrics.
     #[arg(long, value_name = "NAME", default_value = "xskvm")]
@@ -118,6 +128,25 @@ mod tests {
             "kernel is required"
         );
         assert!(Args::try_parse_from(["xskvm", "--kernel", "k", "--vcpus", "-1"]).is_err());
+    }
+
+    #[test]
+    fn capability_modes() {
+        use crate::privileges::CapabilityMode;
+        let parse = |mode: &str| {
+            Args::try_parse_from(["xskvm", "--kernel", "k", "--capabilities", mode])
+                .map(|a| a.capabilities)
+        };
+        let default = Args::try_parse_from(["xskvm", "--kernel", "k"]).unwrap();
+        assert_eq!(default.capabilities, CapabilityMode::Auto);
+        assert_eq!(parse("none").unwrap(), CapabilityMode::None);
+        assert_eq!(parse("net").unwrap(), CapabilityMode::Net);
+        assert_eq!(parse("keep").unwrap(), CapabilityMode::Keep);
+        let error = parse("all").unwrap_err().to_string();
+        assert!(
+            error.contains("[possible values: auto, none, net, keep]"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -11,7 +11,9 @@ pub mod cpu;
 pub mod event_loop;
 pub mod layout;
 pub mod net;
+pub mod net_helper;
 pub mod nic_watch;
+pub mod privileges;
 pub mod seccomp;
 pub mod terminal;
 pub mod vcpu;
@@ -71,6 +73,8 @@ pub enum VmmError {
     Resources(#[from] devices::ResourceError),
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    Privileges(#[from] privileges::PrivilegeError),
     #[error(transparent)]
     Api(#[from] api::ApiError),
     #[error("main event loop: {0}")]

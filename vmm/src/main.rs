@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         seccomp: args.seccomp,
         api_socket: args.api_socket,
         name: args.name,
+        capabilities: args.capabilities,
     };
     // Bad paths and sizes are reported before any XDP program is attached.
     if let Err(e) = vm::check_config(&config) {

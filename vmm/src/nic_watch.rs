@@ -122,6 +122,11 @@ pub struct WatchedNic {
     /// Enforces the guest's receive mode in our program (None with
     /// inhibit=on: no program of ours, no filtering).
     pub rx_filter: Option<Arc<XdpRxFilter>>,
+    /// False once xskvm gave up the capabilities opening a NIC takes
+    /// (`--capabilities none`): a deleted interface cannot be reopened.
+    pub can_reopen: bool,
+    /// Whether "cannot reopen" was logged (once per NIC is enough).
+    pub reopen_refusal_logged: bool,
 }
 
 impl WatchedNic {
@@ -202,12 +207,22 @@ impl WatchedNic {
     /// The interface came back: open the NIC again and hand each queue
     /// pair its new socket.
     fn reopen(&mut self, running: bool) {
-        if self.config.sock_fds.is_some() {
-            log::warn!(
-                "{}: {} is back, but its sockets came from sock-fds=: restart xskvm to use it",
-                self.id,
-                self.config.ifname
-            );
+        let refusal = if self.config.sock_fds.is_some() {
+            Some("its sockets came from sock-fds= (a privileged helper)")
+        } else if !self.can_reopen {
+            Some("xskvm dropped the capabilities opening it takes (--capabilities none)")
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            if !std::mem::replace(&mut self.reopen_refusal_logged, true) {
+                log::warn!(
+                    "{}: {} is back, but {why}: it cannot be attached again; the guest's link \
+                     stays down until xskvm is restarted",
+                    self.id,
+                    self.config.ifname
+                );
+            }
             return;
         }
         let nic = match AfXdpNic::open(&self.config) {

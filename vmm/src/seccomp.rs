@@ -262,6 +262,9 @@ fn main_thread(rules: &mut Rules) -> Result<(), SeccompError> {
         libc::SYS_getrandom,
     ]);
     rules.allow_when(libc::SYS_tgkill, &[(2, crate::vcpu::kick_signal() as u64)])?;
+    // A NIC dropped here (no watcher thread) takes its sockets out of a
+    // map-path XSKMAP.
+    rules.allow_when(libc::SYS_bpf, &[(0, BPF_MAP_ELEMENT_COMMANDS[2])])?;
     Ok(())
 }
 

@@ -30,6 +30,7 @@ use crate::event_loop::MainLoop;
 use crate::layout::*;
 use crate::net::MacAddr;
 use crate::nic_watch::{GuestLink, NicWatcher, WatchedNic, XskStats};
+use crate::privileges::{self, CapabilityMode};
 use crate::seccomp::{self, Filters, SeccompMode, ThreadKind};
 use crate::terminal::RawTerminal;
 use crate::vcpu::{
@@ -55,6 +56,8 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// `--name`: the `vm` label of the metrics.
     pub name: String,
+    /// `--capabilities`: what xskvm keeps once the guest runs.
+    pub capabilities: CapabilityMode,
 }
 
 /// A virtio-net device to attach, with its backends already open.
@@ -100,6 +103,7 @@ pub fn run(config: VmConfig) -> Result<VmExit, VmmError> {
 /// vCPUs created; no thread started yet.
 pub struct Vm {
     filters: Filters,
+    capabilities: CapabilityMode,
     vcpus: Vec<Vcpu>,
     /// The NICs' host sides, for the watcher started by [`Vm::run`].
     watched: Vec<WatchedNic>,
@@ -234,6 +238,7 @@ impl Vm {
         ));
         Ok(Self {
             filters,
+            capabilities: config.capabilities,
             vcpus,
             watched,
             pio: legacy.pio,
@@ -265,8 +270,9 @@ impl Vm {
         let Vm {
             kvm_vm,
             filters,
+            capabilities,
             vcpus,
-            watched,
+            mut watched,
             pio,
             mmio,
             serial,
@@ -286,8 +292,28 @@ impl Vm {
         // Stop signals go to a signalfd read by this thread alone; block them
         // before any thread starts so that every thread inherits the mask.
         let signals = block_stop_signals().map_err(io_err("cannot set up signal handling"))?;
+        // Setup is done (NICs, /dev/kvm, guest memory): give up privilege
+        // before any thread starts, as threads take their creator's
+        // capabilities. Only the NIC watcher may keep some, to reopen a NIC.
+        let reopen = watched.iter().any(|nic| nic.config.sock_fds.is_none());
+        let keep = privileges::kept(capabilities, reopen);
+        if let Some(keep) = keep {
+            privileges::restrict(keep)?;
+            for nic in &mut watched {
+                nic.can_reopen = !keep.is_empty();
+            }
+        }
         // After the mask: a stop signal must never reach it.
         let nic_watcher = NicWatcher::start(watched, filters.nic_watch.clone());
+        if let Some(keep) = keep {
+            if !keep.is_empty() {
+                privileges::drop_all_in_this_thread()?;
+            }
+            log::info!(
+                "capabilities dropped; no_new_privs set; the NIC watcher keeps: {}",
+                privileges::names(keep)
+            );
+        }
         let (action_tx, action_rx) = mpsc::channel();
         let api_wake = new_eventfd()?;
         let api_server = match api {
@@ -500,6 +526,8 @@ fn attach_net_device(
         ifindex: Some(info.ifindex),
         config: net.host.af_xdp,
         owner: Some(net.host.owner),
+        can_reopen: true,
+        reopen_refusal_logged: false,
         link,
         xsk_stats,
         mtu: net.host.mtu,

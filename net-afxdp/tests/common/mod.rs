@@ -2,6 +2,8 @@
 #![allow(dead_code, unused_imports)]
 
 use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use net_afxdp::testbed::{self, test_frame_seq, PacketSocket, VethPair};
@@ -168,3 +170,43 @@ pub fn wait_no_xdp(pair: &VethPair, dev: &str) -> Option<net_afxdp::AttachedProg
 }
 
 pub use testbed::{test_frame, write_test_frame};
+
+/// Mounts bpffs on /sys/fs/bpf unless it is there (it is not by default
+/// on every host).
+pub fn ensure_bpffs() {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        return;
+    }
+    let status = Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting bpffs on /sys/fs/bpf failed");
+}
+
+/// A pinned object in bpffs, unpinned on drop.
+pub struct Pin(pub String);
+
+impl Pin {
+    pub fn new(fd: i32) -> Pin {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        ensure_bpffs();
+        let path = format!(
+            "/sys/fs/bpf/xskvm-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        testbed::pin_object(fd, &path).unwrap_or_else(|e| panic!("pinning at {path}: {e}"));
+        Pin(path)
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
