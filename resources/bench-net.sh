@@ -55,13 +55,22 @@ fresh_server() {
     sleep 0.5
     ip netns exec peer iperf3 -s -D -I /tmp/iperf3.pid
 }
+# report SYSTEM STATUS VCPUS: the run's results, or why there are none
+# (its exit status and the end of its output, kept for a look).
+report() {
+    if grep -q -- "-TO-" /tmp/run.log; then
+        grep -- "-TO-" /tmp/run.log | sed "s/^/RESULT \$1 \$3 /"
+    else
+        echo "RESULT \$1 \$3 none (exit status \$2)"
+        grep -v "^\[ *[0-9]*\.[0-9]*\]" /tmp/run.log | tail -n 15 | sed "s/^/FAILED-RUN \$1: /"
+    fi
+}
 run_xskvm() {
     fresh_server
     ip link set xs0 nomaster 2>/dev/null || true
     timeout -k 5 \$limit $xskvm --kernel $guest/bzImage --initrd $guest/initramfs.cpio.gz --memory 512M --vcpus \$1 \
-        --net af-xdp,ifname=xs0,mac=52:54:00:00:00:02 --cmdline "\$cmdline" </dev/null \
-        | grep -- "-TO-" | sed "s/^/RESULT xskvm \$1 /" \
-        || echo "RESULT xskvm \$1 none (timed out or failed)"
+        --net af-xdp,ifname=xs0,mac=52:54:00:00:00:02 --cmdline "\$cmdline" </dev/null >/tmp/run.log 2>&1
+    report xskvm \$? "\$1"
 }
 run_qemu() {
     fresh_server
@@ -70,9 +79,8 @@ run_qemu() {
         -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
         -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=\$2 \
         -device virtio-net-device,netdev=n0,mac=52:54:00:00:00:03 \
-        -kernel $guest/bzImage -initrd $guest/initramfs.cpio.gz -append "\$cmdline" </dev/null \
-        | grep -- "-TO-" | sed "s/^/RESULT qemu-tap-vhost-\$2 \$1 /" \
-        || echo "RESULT qemu-tap-vhost-\$2 \$1 none (timed out or failed)"
+        -kernel $guest/bzImage -initrd $guest/initramfs.cpio.gz -append "\$cmdline" </dev/null >/tmp/run.log 2>&1
+    report qemu-tap-vhost-\$2 \$? "\$1"
 }
 for round in \$(seq $rounds); do
     for vcpus in $vcpus_list; do

@@ -175,21 +175,7 @@ cat /tmp/console
     );
     let out = run(script);
     assert_clean_exit(&out);
-    let sha = |key| out.value_of(key).map(str::trim).filter(|s| s.len() == 64);
-    assert!(sha("HOST-SENT-SHA").is_some(), "{}", out.describe());
-    assert_eq!(
-        sha("GUEST-GOT-SHA"),
-        sha("HOST-SENT-SHA"),
-        "peer->guest\n{}",
-        out.describe()
-    );
-    assert!(sha("GUEST-SENT-SHA").is_some(), "{}", out.describe());
-    assert_eq!(
-        sha("HOST-GOT-SHA"),
-        sha("GUEST-SENT-SHA"),
-        "guest->peer\n{}",
-        out.describe()
-    );
+    common::assert_files_arrived_intact(&out);
 }
 
 /// Issue 10: veth at MTU 9000 on both ends. The guest gets MTU 9000
@@ -247,21 +233,7 @@ cat /tmp/console
             out.describe()
         );
     }
-    let sha = |key| out.value_of(key).map(str::trim).filter(|s| s.len() == 64);
-    assert!(sha("HOST-SENT-SHA").is_some(), "{}", out.describe());
-    assert_eq!(
-        sha("GUEST-GOT-SHA"),
-        sha("HOST-SENT-SHA"),
-        "peer->guest\n{}",
-        out.describe()
-    );
-    assert!(sha("GUEST-SENT-SHA").is_some(), "{}", out.describe());
-    assert_eq!(
-        sha("HOST-GOT-SHA"),
-        sha("GUEST-SENT-SHA"),
-        "guest->peer\n{}",
-        out.describe()
-    );
+    common::assert_files_arrived_intact(&out);
 }
 
 /// Values of the `Tcp:` or `Udp:` lines of /proc/net/snmp as printed by

@@ -249,21 +249,7 @@ cat /tmp/console /tmp/console.log
             out.describe()
         );
     }
-    let sha = |key| out.value_of(key).map(str::trim).filter(|s| s.len() == 64);
-    assert!(sha("HOST-SENT-SHA").is_some(), "{}", out.describe());
-    assert_eq!(
-        sha("GUEST-GOT-SHA"),
-        sha("HOST-SENT-SHA"),
-        "{}",
-        out.describe()
-    );
-    assert!(sha("GUEST-SENT-SHA").is_some(), "{}", out.describe());
-    assert_eq!(
-        sha("HOST-GOT-SHA"),
-        sha("GUEST-SENT-SHA"),
-        "{}",
-        out.describe()
-    );
+    common::assert_files_arrived_intact(&out);
     assert_value(&out, "GUEST-CARRIER-GONE", "0");
     assert_value(&out, "REFUSALS", "1");
     assert_value(&out, "XSKVM-ALIVE", "yes");

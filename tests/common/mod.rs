@@ -178,3 +178,24 @@ pub fn iperf_receiver_rates(out: &ScenarioOutput) -> Vec<f64> {
         })
         .collect()
 }
+
+/// The scenario sent a file each way and printed the sha256 of what was
+/// sent and received (`HOST-SENT-SHA`, `GUEST-GOT-SHA`, `GUEST-SENT-SHA`,
+/// `HOST-GOT-SHA`): both arrived intact.
+pub fn assert_files_arrived_intact(out: &ScenarioOutput) {
+    let sha = |key| out.value_of(key).map(str::trim).filter(|s| s.len() == 64);
+    assert!(sha("HOST-SENT-SHA").is_some(), "{}", out.describe());
+    assert_eq!(
+        sha("GUEST-GOT-SHA"),
+        sha("HOST-SENT-SHA"),
+        "peer->guest\n{}",
+        out.describe()
+    );
+    assert!(sha("GUEST-SENT-SHA").is_some(), "{}", out.describe());
+    assert_eq!(
+        sha("HOST-GOT-SHA"),
+        sha("GUEST-SENT-SHA"),
+        "guest->peer\n{}",
+        out.describe()
+    );
+}

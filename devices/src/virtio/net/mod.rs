@@ -392,7 +392,7 @@ impl Net {
 }
 
 /// The offloads a driver negotiated, for the log: each is done in the
-/// queue pairs' IO threads (checksums in software).
+/// queue pairs' IO threads (transmit checksums possibly by the host kernel).
 fn describe_offloads(features: u64) -> String {
     const NAMES: [(u64, &str); 11] = [
         (VIRTIO_NET_F_CSUM, "tx-checksum"),
@@ -419,7 +419,8 @@ fn describe_offloads(features: u64) -> String {
         "none (every frame checksummed and segmented by the guest)".to_string()
     } else {
         format!(
-            "{} (segmentation, checksums and coalescing in the IO threads, in software)",
+            "{} (segmentation, coalescing and receive checksums in the IO threads; transmit \
+             checksums there too or by the host kernel, as the start-up log says per queue)",
             on.join(" ")
         )
     }

@@ -22,23 +22,17 @@ pub(super) struct SocketBackend {
 
 impl SocketBackend {
     pub(super) fn pair() -> (Box<dyn NetBackend>, UnixDatagram) {
-        let (a, b) = UnixDatagram::pair().unwrap();
-        a.set_nonblocking(true).unwrap();
-        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let backend = SocketBackend {
-            sock: a,
-            buf: Box::new([0; 65536]),
-            pending: None,
-            tx_room: usize::MAX,
-            host_csum: false,
-        };
-        (Box::new(backend), b)
+        Self::pair_taking_csum(false)
     }
 
     /// As [`SocketBackend::pair`], but taking the checksums the device
     /// leaves to the host side (as AF_XDP TX metadata does), filling them
     /// as a NIC would.
     pub(super) fn pair_with_host_csum() -> (Box<dyn NetBackend>, UnixDatagram) {
+        Self::pair_taking_csum(true)
+    }
+
+    fn pair_taking_csum(host_csum: bool) -> (Box<dyn NetBackend>, UnixDatagram) {
         let (a, b) = UnixDatagram::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -47,7 +41,7 @@ impl SocketBackend {
             buf: Box::new([0; 65536]),
             pending: None,
             tx_room: usize::MAX,
-            host_csum: true,
+            host_csum,
         };
         (Box::new(backend), b)
     }
