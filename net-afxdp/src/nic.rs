@@ -39,6 +39,11 @@ pub struct NicInfo {
 /// Ethernet header plus one VLAN tag: what a frame adds to the MTU.
 pub const LINK_HEADER_LEN: u32 = 18;
 
+/// In skb mode, what generic XDP may hand a socket: a whole GSO or GRO
+/// packet (a veth peer's 64 KiB TCP segments, a NIC's merged ones), not
+/// wire frames. Without multi-buffer (Linux < 6.6) those are lost.
+const SKB_MODE_MAX_RX_FRAME: u32 = 65_536 + LINK_HEADER_LEN;
+
 /// Owns the XDP program link of an opened NIC. Dropping it detaches the
 /// program (so does the process dying, even by SIGKILL). The queues keep
 /// working without it, they just stop receiving.
@@ -337,6 +342,12 @@ impl AfXdpNic {
                 total_queues: config.queues,
                 adopted: config.sock_fds.is_some(),
                 max_frame,
+                max_rx_frame: if attach_mode == Some(XdpMode::Skb) {
+                    // Generic XDP sees GSO/GRO packets whole.
+                    max_frame.max(SKB_MODE_MAX_RX_FRAME)
+                } else {
+                    max_frame
+                },
                 tx_checksum: config.tx_checksum,
             };
             let queue = XskQueue::setup(fd, &setup)?;
@@ -345,7 +356,9 @@ impl AfXdpNic {
                 config.ifname,
                 if queue.is_multi_buffer() {
                     format!(
-                        "multi-buffer (frames up to {} bytes in {}-byte pieces), ",
+                        "multi-buffer (frames up to {} bytes received, {} sent, in {}-byte \
+                         pieces), ",
+                        queue.max_rx_frame(),
                         queue.max_frame(),
                         queue.frame_size()
                     )

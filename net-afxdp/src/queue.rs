@@ -28,7 +28,7 @@ pub struct QueueCounters {
     /// rx descriptors pointing at frames the kernel did not own or outside
     /// the frame; skipped (should stay 0).
     pub rx_bad_descs: AtomicU64,
-    /// Multi-buffer packets longer than [`XskQueue::max_frame`]: dropped.
+    /// Multi-buffer packets longer than the queue takes: dropped.
     pub rx_too_long: AtomicU64,
     /// Frames put in the tx ring.
     pub tx_packets: AtomicU64,
@@ -222,6 +222,10 @@ pub(crate) struct QueueSetup<'a> {
     /// MTU plus link headers). Above what one UMEM frame holds, the socket
     /// binds with `XDP_USE_SG` (multi-buffer) where the kernel allows it.
     pub max_frame: u32,
+    /// The longest frame the socket may receive (at least `max_frame`):
+    /// more in skb mode, where generic XDP hands over whole GSO and GRO
+    /// packets (up to 64 KiB) rather than wire frames.
+    pub max_rx_frame: u32,
     /// Who fills checksums left open on transmit.
     pub tx_checksum: TxChecksum,
 }
@@ -472,8 +476,8 @@ impl XskQueue {
         // A frame longer than one UMEM frame takes several descriptors:
         // transmit slots of that many consecutive frames (a power of two,
         // so slots tile the pool) hold one frame each, contiguously.
-        let want_sg = s.max_frame > s.umem.max_rx_frame();
-        let slot_frames = if want_sg {
+        let want_sg = s.max_frame.max(s.max_rx_frame) > s.umem.max_rx_frame();
+        let slot_frames = if s.max_frame > s.umem.max_rx_frame() {
             // Each frame may lose TX_DATA_OFFSET to TX metadata.
             s.max_frame
                 .div_ceil(s.umem.frame_size - TX_DATA_OFFSET as u32)
@@ -577,7 +581,7 @@ impl XskQueue {
         .map(|(o, _)| o.flags & libc::XDP_OPTIONS_ZEROCOPY != 0)
         .unwrap_or(false);
         if queue.multi_buffer {
-            queue.rx_gather = vec![0; queue.max_frame() as usize];
+            queue.rx_gather = vec![0; queue.max_frame().max(s.max_rx_frame) as usize];
         }
         Ok(queue)
     }
@@ -607,6 +611,16 @@ impl XskQueue {
     pub fn max_frame(&self) -> u32 {
         if self.multi_buffer {
             self.tx_buffer_len() as u32
+        } else {
+            self.frame_size - crate::config::XDP_PACKET_HEADROOM
+        }
+    }
+
+    /// The longest frame this queue receives whole (longer ones are
+    /// dropped and counted in `rx_too_long`, or by the kernel).
+    pub fn max_rx_frame(&self) -> u32 {
+        if self.multi_buffer {
+            self.rx_gather.len() as u32
         } else {
             self.frame_size - crate::config::XDP_PACKET_HEADROOM
         }

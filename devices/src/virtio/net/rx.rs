@@ -468,6 +468,11 @@ impl Segment {
     pub fn header_len(&self) -> usize {
         self.layout.end
     }
+
+    /// Where the IP header starts.
+    pub fn l3(&self) -> usize {
+        self.layout.l3
+    }
 }
 
 /// A merged frame being written: the first segment's headers (kept here
@@ -484,15 +489,17 @@ pub(crate) struct OpenFlow {
 
 impl OpenFlow {
     /// Opens a flow with `frame`'s headers (the checksum repair, if any,
-    /// already applied to `frame_headers`).
-    pub fn new(seg: &Segment, frame_headers: &[u8]) -> Self {
+    /// already applied to `frame_headers`). `mss_cap`: the largest segment
+    /// the guest's MTU allows; a longer first segment (a whole GSO packet)
+    /// makes the flow a GSO frame of segments that size.
+    pub fn new(seg: &Segment, frame_headers: &[u8], mss_cap: usize) -> Self {
         let mut headers = [0u8; MAX_HEADERS];
         headers[..seg.layout.end].copy_from_slice(&frame_headers[..seg.layout.end]);
         Self {
             layout: seg.layout,
             headers,
             next_seq: seg.seq.wrapping_add(seg.payload as u32),
-            mss: seg.payload,
+            mss: seg.payload.min(mss_cap).max(1),
             payload: seg.payload,
             segments: 1,
             psh: seg.psh,
@@ -559,7 +566,7 @@ impl OpenFlow {
             num_buffers,
             ..Default::default()
         };
-        if self.segments == 1 {
+        if self.segments == 1 && self.payload <= self.mss {
             if data_valid {
                 vnet.flags = VIRTIO_NET_HDR_F_DATA_VALID;
             }

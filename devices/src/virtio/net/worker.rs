@@ -838,8 +838,10 @@ impl QueuePairWorker {
             backend,
             counters,
             rx_state,
+            tx_policy,
             ..
         } = self;
+        let max_frame = tx_policy.max_frame;
         let RxState { writer, open } = rx_state;
         let budget = usize::from(rx.size());
         let mut taken = 0usize;
@@ -851,7 +853,9 @@ impl QueuePairWorker {
                 if taken == budget || fault.is_some() {
                     return false;
                 }
-                match deliver_frame(mem, rx, writer, open, frame, offloads, counters, budget) {
+                match deliver_frame(
+                    mem, rx, writer, open, frame, offloads, counters, budget, max_frame,
+                ) {
                     Ok(()) => {
                         taken += 1;
                         bytes += frame.len() as u64;
@@ -1107,6 +1111,7 @@ fn deliver_frame(
     offloads: RxOffloads,
     counters: &QueuePairCounters,
     max_descs: usize,
+    max_frame: usize,
 ) -> Result<(), RxError> {
     let layout = rx::layout(frame);
     let gro = offloads.tso4 || offloads.tso6;
@@ -1115,6 +1120,13 @@ fn deliver_frame(
         Ip::V4 => offloads.tso4,
         Ip::V6 => offloads.tso6,
     });
+    // Frames beyond the MTU (a host stack's whole GSO packet, as generic
+    // XDP hands them over) reach the guest only as GSO frames cut at the
+    // MTU; anything else that long the guest may not be given.
+    if frame.len() > max_frame && seg.is_none() {
+        add(&counters.rx_dropped_too_big, 1);
+        return Err(RxError::TooBig);
+    }
     if let (Some(flow), Some(s)) = (open.as_mut(), seg.as_ref()) {
         if flow.continues(s, frame) {
             let mark = w.mark();
@@ -1151,7 +1163,17 @@ fn deliver_frame(
             return rx_failed(mem, queue, w, e, counters);
         }
         count_rx_checksum(counters, check);
-        *open = Some(OpenFlow::new(&s, &headers));
+        // A segment beyond the MTU (a whole GSO packet) is cut at the
+        // MTU's segment size; one within it sets the size itself.
+        let mss_cap = if frame.len() > max_frame {
+            max_frame
+                .saturating_sub(super::ETHERNET_VLAN_HEADER_LEN)
+                .saturating_sub(end - s.l3())
+                .max(1)
+        } else {
+            usize::MAX
+        };
+        *open = Some(OpenFlow::new(&s, &headers, mss_cap));
         return Ok(());
     }
     let written = w
