@@ -21,21 +21,29 @@ with open(raw) as f:
 if not rates:
     sys.exit("bench-net: no results (see the output above)")
 
-systems = sorted({k[0] for k in rates}, key=lambda s: (s != "xskvm", s))
+systems = sorted({k[0] for k in rates}, key=lambda s: (not s.startswith("xskvm"), s))
+ours = [s for s in systems if s.startswith("xskvm")]
 cpus = sorted({k[1] for k in rates})
 directions = ["GUEST-TO-PEER", "PEER-TO-GUEST"]
-lines = ["iperf3 TCP, Mbit/s: median of rounds (rounds run), and xskvm / system"]
+
+
+def median(system, v, d):
+    r = rates.get((system, v, d), [])
+    return (statistics.median(r) if r else float("nan")), len(r)
+
+
+lines = ["iperf3 TCP, Mbit/s: median of rounds (rounds run); then each xskvm set-up / each other system"]
 for v in cpus:
     for d in directions:
-        x = rates.get(("xskvm", v, d), [])
-        xm = statistics.median(x) if x else float("nan")
         row = [f"{v} vCPU {d:14}"]
         for s in systems:
-            r = rates.get((s, v, d), [])
-            med = statistics.median(r) if r else float("nan")
-            ratio = "" if s == "xskvm" or not r else f", xskvm {xm / med:.2f}x"
-            row.append(f"{s} {med:7.1f} ({len(r)}){ratio}")
+            med, n = median(s, v, d)
+            row.append(f"{s} {med:7.1f} ({n})")
         lines.append("   ".join(row))
+        for x in ours:
+            xm, _ = median(x, v, d)
+            ratios = [f"/ {s} {xm / median(s, v, d)[0]:.2f}x" for s in systems if s not in ours]
+            lines.append(f"{'':21}{x} " + "  ".join(ratios))
 text = "\n".join(lines)
 print(text)
 with open(f"{out}/results.txt", "w") as f:

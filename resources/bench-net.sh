@@ -65,12 +65,14 @@ report() {
         grep -v "^\[ *[0-9]*\.[0-9]*\]" /tmp/run.log | tail -n 15 | sed "s/^/FAILED-RUN \$1: /"
     fi
 }
+# run_xskvm VCPUS [MODE]: the default (native XDP), or mode=skb, where the
+# peer keeps its GSO and xskvm takes its 64 KiB packets whole.
 run_xskvm() {
     fresh_server
     ip link set xs0 nomaster 2>/dev/null || true
     timeout -k 5 \$limit $xskvm --kernel $guest/bzImage --initrd $guest/initramfs.cpio.gz --memory 512M --vcpus \$1 \
-        --net af-xdp,ifname=xs0,mac=52:54:00:00:00:02 --cmdline "\$cmdline" </dev/null >/tmp/run.log 2>&1
-    report xskvm \$? "\$1"
+        --net af-xdp,ifname=xs0,mac=52:54:00:00:00:02\${2:+,mode=\$2} --cmdline "\$cmdline" </dev/null >/tmp/run.log 2>&1
+    report xskvm\${2:+-\$2} \$? "\$1"
 }
 run_qemu() {
     fresh_server
@@ -86,9 +88,9 @@ for round in \$(seq $rounds); do
     for vcpus in $vcpus_list; do
         # Alternate the order from round to round.
         if [ \$((round % 2)) = 1 ]; then
-            run_xskvm \$vcpus; run_qemu \$vcpus off; run_qemu \$vcpus on
+            run_xskvm \$vcpus; run_xskvm \$vcpus skb; run_qemu \$vcpus off; run_qemu \$vcpus on
         else
-            run_qemu \$vcpus on; run_qemu \$vcpus off; run_xskvm \$vcpus
+            run_qemu \$vcpus on; run_qemu \$vcpus off; run_xskvm \$vcpus skb; run_xskvm \$vcpus
         fi
     done
 done
