@@ -136,19 +136,7 @@ cat /tmp/console
     );
     let out = run(script);
     assert_clean_exit(&out);
-    let rates = common::iperf_receiver_rates(&out);
-    assert_eq!(rates.len(), 2, "two iperf3 runs\n{}", out.describe());
-    eprintln!(
-        "iperf3 guest->peer {:.0} Mbit/s, peer->guest {:.0} Mbit/s",
-        rates[0], rates[1]
-    );
-    for rate in &rates {
-        assert!(
-            *rate > IPERF_FLOOR_MBITS,
-            "{rate} Mbit/s\n{}",
-            out.describe()
-        );
-    }
+    common::assert_iperf_both_ways(&out, IPERF_FLOOR_MBITS, "");
 }
 
 /// `mode=skb` (generic XDP, also the fallback where native XDP is not
@@ -178,19 +166,7 @@ cat /tmp/console
         "skb mode without multi-buffer sockets\n{}",
         out.describe()
     );
-    let rates = common::iperf_receiver_rates(&out);
-    assert_eq!(rates.len(), 2, "two iperf3 runs\n{}", out.describe());
-    eprintln!(
-        "skb mode: iperf3 guest->peer {:.0} Mbit/s, peer->guest {:.0} Mbit/s",
-        rates[0], rates[1]
-    );
-    for rate in &rates {
-        assert!(
-            *rate > IPERF_FLOOR_MBITS,
-            "{rate} Mbit/s\n{}",
-            out.describe()
-        );
-    }
+    common::assert_iperf_both_ways(&out, IPERF_FLOOR_MBITS, "skb mode: ");
     assert_eq!(exit_log_count(&out, "too big"), 0, "{}", out.describe());
 }
 
@@ -263,19 +239,7 @@ cat /tmp/console
     assert_value(&out, "GUEST-PING", "ok");
     assert_value(&out, "GUEST-PING-8973", "refused");
     assert_value(&out, "PEER-PING", "ok");
-    let rates = common::iperf_receiver_rates(&out);
-    assert_eq!(rates.len(), 2, "two iperf3 runs\n{}", out.describe());
-    eprintln!(
-        "MTU 9000: iperf3 guest->peer {:.0} Mbit/s, peer->guest {:.0} Mbit/s",
-        rates[0], rates[1]
-    );
-    for rate in &rates {
-        assert!(
-            *rate > IPERF_FLOOR_MBITS,
-            "{rate} Mbit/s\n{}",
-            out.describe()
-        );
-    }
+    common::assert_iperf_both_ways(&out, IPERF_FLOOR_MBITS, "MTU 9000: ");
     common::assert_files_arrived_intact(&out);
 }
 

@@ -199,3 +199,17 @@ pub fn assert_files_arrived_intact(out: &ScenarioOutput) {
         out.describe()
     );
 }
+
+/// The scenario ran iperf3 guest->peer, then peer->guest: both finished,
+/// and each moved more than `floor` Mbit/s. Prints the rates under `label`.
+pub fn assert_iperf_both_ways(out: &ScenarioOutput, floor: f64, label: &str) {
+    let rates = iperf_receiver_rates(out);
+    assert_eq!(rates.len(), 2, "two iperf3 runs\n{}", out.describe());
+    eprintln!(
+        "{label}iperf3 guest->peer {:.0} Mbit/s, peer->guest {:.0} Mbit/s",
+        rates[0], rates[1]
+    );
+    for rate in &rates {
+        assert!(*rate > floor, "{rate} Mbit/s\n{}", out.describe());
+    }
+}
