@@ -433,13 +433,15 @@ fn queue_counts(out: &ScenarioOutput) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Eight iperf3 flows each way: the peer's veth picks a queue per flow by
+/// hash, and with four a run once put every flow on one queue.
 #[test]
 fn two_vcpus_two_queue_pairs_both_carry_traffic() {
     let script = format!(
         r#"{testbed}
 ip netns exec peer iperf3 -s -D
 cat > /tmp/guest-cmd <<'CMD'
-{GUEST_NET_UP}; cat /sys/class/net/eth0/queues/*/xps_cpus 2>/dev/null; ls /sys/class/net/eth0/queues; iperf3 -c {PEER_IP} -t 3 -P 4 -f m; iperf3 -c {PEER_IP} -t 3 -P 4 -f m -R
+{GUEST_NET_UP}; cat /sys/class/net/eth0/queues/*/xps_cpus 2>/dev/null; ls /sys/class/net/eth0/queues; iperf3 -c {PEER_IP} -t 3 -P 8 -f m; iperf3 -c {PEER_IP} -t 3 -P 8 -f m -R
 CMD
 boot_guest /tmp/console --vcpus 2 --net af-xdp,ifname=xs0,queues=2
 finish

@@ -542,6 +542,19 @@ fn a_tcp_packet_longer_than_the_mtu_reaches_the_guest_only_as_a_gso_frame() {
             assert_eq!(counters.snapshot().rx_dropped_too_big, 0);
         }
     }
+    // The stream's last bytes with FIN: still one GSO frame, FIN kept.
+    let (mut h, peer, _) = device(FEATURES | GRO);
+    let data = payload(9_000, 8);
+    let mut big = flow(Ip::V4, 40000, 7, &data, data.len(), false).remove(0);
+    let l = headers::parse(&big).unwrap();
+    big[l.l4 + 13] |= 0x01;
+    fill_l4_checksum(&mut big);
+    let got = receive_batch(&mut h, &peer, &[big], (64, 2048), 1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].hdr.gso_type, VIRTIO_NET_HDR_GSO_TCPV4);
+    assert_eq!(got[0].frame[l.l4 + 13] & 0x01, 0x01, "FIN kept");
+    assert_eq!(payload_of(&got[0]), data);
+
     let (mut h, peer, counters) =
         device(FEATURES | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_MRG_RXBUF);
     let big = flow(Ip::V6, 40000, 7, &payload(20_000, 6), 20_000, false).remove(0);

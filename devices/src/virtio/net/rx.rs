@@ -32,6 +32,7 @@ pub(crate) const RX_CHAINS_MAX: usize = 64;
 const RX_DESCS_RESERVED: usize = 256;
 /// The largest merged TCP frame's IP datagram, as GRO makes them.
 const GRO_MAX_IP_LEN: usize = 65_535;
+const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_PSH: u8 = 0x08;
 const TCP_FLAG_ACK: u8 = 0x10;
 /// Virtqueue used ring: flags and index, then 8-byte elements.
@@ -442,7 +443,10 @@ impl Segment {
         };
         let flags = frame[l.l4 + 13];
         if l.l3 + ip_len != frame.len()
-            || flags & !(TCP_FLAG_ACK | TCP_FLAG_PSH) != 0
+            // FIN may end a segment (a host's GSO packet often carries the
+            // stream's last bytes); a flow never merges past it, since
+            // continues() wants the first segment's flags but PSH.
+            || flags & !(TCP_FLAG_ACK | TCP_FLAG_PSH | TCP_FLAG_FIN) != 0
             || flags & TCP_FLAG_ACK == 0
             || frame.len() == l.end
         {
