@@ -1255,7 +1255,9 @@ fn check_used_rings(f: &Fuzz) {
                         if i == taken.len() {
                             continue;
                         }
-                        if classes[i] != Some(true) {
+                        // Dropped: not for a pair in use, or longer than
+                        // the MTU allows without GSO (rx_dropped_too_big).
+                        if classes[i] != Some(true) || taken[i].len() > MAX_FRAME {
                             reach[i + 1][k] = true;
                         }
                         if classes[i] == Some(false) {

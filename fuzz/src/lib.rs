@@ -255,7 +255,10 @@ impl NetBackend for MemBackend {
         }
     }
 
-    fn transmit(&mut self, fill: &mut dyn FnMut(&mut [u8]) -> Option<devices::virtio::net::TxFrame>) -> (usize, bool) {
+    fn transmit(
+        &mut self,
+        fill: &mut dyn FnMut(&mut [u8]) -> Option<devices::virtio::net::TxFrame>,
+    ) -> (usize, bool) {
         let mut host = self.host.lock().unwrap();
         let mut buf = [0u8; TX_BUF];
         let mut sent = 0;
