@@ -22,13 +22,6 @@ pub struct CsumRequest {
     pub offset: u16,
 }
 
-impl TxFrame {
-    /// A complete frame of `len` bytes.
-    pub fn whole(len: usize) -> Self {
-        Self { len, csum: None }
-    }
-}
-
 /// One queue pair's link to the host network, owned by that pair's IO thread.
 pub trait NetBackend: Send {
     /// Readable when frames wait to be received; writable when the
