@@ -172,25 +172,25 @@ cat /tmp/console
 
 #[test]
 fn file_of_64_mib_each_way_arrives_intact() {
+    let files = common::file_exchange(64 << 20, PEER_IP, GUEST_IP);
     // busybox httpd serves the file on one side, wget fetches it on the other.
     let script = format!(
         r#"{testbed}
-mkdir -p /tmp/www
-head -c 67108864 /dev/urandom > /tmp/www/to-guest
-echo "HOST-SENT-SHA=$(sha256sum /tmp/www/to-guest | cut -d' ' -f1)"
-ip netns exec peer busybox httpd -p 8080 -h /tmp/www
+{files_host_serves}
 cat > /tmp/guest-cmd <<'CMD'
-{GUEST_NET_UP}; wget -q -O /tmp/in http://{PEER_IP}:8080/to-guest && sha256sum /tmp/in | sed 's/ .*//;s/^/GUEST-GOT-SHA=/'; rm -f /tmp/in; mkdir -p /tmp/www; head -c 67108864 /dev/urandom > /tmp/www/out; sha256sum /tmp/www/out | sed 's/ .*//;s/^/GUEST-SENT-SHA=/'; httpd -p 8080 -h /tmp/www; echo GUEST-SERVER-UP; sleep 600
+{GUEST_NET_UP}; {files_guest}; sleep 600
 CMD
 boot_guest /tmp/console --net af-xdp,ifname=xs0
 wait_for GUEST-SERVER-UP /tmp/console
-ip netns exec peer busybox wget -q -O /tmp/from-guest http://{GUEST_IP}:8080/out
-echo "HOST-GOT-SHA=$(sha256sum /tmp/from-guest | cut -d' ' -f1)"
+{files_host_fetches}
 kill -TERM $XSKVM_PID
 finish
 cat /tmp/console
 "#,
-        testbed = testbed(1)
+        testbed = testbed(1),
+        files_host_serves = files.host_serves,
+        files_guest = files.guest,
+        files_host_fetches = files.host_fetches,
     );
     let out = run(script);
     assert_clean_exit(&out);
@@ -204,29 +204,29 @@ cat /tmp/console
 /// file each way at that MTU.
 #[test]
 fn jumbo_frames_at_mtu_9000_carry_ping_iperf3_and_files_both_ways() {
+    let files = common::file_exchange(64 << 20, PEER_IP, GUEST_IP);
     let script = format!(
         r#"{testbed}
 ip link set xs0 mtu 9000
 ip -n peer link set xs1 mtu 9000
 ip netns exec peer iperf3 -s -D
-mkdir -p /tmp/www
-head -c 67108864 /dev/urandom > /tmp/www/to-guest
-echo "HOST-SENT-SHA=$(sha256sum /tmp/www/to-guest | cut -d' ' -f1)"
-ip netns exec peer busybox httpd -p 8080 -h /tmp/www
+{files_host_serves}
 cat > /tmp/guest-cmd <<'CMD'
-{GUEST_NET_UP}; echo GUEST-MTU=$(cat /sys/class/net/eth0/mtu); /usr/bin/ping -c 3 -W 5 -s 8972 -M do {PEER_IP} && echo GUEST-PING=ok; /usr/bin/ping -c 1 -W 2 -s 8973 -M do {PEER_IP} >/dev/null 2>&1 || echo GUEST-PING-8973=refused; iperf3 -c {PEER_IP} -t 5 -f m; iperf3 -c {PEER_IP} -t 5 -f m -R; wget -q -O /tmp/in http://{PEER_IP}:8080/to-guest && sha256sum /tmp/in | sed 's/ .*//;s/^/GUEST-GOT-SHA=/'; rm -f /tmp/in; mkdir -p /tmp/www; head -c 67108864 /dev/urandom > /tmp/www/out; sha256sum /tmp/www/out | sed 's/ .*//;s/^/GUEST-SENT-SHA=/'; httpd -p 8080 -h /tmp/www; echo GUEST-SERVER-UP; sleep 600
+{GUEST_NET_UP}; echo GUEST-MTU=$(cat /sys/class/net/eth0/mtu); /usr/bin/ping -c 3 -W 5 -s 8972 -M do {PEER_IP} && echo GUEST-PING=ok; /usr/bin/ping -c 1 -W 2 -s 8973 -M do {PEER_IP} >/dev/null 2>&1 || echo GUEST-PING-8973=refused; iperf3 -c {PEER_IP} -t 5 -f m; iperf3 -c {PEER_IP} -t 5 -f m -R; {files_guest}; sleep 600
 CMD
 boot_guest /tmp/console --net af-xdp,ifname=xs0
 # ping, iperf3 and the download come first: allow twice wait_for's time.
 wait_for GUEST-SERVER-UP /tmp/console || wait_for GUEST-SERVER-UP /tmp/console
 ip netns exec peer /usr/bin/ping -c 3 -W 5 -s 8972 -M do {GUEST_IP} && echo PEER-PING=ok
-ip netns exec peer busybox wget -q -O /tmp/from-guest http://{GUEST_IP}:8080/out
-echo "HOST-GOT-SHA=$(sha256sum /tmp/from-guest | cut -d' ' -f1)"
+{files_host_fetches}
 kill -TERM $XSKVM_PID
 finish
 cat /tmp/console
 "#,
-        testbed = testbed(1)
+        testbed = testbed(1),
+        files_host_serves = files.host_serves,
+        files_guest = files.guest,
+        files_host_fetches = files.host_fetches,
     );
     let out = run(script);
     assert_clean_exit(&out);

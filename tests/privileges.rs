@@ -154,27 +154,15 @@ fn thread_caps(out: &ScenarioOutput, prefix: &str) -> Vec<ThreadCaps> {
     threads
 }
 
-/// Shell that fetches /tmp/www/to-guest from the peer, serves a file of
-/// its own, then waits.
-fn guest_transfer_commands() -> String {
-    format!(
-        "wget -q -O /tmp/in http://{PEER_IP}:8080/to-guest && sha256sum /tmp/in | sed 's/ .*//;s/^/GUEST-GOT-SHA=/'; rm -f /tmp/in; \
-         mkdir -p /tmp/www; head -c 16777216 /dev/urandom > /tmp/www/out; sha256sum /tmp/www/out | sed 's/ .*//;s/^/GUEST-SENT-SHA=/'; \
-         httpd -p 8080 -h /tmp/www; echo GUEST-SERVER-UP"
-    )
-}
-
 #[test]
 fn helper_runs_the_whole_network_scenario_with_xskvm_holding_no_capabilities() {
+    let files = common::file_exchange(16 << 20, PEER_IP, GUEST_IP);
     let script = format!(
         r#"{testbed}
 # The unprivileged user reaches /dev/kvm through a group, nothing else.
 chgrp {KVM_GROUP} /dev/kvm && chmod 0660 /dev/kvm
 ip netns exec peer iperf3 -s -D
-mkdir -p /tmp/www
-head -c 16777216 /dev/urandom > /tmp/www/to-guest
-echo "HOST-SENT-SHA=$(sha256sum /tmp/www/to-guest | cut -d' ' -f1)"
-ip netns exec peer busybox httpd -p 8080 -h /tmp/www
+{files_host_serves}
 cat > /tmp/guest-cmd <<'CMD'
 {GUEST_WAIT_CARRIER}; {GUEST_NET_UP}; ping -c 3 -W 5 {PEER_IP} && echo GUEST-PING=ok; iperf3 -c {PEER_IP} -t 10 -f m; iperf3 -c {PEER_IP} -t 10 -f m -R; {transfer}; wait_carrier 0 GUEST-CARRIER-GONE; sleep 600
 CMD
@@ -189,8 +177,7 @@ for k in CapInh CapPrm CapEff CapBnd CapAmb NoNewPrivs; do echo "XSKVM-$k=$(fiel
 caps THREAD
 ip -d link show xs0 | grep -q xdp && echo XDP-WHILE-RUNNING=yes
 ip netns exec peer ping -c 3 -W 5 {GUEST_IP} && echo PEER-PING=ok
-ip netns exec peer busybox wget -q -O /tmp/from-guest http://{GUEST_IP}:8080/out
-echo "HOST-GOT-SHA=$(sha256sum /tmp/from-guest | cut -d' ' -f1)"
+{files_host_fetches}
 # Deleted and created again: the unprivileged xskvm cannot reattach; it
 # says so once and the guest keeps its link down.
 ip link del xs0
@@ -206,7 +193,9 @@ finish
 cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed(),
-        transfer = guest_transfer_commands(),
+        transfer = files.guest,
+        files_host_serves = files.host_serves,
+        files_host_fetches = files.host_fetches,
     );
     let out = run(script);
     assert_clean_exit(&out);

@@ -213,3 +213,33 @@ pub fn assert_iperf_both_ways(out: &ScenarioOutput, floor: f64, label: &str) {
         assert!(*rate > floor, "{rate} Mbit/s\n{}", out.describe());
     }
 }
+
+/// A file of `bytes` each way over HTTP (busybox httpd and wget), checked
+/// by [`assert_files_arrived_intact`]. Shell for the host before the guest
+/// boots (peer serves `to-guest`), for the guest (fetches it, then serves
+/// `out` and prints GUEST-SERVER-UP), and for the host once the guest's
+/// server is up (fetches `out`).
+pub struct FileExchange {
+    pub host_serves: String,
+    pub guest: String,
+    pub host_fetches: String,
+}
+
+pub fn file_exchange(bytes: u64, peer_ip: &str, guest_ip: &str) -> FileExchange {
+    FileExchange {
+        host_serves: format!(
+            "mkdir -p /tmp/www\nhead -c {bytes} /dev/urandom > /tmp/www/to-guest\n\
+             echo \"HOST-SENT-SHA=$(sha256sum /tmp/www/to-guest | cut -d' ' -f1)\"\n\
+             ip netns exec peer busybox httpd -p 8080 -h /tmp/www"
+        ),
+        guest: format!(
+            "wget -q -O /tmp/in http://{peer_ip}:8080/to-guest && sha256sum /tmp/in | sed 's/ .*//;s/^/GUEST-GOT-SHA=/'; rm -f /tmp/in; \
+             mkdir -p /tmp/www; head -c {bytes} /dev/urandom > /tmp/www/out; sha256sum /tmp/www/out | sed 's/ .*//;s/^/GUEST-SENT-SHA=/'; \
+             httpd -p 8080 -h /tmp/www; echo GUEST-SERVER-UP"
+        ),
+        host_fetches: format!(
+            "ip netns exec peer busybox wget -q -O /tmp/from-guest http://{guest_ip}:8080/out\n\
+             echo \"HOST-GOT-SHA=$(sha256sum /tmp/from-guest | cut -d' ' -f1)\""
+        ),
+    }
+}
