@@ -36,7 +36,7 @@ for i in \$(seq $runs); do
         -kernel $guest/bzImage -initrd $guest/initramfs.cpio.gz -append "\$cmdline"
 done
 SCENARIO
-bash resources/run-scenario.sh --file "$xskvm" --file "$guest" --file "$qemu" \
+bash resources/run-scenario.sh --file "$xskvm" --file "$guest/bzImage" --file "$guest/initramfs.cpio.gz" --file "$qemu" \
     --file /usr/share/qemu --file /usr/share/seabios --file /usr/bin/time "$scenario" | tee /tmp/bench-boot.out
 echo
 echo "median over $runs runs (guest RAM 512 MiB, 1 vCPU):"

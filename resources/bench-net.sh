@@ -11,6 +11,9 @@
 # Usage: bench-net.sh [SECONDS] [ROUNDS] [VCPUS...]   (defaults: 10 3 1 2)
 #        (build xskvm first: cargo build --release)
 # Writes: $BENCH_OUT (default target/bench-net) /results.txt and /chart.png
+# Environment: XSKVM_BIN (the xskvm to run; default target/release/xskvm);
+# XSKVM_SCENARIO_MODE=bundle with XSKVM_SCENARIO_BUNDLE=PATH writes the
+# whole run as a bundle for resources/run-bundle.sh on a host with KVM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source resources/lib.sh
@@ -20,7 +23,7 @@ shift $(( $# > 2 ? 2 : $# ))
 vcpus_list=${*:-1 2}
 out=${BENCH_OUT:-$PWD/target/bench-net}
 mkdir -p "$out"
-xskvm=$PWD/target/release/xskvm
+xskvm=${XSKVM_BIN:-$PWD/target/release/xskvm}
 [ -x "$xskvm" ] || { echo "bench-net: build xskvm first: cargo build --release" >&2; exit 1; }
 ensure_packages python3 python3-matplotlib
 guest=$(bash resources/guest-image.sh | head -n1 | xargs dirname)
@@ -96,7 +99,9 @@ for round in \$(seq $rounds); do
 done
 SCENARIO
 XSKVM_TESTHOST_TIMEOUT=${XSKVM_TESTHOST_TIMEOUT:-3600} \
-    bash resources/run-scenario.sh --file "$xskvm" --file "$guest" --file "$qemu" \
+    bash resources/run-scenario.sh --file "$xskvm" --file "$guest/bzImage" --file "$guest/initramfs.cpio.gz" --file "$qemu" \
     --file /usr/share/qemu --file /usr/share/seabios "$scenario" | tee "$out/raw.txt"
+# Bundle mode (XSKVM_SCENARIO_MODE=bundle): only written, to run elsewhere.
+[ "${XSKVM_SCENARIO_MODE:-}" != bundle ] || exit 0
 # Debian's python3 (where python3-matplotlib is), whatever else is on PATH.
 /usr/bin/python3 resources/bench-net-report.py "$out/raw.txt" "$out"

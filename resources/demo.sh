@@ -41,4 +41,4 @@ set +x
 ip -d link show xs0 | grep -q xdp && echo "XDP program still on xs0!" || echo "== xskvm has exited; no XDP program is left on xs0"
 SCENARIO
 echo "== booting the guest with an AF_XDP NIC"
-bash resources/run-scenario.sh --file "$xskvm" --file "$guest" "$scenario"
+bash resources/run-scenario.sh --file "$xskvm" --file "$guest/bzImage" --file "$guest/initramfs.cpio.gz" "$scenario"

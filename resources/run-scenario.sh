@@ -15,7 +15,10 @@
 # emulated nested virtualization, worth one retry); 125 when the test host
 # did not finish it otherwise (boot failure, timeout); both with the path of
 # its console log on stderr.
-# Environment: XSKVM_SCENARIO_MODE=direct|nested forces one;
+# Environment: XSKVM_SCENARIO_MODE=direct|nested forces one; =bundle writes
+# the test host's root file system with SCRIPT (a cpio archive) to
+# $XSKVM_SCENARIO_BUNDLE and exits, for resources/run-bundle.sh to run on
+# another machine with hardware virtualization but none of these packages;
 # XSKVM_TESTHOST_MEM (default 3G), XSKVM_TESTHOST_CPUS (default 2),
 # XSKVM_TESTHOST_TIMEOUT (seconds, default 600).
 set -euo pipefail
@@ -40,11 +43,12 @@ mode=${XSKVM_SCENARIO_MODE:-auto}
 if [ "$mode" = auto ]; then
     if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -c /dev/kvm ]; then mode=direct; else mode=nested; fi
 fi
+[ "$mode" != bundle ] || [ -n "${XSKVM_SCENARIO_BUNDLE:-}" ] || die "bundle mode needs XSKVM_SCENARIO_BUNDLE=PATH"
 if [ "$mode" = direct ]; then
     echo "run-scenario: running directly (hardware virtualization)" >&2
     exec bash "$script"
 fi
-echo "run-scenario: running in the nested test host (QEMU TCG, EPYC+svm)" >&2
+[ "$mode" = bundle ] || echo "run-scenario: running in the nested test host (QEMU TCG, EPYC+svm)" >&2
 
 # QEMU inside the test host needs its firmware (Debian's search path).
 for f in "${files[@]}"; do
@@ -85,10 +89,18 @@ unlock_cache
 work=$(mktemp -d /tmp/xskvm-testhost.XXXXXX)
 stage=$work/stage
 mkdir -p "$stage"
+# A bundle is one archive (a cpio reader stops at the first one's end).
+[ "$mode" != bundle ] || (cd "$stage" && cpio -i -d --quiet < "$base")
 [ ${#files[@]} -eq 0 ] || copy_with_libs "$stage" "${files[@]}"
 install -m 755 "$script" "$stage/scenario.sh"
 make_cpio "$stage" "$work/scenario.cpio"
 rm -rf "$stage"
+if [ "$mode" = bundle ]; then
+    mv "$work/scenario.cpio" "$XSKVM_SCENARIO_BUNDLE"
+    rm -rf "$work"
+    echo "run-scenario: bundle written to $XSKVM_SCENARIO_BUNDLE" >&2
+    exit 0
+fi
 # The kernel unpacks concatenated archives in order: base, then this run's files.
 cat "$base" "$work/scenario.cpio" > "$work/initrd"
 : > "$work/out"; : > "$work/err"; : > "$work/rc"
