@@ -11,13 +11,16 @@ use crate::trigger::EventTrigger;
 /// fed with [`SerialConsole::enqueue_input`].
 pub struct SerialConsole {
     uart: Serial<EventTrigger, NoEvents, Box<dyn Write + Send>>,
+    /// The interrupt line again, for the UART a reset builds.
+    irq: EventTrigger,
 }
 
 impl SerialConsole {
     /// `irq` is signalled on each interrupt-worthy UART event.
     pub fn new(irq: EventTrigger, out: Box<dyn Write + Send>) -> Self {
         Self {
-            uart: Serial::new(irq, out),
+            uart: Serial::new(irq.clone(), out),
+            irq,
         }
     }
 
@@ -55,6 +58,14 @@ impl BusDevice for SerialConsole {
                 log::debug!("serial: write failed: {e:?}");
             }
         });
+    }
+
+    /// A UART in its power-on state (vm-superio has no reset), writing to
+    /// the same output; input not yet read by the guest is dropped.
+    fn reset(&mut self) {
+        let placeholder = Serial::new(self.irq.clone(), Box::new(std::io::sink()) as Box<_>);
+        let old = std::mem::replace(&mut self.uart, placeholder);
+        self.uart = Serial::new(self.irq.clone(), old.into_writer());
     }
 }
 
@@ -99,5 +110,31 @@ mod tests {
         let mut byte = [0u8];
         serial.read(0, &mut byte);
         assert_eq!(byte[0], b'o');
+    }
+
+    #[test]
+    fn reset_clears_registers_and_input_and_keeps_the_output() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let sink = Sink::default();
+        let mut serial = SerialConsole::new(
+            EventTrigger::new(irq.try_clone().unwrap()),
+            Box::new(sink.clone()),
+        );
+        serial.write(7, &[0x5a]); // scratch register
+        serial.write(1, &[0x01]);
+        assert_eq!(serial.enqueue_input(b"left"), 4);
+        serial.reset();
+        let mut reg = [0u8];
+        serial.read(7, &mut reg);
+        assert_eq!(reg[0], 0, "scratch back to its reset value");
+        serial.read(1, &mut reg);
+        assert_eq!(reg[0], 0, "interrupts disabled");
+        serial.read(5, &mut reg);
+        assert_eq!(reg[0] & 1, 0, "no input left");
+        serial.write(0, b"!");
+        assert_eq!(&*sink.0.lock().unwrap(), b"!");
+        let _ = irq.read();
+        serial.write(1, &[0x02]);
+        assert!(irq.read().is_ok(), "the interrupt line still works");
     }
 }
