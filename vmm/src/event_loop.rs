@@ -6,7 +6,8 @@
 //! - [`VcpuReports`]: a vCPU stopped (system event, crash);
 //! - [`StopSignals`]: SIGINT, SIGTERM, SIGHUP through a signalfd;
 //! - [`ApiActions`]: what the API thread asks (pause, resume, shutdown,
-//!   reboot), carried out here because this thread owns the vCPU threads.
+//!   reboot), carried out here because this thread owns the vCPU threads;
+//!   a reboot resets the VM in place through [`VmReset`].
 //!
 //! The console's input has a thread of its own (a blocking read of stdin);
 //! packets never come here (the virtio-net IO threads move them). Each
@@ -56,6 +57,14 @@ impl Outcome {
     }
 }
 
+/// Puts a VM whose vCPUs are all parked back in the state it was built in:
+/// devices, guest memory (kernel, initramfs, boot structures, ACPI) and the
+/// in-kernel interrupt controllers and PIT. The vCPUs reset themselves
+/// afterwards ([`PauseControl::reset_parked`]).
+pub trait VmReset {
+    fn reset(&mut self) -> Result<(), VmmError>;
+}
+
 /// What the loop waits on; borrowed from [`crate::vm::Vm::run`].
 pub struct MainLoop<'a> {
     pub reset: &'a EventFd,
@@ -69,6 +78,7 @@ pub struct MainLoop<'a> {
     pub pause: &'a PauseControl,
     pub status: &'a VmStatus,
     pub power_button: &'a EventFd,
+    pub vm_reset: &'a mut dyn VmReset,
 }
 
 impl MainLoop<'_> {
@@ -99,6 +109,7 @@ impl MainLoop<'_> {
             pause: self.pause,
             status: self.status,
             power_button: self.power_button,
+            vm_reset: self.vm_reset,
             shutdown_deadline: deadline.clone(),
             outcome: outcome.clone(),
         }));
@@ -208,6 +219,7 @@ struct ApiActions<'a> {
     pause: &'a PauseControl,
     status: &'a VmStatus,
     power_button: &'a EventFd,
+    vm_reset: &'a mut dyn VmReset,
     /// After `vm.shutdown` with a timeout: when to stop waiting for the guest.
     shutdown_deadline: Rc<Cell<Option<Instant>>>,
     outcome: Outcome,
@@ -223,21 +235,69 @@ impl MutEventSubscriber for ApiActions<'_> {
         // the loop again.
         let _ = self.wake.read();
         while let Ok(request) = self.actions.try_recv() {
-            let (result, exit) = self.act(request.action);
+            let (result, end) = self.act(request.action);
             // The API thread may have given up waiting.
             let _ = request.reply.send(result);
-            if let Some(exit) = exit {
-                self.outcome.set(Ok(exit));
+            if let Some(end) = end {
+                self.outcome.set(end);
                 return;
             }
         }
     }
 }
 
+/// An action's answer and, if it ended the VM, how.
+type ActResult = (Result<(), ActionError>, Option<Result<VmExit, VmmError>>);
+
 impl ApiActions<'_> {
+    /// Stops every vCPU outside the guest; false if they did not all stop
+    /// within [`PAUSE_TIMEOUT`] (the pause request stays up).
+    fn park_vcpus(&self) -> bool {
+        self.pause.request_pause();
+        let handles = self.handles;
+        self.pause.wait_parked(handles.len(), PAUSE_TIMEOUT, || {
+            handles.iter().for_each(VcpuHandle::kick)
+        })
+    }
+
+    /// Restarts the guest in place: vCPUs parked, the VM reset, each vCPU
+    /// reset by its thread, all let go. A failure once the reset started
+    /// leaves a VM that cannot run, so it ends xskvm.
+    fn reboot(&mut self, state: VmState) -> ActResult {
+        if state != VmState::Paused && !self.park_vcpus() {
+            self.pause.resume();
+            return (
+                Err(ActionError::Failed(format!(
+                    "the vCPUs did not stop within {PAUSE_TIMEOUT:?}; the VM runs on"
+                ))),
+                None,
+            );
+        }
+        let reset = self.vm_reset.reset().and_then(|()| {
+            self.pause
+                .reset_parked(self.handles.len(), PAUSE_TIMEOUT)
+                .map_err(VmmError::Reboot)
+        });
+        if let Err(e) = reset {
+            log::error!("reboot through the API failed: {e}");
+            return (
+                Err(ActionError::Failed(format!(
+                    "reboot failed ({e}); xskvm stops"
+                ))),
+                Some(Err(e)),
+            );
+        }
+        self.shutdown_deadline.set(None);
+        self.status.set_state(VmState::Running);
+        self.status.count_reboot();
+        self.pause.resume();
+        log::info!("VM rebooted through the API");
+        (Ok(()), None)
+    }
+
     /// Carries out one action; returns its result and, for those that end
     /// the VM, how.
-    fn act(&mut self, action: Action) -> (Result<(), ActionError>, Option<VmExit>) {
+    fn act(&mut self, action: Action) -> ActResult {
         let state = self.status.state();
         let conflict = |what: &str| {
             Err(ActionError::Conflict(format!(
@@ -248,12 +308,7 @@ impl ApiActions<'_> {
         let result = match action {
             Action::Pause if state != VmState::Running => conflict("cannot pause"),
             Action::Pause => {
-                self.pause.request_pause();
-                let handles = self.handles;
-                let parked = self.pause.wait_parked(handles.len(), PAUSE_TIMEOUT, || {
-                    handles.iter().for_each(VcpuHandle::kick)
-                });
-                if parked {
+                if self.park_vcpus() {
                     self.status.set_state(VmState::Paused);
                     log::info!("VM paused through the API");
                     Ok(())
@@ -286,10 +341,7 @@ impl ApiActions<'_> {
                     "cannot press the power button: {e}"
                 ))),
             },
-            Action::Reboot => {
-                log::info!("VM reset through the API");
-                return (Ok(()), Some(VmExit::ApiReboot));
-            }
+            Action::Reboot => return self.reboot(state),
         };
         (result, None)
     }
@@ -313,6 +365,24 @@ mod tests {
         pause: PauseControl,
         status: VmStatus,
         power_button: EventFd,
+        vm_reset: FakeReset,
+    }
+
+    /// Counts resets; fails them when `fail`.
+    #[derive(Default)]
+    struct FakeReset {
+        resets: usize,
+        fail: bool,
+    }
+
+    impl VmReset for FakeReset {
+        fn reset(&mut self) -> Result<(), VmmError> {
+            self.resets += 1;
+            match self.fail {
+                true => Err(VmmError::Reboot("cannot reload the kernel".into())),
+                false => Ok(()),
+            }
+        }
     }
 
     fn evt() -> EventFd {
@@ -336,11 +406,12 @@ mod tests {
             pause: PauseControl::default(),
             status: VmStatus::new("t".into(), 1 << 30, "/k".into(), Vec::new(), Vec::new()),
             power_button: evt(),
+            vm_reset: FakeReset::default(),
         }
     }
 
     impl Fixture {
-        fn main_loop(&self) -> MainLoop<'_> {
+        fn main_loop(&mut self) -> MainLoop<'_> {
             MainLoop {
                 reset: &self.reset,
                 poweroff: &self.poweroff,
@@ -353,6 +424,7 @@ mod tests {
                 pause: &self.pause,
                 status: &self.status,
                 power_button: &self.power_button,
+                vm_reset: &mut self.vm_reset,
             }
         }
 
@@ -367,16 +439,16 @@ mod tests {
 
     #[test]
     fn each_source_ends_the_loop_its_way() {
-        let f = fixture();
+        let mut f = fixture();
         f.poweroff.write(1).unwrap();
         assert_eq!(f.main_loop().run().unwrap(), VmExit::PowerOff);
-        let f = fixture();
+        let mut f = fixture();
         f.quit.write(1).unwrap();
         assert_eq!(f.main_loop().run().unwrap(), VmExit::Quit);
-        let f = fixture();
+        let mut f = fixture();
         f.reset.write(1).unwrap();
         assert_eq!(f.main_loop().run().unwrap(), VmExit::Reset);
-        let f = fixture();
+        let mut f = fixture();
         f.report.report(VcpuStop::Crash("boom".into()));
         assert!(matches!(
             f.main_loop().run(),
@@ -385,33 +457,62 @@ mod tests {
     }
 
     #[test]
-    fn actions_follow_the_vm_state_and_reboot_ends_it() {
-        let f = fixture();
+    fn actions_follow_the_vm_state_and_reboot_keeps_it_running() {
+        let mut f = fixture();
         let answers: Vec<_> = [
             Action::Resume,
             Action::Pause,
             Action::Pause,
             Action::Shutdown { timeout: None },
             Action::Resume,
+            Action::Shutdown {
+                timeout: Some(Duration::from_millis(1)),
+            },
+            Action::Reboot,
+            Action::Pause,
             Action::Reboot,
         ]
         .into_iter()
         .map(|a| f.ask(a))
         .collect();
-        assert_eq!(f.main_loop().run().unwrap(), VmExit::ApiReboot);
+        // Ends only when the guest powers off: neither reboot nor the
+        // shutdown timeout (cleared by the reboot) ended it.
+        let poweroff = f.poweroff.try_clone().unwrap();
+        let guest = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            poweroff.write(1).unwrap();
+        });
+        assert_eq!(f.main_loop().run().unwrap(), VmExit::PowerOff);
+        guest.join().unwrap();
         let answers: Vec<_> = answers.iter().map(|a| a.recv().unwrap()).collect();
         assert!(matches!(&answers[0], Err(ActionError::Conflict(m)) if m.contains("running")));
         assert_eq!(answers[1], Ok(()));
         assert!(matches!(&answers[2], Err(ActionError::Conflict(m)) if m.contains("paused")));
         assert!(matches!(&answers[3], Err(ActionError::Conflict(_))));
-        assert_eq!(answers[4], Ok(()));
-        assert_eq!(answers[5], Ok(()));
+        assert_eq!(answers[4..], [Ok(()), Ok(()), Ok(()), Ok(()), Ok(())]);
+        assert_eq!(f.vm_reset.resets, 2, "a running and a paused VM rebooted");
         assert_eq!(f.status.state(), VmState::Running);
+        assert_eq!(f.status.info()["reboots"], 2);
+    }
+
+    #[test]
+    fn a_failed_reboot_ends_the_vm_with_an_error() {
+        let mut f = fixture();
+        f.vm_reset.fail = true;
+        let answer = f.ask(Action::Reboot);
+        assert!(matches!(
+            f.main_loop().run(),
+            Err(VmmError::Reboot(m)) if m.contains("kernel")
+        ));
+        assert!(matches!(
+            answer.recv().unwrap(),
+            Err(ActionError::Failed(m)) if m.contains("xskvm stops")
+        ));
     }
 
     #[test]
     fn shutdown_presses_the_button_and_times_out() {
-        let f = fixture();
+        let mut f = fixture();
         let answer = f.ask(Action::Shutdown {
             timeout: Some(Duration::from_millis(50)),
         });

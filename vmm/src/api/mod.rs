@@ -9,6 +9,7 @@ pub mod metrics;
 mod server;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -76,6 +77,8 @@ pub struct VmStatus {
     pub memory: u64,
     pub kernel: PathBuf,
     state: Mutex<VmState>,
+    /// Reboots through the API so far.
+    reboots: AtomicU64,
     pub nics: Vec<NicStatus>,
     pub vcpu_exits: Vec<Arc<VcpuExitCounters>>,
 }
@@ -93,6 +96,7 @@ impl VmStatus {
             memory,
             kernel,
             state: Mutex::new(VmState::Running),
+            reboots: AtomicU64::new(0),
             nics,
             vcpu_exits,
         }
@@ -104,6 +108,10 @@ impl VmStatus {
 
     pub fn set_state(&self, state: VmState) {
         *self.state.lock().unwrap_or_else(PoisonError::into_inner) = state;
+    }
+
+    pub fn count_reboot(&self) {
+        self.reboots.fetch_add(1, Ordering::Relaxed);
     }
 
     fn nic(&self, id: &str) -> Option<&NicStatus> {
@@ -141,6 +149,7 @@ impl VmStatus {
         json!({
             "name": self.name,
             "state": self.state().as_str(),
+            "reboots": self.reboots.load(Ordering::Relaxed),
             "memory_bytes": self.memory,
             "vcpus": self.vcpu_exits.len(),
             "kernel": self.kernel.display().to_string(),
