@@ -368,11 +368,12 @@ fn nic_watch(rules: &mut Rules) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// The API thread: its poll loop over the listening socket and a stop
-/// eventfd, one blocking connection at a time (with timeouts), reading
-/// AF_XDP kernel statistics and the receive filter's map, the guest's link (an eventfd write to raise
-/// its interrupt), waiting on the main thread's answers, and removing the
-/// socket file at the end.
+/// The API thread: its poll loop over the listening socket, a stop
+/// eventfd and every open connection (non-blocking, accepted with accept4,
+/// so no fcntl), reading AF_XDP kernel statistics and the receive filter's
+/// map, the guest's link (an eventfd write to raise its interrupt),
+/// waiting on the main thread's answers, and removing the socket file at
+/// the end.
 fn api(rules: &mut Rules) -> Result<(), SeccompError> {
     common(rules)?;
     rules.allow(&[
@@ -386,15 +387,7 @@ fn api(rules: &mut Rules) -> Result<(), SeccompError> {
         libc::SYS_statx,
         libc::SYS_unlink,
         libc::SYS_unlinkat,
-        // Back-off after a failed accept.
-        libc::SYS_clock_nanosleep,
     ]);
-    for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-        rules.allow_when(
-            libc::SYS_setsockopt,
-            &[(1, libc::SOL_SOCKET as u64), (2, option as u64)],
-        )?;
-    }
     rules.allow_when(
         libc::SYS_getsockopt,
         &[(1, libc::SOL_XDP as u64), (2, libc::XDP_STATISTICS as u64)],
