@@ -31,7 +31,7 @@ use crate::cpu::InitialState;
 use crate::event_loop::{MainLoop, VmReset};
 use crate::layout::*;
 use crate::net::MacAddr;
-use crate::nic_watch::{GuestLink, NicWatcher, WatchedNic, XskStats};
+use crate::nic_watch::{GuestLink, ModeInfo, NicMode, NicWatcher, WatchedNic, XskStats};
 use crate::privileges::{self, CapabilityMode};
 use crate::seccomp::{self, Filters, SeccompMode, ThreadKind};
 use crate::terminal::RawTerminal;
@@ -627,13 +627,12 @@ fn attach_net_device(
     let link = Arc::new(GuestLink::new(link));
     let xsk_stats = Arc::new(XskStats::new(net.host.xsk_stats));
     let info = net.host.owner.info();
+    let mode = Arc::new(NicMode::new(ModeInfo::of(info)));
     let status = NicStatus {
         id: id.clone(),
         ifname: info.ifname.clone(),
         queue_ids: info.queue_ids.clone(),
-        zero_copy: info.zero_copy.clone(),
-        multi_buffer: info.multi_buffer,
-        xdp_mode: info.attach_mode.map(|m| m.as_str()),
+        mode: mode.clone(),
         mac: MacAddr(mac).to_string(),
         mtu,
         link: link.clone(),
@@ -657,6 +656,7 @@ fn attach_net_device(
         reopen_refusal_logged: false,
         link,
         xsk_stats,
+        mode,
         mtu: net.host.mtu,
     };
     Ok((watched, status))

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::afxdp::XdpRxFilter;
-use crate::nic_watch::{GuestLink, XskStats};
+use crate::nic_watch::{GuestLink, NicMode, XskStats};
 use crate::vcpu::VcpuExitCounters;
 use http::{Request, Response};
 pub use server::{ApiError, ApiListener, ApiServer};
@@ -47,11 +47,9 @@ pub struct NicStatus {
     pub id: String,
     pub ifname: String,
     pub queue_ids: Vec<u32>,
-    pub zero_copy: Vec<bool>,
-    /// The sockets carry frames longer than one UMEM frame (XDP_USE_SG).
-    pub multi_buffer: bool,
-    /// "native" or "skb"; None with inhibit=on (no program of ours).
-    pub xdp_mode: Option<&'static str>,
+    /// Zero-copy or copy, multi-buffer, how our program is attached: as
+    /// the NIC is set up now (followed by the NIC watcher).
+    pub mode: Arc<NicMode>,
     pub mac: String,
     pub mtu: u16,
     pub link: Arc<GuestLink>,
@@ -125,21 +123,25 @@ impl VmStatus {
             .iter()
             .map(|nic| {
                 let (up, host_up, admin_up) = nic.link.state();
-                let mode = if nic.zero_copy.iter().all(|&z| z) {
-                    "zero-copy"
-                } else if nic.zero_copy.iter().any(|&z| z) {
-                    "mixed"
-                } else {
-                    "copy"
-                };
+                // All null while the interface is gone (no sockets).
+                let current = nic.mode.get();
+                let mode = current.as_ref().map(|m| {
+                    if m.zero_copy.iter().all(|&z| z) {
+                        "zero-copy"
+                    } else if m.zero_copy.iter().any(|&z| z) {
+                        "mixed"
+                    } else {
+                        "copy"
+                    }
+                });
                 json!({
                     "id": nic.id,
                     "ifname": nic.ifname,
                     "queues": nic.queue_ids.len(),
                     "queue_ids": nic.queue_ids,
                     "mode": mode,
-                    "multi_buffer": nic.multi_buffer,
-                    "xdp_mode": nic.xdp_mode,
+                    "multi_buffer": current.as_ref().map(|m| m.multi_buffer),
+                    "xdp_mode": current.as_ref().and_then(|m| m.xdp_mode),
                     "mac": nic.mac,
                     "mtu": nic.mtu,
                     "link": {"up": up, "host_up": host_up, "admin_up": admin_up},
