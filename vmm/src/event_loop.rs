@@ -1,29 +1,31 @@
 //! The main thread's loop once the guest runs, on rust-vmm's
 //! `event-manager`: one subscriber per concern, as in vmm-reference.
 //!
-//! - [`GuestEnds`]: the guest (i8042 reset, ACPI power-off) or the user on
-//!   the console (Ctrl-A x) ends the VM;
+//! - [`GuestEnds`]: the guest ends the VM (i8042 reset, ACPI power-off);
+//! - [`ConsoleInput`]: stdin to the guest's UART, and the user's `Ctrl-A x`;
 //! - [`VcpuReports`]: a vCPU stopped (system event, crash);
 //! - [`StopSignals`]: SIGINT, SIGTERM, SIGHUP through a signalfd;
 //! - [`ApiActions`]: what the API thread asks (pause, resume, shutdown,
 //!   reboot), carried out here because this thread owns the vCPU threads;
 //!   a reboot resets the VM in place through [`VmReset`].
 //!
-//! The console's input has a thread of its own (a blocking read of stdin);
-//! packets never come here (the virtio-net IO threads move them). Each
+//! Packets never come here (the virtio-net IO threads move them). Each
 //! subscriber records how the VM ends in the shared [`Outcome`]; the first
 //! record wins and ends the loop.
 
 use std::cell::{Cell, RefCell};
+use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
+use devices::legacy::SerialConsole;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{Action, ActionError, ActionRequest, VmState, VmStatus};
+use crate::console::ConsoleInput;
 use crate::vcpu::{PauseControl, StopReport, VcpuHandle, VcpuStop};
 use crate::vm::VmExit;
 use crate::VmmError;
@@ -37,7 +39,7 @@ pub struct Outcome(Rc<RefCell<Option<Result<VmExit, VmmError>>>>);
 
 impl Outcome {
     /// Records how the VM ends, unless something else already did.
-    fn set(&self, outcome: Result<VmExit, VmmError>) {
+    pub(crate) fn set(&self, outcome: Result<VmExit, VmmError>) {
         let mut slot = self.0.borrow_mut();
         if slot.is_none() {
             *slot = Some(outcome);
@@ -69,7 +71,12 @@ pub trait VmReset {
 pub struct MainLoop<'a> {
     pub reset: &'a EventFd,
     pub poweroff: &'a EventFd,
-    pub quit: &'a EventFd,
+    /// The console: stdin (None: no input), the UART it feeds, the UART's
+    /// "input room" event, and whether `Ctrl-A x` quits (a raw terminal).
+    pub stdin: Option<&'a File>,
+    pub serial: &'a Mutex<SerialConsole>,
+    pub input_room: &'a EventFd,
+    pub watch_escape: bool,
     pub report: &'a StopReport,
     pub signals: &'a OwnedFd,
     pub api_wake: &'a EventFd,
@@ -91,9 +98,16 @@ impl MainLoop<'_> {
         manager.add_subscriber(Box::new(GuestEnds {
             reset: self.reset,
             poweroff: self.poweroff,
-            quit: self.quit,
             outcome: outcome.clone(),
         }));
+        let quit = outcome.clone();
+        manager.add_subscriber(Box::new(ConsoleInput::new(
+            self.stdin,
+            self.serial,
+            self.input_room,
+            self.watch_escape,
+            Box::new(move || quit.set(Ok(VmExit::Quit))),
+        )));
         manager.add_subscriber(Box::new(VcpuReports {
             report: self.report,
             outcome: outcome.clone(),
@@ -139,33 +153,28 @@ impl MainLoop<'_> {
     }
 }
 
-/// The guest's reset (i8042) and power-off (ACPI sleep control), and the
-/// console's quit escape.
+/// The guest's reset (i8042) and power-off (ACPI sleep control).
 struct GuestEnds<'a> {
     reset: &'a EventFd,
     poweroff: &'a EventFd,
-    quit: &'a EventFd,
     outcome: Outcome,
 }
 
 impl GuestEnds<'_> {
     const RESET: u32 = 0;
     const POWEROFF: u32 = 1;
-    const QUIT: u32 = 2;
 }
 
 impl MutEventSubscriber for GuestEnds<'_> {
     fn init(&mut self, ops: &mut EventOps) {
         self.outcome.register(ops, self.reset, Self::RESET);
         self.outcome.register(ops, self.poweroff, Self::POWEROFF);
-        self.outcome.register(ops, self.quit, Self::QUIT);
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         match events.data() {
             Self::RESET => self.outcome.set(Ok(VmExit::Reset)),
             Self::POWEROFF => self.outcome.set(Ok(VmExit::PowerOff)),
-            Self::QUIT => self.outcome.set(Ok(VmExit::Quit)),
             _ => {}
         }
     }
@@ -355,7 +364,11 @@ mod tests {
     struct Fixture {
         reset: EventFd,
         poweroff: EventFd,
-        quit: EventFd,
+        /// Stands for stdin (a non-blocking pipe); its writer is `typed`.
+        stdin: File,
+        typed: std::io::PipeWriter,
+        serial: Mutex<SerialConsole>,
+        input_room: EventFd,
         report: StopReport,
         signals: OwnedFd,
         _signal_writer: std::io::PipeWriter,
@@ -393,10 +406,25 @@ mod tests {
         let (sender, actions) = mpsc::channel();
         // Never readable while the writer lives: a stand-in for the signalfd.
         let (signals, signal_writer) = std::io::pipe().unwrap();
+        let (stdin, typed) = std::io::pipe().unwrap();
+        let stdin = File::from(OwnedFd::from(stdin));
+        // SAFETY: F_SETFL on a descriptor this test owns.
+        assert_eq!(
+            unsafe { libc::fcntl(stdin.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) },
+            0
+        );
+        let input_room = evt();
         Fixture {
             reset: evt(),
             poweroff: evt(),
-            quit: evt(),
+            stdin,
+            typed,
+            serial: Mutex::new(SerialConsole::with_input_room(
+                devices::EventTrigger::new(evt()),
+                Box::new(std::io::sink()),
+                Some(devices::EventTrigger::new(input_room.try_clone().unwrap())),
+            )),
+            input_room,
             report: StopReport::new(evt()),
             signals: OwnedFd::from(signals),
             _signal_writer: signal_writer,
@@ -415,7 +443,10 @@ mod tests {
             MainLoop {
                 reset: &self.reset,
                 poweroff: &self.poweroff,
-                quit: &self.quit,
+                stdin: Some(&self.stdin),
+                serial: &self.serial,
+                input_room: &self.input_room,
+                watch_escape: true,
                 report: &self.report,
                 signals: &self.signals,
                 api_wake: &self.api_wake,
@@ -443,7 +474,7 @@ mod tests {
         f.poweroff.write(1).unwrap();
         assert_eq!(f.main_loop().run().unwrap(), VmExit::PowerOff);
         let mut f = fixture();
-        f.quit.write(1).unwrap();
+        std::io::Write::write_all(&mut f.typed, b"\x01x").unwrap();
         assert_eq!(f.main_loop().run().unwrap(), VmExit::Quit);
         let mut f = fixture();
         f.reset.write(1).unwrap();

@@ -34,14 +34,13 @@ pub enum SeccompMode {
 /// The kinds of threads xskvm runs, each with its own filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadKind {
-    /// Waits for the VM to end, then stops the others and tears down.
+    /// Runs the event loop (signals, console input, the API's actions,
+    /// vCPU reports) until the VM ends, then stops the others and tears down.
     Main,
     /// Runs KVM_RUN and the device emulation behind port and MMIO exits.
     Vcpu,
     /// Moves frames for one virtio-net queue pair.
     NetIo,
-    /// Feeds host stdin to the serial port.
-    Console,
     /// Follows the host interfaces over rtnetlink and reopens a NIC whose
     /// interface came back (XDP program, AF_XDP sockets, UMEM).
     NicWatch,
@@ -50,11 +49,10 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 5] = [
         Self::Main,
         Self::Vcpu,
         Self::NetIo,
-        Self::Console,
         Self::NicWatch,
         Self::Api,
     ];
@@ -64,7 +62,6 @@ impl ThreadKind {
             Self::Main => "main",
             Self::Vcpu => "vCPU",
             Self::NetIo => "net IO",
-            Self::Console => "console",
             Self::NicWatch => "NIC watcher",
             Self::Api => "API",
         }
@@ -264,8 +261,8 @@ fn vcpu(rules: &mut Rules) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// The main thread once the guest runs: its event-manager loop (eventfds
-/// and the signalfd), kicking vCPUs with the kick signal and joining them,
+/// The main thread once the guest runs: its event-manager loop (eventfds,
+/// the signalfd, and non-blocking reads of stdin for the console), kicking vCPUs with the kick signal and joining them,
 /// rebooting the VM in place (resetting devices, which joins virtio-net IO
 /// threads and resets the receive filter's maps; reloading the kernel and
 /// initramfs from the files kept open; resetting the interrupt
@@ -300,15 +297,6 @@ fn main_thread(rules: &mut Rules) -> Result<(), SeccompError> {
     for command in BPF_MAP_ELEMENT_COMMANDS {
         rules.allow_when(libc::SYS_bpf, &[(0, command)])?;
     }
-    Ok(())
-}
-
-/// The console thread: blocking reads of stdin, a short sleep while the
-/// UART's FIFO is full, an eventfd write on the quit escape, and closing
-/// that eventfd when stdin ends.
-fn console(rules: &mut Rules) -> Result<(), SeccompError> {
-    common(rules)?;
-    rules.allow(&[libc::SYS_read, libc::SYS_clock_nanosleep, libc::SYS_close]);
     Ok(())
 }
 
@@ -410,7 +398,6 @@ pub fn compile(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>
         ThreadKind::Main => main_thread(&mut rules)?,
         ThreadKind::Vcpu => vcpu(&mut rules)?,
         ThreadKind::NetIo => net_io(&mut rules)?,
-        ThreadKind::Console => console(&mut rules)?,
         ThreadKind::NicWatch => nic_watch(&mut rules)?,
         ThreadKind::Api => api(&mut rules)?,
     }
@@ -442,7 +429,6 @@ pub struct Filters {
     pub main: Option<Arc<BpfProgram>>,
     pub vcpu: Option<Arc<BpfProgram>>,
     pub net_io: Option<Arc<BpfProgram>>,
-    pub console: Option<Arc<BpfProgram>>,
     pub nic_watch: Option<Arc<BpfProgram>>,
     pub api: Option<Arc<BpfProgram>>,
 }
@@ -454,7 +440,6 @@ impl Filters {
             main: get(ThreadKind::Main)?,
             vcpu: get(ThreadKind::Vcpu)?,
             net_io: get(ThreadKind::NetIo)?,
-            console: get(ThreadKind::Console)?,
             nic_watch: get(ThreadKind::NicWatch)?,
             api: get(ThreadKind::Api)?,
         })

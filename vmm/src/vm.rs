@@ -112,7 +112,8 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole>>,
     reset_evt: EventFd,
     poweroff_evt: EventFd,
-    quit_evt: EventFd,
+    /// Signalled by the UART when the guest emptied its receive FIFO.
+    input_room: EventFd,
     report: Arc<StopReport>,
     stop: Arc<AtomicBool>,
     pause: Arc<PauseControl>,
@@ -252,6 +253,7 @@ struct LegacyDevices {
     serial: Arc<Mutex<SerialConsole>>,
     reset_evt: EventFd,
     poweroff_evt: EventFd,
+    input_room: EventFd,
 }
 
 fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> VmmError {
@@ -359,7 +361,7 @@ impl Vm {
             serial: legacy.serial,
             reset_evt: legacy.reset_evt,
             poweroff_evt: legacy.poweroff_evt,
-            quit_evt: new_eventfd()?,
+            input_room: legacy.input_room,
             report,
             stop,
             pause,
@@ -390,7 +392,7 @@ impl Vm {
             serial,
             reset_evt,
             poweroff_evt,
-            quit_evt,
+            input_room,
             report,
             stop,
             pause,
@@ -446,15 +448,10 @@ impl Vm {
             None => None,
         };
         install_kick_handler().map_err(io_err("cannot install the vCPU kick handler"))?;
-        let stdin = std::io::stdin();
-        let raw_terminal = RawTerminal::enable(stdin.as_fd())
+        let raw_terminal = RawTerminal::enable(std::io::stdin().as_fd())
             .map_err(io_err("cannot put the terminal in raw mode"))?;
-        console::spawn_stdin_reader(
-            serial,
-            clone_eventfd(&quit_evt)?,
-            raw_terminal.is_some(),
-            filters.console.clone(),
-        )?;
+        // Read by the main loop; opened before this thread's filter.
+        let stdin = console::open_stdin();
 
         // Each vCPU installs its filter as it starts and waits at the gate;
         // this thread installs its own last (threads inherit filters), then
@@ -492,7 +489,10 @@ impl Vm {
         let outcome = MainLoop {
             reset: &reset_evt,
             poweroff: &poweroff_evt,
-            quit: &quit_evt,
+            stdin: stdin.as_ref(),
+            serial: &serial,
+            input_room: &input_room,
+            watch_escape: raw_terminal.is_some(),
             report: &report,
             signals: &signals,
             api_wake: &api_wake,
@@ -548,9 +548,11 @@ fn create_legacy_devices(vm: &VmFd) -> Result<LegacyDevices, VmmError> {
     let serial_irq = irq_eventfd(vm, SERIAL_IRQ, "connect the serial interrupt")?;
     let reset_evt = new_eventfd()?;
     let poweroff_evt = new_eventfd()?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(
+    let input_room = new_eventfd()?;
+    let serial = Arc::new(Mutex::new(SerialConsole::with_input_room(
         EventTrigger::new(serial_irq),
         Box::new(std::io::stdout()),
+        Some(EventTrigger::new(clone_eventfd(&input_room)?)),
     )));
     let mut pio = BusBuilder::new();
     pio.insert(
@@ -577,6 +579,7 @@ fn create_legacy_devices(vm: &VmFd) -> Result<LegacyDevices, VmmError> {
         serial,
         reset_evt,
         poweroff_evt,
+        input_room,
     })
 }
 
