@@ -91,12 +91,20 @@ fn serial_input_reaches_the_guest() {
 dir=$(mktemp -d)
 mkfifo $dir/in
 {XSKVM} --kernel {kernel} --initrd {initrd} \
-    --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet -- echo WANT-INPUT; read line; echo got:\$line" \
+    --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet -- echo WANT-INPUT; read line; echo got:\$line; sleep 8" \
     <$dir/in >$dir/out 2>&1 &
 pid=$!
 exec 3>$dir/in
 for i in $(seq 600); do grep -q WANT-INPUT $dir/out && break; sleep 0.1; done
 echo "hello-from-the-host" >&3
+# The end of input while the guest runs: it must neither stop xskvm nor
+# make its loop spin: the main thread's CPU time (user + system ticks)
+# over two seconds while the guest sleeps.
+exec 3>&-
+sleep 1
+ticks() {{ awk '{{print $14 + $15}}' /proc/$pid/task/$pid/stat; }}
+t1=$(ticks); sleep 2; t2=$(ticks)
+echo "MAIN-TICKS-AFTER-EOF=$((t2 - t1))"
 wait $pid
 echo "XSKVM-RC=$?"
 cat $dir/out
@@ -114,6 +122,12 @@ cat $dir/out
         "{}",
         out.describe()
     );
+    // A loop spinning on the closed pipe would burn ~200 ticks.
+    let ticks: u64 = out
+        .value_of("MAIN-TICKS-AFTER-EOF")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no tick count\n{}", out.describe()));
+    assert!(ticks < 50, "{ticks} ticks after EOF\n{}", out.describe());
 }
 
 #[test]

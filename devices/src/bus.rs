@@ -11,6 +11,9 @@ use std::sync::{Arc, Mutex};
 pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     fn write(&mut self, offset: u64, data: &[u8]);
+    /// Back to the state the device had when the VM was built (the VM is
+    /// reset; no vCPU runs meanwhile). Stateless devices keep the default.
+    fn reset(&mut self) {}
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -73,6 +76,13 @@ impl BusBuilder {
 }
 
 impl Bus {
+    /// Resets every device on the bus, in address order.
+    pub fn reset_devices(&self) {
+        for entry in self.devices.values() {
+            lock(&entry.device).reset();
+        }
+    }
+
     fn resolve(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
         let (base, entry) = self.devices.range(..=addr).next_back()?;
         let offset = addr - base;
@@ -136,6 +146,7 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         last_write: Option<(u64, Vec<u8>)>,
+        resets: usize,
     }
 
     impl BusDevice for Recorder {
@@ -144,6 +155,26 @@ mod tests {
         }
         fn write(&mut self, offset: u64, data: &[u8]) {
             self.last_write = Some((offset, data.to_vec()));
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+            self.last_write = None;
+        }
+    }
+
+    #[test]
+    fn reset_devices_reaches_every_device_once() {
+        let a = Arc::new(Mutex::new(Recorder::default()));
+        let b = Arc::new(Mutex::new(Recorder::default()));
+        let mut builder = BusBuilder::new();
+        builder.insert(a.clone(), 0x10, 1).unwrap();
+        builder.insert(b.clone(), 0x20, 1).unwrap();
+        let bus = builder.build();
+        assert!(bus.write(0x10, &[1]));
+        bus.clone().reset_devices();
+        for device in [&a, &b] {
+            let device = device.lock().unwrap();
+            assert_eq!((device.resets, &device.last_write), (1, &None));
         }
     }
 

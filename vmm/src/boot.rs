@@ -81,48 +81,101 @@ struct LoadedKernel {
     params: boot_params,
 }
 
-/// Loads everything and returns the boot vCPU's entry point.
+/// What a guest boots from: the kernel and initramfs files, kept open so
+/// that a VM reset reloads them on the main thread, whose seccomp filter
+/// lets it read and seek open files but open none.
+pub struct GuestImage {
+    kernel_path: PathBuf,
+    kernel: File,
+    format: KernelFormat,
+    initrd: Option<Initrd>,
+    cmdline: String,
+}
+
+struct Initrd {
+    path: PathBuf,
+    file: File,
+    size: u64,
+}
+
+impl GuestImage {
+    /// Opens the files and checks the kernel's format and the command line.
+    pub fn open(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Result<Self, BootError> {
+        let (kernel_file, format) = open_kernel(kernel)?;
+        let initrd = initrd
+            .map(|path| {
+                let read_err = |source| BootError::ReadInitrd {
+                    path: path.to_owned(),
+                    source,
+                };
+                let file = File::open(path).map_err(read_err)?;
+                let size = file.metadata().map_err(read_err)?.len();
+                Ok::<_, BootError>(Initrd {
+                    path: path.to_owned(),
+                    file,
+                    size,
+                })
+            })
+            .transpose()?;
+        build_cmdline(cmdline)?;
+        Ok(Self {
+            kernel_path: kernel.to_owned(),
+            kernel: kernel_file,
+            format,
+            initrd,
+            cmdline: cmdline.to_owned(),
+        })
+    }
+
+    /// Loads everything into `mem` (again after a reset: the same open
+    /// files, read from the start) and returns the boot vCPU's entry point.
+    pub fn load(&mut self, mem: &GuestMemoryMmap) -> Result<BootInfo, BootError> {
+        let loaded = load_kernel(mem, &self.kernel_path, &mut self.kernel, &self.format)?;
+        let mut params = loaded.params;
+
+        let cmdline = build_cmdline(&self.cmdline)?;
+        load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
+            .map_err(|e| BootError::Cmdline(e.to_string()))?;
+        let cmdline_len = cmdline
+            .as_cstring()
+            .map_err(|e| BootError::Cmdline(e.to_string()))?
+            .as_bytes()
+            .len();
+        params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+        params.hdr.cmdline_size = cmdline_len as u32;
+
+        if let Some(initrd) = &mut self.initrd {
+            let (addr, size) = load_initrd(mem, initrd, loaded.end, &params)?;
+            params.hdr.ramdisk_image = addr as u32;
+            params.hdr.ramdisk_size = size as u32;
+        }
+
+        params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+        params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+        params.hdr.header = KERNEL_HDR_MAGIC;
+        if params.hdr.kernel_alignment == 0 {
+            params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
+        }
+        params.acpi_rsdp_addr = ACPI_START;
+        fill_e820(mem, &mut params);
+        mem.write_obj(BootParams(params), GuestAddress(ZERO_PAGE_START))?;
+
+        write_page_tables(mem)?;
+        write_gdt(mem)?;
+        Ok(BootInfo {
+            entry: loaded.entry,
+        })
+    }
+}
+
+/// Opens and loads everything once; returns the boot vCPU's entry point.
 pub fn load_guest(
     mem: &GuestMemoryMmap,
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
 ) -> Result<BootInfo, BootError> {
-    let loaded = load_kernel(mem, kernel)?;
-    let mut params = loaded.params;
-
-    let cmdline = build_cmdline(cmdline)?;
-    load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
-    let cmdline_len = cmdline
-        .as_cstring()
-        .map_err(|e| BootError::Cmdline(e.to_string()))?
-        .as_bytes()
-        .len();
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline_len as u32;
-
-    if let Some(path) = initrd {
-        let (addr, size) = load_initrd(mem, path, loaded.end, &params)?;
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
-    }
-
-    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
-    params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
-    params.hdr.header = KERNEL_HDR_MAGIC;
-    if params.hdr.kernel_alignment == 0 {
-        params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
-    }
-    params.acpi_rsdp_addr = ACPI_START;
-    fill_e820(mem, &mut params);
-    mem.write_obj(BootParams(params), GuestAddress(ZERO_PAGE_START))?;
-
-    write_page_tables(mem)?;
-    write_gdt(mem)?;
-    Ok(BootInfo {
-        entry: loaded.entry,
-    })
+    GuestImage::open(kernel, initrd, cmdline)?.load(mem)
 }
 
 fn build_cmdline(text: &str) -> Result<Cmdline, BootError> {
@@ -134,8 +187,17 @@ fn build_cmdline(text: &str) -> Result<Cmdline, BootError> {
     Ok(cmdline)
 }
 
-fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let (mut file, format) = open_kernel(path)?;
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    file: &mut File,
+    format: &KernelFormat,
+) -> Result<LoadedKernel, BootError> {
+    file.seek(SeekFrom::Start(0))
+        .map_err(|source| BootError::OpenKernel {
+            path: path.to_owned(),
+            source,
+        })?;
     let load_error = |e: linux_loader::loader::Error| BootError::LoadKernel {
         path: path.to_owned(),
         reason: match e {
@@ -149,8 +211,8 @@ fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootE
 
     match format {
         KernelFormat::Elf => {
-            let result = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-                .map_err(load_error)?;
+            let result =
+                Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(load_error)?;
             Ok(LoadedKernel {
                 entry: result.kernel_load,
                 end: result.kernel_end,
@@ -158,7 +220,7 @@ fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootE
             })
         }
         KernelFormat::BzImage => {
-            let result = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+            let result = BzImage::load(mem, None, file, Some(GuestAddress(HIMEM_START)))
                 .map_err(load_error)?;
             let mut params = boot_params::default();
             if let Some(hdr) = result.setup_header {
@@ -258,16 +320,17 @@ fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
 /// Puts the initramfs as high in low RAM as the kernel allows, page aligned.
 fn load_initrd(
     mem: &GuestMemoryMmap,
-    path: &Path,
+    initrd: &mut Initrd,
     kernel_end: u64,
     params: &boot_params,
 ) -> Result<(u64, u64), BootError> {
+    let Initrd { path, file, size } = initrd;
+    let (path, size) = (path.as_path(), *size);
     let read_err = |source| BootError::ReadInitrd {
         path: path.to_owned(),
         source,
     };
-    let mut file = File::open(path).map_err(read_err)?;
-    let size = file.metadata().map_err(read_err)?.len();
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
     let addr_max = match params.hdr.initrd_addr_max {
         0 => DEFAULT_INITRD_ADDR_MAX,
         max => u64::from(max),
@@ -285,7 +348,7 @@ fn load_initrd(
         .filter(|&a| a >= kernel_end)
         .ok_or_else(too_large)?;
     let len = usize::try_from(size).map_err(|_| too_large())?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+    mem.read_exact_volatile_from(GuestAddress(addr), file, len)
         .map_err(|e| match e {
             vm_memory::GuestMemoryError::IOError(source) => read_err(source),
             other => BootError::GuestMemory(other),
@@ -479,14 +542,30 @@ mod tests {
         std::fs::write(&path, vec![0x5a; 10_000]).unwrap();
         let mem = guest_mem(64 << 20);
         let params = boot_params::default();
-        let (addr, size) = load_initrd(&mem, &path, 0x200_0000, &params).unwrap();
+        let mut initrd = Initrd {
+            file: File::open(&path).unwrap(),
+            path,
+            size: 10_000,
+        };
+        let (addr, size) = load_initrd(&mem, &mut initrd, 0x200_0000, &params).unwrap();
         assert_eq!(size, 10_000);
         assert_eq!(addr % PAGE_SIZE, 0);
         assert!(addr + size <= 64 << 20 && addr + size > (64 << 20) - 2 * PAGE_SIZE);
         let byte: u8 = mem.read_obj(GuestAddress(addr + 9_999)).unwrap();
         assert_eq!(byte, 0x5a);
 
-        let err = load_initrd(&mem, &path, (64 << 20) - 4096, &params).unwrap_err();
+        // A reset loads it again from the same open file.
+        mem.write_slice(&[0; 10_000], GuestAddress(addr)).unwrap();
+        assert_eq!(
+            load_initrd(&mem, &mut initrd, 0x200_0000, &params).unwrap(),
+            (addr, size)
+        );
+        let bytes: [u8; 2] = mem.read_obj(GuestAddress(addr)).unwrap();
+        assert_eq!(bytes, [0x5a; 2]);
+        let byte: u8 = mem.read_obj(GuestAddress(addr + 9_999)).unwrap();
+        assert_eq!(byte, 0x5a);
+
+        let err = load_initrd(&mem, &mut initrd, (64 << 20) - 4096, &params).unwrap_err();
         assert!(matches!(err, BootError::InitrdTooLarge { .. }), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

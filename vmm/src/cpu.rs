@@ -2,7 +2,11 @@
 //! local APIC's LINT pins, and for the boot vCPU the 64-bit long-mode
 //! registers the Linux boot protocol expects.
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, CpuId, Msrs, KVM_MAX_MSR_ENTRIES,
+    KVM_VCPUEVENT_VALID_NMI_PENDING, KVM_VCPUEVENT_VALID_SIPI_VECTOR,
+};
 use kvm_ioctls::VcpuFd;
 
 use crate::boot::{
@@ -34,6 +38,174 @@ pub enum CpuError {
     },
     #[error("cannot build the MSR list: {0:?}")]
     MsrList(vmm_sys_util::fam::Error),
+    #[error("cannot {what} of vCPU {index}: {source}")]
+    State {
+        what: &'static str,
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// MSRs not to write back on a reset: writing one makes KVM store the wall
+/// clock at the address written (0 would land on guest address 0). The
+/// guest sets them again when it wants the clock.
+const MSR_KVM_WALL_CLOCK: u32 = 0x11;
+const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
+
+/// A vCPU's architectural state as configured, captured before it first
+/// runs and written back when the VM is reset in place: a reset must also
+/// undo what the guest set that KVM keeps across an INIT (the kvmclock,
+/// steal-time and async page fault MSRs point into the old guest's memory,
+/// and KVM would go on writing there).
+#[derive(Clone)]
+pub struct InitialState {
+    index: u8,
+    mp_state: kvm_mp_state,
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    fpu: kvm_fpu,
+    /// None where KVM has no XCRs (no XSAVE).
+    xcrs: Option<kvm_xcrs>,
+    debugregs: kvm_debugregs,
+    lapic: kvm_lapic_state,
+    msrs: Vec<kvm_msr_entry>,
+    events: kvm_vcpu_events,
+}
+
+impl InitialState {
+    /// Reads the state of `vcpu`, which has not run yet; `msr_indices` is
+    /// KVM's list of the MSRs it saves and restores.
+    pub fn capture(vcpu: &VcpuFd, index: u8, msr_indices: &[u32]) -> Result<Self, CpuError> {
+        let err = |what| {
+            move |source| CpuError::State {
+                what,
+                index,
+                source,
+            }
+        };
+        let mut events = vcpu
+            .get_vcpu_events()
+            .map_err(err("read the pending events"))?;
+        // On restore: clear a pending NMI and set the SIPI vector too.
+        events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+        let indices: Vec<u32> = msr_indices
+            .iter()
+            .copied()
+            .filter(|&i| i != MSR_KVM_WALL_CLOCK && i != MSR_KVM_WALL_CLOCK_NEW)
+            .collect();
+        Ok(Self {
+            index,
+            mp_state: vcpu.get_mp_state().map_err(err("read the MP state"))?,
+            regs: vcpu.get_regs().map_err(err("read the registers"))?,
+            sregs: vcpu
+                .get_sregs()
+                .map_err(err("read the special registers"))?,
+            fpu: vcpu.get_fpu().map_err(err("read the FPU state"))?,
+            xcrs: vcpu.get_xcrs().ok(),
+            debugregs: vcpu
+                .get_debug_regs()
+                .map_err(err("read the debug registers"))?,
+            lapic: vcpu.get_lapic().map_err(err("read the local APIC"))?,
+            msrs: msr_batches(&indices, |entries| {
+                let mut msrs = Msrs::from_entries(entries).map_err(CpuError::MsrList)?;
+                let read = vcpu.get_msrs(&mut msrs).map_err(err("read MSRs"))?;
+                Ok((msrs.as_slice()[..read].to_vec(), read))
+            })?,
+            events,
+        })
+    }
+
+    /// The entry point the boot vCPU starts at.
+    pub fn rip(&self) -> u64 {
+        self.regs.rip
+    }
+
+    /// Writes the captured state back (in the order KVM needs: the APIC
+    /// base in the special registers before the APIC, the APIC before the
+    /// TSC deadline MSR, pending events last).
+    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), CpuError> {
+        let index = self.index;
+        let err = |what| {
+            move |source| CpuError::State {
+                what,
+                index,
+                source,
+            }
+        };
+        vcpu.set_mp_state(self.mp_state)
+            .map_err(err("reset the MP state"))?;
+        vcpu.set_regs(&self.regs)
+            .map_err(err("reset the registers"))?;
+        vcpu.set_sregs(&self.sregs)
+            .map_err(err("reset the special registers"))?;
+        vcpu.set_fpu(&self.fpu).map_err(err("reset the FPU"))?;
+        if let Some(xcrs) = &self.xcrs {
+            vcpu.set_xcrs(xcrs).map_err(err("reset the XCRs"))?;
+        }
+        vcpu.set_debug_regs(&self.debugregs)
+            .map_err(err("reset the debug registers"))?;
+        vcpu.set_lapic(&self.lapic)
+            .map_err(err("reset the local APIC"))?;
+        let mut refused = 0;
+        msr_batches(&self.msrs, |entries| {
+            let msrs = Msrs::from_entries(entries).map_err(CpuError::MsrList)?;
+            let written = vcpu.set_msrs(&msrs).map_err(err("reset MSRs"))?;
+            refused += usize::from(written < entries.len());
+            Ok((Vec::new(), written))
+        })?;
+        if refused > 0 {
+            // Some MSRs are read-only once a vCPU ran (VMX capabilities);
+            // they cannot have changed.
+            log::debug!("vCPU {index}: KVM refused {refused} MSR(s) on reset");
+        }
+        vcpu.set_vcpu_events(&self.events)
+            .map_err(err("reset the pending events"))
+    }
+}
+
+/// Runs `op` over `items` in batches KVM takes; `op` returns how many of
+/// the batch it handled; KVM stops at the first MSR it refuses, so that
+/// one is skipped and the rest tried again. Returns what `op` collected.
+fn msr_batches<I>(
+    items: &[I],
+    mut op: impl FnMut(&[kvm_msr_entry]) -> Result<(Vec<kvm_msr_entry>, usize), CpuError>,
+) -> Result<Vec<kvm_msr_entry>, CpuError>
+where
+    I: Copy + Into<MsrEntry>,
+{
+    let mut out = Vec::new();
+    let mut rest = items;
+    while !rest.is_empty() {
+        let batch: Vec<kvm_msr_entry> = rest
+            .iter()
+            .take(KVM_MAX_MSR_ENTRIES)
+            .map(|&i| i.into().0)
+            .collect();
+        let (got, done) = op(&batch)?;
+        out.extend(got);
+        // Past the ones done and, if it stopped early, the one refused.
+        let step = if done < batch.len() { done + 1 } else { done };
+        rest = &rest[step.min(rest.len())..];
+    }
+    Ok(out)
+}
+
+/// An MSR index (to read) or a full entry (to write).
+pub struct MsrEntry(kvm_msr_entry);
+
+impl From<u32> for MsrEntry {
+    fn from(index: u32) -> Self {
+        Self(kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+    }
+}
+
+impl From<kvm_msr_entry> for MsrEntry {
+    fn from(entry: kvm_msr_entry) -> Self {
+        Self(entry)
+    }
 }
 
 const CPUID_HYPERVISOR: u32 = 1 << 31; // leaf 1 ECX
@@ -250,6 +422,37 @@ mod tests {
             (2, 3, TOPOLOGY_LEVEL_CORE)
         );
         assert_eq!(e[3].ecx & 0xff, 2);
+    }
+
+    #[test]
+    fn msr_batches_skip_what_kvm_refuses_and_respect_its_limit() {
+        let indices: Vec<u32> = (0..600).collect();
+        let mut batches = Vec::new();
+        let got = msr_batches(&indices, |entries| {
+            batches.push(entries.len());
+            // A KVM that refuses MSR 300: it reads up to it and stops.
+            let done = entries
+                .iter()
+                .position(|e| e.index == 300)
+                .unwrap_or(entries.len());
+            let read: Vec<_> = entries[..done]
+                .iter()
+                .map(|e| kvm_msr_entry {
+                    data: u64::from(e.index) * 2,
+                    ..*e
+                })
+                .collect();
+            Ok((read, done))
+        })
+        .unwrap();
+        assert_eq!(got.len(), 599);
+        assert!(got
+            .iter()
+            .all(|e| e.index != 300 && e.data == u64::from(e.index) * 2));
+        assert!(batches.iter().all(|&n| n <= KVM_MAX_MSR_ENTRIES));
+        assert!(msr_batches::<u32>(&[], |_| unreachable!())
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

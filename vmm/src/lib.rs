@@ -81,4 +81,6 @@ pub enum VmmError {
     EventLoop(event_manager::Error),
     #[error("guest stopped: {0}")]
     GuestCrash(String),
+    #[error("cannot reboot the VM: {0}")]
+    Reboot(String),
 }

@@ -50,7 +50,6 @@ fn main() -> ExitCode {
                 VmExit::Reset => "guest rebooted".to_string(),
                 VmExit::Quit => "quit from the console".to_string(),
                 VmExit::Signal(sig) => format!("stopped by signal {sig}"),
-                VmExit::ApiReboot => "reset through the API".to_string(),
                 VmExit::ShutdownTimeout => {
                     "stopped: the guest did not power off within the shutdown timeout".to_string()
                 }

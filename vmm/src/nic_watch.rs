@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use devices::virtio::net::{NetBackend, NetLink};
-use net_afxdp::{AfXdpConfig, AfXdpNic, NicOwner, QueueStatsHandle};
+use net_afxdp::{AfXdpConfig, AfXdpNic, NicInfo, NicOwner, QueueStatsHandle};
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
@@ -105,6 +105,52 @@ impl XskStats {
     }
 }
 
+/// How a NIC's sockets and program are set up, as far as the API tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModeInfo {
+    /// Whether each queue's socket runs zero-copy (else copy mode).
+    pub zero_copy: Vec<bool>,
+    /// The sockets are bound with `XDP_USE_SG`.
+    pub multi_buffer: bool,
+    /// How our program is attached ("native", "skb"); None with inhibit=on.
+    pub xdp_mode: Option<&'static str>,
+}
+
+impl ModeInfo {
+    /// As the kernel set the NIC up when it was opened (the bind's
+    /// XDP_OPTIONS, the attach that worked, native or skb after a fallback).
+    pub fn of(info: &NicInfo) -> Self {
+        Self {
+            zero_copy: info.zero_copy.clone(),
+            multi_buffer: info.multi_buffer,
+            xdp_mode: info.attach_mode.map(|m| m.as_str()),
+        }
+    }
+}
+
+/// The NIC's mode now, for the API: set when it is opened, again when it
+/// is reopened (which may land in another mode: skb after native, copy
+/// after zero-copy), none while its interface is gone.
+#[derive(Debug, Default)]
+pub struct NicMode(Mutex<Option<ModeInfo>>);
+
+impl NicMode {
+    pub fn new(mode: ModeInfo) -> Self {
+        Self(Mutex::new(Some(mode)))
+    }
+
+    pub fn set(&self, mode: Option<ModeInfo>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = mode;
+    }
+
+    pub fn get(&self) -> Option<ModeInfo> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
 /// One NIC as the watcher keeps it.
 pub struct WatchedNic {
     /// "net0", for log lines.
@@ -118,6 +164,8 @@ pub struct WatchedNic {
     pub link: Arc<GuestLink>,
     /// Statistics of the NIC's AF_XDP sockets, for the API; follows a reopen.
     pub xsk_stats: Arc<XskStats>,
+    /// Its mode, for the API; follows a reopen.
+    pub mode: Arc<NicMode>,
     pub mtu: Option<u32>,
     /// Enforces the guest's receive mode in our program (None with
     /// inhibit=on: no program of ours, no filtering).
@@ -163,6 +211,7 @@ impl WatchedNic {
                 }
                 self.owner = None;
                 self.xsk_stats.replace(Vec::new());
+                self.mode.set(None);
                 self.link.set_host_up(false);
                 log::warn!(
                     "{}: {} was deleted; the guest's link is down until it comes back",
@@ -247,6 +296,7 @@ impl WatchedNic {
             return;
         }
         self.xsk_stats.replace(stats);
+        self.mode.set(Some(ModeInfo::of(owner.info())));
         self.ifindex = Some(owner.info().ifindex);
         if let (Some(filter), Some(attachment)) = (&self.rx_filter, owner.attachment()) {
             match attachment.program().rx_filter().try_clone() {
@@ -435,5 +485,71 @@ fn handle_datagram(mut data: &[u8], nics: &mut [WatchedNic]) {
         for nic in nics.iter_mut() {
             nic.on_link_message(link, deleted);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::virtio::net::{Net, NetConfig, TxFrame};
+    use std::os::fd::RawFd;
+
+    struct IdleBackend(EventFd);
+
+    impl NetBackend for IdleBackend {
+        fn fd(&self) -> RawFd {
+            self.0.as_raw_fd()
+        }
+        fn receive(&mut self, _deliver: &mut dyn FnMut(&[u8]) -> bool) -> usize {
+            0
+        }
+        fn transmit(
+            &mut self,
+            _fill: &mut dyn FnMut(&mut [u8]) -> Option<TxFrame>,
+        ) -> (usize, bool) {
+            (0, false)
+        }
+    }
+
+    #[test]
+    fn a_deleted_interface_leaves_no_mode_to_report() {
+        let backend: Box<dyn NetBackend> = Box::new(IdleBackend(EventFd::new(0).unwrap()));
+        let net = Net::new(
+            NetConfig {
+                id: "net0".into(),
+                mac: [2, 0, 0, 0, 0, 1],
+                mtu: 1500,
+                spoof_check: true,
+                on_thread_start: None,
+            },
+            vec![backend],
+        )
+        .unwrap();
+        let mode = Arc::new(NicMode::new(ModeInfo {
+            zero_copy: vec![true],
+            multi_buffer: false,
+            xdp_mode: Some("native"),
+        }));
+        let mut nic = WatchedNic {
+            id: "net0".into(),
+            config: "ifname=xs0".parse().unwrap(),
+            ifindex: Some(7),
+            owner: None,
+            link: Arc::new(GuestLink::new(net.link())),
+            xsk_stats: Arc::default(),
+            mode: mode.clone(),
+            mtu: Some(1500),
+            rx_filter: None,
+            can_reopen: false,
+            reopen_refusal_logged: false,
+        };
+        let mut message = LinkMessage::default();
+        message.header.index = 8;
+        nic.on_link_message(&message, true);
+        assert!(mode.get().is_some(), "another interface went");
+        message.header.index = 7;
+        nic.on_link_message(&message, true);
+        assert_eq!(mode.get(), None);
+        assert_eq!(nic.ifindex, None);
     }
 }

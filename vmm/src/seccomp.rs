@@ -34,14 +34,13 @@ pub enum SeccompMode {
 /// The kinds of threads xskvm runs, each with its own filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadKind {
-    /// Waits for the VM to end, then stops the others and tears down.
+    /// Runs the event loop (signals, console input, the API's actions,
+    /// vCPU reports) until the VM ends, then stops the others and tears down.
     Main,
     /// Runs KVM_RUN and the device emulation behind port and MMIO exits.
     Vcpu,
     /// Moves frames for one virtio-net queue pair.
     NetIo,
-    /// Feeds host stdin to the serial port.
-    Console,
     /// Follows the host interfaces over rtnetlink and reopens a NIC whose
     /// interface came back (XDP program, AF_XDP sockets, UMEM).
     NicWatch,
@@ -50,11 +49,10 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 5] = [
         Self::Main,
         Self::Vcpu,
         Self::NetIo,
-        Self::Console,
         Self::NicWatch,
         Self::Api,
     ];
@@ -64,7 +62,6 @@ impl ThreadKind {
             Self::Main => "main",
             Self::Vcpu => "vCPU",
             Self::NetIo => "net IO",
-            Self::Console => "console",
             Self::NicWatch => "NIC watcher",
             Self::Api => "API",
         }
@@ -98,8 +95,28 @@ pub enum SeccompError {
 /// BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY: element access on an open map.
 const BPF_MAP_ELEMENT_COMMANDS: [u64; 4] = [1, 2, 3, 4];
 
-/// `_IO(KVMIO, 0x80)`: the only KVM ioctl a vCPU thread makes once running.
+/// `_IO(KVMIO, 0x80)`: the ioctl a vCPU thread makes while the guest runs.
 const KVM_RUN: u64 = 0xae80;
+
+/// What a vCPU thread sets to reset itself on a reboot (its state before
+/// it first ran; see `cpu::InitialState`): KVM_SET_MP_STATE, KVM_SET_REGS,
+/// KVM_SET_SREGS, KVM_SET_FPU, KVM_SET_XCRS, KVM_SET_DEBUGREGS,
+/// KVM_SET_LAPIC, KVM_SET_MSRS, KVM_SET_VCPU_EVENTS (linux/kvm.h).
+const KVM_VCPU_RESET_IOCTLS: [u64; 9] = [
+    0x4004_ae99,
+    0x4090_ae82,
+    0x4138_ae84,
+    0x41a0_ae8d,
+    0x4188_aea7,
+    0x4080_aea2,
+    0x4400_ae8f,
+    0x4008_ae89,
+    0x4040_aea0,
+];
+
+/// What the main thread sets to reset the VM on a reboot: KVM_SET_IRQCHIP
+/// (the PICs and the I/O APIC) and KVM_SET_PIT2.
+const KVM_VM_RESET_IOCTLS: [u64; 2] = [0x8208_ae63, 0x4070_aea0];
 
 /// One rule set under construction: syscall number to rules, where an
 /// empty rule list allows the call with any arguments.
@@ -212,6 +229,9 @@ fn net_io(rules: &mut Rules) -> Result<(), SeccompError> {
 fn vcpu(rules: &mut Rules) -> Result<(), SeccompError> {
     net_io(rules)?;
     rules.allow_when(libc::SYS_ioctl, &[(1, KVM_RUN)])?;
+    for request in KVM_VCPU_RESET_IOCTLS {
+        rules.allow_when(libc::SYS_ioctl, &[(1, request)])?;
+    }
     rules.allow(&[
         // Starting a thread: glibc uses clone3; the new thread registers
         // rseq and its robust list, and Rust's stack guard setup
@@ -241,9 +261,13 @@ fn vcpu(rules: &mut Rules) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// The main thread once the guest runs: its event-manager loop (eventfds
-/// and the signalfd), kicking vCPUs with the kick signal and joining them, and
-/// tearing down devices, AF_XDP sockets and the XDP program's link.
+/// The main thread once the guest runs: its event-manager loop (eventfds,
+/// the signalfd, and non-blocking reads of stdin for the console), kicking vCPUs with the kick signal and joining them,
+/// rebooting the VM in place (resetting devices, which joins virtio-net IO
+/// threads and resets the receive filter's maps; reloading the kernel and
+/// initramfs from the files kept open; resetting the interrupt
+/// controllers), and tearing down devices, AF_XDP sockets and the XDP
+/// program's link.
 fn main_thread(rules: &mut Rules) -> Result<(), SeccompError> {
     common(rules)?;
     rules.allow(&[
@@ -260,20 +284,19 @@ fn main_thread(rules: &mut Rules) -> Result<(), SeccompError> {
         // event-manager keeps its subscribers in HashMaps, whose RandomState
         // seeds itself from getrandom the first time a thread makes one.
         libc::SYS_getrandom,
+        // Reloading the kernel and initramfs on a reboot (seek, then read).
+        libc::SYS_lseek,
     ]);
     rules.allow_when(libc::SYS_tgkill, &[(2, crate::vcpu::kick_signal() as u64)])?;
+    for request in KVM_VM_RESET_IOCTLS {
+        rules.allow_when(libc::SYS_ioctl, &[(1, request)])?;
+    }
     // A NIC dropped here (no watcher thread) takes its sockets out of a
-    // map-path XSKMAP.
-    rules.allow_when(libc::SYS_bpf, &[(0, BPF_MAP_ELEMENT_COMMANDS[2])])?;
-    Ok(())
-}
-
-/// The console thread: blocking reads of stdin, a short sleep while the
-/// UART's FIFO is full, an eventfd write on the quit escape, and closing
-/// that eventfd when stdin ends.
-fn console(rules: &mut Rules) -> Result<(), SeccompError> {
-    common(rules)?;
-    rules.allow(&[libc::SYS_read, libc::SYS_clock_nanosleep, libc::SYS_close]);
+    // map-path XSKMAP; a device reset on reboot clears the receive
+    // filter's maps, as a reset on a vCPU does.
+    for command in BPF_MAP_ELEMENT_COMMANDS {
+        rules.allow_when(libc::SYS_bpf, &[(0, command)])?;
+    }
     Ok(())
 }
 
@@ -333,11 +356,12 @@ fn nic_watch(rules: &mut Rules) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// The API thread: its poll loop over the listening socket and a stop
-/// eventfd, one blocking connection at a time (with timeouts), reading
-/// AF_XDP kernel statistics and the receive filter's map, the guest's link (an eventfd write to raise
-/// its interrupt), waiting on the main thread's answers, and removing the
-/// socket file at the end.
+/// The API thread: its poll loop over the listening socket, a stop
+/// eventfd and every open connection (non-blocking, accepted with accept4,
+/// so no fcntl), reading AF_XDP kernel statistics and the receive filter's
+/// map, the guest's link (an eventfd write to raise its interrupt),
+/// waiting on the main thread's answers, and removing the socket file at
+/// the end.
 fn api(rules: &mut Rules) -> Result<(), SeccompError> {
     common(rules)?;
     rules.allow(&[
@@ -351,15 +375,7 @@ fn api(rules: &mut Rules) -> Result<(), SeccompError> {
         libc::SYS_statx,
         libc::SYS_unlink,
         libc::SYS_unlinkat,
-        // Back-off after a failed accept.
-        libc::SYS_clock_nanosleep,
     ]);
-    for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-        rules.allow_when(
-            libc::SYS_setsockopt,
-            &[(1, libc::SOL_SOCKET as u64), (2, option as u64)],
-        )?;
-    }
     rules.allow_when(
         libc::SYS_getsockopt,
         &[(1, libc::SOL_XDP as u64), (2, libc::XDP_STATISTICS as u64)],
@@ -382,7 +398,6 @@ pub fn compile(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>
         ThreadKind::Main => main_thread(&mut rules)?,
         ThreadKind::Vcpu => vcpu(&mut rules)?,
         ThreadKind::NetIo => net_io(&mut rules)?,
-        ThreadKind::Console => console(&mut rules)?,
         ThreadKind::NicWatch => nic_watch(&mut rules)?,
         ThreadKind::Api => api(&mut rules)?,
     }
@@ -414,7 +429,6 @@ pub struct Filters {
     pub main: Option<Arc<BpfProgram>>,
     pub vcpu: Option<Arc<BpfProgram>>,
     pub net_io: Option<Arc<BpfProgram>>,
-    pub console: Option<Arc<BpfProgram>>,
     pub nic_watch: Option<Arc<BpfProgram>>,
     pub api: Option<Arc<BpfProgram>>,
 }
@@ -426,7 +440,6 @@ impl Filters {
             main: get(ThreadKind::Main)?,
             vcpu: get(ThreadKind::Vcpu)?,
             net_io: get(ThreadKind::NetIo)?,
-            console: get(ThreadKind::Console)?,
             nic_watch: get(ThreadKind::NicWatch)?,
             api: get(ThreadKind::Api)?,
         })
@@ -555,6 +568,67 @@ mod tests {
 
     fn killed_by_sigsys(status: i32) -> bool {
         libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    /// `_IOW`/`_IOR(KVMIO, nr, T)` from the structure sizes, to check the
+    /// numbers written out above.
+    fn kvm_ioctl<T>(read: bool, nr: u64) -> u64 {
+        let dir: u64 = if read { 2 } else { 1 };
+        (dir << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (0xae << 8) | nr
+    }
+
+    #[test]
+    fn reset_ioctl_numbers_match_the_kvm_structures() {
+        use kvm_bindings::*;
+        assert_eq!(
+            KVM_VCPU_RESET_IOCTLS,
+            [
+                kvm_ioctl::<kvm_mp_state>(false, 0x99),
+                kvm_ioctl::<kvm_regs>(false, 0x82),
+                kvm_ioctl::<kvm_sregs>(false, 0x84),
+                kvm_ioctl::<kvm_fpu>(false, 0x8d),
+                kvm_ioctl::<kvm_xcrs>(false, 0xa7),
+                kvm_ioctl::<kvm_debugregs>(false, 0xa2),
+                kvm_ioctl::<kvm_lapic_state>(false, 0x8f),
+                kvm_ioctl::<kvm_msrs>(false, 0x89),
+                kvm_ioctl::<kvm_vcpu_events>(false, 0xa0),
+            ]
+        );
+        assert_eq!(
+            KVM_VM_RESET_IOCTLS,
+            [
+                kvm_ioctl::<kvm_irqchip>(true, 0x63),
+                kvm_ioctl::<kvm_pit_state2>(false, 0xa0),
+            ]
+        );
+    }
+
+    fn kvm_set_irqchip_ioctl() -> i64 {
+        // SAFETY: an ioctl on a bad descriptor touches no memory.
+        i64::from(unsafe { libc::ioctl(-1, KVM_VM_RESET_IOCTLS[0], 0) })
+    }
+
+    fn kvm_set_regs_ioctl() -> i64 {
+        // SAFETY: as above.
+        i64::from(unsafe { libc::ioctl(-1, KVM_VCPU_RESET_IOCTLS[1], 0) })
+    }
+
+    #[test]
+    fn reset_ioctls_are_allowed_only_where_a_reboot_makes_them() {
+        let exited = |status: i32| libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+        let main = in_filtered_child(ThreadKind::Main, SeccompMode::On, kvm_set_irqchip_ioctl);
+        assert!(exited(main), "main: status {main:#x}");
+        let vcpu = in_filtered_child(ThreadKind::Vcpu, SeccompMode::On, kvm_set_regs_ioctl);
+        assert!(exited(vcpu), "vCPU: status {vcpu:#x}");
+        // The main thread does not set vCPU registers; nor does the API.
+        for (kind, call) in [
+            (ThreadKind::Main, kvm_set_regs_ioctl as fn() -> i64),
+            (ThreadKind::Api, kvm_set_irqchip_ioctl),
+            (ThreadKind::Vcpu, kvm_set_irqchip_ioctl),
+        ] {
+            let status = in_filtered_child(kind, SeccompMode::On, call);
+            assert!(killed_by_sigsys(status), "{kind:?}: status {status:#x}");
+        }
     }
 
     #[test]

@@ -63,6 +63,8 @@ impl StopReport {
 pub struct Vcpu {
     pub index: u8,
     pub fd: VcpuFd,
+    /// What a VM reset puts back.
+    pub initial: crate::cpu::InitialState,
     pub pio: Bus,
     pub mmio: Bus,
     pub report: Arc<StopReport>,
@@ -119,6 +121,13 @@ struct PauseState {
     paused: bool,
     /// vCPUs waiting in `park`.
     parked: usize,
+    /// Raised by [`PauseControl::reset_parked`]: each parked vCPU that has
+    /// not seen this value yet resets itself.
+    reset_epoch: u64,
+    /// vCPUs that reset themselves for the current epoch, and how those
+    /// that could not failed.
+    reset_done: usize,
+    reset_errors: Vec<String>,
 }
 
 impl PauseControl {
@@ -160,12 +169,66 @@ impl PauseControl {
         self.changed.notify_all();
     }
 
-    /// Called by a vCPU thread between two KVM_RUNs when a pause is asked.
-    fn park(&self, stop: &AtomicBool) {
+    /// Has the `count` parked vCPUs reset themselves (their registers, as
+    /// before they first ran: each vCPU's state is its thread's to set)
+    /// and waits for all of them, at most `timeout`. Call it only while
+    /// they are parked; they stay parked.
+    pub fn reset_parked(&self, count: usize, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        state.reset_epoch += 1;
+        state.reset_done = 0;
+        state.reset_errors.clear();
+        self.changed.notify_all();
+        while state.reset_done < count {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "{} of {count} vCPU(s) reset within {timeout:?}",
+                    state.reset_done
+                ));
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        match state.reset_errors.is_empty() {
+            true => Ok(()),
+            false => Err(state.reset_errors.join("; ")),
+        }
+    }
+
+    /// Called by a vCPU thread between two KVM_RUNs when a pause is asked;
+    /// runs `reset` once for each [`Self::reset_parked`] it has not seen
+    /// (`seen_epoch` is the thread's own record).
+    fn park(
+        &self,
+        stop: &AtomicBool,
+        seen_epoch: &mut u64,
+        reset: &mut dyn FnMut() -> Result<(), String>,
+    ) {
         let mut state = self.lock();
         state.parked += 1;
         self.changed.notify_all();
-        while state.paused && !stop.load(Ordering::Acquire) {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            if state.reset_epoch != *seen_epoch {
+                *seen_epoch = state.reset_epoch;
+                // Under the lock: a few ioctls, and the main thread waits anyway.
+                if let Err(e) = reset() {
+                    state.reset_errors.push(e);
+                }
+                state.reset_done += 1;
+                self.changed.notify_all();
+                continue;
+            }
+            if !state.paused {
+                break;
+            }
             state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
         }
         state.parked -= 1;
@@ -244,9 +307,13 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        let mut seen_reset = 0;
         while !self.stop.load(Ordering::Acquire) {
             if self.pause.requested.load(Ordering::Acquire) {
-                self.pause.park(&self.stop);
+                let (fd, initial) = (&self.fd, &self.initial);
+                self.pause.park(&self.stop, &mut seen_reset, &mut || {
+                    initial.restore(fd).map_err(|e| e.to_string())
+                });
                 continue;
             }
             if let Some(stop) = self.run_once() {
@@ -365,5 +432,84 @@ impl VcpuHandle {
         } else {
             log::warn!("a vCPU thread did not stop in {timeout:?}; leaving it");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Stand-ins for vCPU threads: park while a pause is asked, count
+    /// their resets (the second one fails if `fail_second`).
+    fn fake_vcpus(
+        pause: &Arc<PauseControl>,
+        stop: &Arc<AtomicBool>,
+        fail_second: bool,
+    ) -> (Vec<JoinHandle<()>>, Arc<AtomicUsize>) {
+        let resets = Arc::new(AtomicUsize::new(0));
+        let threads = (0..2)
+            .map(|i| {
+                let (pause, stop, resets) = (pause.clone(), stop.clone(), resets.clone());
+                std::thread::spawn(move || {
+                    let mut seen = 0;
+                    while !stop.load(Ordering::Acquire) {
+                        if pause.requested.load(Ordering::Acquire) {
+                            pause.park(&stop, &mut seen, &mut || {
+                                resets.fetch_add(1, Ordering::SeqCst);
+                                match fail_second && i == 1 {
+                                    true => Err("vCPU 1 broke".into()),
+                                    false => Ok(()),
+                                }
+                            });
+                        } else {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                })
+            })
+            .collect();
+        (threads, resets)
+    }
+
+    #[test]
+    fn parked_vcpus_reset_themselves_once_per_request() {
+        let pause = Arc::new(PauseControl::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (threads, resets) = fake_vcpus(&pause, &stop, false);
+        pause.request_pause();
+        assert!(pause.wait_parked(2, Duration::from_secs(5), || {}));
+        assert_eq!(
+            resets.load(Ordering::SeqCst),
+            0,
+            "parking alone resets nothing"
+        );
+        pause.reset_parked(2, Duration::from_secs(5)).unwrap();
+        assert_eq!(resets.load(Ordering::SeqCst), 2);
+        pause.reset_parked(2, Duration::from_secs(5)).unwrap();
+        assert_eq!(resets.load(Ordering::SeqCst), 4);
+        // Waiting for a vCPU that is not there times out.
+        let err = pause
+            .reset_parked(3, Duration::from_millis(50))
+            .unwrap_err();
+        assert!(err.contains("2 of 3"), "{err}");
+        pause.resume();
+        stop.store(true, Ordering::Release);
+        threads.into_iter().for_each(|t| t.join().unwrap());
+    }
+
+    #[test]
+    fn a_failed_vcpu_reset_is_reported() {
+        let pause = Arc::new(PauseControl::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (threads, resets) = fake_vcpus(&pause, &stop, true);
+        pause.request_pause();
+        assert!(pause.wait_parked(2, Duration::from_secs(5), || {}));
+        let err = pause.reset_parked(2, Duration::from_secs(5)).unwrap_err();
+        assert_eq!(err, "vCPU 1 broke");
+        assert_eq!(resets.load(Ordering::SeqCst), 2);
+        stop.store(true, Ordering::Release);
+        pause.resume();
+        threads.into_iter().for_each(|t| t.join().unwrap());
     }
 }

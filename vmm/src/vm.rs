@@ -16,7 +16,8 @@ use devices::virtio::net::{Net, NetBackend, NetConfig, NetLink, QueuePairCounter
 use devices::virtio::MmioTransport;
 use devices::{Bus, BusBuilder, EventTrigger, MmioSlot, ResourceAllocator};
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -25,11 +26,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::acpi::{write_acpi_tables, AcpiPlatform};
 use crate::afxdp::XdpRxFilter;
 use crate::api::{ApiListener, ApiServer, NicStatus, VmStatus};
-use crate::boot::load_guest;
-use crate::event_loop::MainLoop;
+use crate::boot::GuestImage;
+use crate::cpu::InitialState;
+use crate::event_loop::{MainLoop, VmReset};
 use crate::layout::*;
 use crate::net::MacAddr;
-use crate::nic_watch::{GuestLink, NicWatcher, WatchedNic, XskStats};
+use crate::nic_watch::{GuestLink, ModeInfo, NicMode, NicWatcher, WatchedNic, XskStats};
 use crate::privileges::{self, CapabilityMode};
 use crate::seccomp::{self, Filters, SeccompMode, ThreadKind};
 use crate::terminal::RawTerminal;
@@ -87,8 +89,6 @@ pub enum VmExit {
     Signal(i32),
     /// The user typed the console escape (Ctrl-A x).
     Quit,
-    /// `vm.reboot` through the API: stopped as a guest reboot would be.
-    ApiReboot,
     /// `vm.shutdown` pressed the power button and the guest did not
     /// power off within the timeout it gave: stopped by us.
     ShutdownTimeout,
@@ -112,7 +112,8 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole>>,
     reset_evt: EventFd,
     poweroff_evt: EventFd,
-    quit_evt: EventFd,
+    /// Signalled by the UART when the guest emptied its receive FIFO.
+    input_room: EventFd,
     report: Arc<StopReport>,
     stop: Arc<AtomicBool>,
     pause: Arc<PauseControl>,
@@ -122,6 +123,11 @@ pub struct Vm {
     api: Option<ApiListener>,
     memory: u64,
     kernel: PathBuf,
+    /// What a reboot reloads into guest memory.
+    image: GuestImage,
+    virtio_mmio: Vec<MmioSlot>,
+    /// The interrupt controllers and PIT as created, for a reboot.
+    irqchip: IrqchipState,
     /// Last: the devices above hold its memory and eventfds registered with it.
     kvm_vm: KvmVm,
 }
@@ -129,9 +135,116 @@ pub struct Vm {
 /// The KVM VM and the memory it maps; fields drop in this order, so the
 /// VM is gone before its memory is unmapped.
 struct KvmVm {
-    _vm: VmFd,
+    vm: VmFd,
     _kvm: Kvm,
-    _mem: GuestMemoryMmap,
+    mem: GuestMemoryMmap,
+}
+
+/// The in-kernel PICs, I/O APIC and PIT before the guest ran.
+struct IrqchipState {
+    chips: Vec<kvm_irqchip>,
+    pit: kvm_pit_state2,
+}
+
+impl IrqchipState {
+    fn capture(vm: &VmFd) -> Result<Self, VmmError> {
+        let err = |what| move |source| VmmError::Kvm { what, source };
+        let chips = [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ]
+        .into_iter()
+        .map(|chip_id| {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut chip)
+                .map(|()| chip)
+                .map_err(err("report the interrupt controller state"))
+        })
+        .collect::<Result<_, _>>()?;
+        let pit = vm.get_pit2().map_err(err("report the PIT state"))?;
+        Ok(Self { chips, pit })
+    }
+
+    fn restore(&self, vm: &VmFd) -> Result<(), VmmError> {
+        let err = |what| move |source| VmmError::Kvm { what, source };
+        for chip in &self.chips {
+            vm.set_irqchip(chip)
+                .map_err(err("reset the interrupt controllers"))?;
+        }
+        vm.set_pit2(&self.pit).map_err(err("reset the PIT"))
+    }
+}
+
+/// A reboot through the API, done on the main thread while the vCPUs are
+/// parked: the same VM, memory and devices (so the NICs' XDP program and
+/// AF_XDP sockets, which xskvm could not open again without privileges,
+/// stay as they are), put back in their state before the first boot.
+struct InPlaceReset<'a> {
+    vm: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
+    image: &'a mut GuestImage,
+    irqchip: &'a IrqchipState,
+    pio: &'a Bus,
+    mmio: &'a Bus,
+    virtio_mmio: &'a [MmioSlot],
+    vcpus: u8,
+    /// The boot vCPU's entry point as first loaded: its reset registers
+    /// start there.
+    entry: u64,
+}
+
+impl VmReset for InPlaceReset<'_> {
+    fn reset(&mut self) -> Result<(), VmmError> {
+        // Devices first: their threads stop writing guest memory.
+        self.pio.reset_devices();
+        self.mmio.reset_devices();
+        clear_guest_memory(self.mem)?;
+        let boot = self.image.load(self.mem)?;
+        if boot.entry.raw_value() != self.entry {
+            return Err(VmmError::Reboot(format!(
+                "the kernel's entry point moved ({:#x}, was {:#x}): was the kernel file rewritten?",
+                boot.entry.raw_value(),
+                self.entry
+            )));
+        }
+        write_acpi_tables(
+            self.mem,
+            &AcpiPlatform {
+                vcpus: self.vcpus,
+                virtio_mmio: self.virtio_mmio,
+                power_button_irq: POWER_BUTTON_IRQ,
+            },
+        )?;
+        self.irqchip.restore(self.vm)
+    }
+}
+
+/// Zeroes guest memory as a power cycle would, by dropping its pages
+/// (anonymous private mappings read back as zeros); the RSS shrinks too.
+fn clear_guest_memory(mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    for region in mem.iter() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| VmmError::Reboot(format!("guest memory: {e}")))?;
+        let len = usize::try_from(region.len())
+            .map_err(|_| VmmError::Reboot("guest memory region too large".into()))?;
+        // SAFETY: the range is exactly one of `mem`'s anonymous private
+        // mappings; no vCPU runs and no device thread is active (both were
+        // stopped before), and guest memory is only ever accessed through
+        // vm-memory's volatile accessors, never held as Rust references.
+        let rc = unsafe { libc::madvise(host.cast(), len, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(VmmError::Io {
+                what: "cannot clear guest memory",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Port I/O devices and the eventfds through which they end the VM.
@@ -140,6 +253,7 @@ struct LegacyDevices {
     serial: Arc<Mutex<SerialConsole>>,
     reset_evt: EventFd,
     poweroff_evt: EventFd,
+    input_room: EventFd,
 }
 
 fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> VmmError {
@@ -167,12 +281,9 @@ impl Vm {
             .map(ApiListener::bind)
             .transpose()?;
         let mem = create_guest_memory(config.memory)?;
-        let boot = load_guest(
-            &mem,
-            &config.kernel,
-            config.initrd.as_deref(),
-            &config.cmdline,
-        )?;
+        let mut image =
+            GuestImage::open(&config.kernel, config.initrd.as_deref(), &config.cmdline)?;
+        let boot = image.load(&mem)?;
         let mut allocator = ResourceAllocator::new(
             (DEVICE_MMIO_START, DEVICE_MMIO_END),
             DEVICE_MMIO_SLOT_SIZE,
@@ -201,6 +312,7 @@ impl Vm {
             });
         }
         let vm = create_vm(&kvm, &mem)?;
+        let irqchip = IrqchipState::capture(&vm)?;
         let legacy = create_legacy_devices(&vm)?;
         let power_button =
             irq_eventfd(&vm, POWER_BUTTON_IRQ, "connect the power button interrupt")?;
@@ -219,15 +331,18 @@ impl Vm {
         let stop = Arc::new(AtomicBool::new(false));
         let pause = Arc::new(PauseControl::default());
         let exits: Vec<Arc<VcpuExitCounters>> = (0..vcpu_count).map(|_| Arc::default()).collect();
-        let vcpus = create_vcpus(&kvm, &vm, vcpu_count, boot.entry, |index, fd| Vcpu {
-            index,
-            fd,
-            pio: legacy.pio.clone(),
-            mmio: mmio.clone(),
-            report: report.clone(),
-            stop: stop.clone(),
-            pause: pause.clone(),
-            exits: exits[usize::from(index)].clone(),
+        let vcpus = create_vcpus(&kvm, &vm, vcpu_count, boot.entry, |index, fd, initial| {
+            Vcpu {
+                index,
+                fd,
+                initial,
+                pio: legacy.pio.clone(),
+                mmio: mmio.clone(),
+                report: report.clone(),
+                stop: stop.clone(),
+                pause: pause.clone(),
+                exits: exits[usize::from(index)].clone(),
+            }
         })?;
         let status = Arc::new(VmStatus::new(
             config.name,
@@ -246,7 +361,7 @@ impl Vm {
             serial: legacy.serial,
             reset_evt: legacy.reset_evt,
             poweroff_evt: legacy.poweroff_evt,
-            quit_evt: new_eventfd()?,
+            input_room: legacy.input_room,
             report,
             stop,
             pause,
@@ -255,11 +370,10 @@ impl Vm {
             api,
             memory: config.memory,
             kernel: config.kernel,
-            kvm_vm: KvmVm {
-                _vm: vm,
-                _kvm: kvm,
-                _mem: mem,
-            },
+            image,
+            virtio_mmio,
+            irqchip,
+            kvm_vm: KvmVm { vm, _kvm: kvm, mem },
         })
     }
 
@@ -278,7 +392,7 @@ impl Vm {
             serial,
             reset_evt,
             poweroff_evt,
-            quit_evt,
+            input_room,
             report,
             stop,
             pause,
@@ -287,8 +401,12 @@ impl Vm {
             api,
             memory,
             kernel,
+            mut image,
+            virtio_mmio,
+            irqchip,
         } = self;
         let vcpu_count = vcpus.len();
+        let boot_entry = vcpus.first().map_or(0, |v| v.initial.rip());
         // Stop signals go to a signalfd read by this thread alone; block them
         // before any thread starts so that every thread inherits the mask.
         let signals = block_stop_signals().map_err(io_err("cannot set up signal handling"))?;
@@ -330,15 +448,10 @@ impl Vm {
             None => None,
         };
         install_kick_handler().map_err(io_err("cannot install the vCPU kick handler"))?;
-        let stdin = std::io::stdin();
-        let raw_terminal = RawTerminal::enable(stdin.as_fd())
+        let raw_terminal = RawTerminal::enable(std::io::stdin().as_fd())
             .map_err(io_err("cannot put the terminal in raw mode"))?;
-        console::spawn_stdin_reader(
-            serial,
-            clone_eventfd(&quit_evt)?,
-            raw_terminal.is_some(),
-            filters.console.clone(),
-        )?;
+        // Read by the main loop; opened before this thread's filter.
+        let stdin = console::open_stdin();
 
         // Each vCPU installs its filter as it starts and waits at the gate;
         // this thread installs its own last (threads inherit filters), then
@@ -376,7 +489,10 @@ impl Vm {
         let outcome = MainLoop {
             reset: &reset_evt,
             poweroff: &poweroff_evt,
-            quit: &quit_evt,
+            stdin: stdin.as_ref(),
+            serial: &serial,
+            input_room: &input_room,
+            watch_escape: raw_terminal.is_some(),
             report: &report,
             signals: &signals,
             api_wake: &api_wake,
@@ -385,6 +501,17 @@ impl Vm {
             pause: &pause,
             status: &status,
             power_button: &power_button,
+            vm_reset: &mut InPlaceReset {
+                vm: &kvm_vm.vm,
+                mem: &kvm_vm.mem,
+                image: &mut image,
+                irqchip: &irqchip,
+                pio: &pio,
+                mmio: &mmio,
+                virtio_mmio: &virtio_mmio,
+                vcpus: vcpu_count as u8,
+                entry: boot_entry,
+            },
         }
         .run();
         stop.store(true, Ordering::Release);
@@ -421,9 +548,11 @@ fn create_legacy_devices(vm: &VmFd) -> Result<LegacyDevices, VmmError> {
     let serial_irq = irq_eventfd(vm, SERIAL_IRQ, "connect the serial interrupt")?;
     let reset_evt = new_eventfd()?;
     let poweroff_evt = new_eventfd()?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(
+    let input_room = new_eventfd()?;
+    let serial = Arc::new(Mutex::new(SerialConsole::with_input_room(
         EventTrigger::new(serial_irq),
         Box::new(std::io::stdout()),
+        Some(EventTrigger::new(clone_eventfd(&input_room)?)),
     )));
     let mut pio = BusBuilder::new();
     pio.insert(
@@ -450,6 +579,7 @@ fn create_legacy_devices(vm: &VmFd) -> Result<LegacyDevices, VmmError> {
         serial,
         reset_evt,
         poweroff_evt,
+        input_room,
     })
 }
 
@@ -500,13 +630,12 @@ fn attach_net_device(
     let link = Arc::new(GuestLink::new(link));
     let xsk_stats = Arc::new(XskStats::new(net.host.xsk_stats));
     let info = net.host.owner.info();
+    let mode = Arc::new(NicMode::new(ModeInfo::of(info)));
     let status = NicStatus {
         id: id.clone(),
         ifname: info.ifname.clone(),
         queue_ids: info.queue_ids.clone(),
-        zero_copy: info.zero_copy.clone(),
-        multi_buffer: info.multi_buffer,
-        xdp_mode: info.attach_mode.map(|m| m.as_str()),
+        mode: mode.clone(),
         mac: MacAddr(mac).to_string(),
         mtu,
         link: link.clone(),
@@ -530,6 +659,7 @@ fn attach_net_device(
         reopen_refusal_logged: false,
         link,
         xsk_stats,
+        mode,
         mtu: net.host.mtu,
     };
     Ok((watched, status))
@@ -542,7 +672,7 @@ fn create_vcpus(
     vm: &VmFd,
     count: u8,
     entry: GuestAddress,
-    wrap: impl Fn(u8, VcpuFd) -> Vcpu,
+    wrap: impl Fn(u8, VcpuFd, InitialState) -> Vcpu,
 ) -> Result<Vec<Vcpu>, VmmError> {
     let supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -550,6 +680,10 @@ fn create_vcpus(
             what: "report its supported CPUID",
             source,
         })?;
+    let msr_indices = kvm.get_msr_index_list().map_err(|source| VmmError::Kvm {
+        what: "list the MSRs it saves",
+        source,
+    })?;
     let mut vcpus = Vec::with_capacity(usize::from(count));
     for index in 0..count {
         let fd = vm
@@ -564,7 +698,8 @@ fn create_vcpus(
         if index == 0 {
             cpu::configure_boot_vcpu(&fd, entry.raw_value())?;
         }
-        vcpus.push(wrap(index, fd));
+        let initial = InitialState::capture(&fd, index, msr_indices.as_slice())?;
+        vcpus.push(wrap(index, fd, initial));
     }
     Ok(vcpus)
 }

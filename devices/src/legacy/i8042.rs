@@ -32,6 +32,10 @@ impl BusDevice for I8042 {
             }
         });
     }
+
+    fn reset(&mut self) {
+        self.device = I8042Device::new(self.device.reset_evt().clone());
+    }
 }
 
 #[cfg(test)]
@@ -46,5 +50,8 @@ mod tests {
         assert!(evt.read().is_err(), "no reset yet");
         dev.write(4, &[0xfe]);
         assert_eq!(evt.read().unwrap(), 1);
+        dev.reset();
+        dev.write(4, &[0xfe]);
+        assert_eq!(evt.read().unwrap(), 1, "a reset device keeps its line");
     }
 }

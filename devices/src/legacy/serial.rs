@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use vm_superio::{serial::NoEvents, Serial};
+use vm_superio::{serial::SerialEvents, Serial, Trigger};
 
 use crate::bus::{read_byte_register, write_byte_register, BusDevice};
 use crate::trigger::EventTrigger;
@@ -10,14 +10,54 @@ use crate::trigger::EventTrigger;
 /// The guest console: a 16550 whose output goes to `out` and whose input is
 /// fed with [`SerialConsole::enqueue_input`].
 pub struct SerialConsole {
-    uart: Serial<EventTrigger, NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<EventTrigger, InputRoom, Box<dyn Write + Send>>,
+    /// The interrupt line again, for the UART a reset builds.
+    irq: EventTrigger,
+    room: InputRoom,
+}
+
+/// Signals when the guest has read every byte of the receive FIFO, so that
+/// whoever feeds input (without a thread that could wait) sends more.
+#[derive(Clone, Default)]
+pub struct InputRoom(Option<EventTrigger>);
+
+impl InputRoom {
+    fn signal(&self) {
+        if let Some(trigger) = &self.0 {
+            if let Err(e) = trigger.trigger() {
+                log::warn!("serial: cannot signal input room: {e}");
+            }
+        }
+    }
+}
+
+impl SerialEvents for InputRoom {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        self.signal();
+    }
 }
 
 impl SerialConsole {
     /// `irq` is signalled on each interrupt-worthy UART event.
     pub fn new(irq: EventTrigger, out: Box<dyn Write + Send>) -> Self {
+        Self::with_input_room(irq, out, None)
+    }
+
+    /// As [`Self::new`]; `room` (if any) is signalled when the guest has
+    /// emptied the receive FIFO, and after a reset.
+    pub fn with_input_room(
+        irq: EventTrigger,
+        out: Box<dyn Write + Send>,
+        room: Option<EventTrigger>,
+    ) -> Self {
+        let room = InputRoom(room);
         Self {
-            uart: Serial::new(irq, out),
+            uart: Serial::with_events(irq.clone(), room.clone(), out),
+            irq,
+            room,
         }
     }
 
@@ -55,6 +95,21 @@ impl BusDevice for SerialConsole {
                 log::debug!("serial: write failed: {e:?}");
             }
         });
+    }
+
+    /// A UART in its power-on state (vm-superio has no reset), writing to
+    /// the same output; input not yet read by the guest is dropped.
+    fn reset(&mut self) {
+        let placeholder = Serial::with_events(
+            self.irq.clone(),
+            InputRoom::default(),
+            Box::new(std::io::sink()) as Box<_>,
+        );
+        let old = std::mem::replace(&mut self.uart, placeholder);
+        self.uart = Serial::with_events(self.irq.clone(), self.room.clone(), old.into_writer());
+        // An empty FIFO, though no read emptied it: input waiting for room
+        // would wait forever otherwise.
+        self.room.signal();
     }
 }
 
@@ -99,5 +154,61 @@ mod tests {
         let mut byte = [0u8];
         serial.read(0, &mut byte);
         assert_eq!(byte[0], b'o');
+    }
+
+    #[test]
+    fn input_room_is_signalled_when_the_guest_empties_the_fifo_and_on_reset() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let room = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut serial = SerialConsole::with_input_room(
+            EventTrigger::new(irq),
+            Box::new(Sink::default()),
+            Some(EventTrigger::new(room.try_clone().unwrap())),
+        );
+        let fifo = serial.input_room();
+        let input = vec![b'a'; fifo + 10];
+        assert_eq!(
+            serial.enqueue_input(&input),
+            fifo,
+            "a full FIFO takes no more"
+        );
+        assert_eq!(serial.enqueue_input(&input[fifo..]), 0);
+        let mut byte = [0u8];
+        for _ in 0..fifo - 1 {
+            serial.read(0, &mut byte);
+        }
+        assert!(room.read().is_err(), "not empty yet");
+        serial.read(0, &mut byte);
+        assert_eq!(room.read().unwrap(), 1, "emptied");
+        assert_eq!(serial.enqueue_input(&input[fifo..]), 10);
+        serial.reset();
+        assert_eq!(room.read().unwrap(), 1, "emptied by the reset");
+        assert_eq!(serial.input_room(), fifo);
+    }
+
+    #[test]
+    fn reset_clears_registers_and_input_and_keeps_the_output() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let sink = Sink::default();
+        let mut serial = SerialConsole::new(
+            EventTrigger::new(irq.try_clone().unwrap()),
+            Box::new(sink.clone()),
+        );
+        serial.write(7, &[0x5a]); // scratch register
+        serial.write(1, &[0x01]);
+        assert_eq!(serial.enqueue_input(b"left"), 4);
+        serial.reset();
+        let mut reg = [0u8];
+        serial.read(7, &mut reg);
+        assert_eq!(reg[0], 0, "scratch back to its reset value");
+        serial.read(1, &mut reg);
+        assert_eq!(reg[0], 0, "interrupts disabled");
+        serial.read(5, &mut reg);
+        assert_eq!(reg[0] & 1, 0, "no input left");
+        serial.write(0, b"!");
+        assert_eq!(&*sink.0.lock().unwrap(), b"!");
+        let _ = irq.read();
+        serial.write(1, &[0x02]);
+        assert!(irq.read().is_ok(), "the interrupt line still works");
     }
 }

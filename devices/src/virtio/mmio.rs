@@ -418,6 +418,12 @@ fn new_queues(max_sizes: &[u16]) -> std::io::Result<Vec<Queue>> {
 }
 
 impl BusDevice for MmioTransport {
+    /// As if the driver wrote 0 to the status register: the device stops
+    /// serving its queues (joining its threads) and forgets the driver.
+    fn reset(&mut self) {
+        MmioTransport::reset(self);
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= REG_CONFIG {
             self.device.read_config(offset - REG_CONFIG, data);
@@ -603,6 +609,31 @@ mod tests {
         assert_eq!(read(&mut t, REG_STATUS), 0);
         assert_eq!(record.lock().unwrap().resets, 1);
         assert_eq!(read(&mut t, REG_QUEUE_READY), 0, "queues reset");
+    }
+
+    #[test]
+    fn a_vm_reset_stops_the_active_device_like_a_driver_reset() {
+        let (mut t, record, _) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1 | 0b1);
+        setup_queue(&mut t, 0, 0x1_0000);
+        setup_queue(&mut t, 1, 0x2_0000);
+        write(&mut t, REG_STATUS, ALL_OK);
+        BusDevice::reset(&mut t);
+        assert_eq!(read(&mut t, REG_STATUS), 0);
+        assert_eq!(record.lock().unwrap().resets, 1);
+        write(&mut t, REG_QUEUE_SEL, 0);
+        assert_eq!(read(&mut t, REG_QUEUE_READY), 0, "queues reset");
+        // The next boot's driver negotiates from scratch.
+        negotiate(&mut t, VIRTIO_F_VERSION_1 | 0b1);
+        setup_queue(&mut t, 0, 0x1_0000);
+        setup_queue(&mut t, 1, 0x2_0000);
+        write(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(read(&mut t, REG_STATUS), ALL_OK);
+        assert_eq!(record.lock().unwrap().activations, 2);
+        // An inactive device is not reset again.
+        write(&mut t, REG_STATUS, 0);
+        BusDevice::reset(&mut t);
+        assert_eq!(record.lock().unwrap().resets, 2);
     }
 
     #[test]

@@ -58,60 +58,96 @@ impl HttpError {
     }
 }
 
-/// Reads one request from `stream`. A body is read only as far as its
-/// `Content-Length` says, which must not exceed [`MAX_BODY`].
-pub fn read_request(stream: &mut impl Read) -> Result<Request, HttpError> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    let (head_len, method, path, content_length) = loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&buf) {
-            Ok(httparse::Status::Complete(head_len)) => {
-                let method = request.method.unwrap_or_default().to_string();
-                let target = request.path.unwrap_or_default();
-                let path = target.split('?').next().unwrap_or_default().to_string();
-                let content_length = body_length(request.headers)?;
-                break (head_len, method, path, content_length);
-            }
-            Ok(httparse::Status::Partial) => {
-                if buf.len() >= MAX_HEAD {
-                    return Err(HttpError::HeadTooLarge);
-                }
-            }
-            Err(httparse::Error::TooManyHeaders) => return Err(HttpError::HeadTooLarge),
-            Err(e) => return Err(HttpError::Malformed(e.to_string())),
+/// How far [`parse_request`] got with the bytes so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    Done(Request),
+    /// The head is not complete yet.
+    NeedHead,
+    /// The head is, the body (as long as `Content-Length` says) is not.
+    NeedBody,
+}
+
+/// Parses what a client sent so far; refuses what can be refused early
+/// (heads over [`MAX_HEAD`], bodies announced over [`MAX_BODY`]) without
+/// waiting for the rest. More bytes than the body are an error.
+pub fn parse_request(buf: &[u8]) -> Result<Progress, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let head_len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(head_len)) => head_len,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+            return Err(HttpError::HeadTooLarge)
         }
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            return Err(if buf.is_empty() {
-                HttpError::Closed
-            } else {
-                HttpError::Malformed("connection closed before the end of the headers".into())
-            });
-        }
-        buf.extend_from_slice(&chunk[..n]);
+        Ok(httparse::Status::Partial) => return Ok(Progress::NeedHead),
+        Err(httparse::Error::TooManyHeaders) => return Err(HttpError::HeadTooLarge),
+        Err(e) => return Err(HttpError::Malformed(e.to_string())),
     };
     if head_len > MAX_HEAD {
         return Err(HttpError::HeadTooLarge);
     }
-    let mut body = buf.split_off(head_len);
+    let content_length = body_length(request.headers)?;
+    let body = &buf[head_len..];
     if body.len() > content_length {
         return Err(HttpError::Malformed(
             "more bytes than Content-Length (pipelining is not supported)".into(),
         ));
     }
-    while body.len() < content_length {
-        let want = (content_length - body.len()).min(chunk.len());
+    if body.len() < content_length {
+        return Ok(Progress::NeedBody);
+    }
+    let target = request.path.unwrap_or_default();
+    Ok(Progress::Done(Request {
+        method: request.method.unwrap_or_default().to_string(),
+        path: target.split('?').next().unwrap_or_default().to_string(),
+        body: body.to_vec(),
+    }))
+}
+
+/// Why a client that closed its end after `received` bytes (at `progress`)
+/// gets no request.
+pub fn closed_early(received: usize, progress: &Progress) -> HttpError {
+    match progress {
+        _ if received == 0 => HttpError::Closed,
+        Progress::NeedBody => {
+            HttpError::Malformed("connection closed before the end of the body".into())
+        }
+        _ => HttpError::Malformed("connection closed before the end of the headers".into()),
+    }
+}
+
+/// Reads one request from a blocking `stream`, never more bytes than the
+/// request announces.
+pub fn read_request(stream: &mut impl Read) -> Result<Request, HttpError> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let progress = parse_request(&buf)?;
+        let want = match &progress {
+            Progress::Done(request) => return Ok(request.clone()),
+            Progress::NeedHead => chunk.len(),
+            // Exactly the rest of the body (the head is complete).
+            Progress::NeedBody => body_missing(&buf)?.min(chunk.len()),
+        };
         let n = stream.read(&mut chunk[..want])?;
         if n == 0 {
-            return Err(HttpError::Malformed(
-                "connection closed before the end of the body".into(),
-            ));
+            return Err(closed_early(buf.len(), &progress));
         }
-        body.extend_from_slice(&chunk[..n]);
+        buf.extend_from_slice(&chunk[..n]);
     }
-    Ok(Request { method, path, body })
+}
+
+/// How many body bytes a complete head in `buf` still waits for.
+fn body_missing(buf: &[u8]) -> Result<usize, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(buf) {
+        Ok(httparse::Status::Complete(head_len)) => {
+            let length = body_length(request.headers)?;
+            Ok(length.saturating_sub(buf.len() - head_len))
+        }
+        _ => Err(HttpError::Malformed("incomplete head".into())),
+    }
 }
 
 /// The body length the headers announce (0 without Content-Length).
@@ -183,6 +219,12 @@ impl Response {
     }
 
     pub fn write_to(&self, stream: &mut impl Write) -> std::io::Result<()> {
+        stream.write_all(&self.to_bytes())?;
+        stream.flush()
+    }
+
+    /// The response as sent: status line, headers, body.
+    pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = format!(
             "HTTP/1.1 {} {}\r\nServer: xskvm\r\nConnection: close\r\n",
             self.status,
@@ -203,8 +245,7 @@ impl Response {
         if self.status != 204 {
             bytes.extend_from_slice(&self.body);
         }
-        stream.write_all(&bytes)?;
-        stream.flush()
+        bytes
     }
 }
 
@@ -296,6 +337,19 @@ mod tests {
         assert_eq!(read(many.as_bytes()).unwrap_err().status(), Some(431));
         let chunked = "PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
         assert_eq!(read(chunked.as_bytes()).unwrap_err().status(), Some(411));
+    }
+
+    #[test]
+    fn parsing_tells_how_far_a_request_got() {
+        let raw = b"PUT /x HTTP/1.1\r\nContent-Length: 2\r\n\r\nab";
+        let head = raw.len() - 2;
+        assert_eq!(parse_request(&raw[..5]).unwrap(), Progress::NeedHead);
+        assert_eq!(parse_request(&raw[..head]).unwrap(), Progress::NeedBody);
+        assert_eq!(parse_request(&raw[..head + 1]).unwrap(), Progress::NeedBody);
+        assert!(matches!(parse_request(raw).unwrap(), Progress::Done(r) if r.body == b"ab"));
+        assert!(closed_early(0, &Progress::NeedHead).status().is_none());
+        assert_eq!(closed_early(5, &Progress::NeedHead).status(), Some(400));
+        assert_eq!(closed_early(head, &Progress::NeedBody).status(), Some(400));
     }
 
     #[test]

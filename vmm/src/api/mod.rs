@@ -9,6 +9,7 @@ pub mod metrics;
 mod server;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::afxdp::XdpRxFilter;
-use crate::nic_watch::{GuestLink, XskStats};
+use crate::nic_watch::{GuestLink, NicMode, XskStats};
 use crate::vcpu::VcpuExitCounters;
 use http::{Request, Response};
 pub use server::{ApiError, ApiListener, ApiServer};
@@ -46,11 +47,9 @@ pub struct NicStatus {
     pub id: String,
     pub ifname: String,
     pub queue_ids: Vec<u32>,
-    pub zero_copy: Vec<bool>,
-    /// The sockets carry frames longer than one UMEM frame (XDP_USE_SG).
-    pub multi_buffer: bool,
-    /// "native" or "skb"; None with inhibit=on (no program of ours).
-    pub xdp_mode: Option<&'static str>,
+    /// Zero-copy or copy, multi-buffer, how our program is attached: as
+    /// the NIC is set up now (followed by the NIC watcher).
+    pub mode: Arc<NicMode>,
     pub mac: String,
     pub mtu: u16,
     pub link: Arc<GuestLink>,
@@ -76,6 +75,8 @@ pub struct VmStatus {
     pub memory: u64,
     pub kernel: PathBuf,
     state: Mutex<VmState>,
+    /// Reboots through the API so far.
+    reboots: AtomicU64,
     pub nics: Vec<NicStatus>,
     pub vcpu_exits: Vec<Arc<VcpuExitCounters>>,
 }
@@ -93,6 +94,7 @@ impl VmStatus {
             memory,
             kernel,
             state: Mutex::new(VmState::Running),
+            reboots: AtomicU64::new(0),
             nics,
             vcpu_exits,
         }
@@ -106,6 +108,10 @@ impl VmStatus {
         *self.state.lock().unwrap_or_else(PoisonError::into_inner) = state;
     }
 
+    pub fn count_reboot(&self) {
+        self.reboots.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn nic(&self, id: &str) -> Option<&NicStatus> {
         self.nics.iter().find(|n| n.id == id)
     }
@@ -117,21 +123,25 @@ impl VmStatus {
             .iter()
             .map(|nic| {
                 let (up, host_up, admin_up) = nic.link.state();
-                let mode = if nic.zero_copy.iter().all(|&z| z) {
-                    "zero-copy"
-                } else if nic.zero_copy.iter().any(|&z| z) {
-                    "mixed"
-                } else {
-                    "copy"
-                };
+                // All null while the interface is gone (no sockets).
+                let current = nic.mode.get();
+                let mode = current.as_ref().map(|m| {
+                    if m.zero_copy.iter().all(|&z| z) {
+                        "zero-copy"
+                    } else if m.zero_copy.iter().any(|&z| z) {
+                        "mixed"
+                    } else {
+                        "copy"
+                    }
+                });
                 json!({
                     "id": nic.id,
                     "ifname": nic.ifname,
                     "queues": nic.queue_ids.len(),
                     "queue_ids": nic.queue_ids,
                     "mode": mode,
-                    "multi_buffer": nic.multi_buffer,
-                    "xdp_mode": nic.xdp_mode,
+                    "multi_buffer": current.as_ref().map(|m| m.multi_buffer),
+                    "xdp_mode": current.as_ref().and_then(|m| m.xdp_mode),
                     "mac": nic.mac,
                     "mtu": nic.mtu,
                     "link": {"up": up, "host_up": host_up, "admin_up": admin_up},
@@ -141,6 +151,7 @@ impl VmStatus {
         json!({
             "name": self.name,
             "state": self.state().as_str(),
+            "reboots": self.reboots.load(Ordering::Relaxed),
             "memory_bytes": self.memory,
             "vcpus": self.vcpu_exits.len(),
             "kernel": self.kernel.display().to_string(),

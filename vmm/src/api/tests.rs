@@ -8,6 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::http::{read_request, Request, Response};
 use super::*;
+use crate::nic_watch::ModeInfo;
 
 struct IdleBackend(EventFd);
 
@@ -47,9 +48,11 @@ fn status() -> VmStatus {
         id: "net0".into(),
         ifname: "veth\"0".into(),
         queue_ids: vec![0, 1],
-        zero_copy: vec![false, false],
-        multi_buffer: false,
-        xdp_mode: Some("skb"),
+        mode: Arc::new(NicMode::new(ModeInfo {
+            zero_copy: vec![false, false],
+            multi_buffer: false,
+            xdp_mode: Some("skb"),
+        })),
         mac: "52:54:00:12:34:56".into(),
         mtu: 1500,
         link: Arc::new(GuestLink::new(net.link())),
@@ -298,6 +301,40 @@ fn info_describes_the_vm_and_its_nics() {
     assert_eq!(nic["mac"], "52:54:00:12:34:56");
     assert_eq!(nic["mtu"], 1500);
     assert_eq!(nic["link"]["up"], true);
+}
+
+#[test]
+fn info_shows_the_mode_the_nic_is_in_now() {
+    let status = status();
+    let nic_info = |status: &VmStatus| {
+        let (response, _) = call(status, "GET", "/api/v1/vm.info", "", Ok(()));
+        body_json(&response)["nics"][0].clone()
+    };
+    // Reopened by the watcher in another mode: one queue zero-copy.
+    status.nics[0].mode.set(Some(ModeInfo {
+        zero_copy: vec![true, false],
+        multi_buffer: true,
+        xdp_mode: Some("native"),
+    }));
+    let nic = nic_info(&status);
+    assert_eq!(nic["mode"], "mixed", "{nic}");
+    assert_eq!(nic["multi_buffer"], true);
+    assert_eq!(nic["xdp_mode"], "native");
+    status.nics[0].mode.set(Some(ModeInfo {
+        zero_copy: vec![true, true],
+        multi_buffer: false,
+        xdp_mode: None,
+    }));
+    let nic = nic_info(&status);
+    assert_eq!(nic["mode"], "zero-copy", "{nic}");
+    assert!(nic["xdp_mode"].is_null(), "inhibit=on: {nic}");
+    // The interface is gone: no sockets, no mode.
+    status.nics[0].mode.set(None);
+    let nic = nic_info(&status);
+    for key in ["mode", "multi_buffer", "xdp_mode"] {
+        assert!(nic[key].is_null(), "{key}: {nic}");
+    }
+    assert_eq!(nic["ifname"], "veth\"0", "the rest stays");
 }
 
 #[test]
