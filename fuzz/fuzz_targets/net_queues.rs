@@ -1150,20 +1150,27 @@ fn check_used_rings(f: &Fuzz) {
             q.published.len()
         );
         let max = usize::from(q.size);
+        // entries[k]: the k-th published chain (head, descriptors) with the
+        // length of the k-th used entry; used_ids[k]: that entry's chain.
         let mut entries = Vec::new();
+        let mut used_ids = Vec::new();
         for k in 0..n {
             let slot =
                 read_guest(&f.mem, q.used.wrapping_add(4 + (k % max) as u64 * 8), 8).unwrap();
             let id = u32::from_le_bytes(slot[..4].try_into().unwrap());
             let len = u32::from_le_bytes(slot[4..].try_into().unwrap());
             let head = q.published[k];
-            assert_eq!(
-                id,
-                u32::from(head),
-                "queue {qi} used entry {k}: wrong chain"
-            );
+            // RX may reorder within a frame (checked below); the rest not.
+            if !matches!(role, Role::Rx(_)) {
+                assert_eq!(
+                    id,
+                    u32::from(head),
+                    "queue {qi} used entry {k}: wrong chain"
+                );
+            }
             let (descs, _) = walk_chain(&f.shadow, q.desc, q.size, head);
             entries.push((head, len, descs));
+            used_ids.push(id);
         }
         match role {
             Role::Rx(pair) => {
@@ -1186,20 +1193,31 @@ fn check_used_rings(f: &Fuzz) {
                     .iter()
                     .map(|(_, _, descs)| rx_room(descs, max))
                     .collect();
-                // Whether frame i can be the `m` used entries from k:
-                // delivered (header + frame over the chains, each filled
-                // before the next) or dropped as too big (all empty).
+                // Whether frame i can be the `m` used entries from k, made
+                // of the `m` chains published from k: delivered (header +
+                // frame over the usable chains, each filled before the
+                // next) or dropped as too big (all empty). Unusable chains
+                // the device meets inside a merged frame come back first,
+                // with length 0, then the frame's own chains in order (so
+                // a driver never finds one amid a frame's buffers).
                 let lands = |i: usize, k: usize, m: usize| -> bool {
                     let frame = &taken[i];
                     let total = NET_HDR_LEN + frame.len();
-                    let chains = &entries[k..k + m];
-                    if rooms[k..k + m].iter().any(Option::is_none)
-                        || rooms[k].is_some_and(|r| r < NET_HDR_LEN)
-                    {
+                    if rooms[k].is_none_or(|r| r < NET_HDR_LEN) || (!mergeable && m != 1) {
                         return false;
                     }
-                    let room: usize = rooms[k..k + m].iter().flatten().sum();
-                    if chains.iter().all(|c| c.1 == 0) && room < total {
+                    let (good, bad): (Vec<usize>, Vec<usize>) =
+                        (k..k + m).partition(|&j| rooms[j].is_some());
+                    let in_order = bad
+                        .iter()
+                        .chain(&good)
+                        .zip(k..k + m)
+                        .all(|(&j, at)| used_ids[at] == u32::from(entries[j].0));
+                    if !in_order || entries[k..k + bad.len()].iter().any(|e| e.1 != 0) {
+                        return false;
+                    }
+                    let room: usize = good.iter().filter_map(|&j| rooms[j]).sum();
+                    if entries[k..k + m].iter().all(|e| e.1 == 0) && room < total {
                         // Too big: one chain, or (merged) as many as the
                         // device takes for a frame before it gives up.
                         return if mergeable {
@@ -1208,17 +1226,20 @@ fn check_used_rings(f: &Fuzz) {
                             m == 1
                         };
                     }
-                    if !mergeable && m != 1 {
+                    // The device takes a chain only for bytes left to write.
+                    if rooms[k + m - 1].is_none() {
                         return false;
                     }
                     let mut header = RX_HEADER;
-                    header[10..12].copy_from_slice(&(m as u16).to_le_bytes());
+                    header[10..12].copy_from_slice(&(good.len() as u16).to_le_bytes());
                     let mut expected_bytes = header.to_vec();
                     expected_bytes.extend_from_slice(frame);
                     let mut at = 0usize;
-                    for (j, (head, len, descs)) in chains.iter().enumerate() {
-                        let want = rooms[k + j].unwrap_or(0).min(total - at);
-                        if want == 0 || *len as usize != want {
+                    for (g, &j) in good.iter().enumerate() {
+                        let (head, _, descs) = &entries[j];
+                        let len = entries[k + bad.len() + g].1;
+                        let want = rooms[j].unwrap_or(0).min(total - at);
+                        if want == 0 || len as usize != want {
                             return false;
                         }
                         let mut left = want;
@@ -1249,7 +1270,11 @@ fn check_used_rings(f: &Fuzz) {
                         if !reach[i][k] {
                             continue;
                         }
-                        if k < n && entries[k].1 == 0 && rooms[k].is_none_or(|r| r < NET_HDR_LEN) {
+                        if k < n
+                            && entries[k].1 == 0
+                            && used_ids[k] == u32::from(entries[k].0)
+                            && rooms[k].is_none_or(|r| r < NET_HDR_LEN)
+                        {
                             reach[i][k + 1] = true;
                         }
                         if i == taken.len() {
@@ -1274,11 +1299,13 @@ fn check_used_rings(f: &Fuzz) {
                 assert!(
                     reach[taken.len()][n],
                     "rx queue {qi}: {} frames taken (lengths {:?}, in use {classes:?}) do not \
-                     match the {n} used entries (lengths {:?}, room as the model sees it {:?}; \
-                     chains {:?})",
+                     match the {n} used entries (chains {:?}, lengths {:?}; published {:?}, \
+                     room as the model sees it {:?}; descriptors {:?})",
                     taken.len(),
                     taken.iter().map(Vec::len).collect::<Vec<_>>(),
+                    used_ids,
                     entries.iter().map(|e| e.1).collect::<Vec<_>>(),
+                    entries.iter().map(|e| e.0).collect::<Vec<_>>(),
                     rooms,
                     entries.iter().map(|e| &e.2).collect::<Vec<_>>()
                 );
