@@ -361,16 +361,6 @@ pub fn reg_read(t: &mut MmioTransport, offset: u64) -> u32 {
     u32::from_le_bytes(data)
 }
 
-fn readable(fd: RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no timeout.
-    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
-}
-
 /// Thread ids of the device's IO threads.
 pub fn worker_tids() -> Vec<String> {
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
@@ -395,23 +385,68 @@ fn asleep(tid: &str) -> bool {
         .is_none_or(|&state| state != b'R')
 }
 
-/// Waits (at most `limit`) until every queue notification was taken by
-/// the device and its IO threads sleep: whatever the guest offered so far
-/// has been processed. Heuristic (a thread may sleep for other reasons);
-/// it only makes the fuzz thread's view more complete.
-pub fn settle(queue_events: &[EventFd], limit: Duration) {
+/// Waits (at most `limit`) until the device's IO threads sleep: whatever
+/// the guest offered so far has been processed. Returns whether they did.
+/// Heuristic (a thread may sleep for other reasons); it only makes the
+/// fuzz thread's view more complete.
+///
+/// Thread states alone tell it: writing an eventfd (a kick, a frame from
+/// the host) wakes the IO thread polling it before the write returns, so
+/// a notification not yet taken shows as a running thread. Queue events
+/// no thread polls (queues the device does not serve, or a device that
+/// never started) stay readable for good; waiting for those made every
+/// such input wait out the whole limit.
+pub fn settle(limit: Duration) -> bool {
     let tids = worker_tids();
     let deadline = Instant::now() + limit;
     let mut quiet = 0;
     while Instant::now() < deadline {
-        let busy =
-            queue_events.iter().any(|e| readable(e.as_raw_fd())) || tids.iter().any(|t| !asleep(t));
+        let busy = tids.iter().any(|t| !asleep(t));
         quiet = if busy { 0 } else { quiet + 1 };
         if quiet == 3 {
-            return;
+            return true;
         }
         std::thread::yield_now();
     }
+    false
+}
+
+/// How long [`assert_no_spin`] watches, and how many interrupts without
+/// any work done in that time it calls a spin (a pass with nothing to do
+/// raises at most one; a spinning thread raises thousands).
+const SPIN_WINDOW: Duration = Duration::from_millis(2);
+const SPIN_INTERRUPTS: u64 = 50;
+
+/// For IO threads that did not settle: fails if they keep passing over
+/// their queues without doing anything (interrupts raised, but no counter
+/// but those and nothing in `progress`, e.g. used indices, moves). A guest
+/// whose rings feed themselves keeps them busy too, but with progress.
+pub fn assert_no_spin(host: &HostHandle, progress: impl Fn() -> Vec<u64>) {
+    let work = || {
+        let counters: Vec<_> = host
+            .counters
+            .iter()
+            .map(|c| {
+                let mut s = c.snapshot();
+                s.interrupts = 0;
+                s
+            })
+            .collect();
+        (counters, progress())
+    };
+    let interrupts = || {
+        host.counters
+            .iter()
+            .map(|c| c.interrupts.load(Ordering::SeqCst))
+            .sum::<u64>()
+    };
+    let (before, raised_before) = (work(), interrupts());
+    std::thread::sleep(SPIN_WINDOW);
+    let raised = interrupts() - raised_before;
+    assert!(
+        raised <= SPIN_INTERRUPTS || work() != before,
+        "IO threads spin: {raised} interrupts in {SPIN_WINDOW:?} with no work done"
+    );
 }
 
 /// One descriptor as the driver wrote it.
