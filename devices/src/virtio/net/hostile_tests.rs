@@ -520,3 +520,39 @@ fn chains_published_while_the_device_works_are_not_a_broken_ring() {
         assert_eq!(receiver.join().unwrap(), FRAMES);
     });
 }
+
+/// A driver may make its queues one entry long: every pass then has a
+/// budget of one, and a look at an empty ring must not use it up (it did
+/// for transmit: each pass ended asking for another, and the IO thread
+/// spun for as long as the device ran).
+#[test]
+fn queues_of_one_entry_leave_the_io_thread_idle() {
+    within("one-entry queues", TEST_LIMIT, || {
+        let (b, peer) = SocketBackend::pair();
+        let (dev, counters) = net_named("one", vec![b]);
+        let mut h = DriverHarness::new(dev);
+        h.start(FEATURES, 3, 1);
+        let thread = "xskvm-one-q0";
+        // The thread names itself once it runs.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while thread_dir(thread).is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_idle(thread, Duration::from_millis(300));
+        // Header and frame in one descriptor: the queue holds no more.
+        const AT: u64 = 0x300_0000;
+        for seq in 0..3 {
+            let mut chain = vec![0u8; NET_HDR_LEN];
+            chain.extend_from_slice(&frame(seq, 64));
+            h.mem.write_slice(&chain, GuestAddress(AT)).unwrap();
+            h.queue_raw_chain(1, &[(AT, chain.len() as u32, 0)]);
+            h.kick(1);
+            let mut buf = [0u8; 2048];
+            let n = peer.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &frame(seq, 64)[..]);
+            assert_eq!(collect_used(&mut h, 1, 1).len(), 1);
+        }
+        assert_idle(thread, Duration::from_millis(300));
+        assert_eq!(counters[0].snapshot().tx_packets, 3);
+    });
+}
