@@ -7,7 +7,9 @@
 //! libfuzzer-sys installs a panic hook that does, so a panic the device's
 //! worker would catch and turn into DEVICE_NEEDS_RESET is still a finding.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 use devices::bus::BusDevice;
 use devices::virtio::net::{Net, NetBackend, NetConfig, NetLink, QueuePairCounters};
 use devices::virtio::MmioTransport;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Guest RAM: two adjacent regions (accesses may cross between them), a
@@ -72,12 +74,87 @@ pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
 pub const DESC_F_INDIRECT: u16 = 4;
 
+// Guest RAM and the driver's bookkeeping are kept from one execution to
+// the next: mapping, faulting in and unmapping them anew (the sanitizer
+// maps every allocation this large on its own) took a third of a short
+// input's time. Each execution gets them all zero, and RAM only once
+// nothing of the execution before holds it any more.
+thread_local! {
+    static RAM: RefCell<Vec<Arc<GuestRegionMmap>>> = const { RefCell::new(Vec::new()) };
+    static BYTES: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static MARKS: RefCell<Vec<Vec<bool>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Guest RAM as [`REGIONS`] lays it out, all zero.
 pub fn guest_memory() -> GuestMemoryMmap {
-    let ranges: Vec<(GuestAddress, usize)> = REGIONS
-        .iter()
-        .map(|&(start, len)| (GuestAddress(start), len))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).unwrap()
+    RAM.with(|ram| {
+        let mut ram = ram.borrow_mut();
+        if ram.is_empty() {
+            *ram = REGIONS
+                .iter()
+                .map(|&(start, len)| {
+                    Arc::new(GuestRegionMmap::from_range(GuestAddress(start), len, None).unwrap())
+                })
+                .collect();
+        }
+        for region in ram.iter() {
+            // A device thread of the last execution would see this one's memory.
+            assert_eq!(
+                Arc::strong_count(region),
+                1,
+                "guest memory still held after the last execution"
+            );
+        }
+        let mem = GuestMemoryMmap::from_arc_regions(ram.clone()).unwrap();
+        const ZERO: [u8; 4096] = [0; 4096];
+        for &(start, len) in &REGIONS {
+            for at in (0..len).step_by(ZERO.len()) {
+                let n = ZERO.len().min(len - at);
+                mem.write_slice(&ZERO[..n], GuestAddress(start + at as u64))
+                    .unwrap();
+            }
+        }
+        mem
+    })
+}
+
+/// One flag per byte of guest RAM, all false (kept for the next execution
+/// when dropped).
+pub struct Marks(Vec<bool>);
+
+impl Marks {
+    pub fn new() -> Self {
+        let mut v = MARKS.with(|m| m.borrow_mut().pop()).unwrap_or_default();
+        v.clear();
+        v.resize(MEM_END as usize, false);
+        Self(v)
+    }
+}
+
+impl Default for Marks {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Deref for Marks {
+    type Target = [bool];
+    fn deref(&self) -> &[bool] {
+        &self.0
+    }
+}
+
+impl DerefMut for Marks {
+    fn deref_mut(&mut self) -> &mut [bool] {
+        &mut self.0
+    }
+}
+
+impl Drop for Marks {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        MARKS.with(|m| m.borrow_mut().push(v));
+    }
 }
 
 /// Whether `[addr, addr + len)` is all guest RAM.
@@ -111,8 +188,11 @@ impl Default for Shadow {
 
 impl Shadow {
     pub fn new() -> Self {
+        let mut bytes = BYTES.with(|b| b.borrow_mut().pop()).unwrap_or_default();
+        bytes.clear();
+        bytes.resize(MEM_END as usize, 0);
         Self {
-            bytes: vec![0; MEM_END as usize],
+            bytes,
             driver_ok: false,
         }
     }
@@ -145,6 +225,13 @@ impl Shadow {
     /// The driver's bytes at `[addr, addr + len)`, if that is RAM.
     pub fn get(&self, addr: u64, len: usize) -> Option<&[u8]> {
         in_ram(addr, len as u64).then(|| &self.bytes[addr as usize..addr as usize + len])
+    }
+}
+
+impl Drop for Shadow {
+    fn drop(&mut self) {
+        let bytes = std::mem::take(&mut self.bytes);
+        BYTES.with(|b| b.borrow_mut().push(bytes));
     }
 }
 
