@@ -216,6 +216,10 @@ impl Fuzz {
     fn publish(&mut self, q: usize, head: u16) {
         let queue = self.queues[q].clone();
         let size = queue.size.max(1);
+        // Frames waiting before the chain is visible: a control command
+        // may take effect (and a waiting frame be taken under it) before
+        // this thread looks again.
+        let waiting: Vec<usize> = (0..self.pairs).map(|p| self.host.pending(p)).collect();
         self.write(
             queue
                 .avail
@@ -230,7 +234,7 @@ impl Fuzz {
         if self.queues[q].published.len() > usize::from(size) {
             self.orderly = false;
         }
-        self.note_ctrl_publish(q, head);
+        self.note_ctrl_publish(q, head, &waiting);
         // The descriptor entries of this chain must not change any more.
         let (descs, entries) = walk_chain(&self.shadow, queue.desc, size, head);
         for at in entries {
@@ -250,7 +254,7 @@ impl Fuzz {
     /// What a control command just published will do to the pairs in use:
     /// frames that still wait for a pair whose use it changes may be taken
     /// before or after it takes effect.
-    fn note_ctrl_publish(&mut self, q: usize, head: u16) {
+    fn note_ctrl_publish(&mut self, q: usize, head: u16, waiting: &[usize]) {
         if self.roles_for(true).get(q) != Some(&Role::Ctrl) {
             return;
         }
@@ -272,7 +276,7 @@ impl Fuzz {
             );
             if before != after {
                 self.active_now[pair] = None;
-                let waiting = self.host.pending(pair);
+                let waiting = waiting[pair];
                 let offered = self.rx_active[pair].len();
                 for class in &mut self.rx_active[pair][offered.saturating_sub(waiting)..] {
                     *class = None;
