@@ -24,6 +24,8 @@ const NET_CAPS: &str = "000000c000007000";
 const NO_CAPS: &str = "0000000000000000";
 /// iperf3 moved real bulk traffic (not a performance floor).
 const IPERF_FLOWS_MBITS: f64 = 5.0;
+/// Frames the peer sends to a MAC that is not the guest's, per phase.
+const OTHER_MAC_FRAMES: u64 = 20;
 
 /// The veth pair (xs0 here, xs1 with PEER_IP in namespace `peer`) and
 /// shell helpers: `start OUT CMD...` runs CMD (xskvm or the helper) in
@@ -157,6 +159,18 @@ fn thread_caps(out: &ScenarioOutput, prefix: &str) -> Vec<ThreadCaps> {
 #[test]
 fn helper_runs_the_whole_network_scenario_with_xskvm_holding_no_capabilities() {
     let files = common::file_exchange(16 << 20, PEER_IP, GUEST_IP);
+    // The guest's side of the receive filter check: once the host's traffic
+    // is over (the host says so through the peer's web server), rx_packets
+    // before and after frames to another MAC, then with promiscuous mode on.
+    let guest_filter_phase = format!(
+        "until wget -q -O /dev/null http://{PEER_IP}:8080/filter-go; do sleep 0.5; done; sleep 1; \
+         read a < /sys/class/net/eth0/statistics/rx_packets; echo FILTER-RX1=$a; \
+         echo GUEST-FILTER-READY; sleep 8; \
+         read b < /sys/class/net/eth0/statistics/rx_packets; echo FILTER-RX2=$b; \
+         ip link set eth0 promisc on; echo GUEST-PROMISC-ON; sleep 8; \
+         read c < /sys/class/net/eth0/statistics/rx_packets; echo FILTER-RX3=$c; \
+         ip link set eth0 promisc off; echo GUEST-FILTER-DONE"
+    );
     let script = format!(
         r#"{testbed}
 # The unprivileged user reaches /dev/kvm through a group, nothing else.
@@ -164,7 +178,7 @@ chgrp {KVM_GROUP} /dev/kvm && chmod 0660 /dev/kvm
 ip netns exec peer iperf3 -s -D
 {files_host_serves}
 cat > /tmp/guest-cmd <<'CMD'
-{GUEST_WAIT_CARRIER}; {GUEST_NET_UP}; ping -c 3 -W 5 {PEER_IP} && echo GUEST-PING=ok; iperf3 -c {PEER_IP} -t 10 -f m; iperf3 -c {PEER_IP} -t 10 -f m -R; {transfer}; wait_carrier 0 GUEST-CARRIER-GONE; sleep 600
+{GUEST_WAIT_CARRIER}; {GUEST_NET_UP}; ping -c 3 -W 5 {PEER_IP} && echo GUEST-PING=ok; iperf3 -c {PEER_IP} -t 10 -f m; iperf3 -c {PEER_IP} -t 10 -f m -R; {transfer}; {guest_filter_phase}; wait_carrier 0 GUEST-CARRIER-GONE; sleep 600
 CMD
 start /tmp/console {HELPER} --user {VM_USER} --groups {KVM_GROUP} --net af-xdp,ifname=xs0 -- {XSKVM} $KERNEL_ARGS
 wait_for GUEST-SERVER-UP /tmp/console
@@ -175,9 +189,24 @@ echo "XSKVM-GID=$(awk '$1 == "Gid:" {{ print $2":"$3":"$4":"$5 }}' $st)"
 echo "XSKVM-GROUPS=$(field Groups $st)"
 for k in CapInh CapPrm CapEff CapBnd CapAmb NoNewPrivs; do echo "XSKVM-$k=$(field $k $st)"; done
 caps THREAD
+echo "XSKVM-FILTER-FDS=$(tr '\0' '\n' < /proc/$XSKVM_PID/cmdline | grep -c '^af-xdp,.*,filter-fds=[0-9]*:[0-9]*:[0-9]*$')"
 ip -d link show xs0 | grep -q xdp && echo XDP-WHILE-RUNNING=yes
 ip netns exec peer ping -c 3 -W 5 {GUEST_IP} && echo PEER-PING=ok
 {files_host_fetches}
+# The receive filter, kept by xskvm in the helper's program: unicast to
+# another MAC goes to the host stack until the guest turns promiscuous
+# mode on (VIRTIO_NET_CTRL_RX). The guest counts from when the traffic
+# above is over.
+touch /tmp/www/filter-go
+wait_for GUEST-FILTER-READY /tmp/console
+ip -n peer neigh replace {GUEST_IP} lladdr 02:00:00:00:00:99 dev xs1 nud permanent
+send_other() {{ ip netns exec peer bash -c 'for i in $(seq {OTHER_MAC_FRAMES}); do echo x > /dev/udp/{GUEST_IP}/9; done'; }}
+send_other
+wait_for GUEST-PROMISC-ON /tmp/console
+sleep 1
+send_other
+wait_for GUEST-FILTER-DONE /tmp/console
+ip -n peer neigh del {GUEST_IP} dev xs1
 # Deleted and created again: the unprivileged xskvm cannot reattach; it
 # says so once and the guest keeps its link down.
 ip link del xs0
@@ -200,6 +229,8 @@ cat /tmp/console /tmp/console.log
     let out = run(script);
     assert_clean_exit(&out);
     assert_value(&out, "XSKVM-EXE", XSKVM);
+    // The helper handed xskvm its program's filter maps.
+    assert_value(&out, "XSKVM-FILTER-FDS", "1");
     assert_value(&out, "XSKVM-UID", "4241:4241:4241:4241");
     assert_value(&out, "XSKVM-GID", "4241:4241:4241:4241");
     assert_value(&out, "XSKVM-GROUPS", KVM_GROUP);
@@ -227,6 +258,24 @@ cat /tmp/console /tmp/console.log
     // guest's sending rate is near that floor and varies with the load).
     common::assert_iperf_both_ways(&out, IPERF_FLOWS_MBITS, "");
     common::assert_files_arrived_intact(&out);
+    let rx = |key: &str| -> u64 {
+        out.value_of(key)
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key}\n{}", out.describe()))
+    };
+    let (rx1, rx2, rx3) = (rx("FILTER-RX1"), rx("FILTER-RX2"), rx("FILTER-RX3"));
+    eprintln!("guest rx_packets: {rx1} -> {rx2} (filtering) -> {rx3} (promiscuous)");
+    assert!(
+        rx2 - rx1 < OTHER_MAC_FRAMES,
+        "frames for another MAC reached the guest under the helper: {rx1} -> {rx2}\n{}",
+        out.describe()
+    );
+    assert!(
+        rx3 - rx2 >= OTHER_MAC_FRAMES,
+        "promiscuous mode (set by the guest, in the helper's program) lets them in: \
+         {rx2} -> {rx3}\n{}",
+        out.describe()
+    );
     assert_value(&out, "GUEST-CARRIER-GONE", "0");
     assert_value(&out, "REFUSALS", "1");
     assert_value(&out, "XSKVM-ALIVE", "yes");

@@ -37,6 +37,9 @@ fn format_config(c: &AfXdpConfig) -> String {
         let fds: Vec<String> = fds.iter().map(i32::to_string).collect();
         write!(s, ",sock-fds={}", fds.join(":")).unwrap();
     }
+    if let Some([c, t, f]) = c.filter_fds {
+        write!(s, ",filter-fds={c}:{t}:{f}").unwrap();
+    }
     if let Some(path) = &c.map_path {
         write!(s, ",map-path={path}").unwrap();
     }

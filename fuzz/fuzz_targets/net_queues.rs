@@ -114,13 +114,13 @@ struct Fuzz {
     /// A raw register write happened: the transport's state is unknown.
     raw_registers: bool,
     /// Bytes of descriptor entries read by a published chain.
-    in_chain: Vec<bool>,
+    in_chain: Marks,
     /// Bytes of the buffers of published chains.
-    in_buffers: Vec<bool>,
+    in_buffers: Marks,
     /// Bytes written by raw writes, not by the driver helpers.
-    foreign: Vec<bool>,
+    foreign: Marks,
     /// Bytes the driver wrote at all.
-    written: Vec<bool>,
+    written: Marks,
     buf_cursor: u64,
     frame_seq: u32,
     settles: u32,
@@ -216,6 +216,10 @@ impl Fuzz {
     fn publish(&mut self, q: usize, head: u16) {
         let queue = self.queues[q].clone();
         let size = queue.size.max(1);
+        // Frames waiting before the chain is visible: a control command
+        // may take effect (and a waiting frame be taken under it) before
+        // this thread looks again.
+        let waiting: Vec<usize> = (0..self.pairs).map(|p| self.host.pending(p)).collect();
         self.write(
             queue
                 .avail
@@ -230,7 +234,7 @@ impl Fuzz {
         if self.queues[q].published.len() > usize::from(size) {
             self.orderly = false;
         }
-        self.note_ctrl_publish(q, head);
+        self.note_ctrl_publish(q, head, &waiting);
         // The descriptor entries of this chain must not change any more.
         let (descs, entries) = walk_chain(&self.shadow, queue.desc, size, head);
         for at in entries {
@@ -250,7 +254,7 @@ impl Fuzz {
     /// What a control command just published will do to the pairs in use:
     /// frames that still wait for a pair whose use it changes may be taken
     /// before or after it takes effect.
-    fn note_ctrl_publish(&mut self, q: usize, head: u16) {
+    fn note_ctrl_publish(&mut self, q: usize, head: u16, waiting: &[usize]) {
         if self.roles_for(true).get(q) != Some(&Role::Ctrl) {
             return;
         }
@@ -272,7 +276,7 @@ impl Fuzz {
             );
             if before != after {
                 self.active_now[pair] = None;
-                let waiting = self.host.pending(pair);
+                let waiting = waiting[pair];
                 let offered = self.rx_active[pair].len();
                 for class in &mut self.rx_active[pair][offered.saturating_sub(waiting)..] {
                     *class = None;
@@ -313,10 +317,16 @@ impl Fuzz {
             std::thread::sleep(Duration::from_micros(100));
         }
         self.rx_active[pair].push(None);
+        let waits = self.host.counter(pair, |c| &c.rx_no_buffer_waits);
         self.host.inject(pair, vec![0x33; 60]);
         while std::time::Instant::now() < deadline {
             if self.host.pending(pair) == 0 {
                 self.active_now[pair] = Some(usize::from(self.pairs_after_ctrl) > pair);
+                return;
+            }
+            // The pair found no buffers for it (or a frame before it): it
+            // waits for the guest, not for time; nothing to learn here.
+            if self.host.counter(pair, |c| &c.rx_no_buffer_waits) > waits {
                 return;
             }
             std::thread::sleep(Duration::from_micros(100));
@@ -755,7 +765,7 @@ fn op(f: &mut Fuzz, u: &mut Unstructured) -> Result<()> {
             // Let the IO threads catch up (bounded, so inputs stay fast).
             if f.settles < 8 {
                 f.settles += 1;
-                settle(f.transport.queue_events(), Duration::from_millis(5));
+                settle(Duration::from_millis(5));
             }
             let status = reg_read(&mut f.transport, REG_INTERRUPT_STATUS);
             reg_write(&mut f.transport, REG_INTERRUPT_ACK, status);
@@ -1150,20 +1160,27 @@ fn check_used_rings(f: &Fuzz) {
             q.published.len()
         );
         let max = usize::from(q.size);
+        // entries[k]: the k-th published chain (head, descriptors) with the
+        // length of the k-th used entry; used_ids[k]: that entry's chain.
         let mut entries = Vec::new();
+        let mut used_ids = Vec::new();
         for k in 0..n {
             let slot =
                 read_guest(&f.mem, q.used.wrapping_add(4 + (k % max) as u64 * 8), 8).unwrap();
             let id = u32::from_le_bytes(slot[..4].try_into().unwrap());
             let len = u32::from_le_bytes(slot[4..].try_into().unwrap());
             let head = q.published[k];
-            assert_eq!(
-                id,
-                u32::from(head),
-                "queue {qi} used entry {k}: wrong chain"
-            );
+            // RX may reorder within a frame (checked below); the rest not.
+            if !matches!(role, Role::Rx(_)) {
+                assert_eq!(
+                    id,
+                    u32::from(head),
+                    "queue {qi} used entry {k}: wrong chain"
+                );
+            }
             let (descs, _) = walk_chain(&f.shadow, q.desc, q.size, head);
             entries.push((head, len, descs));
+            used_ids.push(id);
         }
         match role {
             Role::Rx(pair) => {
@@ -1186,20 +1203,31 @@ fn check_used_rings(f: &Fuzz) {
                     .iter()
                     .map(|(_, _, descs)| rx_room(descs, max))
                     .collect();
-                // Whether frame i can be the `m` used entries from k:
-                // delivered (header + frame over the chains, each filled
-                // before the next) or dropped as too big (all empty).
+                // Whether frame i can be the `m` used entries from k, made
+                // of the `m` chains published from k: delivered (header +
+                // frame over the usable chains, each filled before the
+                // next) or dropped as too big (all empty). Unusable chains
+                // the device meets inside a merged frame come back first,
+                // with length 0, then the frame's own chains in order (so
+                // a driver never finds one amid a frame's buffers).
                 let lands = |i: usize, k: usize, m: usize| -> bool {
                     let frame = &taken[i];
                     let total = NET_HDR_LEN + frame.len();
-                    let chains = &entries[k..k + m];
-                    if rooms[k..k + m].iter().any(Option::is_none)
-                        || rooms[k].is_some_and(|r| r < NET_HDR_LEN)
-                    {
+                    if rooms[k].is_none_or(|r| r < NET_HDR_LEN) || (!mergeable && m != 1) {
                         return false;
                     }
-                    let room: usize = rooms[k..k + m].iter().flatten().sum();
-                    if chains.iter().all(|c| c.1 == 0) && room < total {
+                    let (good, bad): (Vec<usize>, Vec<usize>) =
+                        (k..k + m).partition(|&j| rooms[j].is_some());
+                    let in_order = bad
+                        .iter()
+                        .chain(&good)
+                        .zip(k..k + m)
+                        .all(|(&j, at)| used_ids[at] == u32::from(entries[j].0));
+                    if !in_order || entries[k..k + bad.len()].iter().any(|e| e.1 != 0) {
+                        return false;
+                    }
+                    let room: usize = good.iter().filter_map(|&j| rooms[j]).sum();
+                    if entries[k..k + m].iter().all(|e| e.1 == 0) && room < total {
                         // Too big: one chain, or (merged) as many as the
                         // device takes for a frame before it gives up.
                         return if mergeable {
@@ -1208,17 +1236,20 @@ fn check_used_rings(f: &Fuzz) {
                             m == 1
                         };
                     }
-                    if !mergeable && m != 1 {
+                    // The device takes a chain only for bytes left to write.
+                    if rooms[k + m - 1].is_none() {
                         return false;
                     }
                     let mut header = RX_HEADER;
-                    header[10..12].copy_from_slice(&(m as u16).to_le_bytes());
+                    header[10..12].copy_from_slice(&(good.len() as u16).to_le_bytes());
                     let mut expected_bytes = header.to_vec();
                     expected_bytes.extend_from_slice(frame);
                     let mut at = 0usize;
-                    for (j, (head, len, descs)) in chains.iter().enumerate() {
-                        let want = rooms[k + j].unwrap_or(0).min(total - at);
-                        if want == 0 || *len as usize != want {
+                    for (g, &j) in good.iter().enumerate() {
+                        let (head, _, descs) = &entries[j];
+                        let len = entries[k + bad.len() + g].1;
+                        let want = rooms[j].unwrap_or(0).min(total - at);
+                        if want == 0 || len as usize != want {
                             return false;
                         }
                         let mut left = want;
@@ -1249,7 +1280,11 @@ fn check_used_rings(f: &Fuzz) {
                         if !reach[i][k] {
                             continue;
                         }
-                        if k < n && entries[k].1 == 0 && rooms[k].is_none_or(|r| r < NET_HDR_LEN) {
+                        if k < n
+                            && entries[k].1 == 0
+                            && used_ids[k] == u32::from(entries[k].0)
+                            && rooms[k].is_none_or(|r| r < NET_HDR_LEN)
+                        {
                             reach[i][k + 1] = true;
                         }
                         if i == taken.len() {
@@ -1274,11 +1309,13 @@ fn check_used_rings(f: &Fuzz) {
                 assert!(
                     reach[taken.len()][n],
                     "rx queue {qi}: {} frames taken (lengths {:?}, in use {classes:?}) do not \
-                     match the {n} used entries (lengths {:?}, room as the model sees it {:?}; \
-                     chains {:?})",
+                     match the {n} used entries (chains {:?}, lengths {:?}; published {:?}, \
+                     room as the model sees it {:?}; descriptors {:?})",
                     taken.len(),
                     taken.iter().map(Vec::len).collect::<Vec<_>>(),
+                    used_ids,
                     entries.iter().map(|e| e.1).collect::<Vec<_>>(),
+                    entries.iter().map(|e| e.0).collect::<Vec<_>>(),
                     rooms,
                     entries.iter().map(|e| &e.2).collect::<Vec<_>>()
                 );
@@ -1425,10 +1462,10 @@ fuzz_target!(|data: &[u8]| {
         activated: false,
         orderly: true,
         raw_registers: false,
-        in_chain: vec![false; MEM_END as usize],
-        in_buffers: vec![false; MEM_END as usize],
-        foreign: vec![false; MEM_END as usize],
-        written: vec![false; MEM_END as usize],
+        in_chain: Marks::new(),
+        in_buffers: Marks::new(),
+        foreign: Marks::new(),
+        written: Marks::new(),
         buf_cursor: BUF_START,
         frame_seq: 0,
         settles: 0,
@@ -1448,7 +1485,22 @@ fuzz_target!(|data: &[u8]| {
     }
     // Let the device finish what it was given, then reset it as a driver
     // unbinding does and drop it as the VMM does.
-    settle(f.transport.queue_events(), Duration::from_millis(20));
+    if !settle(Duration::from_millis(20)) {
+        // Busy for long: with work to do (rings that feed themselves), or
+        // spinning over queues with nothing to do (a finding).
+        let progress = || {
+            let host = f.host.host.lock().unwrap();
+            let mut state: Vec<u64> = f
+                .queues
+                .iter()
+                .filter_map(|q| read_guest(&f.mem, q.used.wrapping_add(2), 2))
+                .map(|b| u64::from(u16::from_le_bytes([b[0], b[1]])))
+                .collect();
+            state.extend(host.delivered.iter().chain(&host.sent).map(|&n| n as u64));
+            state
+        };
+        assert_no_spin(&f.host, progress);
+    }
     let link = f.host.link.clone().unwrap();
     if let Some(ctrl) = f.roles().iter().position(|&r| r == Role::Ctrl) {
         let used = f.queues[ctrl].used.wrapping_add(2);
@@ -1482,6 +1534,9 @@ fuzz_target!(|data: &[u8]| {
             f.orderly,
             f.roles()
         );
+        for (p, c) in f.host.counters.iter().enumerate() {
+            eprintln!("pair {p}: {}", c.snapshot());
+        }
         for (i, q) in f.queues.iter().enumerate() {
             eprintln!(
                 "q{i}: ready {} size {} desc {:#x} avail {:#x} used {:#x} published {:?}",

@@ -7,7 +7,9 @@
 //! libfuzzer-sys installs a panic hook that does, so a panic the device's
 //! worker would catch and turn into DEVICE_NEEDS_RESET is still a finding.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 use devices::bus::BusDevice;
 use devices::virtio::net::{Net, NetBackend, NetConfig, NetLink, QueuePairCounters};
 use devices::virtio::MmioTransport;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Guest RAM: two adjacent regions (accesses may cross between them), a
@@ -72,12 +74,87 @@ pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
 pub const DESC_F_INDIRECT: u16 = 4;
 
+// Guest RAM and the driver's bookkeeping are kept from one execution to
+// the next: mapping, faulting in and unmapping them anew (the sanitizer
+// maps every allocation this large on its own) took a third of a short
+// input's time. Each execution gets them all zero, and RAM only once
+// nothing of the execution before holds it any more.
+thread_local! {
+    static RAM: RefCell<Vec<Arc<GuestRegionMmap>>> = const { RefCell::new(Vec::new()) };
+    static BYTES: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static MARKS: RefCell<Vec<Vec<bool>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Guest RAM as [`REGIONS`] lays it out, all zero.
 pub fn guest_memory() -> GuestMemoryMmap {
-    let ranges: Vec<(GuestAddress, usize)> = REGIONS
-        .iter()
-        .map(|&(start, len)| (GuestAddress(start), len))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).unwrap()
+    RAM.with(|ram| {
+        let mut ram = ram.borrow_mut();
+        if ram.is_empty() {
+            *ram = REGIONS
+                .iter()
+                .map(|&(start, len)| {
+                    Arc::new(GuestRegionMmap::from_range(GuestAddress(start), len, None).unwrap())
+                })
+                .collect();
+        }
+        for region in ram.iter() {
+            // A device thread of the last execution would see this one's memory.
+            assert_eq!(
+                Arc::strong_count(region),
+                1,
+                "guest memory still held after the last execution"
+            );
+        }
+        let mem = GuestMemoryMmap::from_arc_regions(ram.clone()).unwrap();
+        const ZERO: [u8; 4096] = [0; 4096];
+        for &(start, len) in &REGIONS {
+            for at in (0..len).step_by(ZERO.len()) {
+                let n = ZERO.len().min(len - at);
+                mem.write_slice(&ZERO[..n], GuestAddress(start + at as u64))
+                    .unwrap();
+            }
+        }
+        mem
+    })
+}
+
+/// One flag per byte of guest RAM, all false (kept for the next execution
+/// when dropped).
+pub struct Marks(Vec<bool>);
+
+impl Marks {
+    pub fn new() -> Self {
+        let mut v = MARKS.with(|m| m.borrow_mut().pop()).unwrap_or_default();
+        v.clear();
+        v.resize(MEM_END as usize, false);
+        Self(v)
+    }
+}
+
+impl Default for Marks {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Deref for Marks {
+    type Target = [bool];
+    fn deref(&self) -> &[bool] {
+        &self.0
+    }
+}
+
+impl DerefMut for Marks {
+    fn deref_mut(&mut self) -> &mut [bool] {
+        &mut self.0
+    }
+}
+
+impl Drop for Marks {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        MARKS.with(|m| m.borrow_mut().push(v));
+    }
 }
 
 /// Whether `[addr, addr + len)` is all guest RAM.
@@ -111,8 +188,11 @@ impl Default for Shadow {
 
 impl Shadow {
     pub fn new() -> Self {
+        let mut bytes = BYTES.with(|b| b.borrow_mut().pop()).unwrap_or_default();
+        bytes.clear();
+        bytes.resize(MEM_END as usize, 0);
         Self {
-            bytes: vec![0; MEM_END as usize],
+            bytes,
             driver_ok: false,
         }
     }
@@ -145,6 +225,13 @@ impl Shadow {
     /// The driver's bytes at `[addr, addr + len)`, if that is RAM.
     pub fn get(&self, addr: u64, len: usize) -> Option<&[u8]> {
         in_ram(addr, len as u64).then(|| &self.bytes[addr as usize..addr as usize + len])
+    }
+}
+
+impl Drop for Shadow {
+    fn drop(&mut self) {
+        let bytes = std::mem::take(&mut self.bytes);
+        BYTES.with(|b| b.borrow_mut().push(bytes));
     }
 }
 
@@ -361,16 +448,6 @@ pub fn reg_read(t: &mut MmioTransport, offset: u64) -> u32 {
     u32::from_le_bytes(data)
 }
 
-fn readable(fd: RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no timeout.
-    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
-}
-
 /// Thread ids of the device's IO threads.
 pub fn worker_tids() -> Vec<String> {
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
@@ -395,23 +472,68 @@ fn asleep(tid: &str) -> bool {
         .is_none_or(|&state| state != b'R')
 }
 
-/// Waits (at most `limit`) until every queue notification was taken by
-/// the device and its IO threads sleep: whatever the guest offered so far
-/// has been processed. Heuristic (a thread may sleep for other reasons);
-/// it only makes the fuzz thread's view more complete.
-pub fn settle(queue_events: &[EventFd], limit: Duration) {
+/// Waits (at most `limit`) until the device's IO threads sleep: whatever
+/// the guest offered so far has been processed. Returns whether they did.
+/// Heuristic (a thread may sleep for other reasons); it only makes the
+/// fuzz thread's view more complete.
+///
+/// Thread states alone tell it: writing an eventfd (a kick, a frame from
+/// the host) wakes the IO thread polling it before the write returns, so
+/// a notification not yet taken shows as a running thread. Queue events
+/// no thread polls (queues the device does not serve, or a device that
+/// never started) stay readable for good; waiting for those made every
+/// such input wait out the whole limit.
+pub fn settle(limit: Duration) -> bool {
     let tids = worker_tids();
     let deadline = Instant::now() + limit;
     let mut quiet = 0;
     while Instant::now() < deadline {
-        let busy =
-            queue_events.iter().any(|e| readable(e.as_raw_fd())) || tids.iter().any(|t| !asleep(t));
+        let busy = tids.iter().any(|t| !asleep(t));
         quiet = if busy { 0 } else { quiet + 1 };
         if quiet == 3 {
-            return;
+            return true;
         }
         std::thread::yield_now();
     }
+    false
+}
+
+/// How long [`assert_no_spin`] watches, and how many interrupts without
+/// any work done in that time it calls a spin (a pass with nothing to do
+/// raises at most one; a spinning thread raises thousands).
+const SPIN_WINDOW: Duration = Duration::from_millis(2);
+const SPIN_INTERRUPTS: u64 = 50;
+
+/// For IO threads that did not settle: fails if they keep passing over
+/// their queues without doing anything (interrupts raised, but no counter
+/// but those and nothing in `progress`, e.g. used indices, moves). A guest
+/// whose rings feed themselves keeps them busy too, but with progress.
+pub fn assert_no_spin(host: &HostHandle, progress: impl Fn() -> Vec<u64>) {
+    let work = || {
+        let counters: Vec<_> = host
+            .counters
+            .iter()
+            .map(|c| {
+                let mut s = c.snapshot();
+                s.interrupts = 0;
+                s
+            })
+            .collect();
+        (counters, progress())
+    };
+    let interrupts = || {
+        host.counters
+            .iter()
+            .map(|c| c.interrupts.load(Ordering::SeqCst))
+            .sum::<u64>()
+    };
+    let (before, raised_before) = (work(), interrupts());
+    std::thread::sleep(SPIN_WINDOW);
+    let raised = interrupts() - raised_before;
+    assert!(
+        raised <= SPIN_INTERRUPTS || work() != before,
+        "IO threads spin: {raised} interrupts in {SPIN_WINDOW:?} with no work done"
+    );
 }
 
 /// One descriptor as the driver wrote it.

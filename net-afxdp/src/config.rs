@@ -1,6 +1,6 @@
 //! The backend's options, with QEMU `-netdev af-xdp` semantics:
 //! `ifname=IF[,queues=N][,start-queue=M][,mode=native|skb][,force-copy=on]
-//! [,inhibit=on][,sock-fds=a:b:...][,map-path=PATH][,map-start-index=N]`.
+//! [,inhibit=on][,sock-fds=a:b:...][,filter-fds=c:t:f][,map-path=PATH][,map-start-index=N]`.
 
 use std::os::fd::RawFd;
 use std::str::FromStr;
@@ -137,6 +137,10 @@ pub struct AfXdpConfig {
     pub inhibit: bool,
     /// `sock-fds=a:b:...`: adopt these AF_XDP sockets, one per queue.
     pub sock_fds: Option<Vec<RawFd>>,
+    /// `filter-fds=c:t:f`: adopt the receive filter maps of the program
+    /// the sockets are in (config, MAC table, filtered-frame counters, as
+    /// `xskvm-net-helper` passes them); needs `sock-fds`.
+    pub filter_fds: Option<[RawFd; 3]>,
     /// `tx-csum=kernel|vmm` (default kernel where the kernel can).
     pub tx_checksum: TxChecksum,
     /// `map-path=PATH`: put the sockets into the XSKMAP pinned at PATH
@@ -152,7 +156,7 @@ pub struct AfXdpConfig {
 }
 
 /// The option keys this crate understands.
-pub const OPTION_KEYS: [&str; 10] = [
+pub const OPTION_KEYS: [&str; 11] = [
     "ifname",
     "queues",
     "start-queue",
@@ -160,6 +164,7 @@ pub const OPTION_KEYS: [&str; 10] = [
     "force-copy",
     "inhibit",
     "sock-fds",
+    "filter-fds",
     "tx-csum",
     "map-path",
     "map-start-index",
@@ -202,6 +207,7 @@ impl AfXdpConfig {
             force_copy: false,
             inhibit: false,
             sock_fds: None,
+            filter_fds: None,
             tx_checksum: TxChecksum::Kernel,
             map_path: None,
             map_start_index: None,
@@ -304,6 +310,19 @@ impl AfXdpConfig {
                         .collect::<Result<Vec<_>, _>>()?;
                     config.sock_fds = Some(fds);
                 }
+                "filter-fds" => {
+                    let bad = || ConfigError::BadValue {
+                        key: "filter-fds",
+                        value: value.to_string(),
+                        expected: "three file descriptor numbers separated by ':' (e.g. 5:6:7)",
+                    };
+                    let fds = value
+                        .split(':')
+                        .map(|fd| fd.parse::<RawFd>().ok().filter(|&fd| fd >= 0))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(bad)?;
+                    config.filter_fds = Some(fds.try_into().map_err(|_| bad())?);
+                }
                 "map-path" => config.map_path = Some(value.to_string()),
                 "map-start-index" => {
                     config.map_start_index = Some(parse_u32(
@@ -362,6 +381,18 @@ impl AfXdpConfig {
             for (i, fd) in fds.iter().enumerate() {
                 if fds[..i].contains(fd) {
                     return Err(ConfigError::DuplicateSockFd(*fd));
+                }
+            }
+        }
+        if let Some(fds) = &self.filter_fds {
+            // The maps belong to the program the sockets are in.
+            if self.sock_fds.is_none() {
+                return Err(ConfigError::FilterFdsWithoutSockFds);
+            }
+            let socks = self.sock_fds.as_deref().unwrap_or_default();
+            for (i, fd) in fds.iter().enumerate() {
+                if fds[..i].contains(fd) || socks.contains(fd) {
+                    return Err(ConfigError::DuplicateFilterFd(*fd));
                 }
             }
         }
@@ -572,6 +603,45 @@ mod tests {
             err("ifname=a,inhibit=on,queues=2,sock-fds=3:3"),
             DuplicateSockFd(3)
         );
+    }
+
+    #[test]
+    fn filter_fds() {
+        let c = AfXdpConfig::parse("ifname=a,inhibit=on,queues=2,sock-fds=3:4,filter-fds=5:6:7")
+            .unwrap();
+        assert_eq!(c.filter_fds, Some([5, 6, 7]));
+        assert_eq!(AfXdpConfig::new("a").filter_fds, None);
+        let err = |s: &str| AfXdpConfig::parse(s).unwrap_err();
+        use ConfigError::*;
+        for bad in ["5:6", "5:6:7:8", "5:x:7", "5:-6:7", "", "5::7"] {
+            assert!(
+                matches!(
+                    err(&format!("ifname=a,inhibit=on,sock-fds=3,filter-fds={bad}")),
+                    BadValue {
+                        key: "filter-fds",
+                        ..
+                    }
+                ),
+                "filter-fds={bad}"
+            );
+        }
+        // The helper's maps go with the helper's sockets only.
+        assert_eq!(err("ifname=a,filter-fds=5:6:7"), FilterFdsWithoutSockFds);
+        assert_eq!(
+            err("ifname=a,inhibit=on,map-path=/m,filter-fds=5:6:7"),
+            FilterFdsWithoutSockFds
+        );
+        assert_eq!(
+            err("ifname=a,inhibit=on,sock-fds=3,filter-fds=5:6:5"),
+            DuplicateFilterFd(5)
+        );
+        assert_eq!(
+            err("ifname=a,inhibit=on,sock-fds=3,filter-fds=5:3:7"),
+            DuplicateFilterFd(3)
+        );
+        assert!(FilterFdsWithoutSockFds
+            .to_string()
+            .contains("needs sock-fds"));
     }
 
     #[test]

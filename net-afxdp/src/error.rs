@@ -19,7 +19,7 @@ pub enum ConfigError {
     NotKeyValue(String),
     #[error(
         "af-xdp: unknown option {0:?} (known: ifname, queues, start-queue, mode, force-copy, \
-         inhibit, sock-fds, map-path, map-start-index, tx-csum)"
+         inhibit, sock-fds, filter-fds, map-path, map-start-index, tx-csum)"
     )]
     UnknownOption(String),
     #[error("af-xdp: option {0} given twice")]
@@ -55,6 +55,13 @@ pub enum ConfigError {
     MapStartIndexWithoutMapPath,
     #[error("af-xdp: sock-fds lists fd {0} twice")]
     DuplicateSockFd(RawFd),
+    #[error(
+        "af-xdp: filter-fds needs sock-fds (the maps belong to the program those sockets are in, \
+         as xskvm-net-helper passes them)"
+    )]
+    FilterFdsWithoutSockFds,
+    #[error("af-xdp: filter-fds lists fd {0} twice, or one of sock-fds")]
+    DuplicateFilterFd(RawFd),
     #[error("af-xdp: UMEM: {0}")]
     BadUmem(String),
 }
@@ -105,6 +112,13 @@ pub enum Error {
 
     #[error("af-xdp: sock-fds: fd {fd} {reason}")]
     BadSockFd { fd: RawFd, reason: String },
+
+    #[error("af-xdp: filter-fds: fd {fd} ({what}) {reason}")]
+    BadFilterFd {
+        fd: RawFd,
+        what: &'static str,
+        reason: String,
+    },
 
     #[error(
         "af-xdp: registering the UMEM ({needed_kib} KiB for {queues} queue(s)) exceeds the locked-memory \

@@ -10,7 +10,7 @@
 //!   socket in `xsks_map[i]`, passes everything else to the kernel.
 //! - [`AfXdpConfig`]: the options, with QEMU `-netdev af-xdp` semantics
 //!   (`ifname=IF[,queues=N][,start-queue=M][,mode=native|skb]
-//!   [,force-copy=on][,inhibit=on][,sock-fds=a:b][,map-path=PATH]
+//!   [,force-copy=on][,inhibit=on][,sock-fds=a:b][,filter-fds=c:t:f][,map-path=PATH]
 //!   [,map-start-index=N]`), parsed with
 //!   [`AfXdpConfig::parse`] or [`AfXdpConfig::parse_allowing`] (which hands
 //!   keys the caller owns, like `mac`, back instead of rejecting them).
@@ -84,7 +84,9 @@
 //! program CAP_BPF + CAP_NET_ADMIN (or CAP_SYS_ADMIN); registering the
 //! UMEM needs RLIMIT_MEMLOCK room or CAP_IPC_LOCK. Without any of them,
 //! a privileged helper uses [`PreparedSockets::create`] and passes the
-//! sockets to xskvm, which opens with `inhibit=on,sock-fds=a:b`.
+//! sockets to xskvm, which opens with `inhibit=on,sock-fds=a:b`; with them
+//! the program's receive filter maps ([`RxFilterMaps::raw_fds`], adopted
+//! with `filter-fds=c:t:f`), so the unprivileged side keeps the filter.
 //!
 //! `sock-fds` sockets must be fresh (created, optionally SO_BINDTODEVICE,
 //! put in the XSKMAP — nothing more): xskvm registers the UMEM, sizes and

@@ -5,7 +5,7 @@ use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::config::{AfXdpConfig, XdpMode};
 use crate::error::{Error, Result, PRIVILEGE_HINT};
-use crate::program::{attached_program, XdpAttachment, XdpProgram};
+use crate::program::{attached_program, RxFilterMaps, XdpAttachment, XdpProgram};
 use crate::queue::{QueueSetup, XskQueue};
 use crate::sys;
 use crate::xskmap::PinnedXskMap;
@@ -54,6 +54,9 @@ pub struct NicOwner {
     /// `map-path=`: the foreign XSKMAP holding our sockets; dropping it
     /// takes them out.
     xsk_map: Option<PinnedXskMap>,
+    /// `filter-fds=`: the receive filter of the program our adopted
+    /// sockets are in (loaded by someone else).
+    adopted_filter: Option<RxFilterMaps>,
 }
 
 impl NicOwner {
@@ -64,6 +67,15 @@ impl NicOwner {
     /// The program link, if we attached one.
     pub fn attachment(&self) -> Option<&XdpAttachment> {
         self.attachment.as_ref()
+    }
+
+    /// The receive filter of the program the sockets are in: ours, or the
+    /// one `filter-fds=` handed over; None when there is neither.
+    pub fn rx_filter(&self) -> Option<&RxFilterMaps> {
+        match &self.attachment {
+            Some(attachment) => Some(attachment.program().rx_filter()),
+            None => self.adopted_filter.as_ref(),
+        }
     }
 
     /// The pinned XSKMAP our sockets are in (`map-path=`), if any.
@@ -189,8 +201,9 @@ fn adopt_sock_fds(fds: &[RawFd]) -> Result<Vec<OwnedFd>> {
         .collect()
 }
 
-/// Closes the caller's sock-fds descriptors once the NIC owns duplicates.
-fn close_sock_fds(fds: &[RawFd]) {
+/// Closes the descriptors the options handed over (sock-fds, filter-fds)
+/// once the NIC owns duplicates.
+fn close_handed_over(fds: &[RawFd]) {
     for &fd in fds {
         // SAFETY: the option handed these descriptors to us; the NIC works
         // on duplicates, and nothing else here refers to these numbers.
@@ -321,6 +334,9 @@ impl AfXdpNic {
                 .map(|_| new_xsk_socket())
                 .collect::<Result<Vec<_>>>()?,
         };
+        // Like the sockets: duplicates now, the caller's fds closed once
+        // the open succeeded.
+        let adopted_filter = config.filter_fds.map(RxFilterMaps::adopt).transpose()?;
 
         // Frames as long as the interface's MTU allows; beyond one UMEM
         // frame that takes multi-buffer sockets.
@@ -406,7 +422,10 @@ impl AfXdpNic {
             );
         }
         if let Some(fds) = &config.sock_fds {
-            close_sock_fds(fds);
+            close_handed_over(fds);
+        }
+        if let Some(fds) = &config.filter_fds {
+            close_handed_over(fds);
         }
         let info = NicInfo {
             ifname: config.ifname.clone(),
@@ -430,6 +449,7 @@ impl AfXdpNic {
                 info,
                 attachment,
                 xsk_map,
+                adopted_filter,
             },
         })
     }
@@ -478,6 +498,7 @@ impl PreparedSockets {
         let mut config = config.clone();
         config.inhibit = false;
         config.sock_fds = None;
+        config.filter_fds = None;
         config.map_path = None;
         config.map_start_index = None;
         config.validate()?;
@@ -522,6 +543,7 @@ impl PreparedSockets {
                 info,
                 attachment,
                 xsk_map: None,
+                adopted_filter: None,
             },
         })
     }

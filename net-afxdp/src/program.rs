@@ -193,6 +193,87 @@ impl RxFilterMaps {
         values.iter().sum()
     }
 
+    /// The maps' fds, in the order `filter-fds=` takes them (config, MAC
+    /// table, filtered-frame counters).
+    pub fn raw_fds(&self) -> [RawFd; 3] {
+        [
+            self.config.as_raw_fd(),
+            self.table.as_raw_fd(),
+            self.filtered.as_raw_fd(),
+        ]
+    }
+
+    /// Works on the filter maps of a program someone else loaded (e.g.
+    /// `xskvm-net-helper`), by fds in the order of [`RxFilterMaps::raw_fds`].
+    /// Each must be a BPF map of the kind the program has; this returns
+    /// duplicates and leaves `fds` to the caller. Changing the maps needs
+    /// no capability (Linux 6.5+), only the fds.
+    pub fn adopt(fds: [RawFd; 3]) -> Result<RxFilterMaps> {
+        // (type, key size, value size) of each, as bpf/xsk_redirect.bpf.c
+        // declares them.
+        let expected = [
+            (
+                libbpf_sys::BPF_MAP_TYPE_ARRAY,
+                4,
+                std::mem::size_of::<RxFilterConfig>() as u32,
+                "the receive filter config",
+            ),
+            (libbpf_sys::BPF_MAP_TYPE_HASH, 8, 1, "the MAC table"),
+            (
+                libbpf_sys::BPF_MAP_TYPE_PERCPU_ARRAY,
+                4,
+                8,
+                "the filtered-frame counters",
+            ),
+        ];
+        let mut owned = Vec::with_capacity(3);
+        for (&fd, &(kind, key_size, value_size, what)) in fds.iter().zip(&expected) {
+            let bad = |reason: String| Error::BadFilterFd { fd, what, reason };
+            if !crate::sys::fd_is_open(fd) {
+                return Err(bad("is not an open file descriptor".to_string()));
+            }
+            // SAFETY: all-zero is a valid bpf_map_info.
+            let mut info: libbpf_sys::bpf_map_info = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libbpf_sys::bpf_map_info>() as u32;
+            // SAFETY: fd is open; info is writable for len bytes.
+            let ret = unsafe { libbpf_sys::bpf_map_get_info_by_fd(fd, &mut info, &mut len) };
+            let errno = ret.checked_neg().unwrap_or(libc::EIO);
+            if ret != 0 && errno == libc::EPERM {
+                // Before Linux 6.5, kernel.unprivileged_bpf_disabled keeps
+                // an unprivileged process from every bpf() call, map
+                // updates included: the filter will not work either.
+                log::warn!(
+                    "af-xdp: filter-fds: fd {fd} ({what}) cannot be inspected without \
+                     privilege (Linux before 6.5?); the receive filter may stay off"
+                );
+            } else if ret != 0 {
+                let e = io::Error::from_raw_os_error(errno);
+                return Err(bad(format!("is not a BPF map ({e})")));
+            } else if (info.type_, info.key_size, info.value_size) != (kind, key_size, value_size) {
+                return Err(bad(format!(
+                    "is a BPF map of type {} with {}-byte keys and {}-byte values, not type \
+                     {kind} with {key_size} and {value_size}",
+                    info.type_, info.key_size, info.value_size
+                )));
+            }
+            // SAFETY: checked open above; borrowed only for the dup.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+            owned.push(borrowed.try_clone_to_owned().map_err(|source| Error::Io {
+                op: "duplicating a filter-fds descriptor",
+                source,
+            })?);
+        }
+        let [config, table, filtered]: [OwnedFd; 3] = owned.try_into().map_err(|_| Error::Io {
+            op: "adopting the filter-fds descriptors",
+            source: io::Error::from_raw_os_error(libc::EINVAL),
+        })?;
+        Ok(RxFilterMaps {
+            config,
+            table,
+            filtered,
+        })
+    }
+
     /// Second handles on the same maps.
     pub fn try_clone(&self) -> Result<RxFilterMaps> {
         let dup = |fd: &OwnedFd| {

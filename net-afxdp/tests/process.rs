@@ -154,10 +154,12 @@ fn child_process_entry() {
                 Err(Error::PermissionDenied { .. })
             ));
             let fds = env("XSK_FDS");
-            let mut config: AfXdpConfig =
-                format!("ifname={ifname},queues=2,inhibit=on,sock-fds={fds}")
-                    .parse()
-                    .unwrap();
+            let filter_fds = env("XSK_FILTER_FDS");
+            let mut config: AfXdpConfig = format!(
+                "ifname={ifname},queues=2,inhibit=on,sock-fds={fds},filter-fds={filter_fds}"
+            )
+            .parse()
+            .unwrap();
             // Without CAP_IPC_LOCK the UMEM counts against RLIMIT_MEMLOCK
             // (often 8 MiB, and CAP_SYS_RESOURCE to raise it may be
             // missing even for root in a container): 1 MiB per queue.
@@ -169,7 +171,7 @@ fn child_process_entry() {
             let mut nic = AfXdpNic::open(&config).unwrap();
             assert_eq!(nic.info().attach_mode, None);
             // The listed fds were taken over.
-            for fd in fds.split(':') {
+            for fd in fds.split(':').chain(filter_fds.split(':')) {
                 // SAFETY: F_GETFD only inspects the descriptor table.
                 let flags = unsafe { libc::fcntl(fd.parse().unwrap(), libc::F_GETFD) };
                 assert_eq!(flags, -1, "fd {fd} still open");
@@ -204,6 +206,45 @@ fn child_process_entry() {
                 by_tag(&packet_frames(&peer, 20, Duration::from_secs(5))),
                 [(0, 10), (1, 10)].into()
             );
+            // The privileged side's program filters for us: its maps came
+            // with filter-fds and take updates without any capability.
+            let filter = nic
+                .owner()
+                .rx_filter()
+                .expect("filter-fds adopted")
+                .try_clone()
+                .unwrap();
+            let config = net_afxdp::RxFilterConfig {
+                mac: a_mac,
+                enabled: 1,
+                ..Default::default()
+            };
+            filter.set(&config, &[]).unwrap();
+            let other = [0x02, 0, 0, 0, 0, 0x99];
+            for i in 0..10 {
+                peer.send(&test_frame(other, b_mac, 1000 + i, 100)).unwrap();
+            }
+            let ours: Vec<_> = (0..10)
+                .map(|i| test_frame(a_mac, b_mac, 2000 + i, 100))
+                .collect();
+            for f in &ours {
+                peer.send(f).unwrap();
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let mut got = Vec::new();
+            while got.len() < ours.len() && std::time::Instant::now() < deadline {
+                for q in nic.queues_mut() {
+                    got.extend(rx_frames(q, ours.len(), Duration::from_millis(50)));
+                }
+            }
+            // A frame for the other MAC would have come first.
+            for q in nic.queues_mut() {
+                got.extend(rx_frames(q, 1, Duration::from_millis(100)));
+            }
+            got.sort_by_key(|f| net_afxdp::testbed::test_frame_seq(f));
+            assert_eq!(got, ours, "only frames for our MAC reach the sockets");
+            let filtered: u64 = (0..2).map(|q| filter.filtered_frames(q)).sum();
+            assert_eq!(filtered, 10, "frames for the other MAC, counted");
             println!("{OK}");
         }
         "open-capabilities" => {
@@ -328,12 +369,23 @@ fn unprivileged_process_uses_sockets_from_a_privileged_one() {
         prepared.owner.info().attach_mode,
         Some(net_afxdp::XdpMode::Native)
     );
-    let fds: Vec<(RawFd, RawFd)> = prepared
+    let mut fds: Vec<(RawFd, RawFd)> = prepared
         .sockets
         .iter()
         .enumerate()
         .map(|(i, s)| (s.as_raw_fd(), 100 + i as RawFd))
         .collect();
+    // The receive filter's maps, as xskvm-net-helper passes them.
+    let maps = prepared
+        .owner
+        .rx_filter()
+        .expect("our program's filter")
+        .raw_fds();
+    fds.extend(
+        maps.iter()
+            .enumerate()
+            .map(|(i, &fd)| (fd, 102 + i as RawFd)),
+    );
     let child = spawn_child(
         "sock-fds",
         &[
@@ -341,6 +393,7 @@ fn unprivileged_process_uses_sockets_from_a_privileged_one() {
             ("XSK_IF", &pair.a),
             ("XSK_PEER", &pair.b),
             ("XSK_FDS", "100:101"),
+            ("XSK_FILTER_FDS", "102:103:104"),
         ],
         &fds,
     );

@@ -4,12 +4,13 @@
 //! socket per queue and puts it in the program's XSKMAP, raises
 //! RLIMIT_MEMLOCK by what the UMEMs will lock; then it becomes the given
 //! unprivileged user (no capabilities, empty bounding set, no_new_privs)
-//! and execs xskvm with `--net af-xdp,...,inhibit=on,sock-fds=a:b`.
+//! and execs xskvm with `--net af-xdp,...,inhibit=on,sock-fds=a:b,filter-fds=c:t:f`.
 //!
-//! Across the exec xskvm inherits the sockets and the BPF link's fd (it
-//! never uses the latter): the program stays attached exactly as long as
-//! xskvm lives, and goes when it exits however it exits (even SIGKILL),
-//! with no process of the helper's left behind.
+//! Across the exec xskvm inherits the sockets, the program's receive
+//! filter maps (it keeps the guest's MAC filter in them) and the BPF
+//! link's fd (it never uses that one): the program stays attached exactly
+//! as long as xskvm lives, and goes when it exits however it exits (even
+//! SIGKILL), with no process of the helper's left behind.
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, RawFd};
@@ -27,7 +28,7 @@ use crate::net::{NetSpec, NetSpecError};
     about = "Prepares AF_XDP NICs as root, then runs xskvm as an unprivileged user with them",
     after_help = "Example: xskvm-net-helper --user 1000:1000 --groups 108 --net af-xdp,ifname=eth0,queues=2 \
                   -- xskvm --kernel bzImage ...\n\
-                  xskvm gets --net af-xdp,ifname=eth0,queues=2,inhibit=on,sock-fds=A:B and runs with no \
+                  xskvm gets --net af-xdp,ifname=eth0,queues=2,inhibit=on,sock-fds=A:B,filter-fds=C:T:F and runs with no \
                   capabilities; give it access to /dev/kvm through --groups (the group owning it)."
 )]
 pub struct HelperArgs {
@@ -42,8 +43,8 @@ pub struct HelperArgs {
 
     /// A NIC to prepare, as xskvm's --net (repeatable):
     /// af-xdp,ifname=IF[,mac=MAC][,spoof-check=off][,queues=N][,start-queue=M]
-    /// [,mode=native|skb][,force-copy=on]. inhibit, sock-fds and map-path
-    /// are the helper's to set.
+    /// [,mode=native|skb][,force-copy=on]. inhibit, sock-fds, filter-fds and
+    /// map-path are the helper's to set.
     #[arg(long, value_name = "SPEC", required = true)]
     pub net: Vec<String>,
 
@@ -142,6 +143,7 @@ fn check_spec(text: &str) -> Result<AfXdpConfig, HelperError> {
     for (given, key) in [
         (config.inhibit, "inhibit"),
         (config.sock_fds.is_some(), "sock-fds"),
+        (config.filter_fds.is_some(), "filter-fds"),
         (config.map_path.is_some(), "map-path"),
     ] {
         if given {
@@ -165,10 +167,19 @@ fn prepare(text: &str, config: &AfXdpConfig) -> Result<Prepared, HelperError> {
         fds.push(socket.as_raw_fd().to_string());
     }
     // The link goes to xskvm too: it alone keeps the program attached.
+    // So do the receive filter's maps: xskvm sets the guest's MAC, modes
+    // and MAC table in them (updates through an fd need no capability).
+    let mut filter = String::new();
     if let Some(attachment) = sockets.owner.attachment() {
         inherit(attachment.link_fd())?;
+        let maps = attachment.program().rx_filter().raw_fds();
+        for fd in maps {
+            inherit(fd)?;
+        }
+        filter = format!(",filter-fds={}:{}:{}", maps[0], maps[1], maps[2]);
         log::info!(
-            "{}: XDP program id {} attached in {} mode; BPF link fd {} and sockets {} go to xskvm",
+            "{}: XDP program id {} attached in {} mode; BPF link fd {}, sockets {} and filter \
+             maps {filter} go to xskvm",
             config.ifname,
             attachment.program().id().unwrap_or(0),
             attachment.mode(),
@@ -177,7 +188,7 @@ fn prepare(text: &str, config: &AfXdpConfig) -> Result<Prepared, HelperError> {
         );
     }
     Ok(Prepared {
-        xskvm_net: format!("{text},inhibit=on,sock-fds={}", fds.join(":")),
+        xskvm_net: format!("{text},inhibit=on,sock-fds={}{filter}", fds.join(":")),
         umem_bytes: config.umem.bytes_per_queue() * u64::from(config.queues),
         _sockets: sockets,
     })
@@ -341,6 +352,10 @@ mod tests {
             ("af-xdp,ifname=a,inhibit=on", "inhibit"),
             ("af-xdp,ifname=a,inhibit=on,sock-fds=3", "inhibit"),
             ("af-xdp,ifname=a,inhibit=on,map-path=/m", "inhibit"),
+            (
+                "af-xdp,ifname=a,inhibit=on,sock-fds=3,filter-fds=4:5:6",
+                "inhibit",
+            ),
         ] {
             match check_spec(spec) {
                 Err(HelperError::ReservedKey { key: k, .. }) => assert_eq!(k, key),

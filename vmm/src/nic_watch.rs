@@ -180,8 +180,7 @@ pub struct WatchedNic {
 impl WatchedNic {
     /// Logs how many frames the receive filter kept from the guest.
     fn report(&self) {
-        if let Some(attachment) = self.owner.as_ref().and_then(NicOwner::attachment) {
-            let filter = attachment.program().rx_filter();
+        if let Some(filter) = self.owner.as_ref().and_then(NicOwner::rx_filter) {
             let filtered: u64 = (0..self.config.queues)
                 .map(|q| filter.filtered_frames(self.config.start_queue + q))
                 .sum();

@@ -611,19 +611,19 @@ fn attach_net_device(
     let id = net.config.id.clone();
     let (mac, mtu) = (net.config.mac, net.config.mtu);
     let (link, counters) = attach_virtio_net(vm, mem, mmio, slot, net.config, net.backends)?;
-    let rx_filter = match net.host.owner.attachment() {
-        Some(attachment) => {
-            let maps = attachment
-                .program()
-                .rx_filter()
-                .try_clone()
-                .map_err(|e| VmmError::Net(e.to_string()))?;
+    // Our program's filter, or the helper's program's (filter-fds=).
+    let rx_filter = match net.host.owner.rx_filter() {
+        Some(maps) => {
+            let maps = maps.try_clone().map_err(|e| VmmError::Net(e.to_string()))?;
             let filter = Arc::new(XdpRxFilter::new(id.clone(), Some(maps)));
             link.set_rx_filter(filter.clone());
             Some(filter)
         }
         None => {
-            log::info!("{id}: inhibit=on: no program of ours, so no MAC filtering");
+            log::info!(
+                "{id}: inhibit=on without filter-fds: no filter maps of a program, so no MAC \
+                 filtering"
+            );
             None
         }
     };

@@ -520,3 +520,92 @@ fn chains_published_while_the_device_works_are_not_a_broken_ring() {
         assert_eq!(receiver.join().unwrap(), FRAMES);
     });
 }
+
+/// A driver may make its queues one entry long: every pass then has a
+/// budget of one, and a look at an empty ring must not use it up (it did
+/// for transmit: each pass ended asking for another, and the IO thread
+/// spun for as long as the device ran).
+#[test]
+fn queues_of_one_entry_leave_the_io_thread_idle() {
+    within("one-entry queues", TEST_LIMIT, || {
+        let (b, peer) = SocketBackend::pair();
+        let (dev, counters) = net_named("one", vec![b]);
+        let mut h = DriverHarness::new(dev);
+        h.start(FEATURES, 3, 1);
+        let thread = "xskvm-one-q0";
+        // The thread names itself once it runs.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while thread_dir(thread).is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_idle(thread, Duration::from_millis(300));
+        // Header and frame in one descriptor: the queue holds no more.
+        const AT: u64 = 0x300_0000;
+        for seq in 0..3 {
+            let mut chain = vec![0u8; NET_HDR_LEN];
+            chain.extend_from_slice(&frame(seq, 64));
+            h.mem.write_slice(&chain, GuestAddress(AT)).unwrap();
+            h.queue_raw_chain(1, &[(AT, chain.len() as u32, 0)]);
+            h.kick(1);
+            let mut buf = [0u8; 2048];
+            let n = peer.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &frame(seq, 64)[..]);
+            assert_eq!(collect_used(&mut h, 1, 1).len(), 1);
+        }
+        assert_idle(thread, Duration::from_millis(300));
+        assert_eq!(counters[0].snapshot().tx_packets, 3);
+    });
+}
+
+/// An unusable chain (here a readable buffer in the receive queue) met in
+/// the middle of a frame spread over mergeable buffers comes back empty
+/// before the frame's own chains: a driver taking num_buffers entries
+/// from the frame's first one never meets it among them.
+#[test]
+fn an_unusable_rx_chain_amid_a_merged_frame_comes_back_before_the_frame() {
+    within("unusable chain amid a merged frame", TEST_LIMIT, || {
+        let (b, peer) = SocketBackend::pair();
+        let (dev, counters) = net_named("amid", vec![b]);
+        let mut h = DriverHarness::new(dev);
+        h.start(FEATURES | VIRTIO_NET_F_MRG_RXBUF, 3, 256);
+        const AT: u64 = 0x300_0000;
+        h.queue_raw_chain(0, &[(AT, 64, VIRTQ_DESC_F_WRITE)]);
+        h.queue_raw_chain(0, &[(AT + 0x1000, 64, 0)]);
+        h.queue_raw_chain(0, &[(AT + 0x2000, 2048, VIRTQ_DESC_F_WRITE)]);
+        let heads: Vec<u16> = (0..3)
+            .map(|k| {
+                h.mem
+                    .read_obj(GuestAddress(h.avail_ring_addr(0) + 4 + 2 * k))
+                    .unwrap()
+            })
+            .collect();
+        h.kick(0);
+        let sent = frame(7, 200);
+        peer.send(&sent).unwrap();
+        let used = collect_used(&mut h, 0, 3);
+        let first_room = 64 - NET_HDR_LEN;
+        assert_eq!(
+            used,
+            [
+                (heads[1], 0),
+                (heads[0], 64),
+                (heads[2], (sent.len() - first_room) as u32)
+            ]
+        );
+        let mut hdr = [0u8; NET_HDR_LEN];
+        h.mem.read_slice(&mut hdr, GuestAddress(AT)).unwrap();
+        assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 2, "num_buffers");
+        let mut got = vec![0u8; sent.len()];
+        h.mem
+            .read_slice(
+                &mut got[..first_room],
+                GuestAddress(AT + NET_HDR_LEN as u64),
+            )
+            .unwrap();
+        h.mem
+            .read_slice(&mut got[first_room..], GuestAddress(AT + 0x2000))
+            .unwrap();
+        assert_eq!(got, sent);
+        assert_eq!(counters[0].snapshot().rx_packets, 1);
+    });
+}

@@ -732,8 +732,8 @@ impl QueuePairWorker {
                 if taken >= budget || fault.is_some() {
                     return None;
                 }
-                taken += 1;
                 if let Some(p) = pending.as_mut() {
+                    taken += 1;
                     let i = p.next;
                     p.next += 1;
                     let result = write_segment(mem, frame, &headers[..], &p.seg, i, buf, host_csum);
@@ -768,6 +768,10 @@ impl QueuePairWorker {
                         return None;
                     }
                 };
+                // Counted once taken: a look at an empty ring used up the
+                // budget of a one-entry queue, and every pass then asked
+                // for another at once (the IO thread spun).
+                taken += 1;
                 let head = chain.head_index();
                 let start = start_tx_chain(
                     mem, chain, frame, headers, buf, budget, offloads, tx_policy, host_csum,
