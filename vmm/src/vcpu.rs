@@ -310,8 +310,9 @@ impl Vcpu {
         let mut seen_reset = 0;
         while !self.stop.load(Ordering::Acquire) {
             if self.pause.requested.load(Ordering::Acquire) {
-                let (fd, initial) = (&self.fd, &self.initial);
+                let (fd, initial, index) = (&mut self.fd, &self.initial, self.index);
                 self.pause.park(&self.stop, &mut seen_reset, &mut || {
+                    finish_pending_io(fd, index)?;
                     initial.restore(fd).map_err(|e| e.to_string())
                 });
                 continue;
@@ -403,6 +404,43 @@ impl Vcpu {
         }
         stop
     }
+}
+
+/// KVM_RUN rounds [`finish_pending_io`] allows (a `rep ins`/`outs` may
+/// need several).
+const PENDING_IO_ROUNDS: usize = 1024;
+
+/// Lets KVM finish the instruction behind the vCPU's last I/O or MMIO exit
+/// without running the guest (`immediate_exit`). KVM completes it on the
+/// next KVM_RUN from state userspace cannot see; after a reset that would
+/// be the new boot's first KVM_RUN, and the old instruction's completion
+/// would write its registers and return address over the reset state (seen
+/// as a triple fault when vm.reboot came while the guest took interrupts).
+/// Reads in between get all ones and writes go nowhere: the guest is being
+/// reset.
+fn finish_pending_io(fd: &mut VcpuFd, index: u8) -> Result<(), String> {
+    fd.set_kvm_immediate_exit(1);
+    let mut result = Err(format!(
+        "vCPU {index}: I/O still pending after {PENDING_IO_ROUNDS} KVM_RUN rounds"
+    ));
+    for _ in 0..PENDING_IO_ROUNDS {
+        match fd.run() {
+            Ok(VcpuExit::IoIn(_, data)) | Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+            Ok(VcpuExit::IoOut(..)) | Ok(VcpuExit::MmioWrite(..)) => {}
+            // Anything else ends that instruction too.
+            Ok(_) => {}
+            Err(e) if e.errno() == libc::EINTR => {
+                result = Ok(());
+                break;
+            }
+            Err(e) => {
+                result = Err(format!("vCPU {index}: KVM_RUN before the reset: {e}"));
+                break;
+            }
+        }
+    }
+    fd.set_kvm_immediate_exit(0);
+    result
 }
 
 impl VcpuHandle {
