@@ -16,6 +16,8 @@ pub mod nic_watch;
 pub mod privileges;
 pub mod seccomp;
 pub mod terminal;
+#[cfg(test)]
+mod test_support;
 pub mod vcpu;
 pub mod vm;
 pub mod wait;

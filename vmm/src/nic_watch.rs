@@ -490,29 +490,12 @@ fn handle_datagram(mut data: &[u8], nics: &mut [WatchedNic]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devices::virtio::net::{Net, NetConfig, TxFrame};
-    use std::os::fd::RawFd;
-
-    struct IdleBackend(EventFd);
-
-    impl NetBackend for IdleBackend {
-        fn fd(&self) -> RawFd {
-            self.0.as_raw_fd()
-        }
-        fn receive(&mut self, _deliver: &mut dyn FnMut(&[u8]) -> bool) -> usize {
-            0
-        }
-        fn transmit(
-            &mut self,
-            _fill: &mut dyn FnMut(&mut [u8]) -> Option<TxFrame>,
-        ) -> (usize, bool) {
-            (0, false)
-        }
-    }
+    use crate::test_support::IdleBackend;
+    use devices::virtio::net::{Net, NetConfig};
 
     #[test]
     fn a_deleted_interface_leaves_no_mode_to_report() {
-        let backend: Box<dyn NetBackend> = Box::new(IdleBackend(EventFd::new(0).unwrap()));
+        let backend = IdleBackend::boxed();
         let net = Net::new(
             NetConfig {
                 id: "net0".into(),

@@ -1,38 +1,15 @@
 //! Routing and bad requests, without a VM: a status with one NIC whose
 //! device has a backend that moves nothing.
 
-use std::os::fd::{AsRawFd, RawFd};
-
 use devices::virtio::net::{Net, NetBackend, NetConfig};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::http::{read_request, Request, Response};
 use super::*;
 use crate::nic_watch::ModeInfo;
-
-struct IdleBackend(EventFd);
-
-impl NetBackend for IdleBackend {
-    fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-
-    fn receive(&mut self, _deliver: &mut dyn FnMut(&[u8]) -> bool) -> usize {
-        0
-    }
-
-    fn transmit(
-        &mut self,
-        _fill: &mut dyn FnMut(&mut [u8]) -> Option<devices::virtio::net::TxFrame>,
-    ) -> (usize, bool) {
-        (0, false)
-    }
-}
+use crate::test_support::IdleBackend;
 
 fn status() -> VmStatus {
-    let backends: Vec<Box<dyn NetBackend>> = (0..2)
-        .map(|_| Box::new(IdleBackend(EventFd::new(0).unwrap())) as Box<dyn NetBackend>)
-        .collect();
+    let backends: Vec<Box<dyn NetBackend>> = (0..2).map(|_| IdleBackend::boxed()).collect();
     let net = Net::new(
         NetConfig {
             id: "net0".into(),
