@@ -19,7 +19,12 @@ grep -qwE 'vmx|svm' /proc/cpuinfo || fail "no hardware virtualization (vmx/svm) 
 root=$(mktemp -d /tmp/xskvm-bundle.XXXXXX)
 cleanup() {
     umount -R -l "$root" 2>/dev/null || true
-    rm -rf "$root"
+    # Never remove through a mount still there: /dev is a bind of the host's.
+    if grep -q " $root[/ ]" /proc/self/mounts; then
+        echo "run-bundle: mounts left under $root; not removing it" >&2
+    else
+        rm -rf "$root"
+    fi
 }
 trap cleanup EXIT
 (cd "$root" && "$bb" cpio -i -d -m < "$bundle" 2>/dev/null) || fail "cannot unpack $bundle with $bb cpio"
