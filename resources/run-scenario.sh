@@ -11,8 +11,8 @@
 # firmware directories along. In the test host SCRIPT runs as
 # `bash /scenario.sh` in /tmp; its stdout and stderr come back live, on
 # run-scenario's stdout and stderr, without kernel messages. Exit status:
-# SCRIPT's; 126 when the test host's own kernel crashed (a fault of the
-# emulated nested virtualization, worth one retry); 125 when the test host
+# SCRIPT's; 126 when the test host's own kernel crashed or locked up (a fault
+# of the emulated nested virtualization, worth one retry); 125 when the test host
 # did not finish it otherwise (boot failure, timeout); both with the path of
 # its console log on stderr.
 # Environment: XSKVM_SCENARIO_MODE=direct|nested forces one; =bundle writes
@@ -112,13 +112,17 @@ timeout -k 10 "${XSKVM_TESTHOST_TIMEOUT:-600}" qemu-system-x86_64 \
     -nodefaults -no-user-config -display none -no-reboot \
     -serial "file:$work/console.log" \
     -kernel "$KERNEL_IMAGE" -initrd "$work/initrd" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=4" \
+    -append "console=ttyS0 panic=-1 softlockup_panic=1 quiet loglevel=5" \
     -device virtio-serial-pci,id=vs $(port out) $(port err) $(port rc) \
     </dev/null 2>"$work/qemu.log" &
 qemu=$!
 trap 'kill -TERM $qemu 2>/dev/null; wait $qemu; rm -rf "$work"; exit 130' INT TERM
 # A test-host kernel that panics does not always manage to reset (so QEMU
-# would spin until the timeout): stop it as soon as the panic shows.
+# would spin until the timeout): stop it as soon as the panic shows. A soft
+# lockup of the test host's own kernel is made a panic (softlockup_panic=1):
+# under TCG one of its CPUs now and then stays stuck in a kernel worker with
+# the L2 guest frozen, which only the timeout would have ended; loglevel=5
+# puts the stack and workqueue of such a fault in the console log.
 (
     while kill -0 $qemu 2>/dev/null; do
         if grep -q "Kernel panic" "$work/console.log" 2>/dev/null; then
@@ -143,7 +147,7 @@ rc=$(tr -dc '0-9' < "$work/rc")
 if [ -z "$rc" ] && grep -q "Kernel panic" "$work/console.log"; then
     echo "run-scenario: the test host's own kernel crashed (the emulated nested virtualization," \
         "not the scenario); its console log: $work/console.log" >&2
-    grep -A3 "Kernel panic" "$work/console.log" >&2 || true
+    grep -E -B2 -A3 "Kernel panic|soft lockup|Workqueue:" "$work/console.log" | head -n 60 >&2 || true
     exit 126
 fi
 if [ -z "$rc" ]; then

@@ -102,7 +102,8 @@ impl ScenarioOutput {
     }
 }
 
-/// run-scenario.sh's status when the nested test host's kernel crashed.
+/// run-scenario.sh's status when the nested test host's kernel crashed or
+/// locked up.
 const TESTHOST_CRASHED: i32 = 126;
 
 /// Runs a shell script where KVM can boot a guest: directly when this host
@@ -136,8 +137,10 @@ pub fn run_scenario_with_env(
         .env("XSKVM_TESTHOST_TIMEOUT", "300")
         .envs(env.iter().copied());
     let mut output = cmd.output().expect("run resources/run-scenario.sh");
-    // 126: the nested test host's own kernel crashed (seen rarely under TCG
-    // with two busy L2 vCPUs). That is the emulator, not xskvm: run once more.
+    // 126: the nested test host's own kernel crashed, or one of its CPUs
+    // locked up in a kernel worker (each seen rarely under TCG with two L2
+    // vCPUs; a userspace VMM cannot lock up its host's kernel). That is the
+    // emulator, not xskvm: run once more.
     if output.status.code() == Some(TESTHOST_CRASHED) {
         eprintln!(
             "test host kernel crashed; retrying the scenario once:\n{}",
