@@ -121,6 +121,9 @@ struct Fuzz {
     foreign: Marks,
     /// Bytes the driver wrote at all.
     written: Marks,
+    /// Bytes the driver wrote as buffer contents or descriptor entries (a
+    /// ring placed over them holds whatever they hold).
+    contents: Marks,
     buf_cursor: u64,
     frame_seq: u32,
     settles: u32,
@@ -154,6 +157,14 @@ impl Fuzz {
         self.shadow.write(&self.mem, addr, data);
     }
 
+    /// A buffer's contents or a descriptor entry.
+    fn write_contents(&mut self, addr: u64, data: &[u8]) {
+        let start = addr.min(MEM_END) as usize;
+        let end = addr.saturating_add(data.len() as u64).min(MEM_END) as usize;
+        self.contents[start..end].iter_mut().for_each(|b| *b = true);
+        self.write(addr, data);
+    }
+
     fn write_foreign(&mut self, addr: u64, data: &[u8]) {
         if self.shadow.driver_ok {
             self.orderly = false;
@@ -166,7 +177,7 @@ impl Fuzz {
 
     fn write_desc(&mut self, table: u64, id: u16, desc: Desc) {
         if let Some(at) = table.checked_add(u64::from(id) * 16) {
-            self.write(at, &desc.to_bytes());
+            self.write_contents(at, &desc.to_bytes());
         }
     }
 
@@ -623,7 +634,7 @@ fn op(f: &mut Fuzz, u: &mut Unstructured) -> Result<()> {
             let n = (data.len() - at).min(6);
             data[at..at + n].copy_from_slice(&src[..n]);
             let addr = f.alloc_buf(data.len() as u64);
-            f.write(addr, &data);
+            f.write_contents(addr, &data);
             let total = NET_HDR_LEN as u32 + len;
             let descs: Vec<Desc> = if split {
                 let cut = u.int_in_range(0..=total)?;
@@ -666,7 +677,7 @@ fn op(f: &mut Fuzz, u: &mut Unstructured) -> Result<()> {
                     u.int_in_range(0..=rest.len())?
                 };
                 let addr = f.alloc_buf(n as u64);
-                f.write(addr, &rest[..n]);
+                f.write_contents(addr, &rest[..n]);
                 rest = &rest[n..];
                 descs.push(Desc {
                     addr,
@@ -779,7 +790,7 @@ fn op(f: &mut Fuzz, u: &mut Unstructured) -> Result<()> {
         14 => {
             let idx: u16 = u.arbitrary()?;
             let avail = f.queues[q].avail;
-            f.write_foreign(avail + 2, &idx.to_le_bytes());
+            f.write_foreign(avail.wrapping_add(2), &idx.to_le_bytes());
         }
         _ => {
             // A register write as a confused driver might make (status too).
@@ -1045,11 +1056,11 @@ fn check_used_rings(f: &Fuzz) {
         {
             return;
         }
+        // Nor placed over raw writes or over buffer contents and
+        // descriptor entries (whose bytes then are the ring's).
         for (start, len) in a.rings() {
-            if f.foreign[start.min(MEM_END) as usize..(start + len).min(MEM_END) as usize]
-                .iter()
-                .any(|&b| b)
-            {
+            let bytes = start.min(MEM_END) as usize..(start + len).min(MEM_END) as usize;
+            if f.foreign[bytes.clone()].iter().any(|&b| b) || f.contents[bytes].iter().any(|&b| b) {
                 return;
             }
         }
@@ -1466,6 +1477,7 @@ fuzz_target!(|data: &[u8]| {
         in_buffers: Marks::new(),
         foreign: Marks::new(),
         written: Marks::new(),
+        contents: Marks::new(),
         buf_cursor: BUF_START,
         frame_seq: 0,
         settles: 0,
