@@ -15,8 +15,8 @@ const CURL: &str = "/usr/bin/curl";
 const PYTHON: &str = "/usr/bin/python3";
 
 /// Shell for the scenarios: a veth pair with the peer in namespace `peer`,
-/// `boot_guest OUT ARGS...` (guest command in /tmp/guest-cmd, pid in
-/// $XSKVM_PID), `wait_for TEXT FILE`, `api METHOD PATH [BODY]` (prints the
+/// `boot_guest OUT ARGS...` (guest command in /tmp/guest-cmd, console in
+/// OUT, log in OUT.log, pid in $XSKVM_PID), `wait_for TEXT FILE`, `api METHOD PATH [BODY]` (prints the
 /// body, then `CODE=status` on a line of its own) and `finish`.
 fn testbed() -> String {
     let image = guest_image();
@@ -35,7 +35,7 @@ boot_guest() {{
     local out=$1; shift
     {XSKVM} --kernel {kernel} --initrd {initrd} --memory 512M --log-level info "$@" \
         --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet -- \"$(cat /tmp/guest-cmd)\"" \
-        </dev/null >$out 2>&1 &
+        </dev/null >$out 2>$out.log &
     XSKVM_PID=$!
 }}
 wait_for() {{
@@ -198,7 +198,7 @@ echo "SHUTDOWN-CODE=$(code PUT /api/v1/vm.shutdown '{{"timeout_s": 60}}')"
 finish
 [ -e $SOCK ] && echo SOCKET-GONE=no || echo SOCKET-GONE=yes
 cat /tmp/iperf.log
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed()
     );
@@ -378,7 +378,7 @@ ip link add br9 type bridge
 ip link set br9 up
 boot_guest /tmp/console2 --api-socket $SOCK --net af-xdp,ifname=br9
 # Without this guest the rest would wait on the next one's 600 s sleep.
-wait_for GUEST-UP /tmp/console2 || {{ cat /tmp/console2; exit 1; }}
+wait_for GUEST-UP /tmp/console2 || {{ cat /tmp/console2 /tmp/console2.log; exit 1; }}
 echo "STALE-REPLACED-CODE=$(code GET /api/v1/vm.info)"
 echo "INFO-DUMMY=$(api GET /api/v1/vm.info | head -n 1)"
 first=$XSKVM_PID
@@ -386,7 +386,7 @@ first=$XSKVM_PID
 boot_guest /tmp/console3 --api-socket $SOCK
 wait $XSKVM_PID
 echo "IN-USE-RC=$?"
-grep -o 'another process is listening there' /tmp/console3 | sed 's/^/IN-USE-MSG=/'
+grep -o 'another process is listening there' /tmp/console3.log | sed 's/^/IN-USE-MSG=/'
 XSKVM_PID=$first
 echo "STILL-SERVED-CODE=$(code GET /api/v1/vm.info)"
 start=$(date +%s)
@@ -395,9 +395,9 @@ echo "SHUTTING-DOWN=$(api GET /api/v1/vm.info | head -n 1 | grep -o '"state":"[a
 echo "SHUTDOWN-AGAIN-CODE=$(code PUT /api/v1/vm.shutdown)"
 finish
 echo "SHUTDOWN-SECONDS=$(( $(date +%s) - start ))"
-grep -q 'did not power off within the shutdown timeout' /tmp/console2 && echo TIMEOUT-LOGGED=yes
+grep -q 'did not power off within the shutdown timeout' /tmp/console2.log && echo TIMEOUT-LOGGED=yes
 [ -e $SOCK ] && echo SOCKET-GONE=no || echo SOCKET-GONE=yes
-cat /tmp/console2 /tmp/console3
+cat /tmp/console2 /tmp/console3 /tmp/console2.log /tmp/console3.log
 "#,
         testbed = testbed()
     );
@@ -487,10 +487,10 @@ echo "INFO-AFTER=$(api GET /api/v1/vm.info | head -n 1)"
 echo "COUNTERS-AFTER=$(api GET /api/v1/vm.counters | head -n 1)"
 echo "SHUTDOWN-CODE=$(code PUT /api/v1/vm.shutdown '{{"timeout_s": 60}}')"
 finish
-grep -q 'VM rebooted through the API' /tmp/console && echo REBOOT-LOGGED=yes
-grep -q 'did not power off within' /tmp/console && echo SHUTDOWN-TIMED-OUT=yes
+grep -q 'VM rebooted through the API' /tmp/console.log && echo REBOOT-LOGGED=yes
+grep -q 'did not power off within' /tmp/console.log && echo SHUTDOWN-TIMED-OUT=yes
 cat /tmp/iperf.log
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed()
     );

@@ -18,7 +18,9 @@ const PEER_IP6: &str = "fd77::1";
 /// Shell that creates the veth pair (`queues` queues each way), moves the
 /// peer end into namespace `peer` with PEER_IP, and defines `boot_guest`:
 /// boot_guest OUT XSKVM-ARGS... runs xskvm in the background with the
-/// guest command in /tmp/guest-cmd, its console in OUT, its pid in $XSKVM_PID.
+/// guest command in /tmp/guest-cmd, its console in OUT and its log in OUT.log
+/// (apart: a log line written amid a guest line would split the guest's
+/// marker), its pid in $XSKVM_PID.
 fn testbed(queues: u32) -> String {
     let image = guest_image();
     format!(
@@ -42,7 +44,7 @@ boot_guest() {{
     local out=$1; shift
     {XSKVM} --kernel {kernel} --initrd {initrd} --memory 512M --log-level debug "$@" \
         --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet -- \"$(cat /tmp/guest-cmd)\"" \
-        </dev/null >$out 2>&1 &
+        </dev/null >$out 2>$out.log &
     XSKVM_PID=$!
 }}
 wait_for() {{
@@ -102,7 +104,7 @@ ip -d link show xs0 | grep -q xdp && echo XDP-WHILE-RUNNING=yes
 ip netns exec peer ping -c 3 -W 5 {GUEST_IP} && echo PEER-PING=ok
 kill -TERM $XSKVM_PID
 finish
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed(1)
     );
@@ -130,7 +132,7 @@ cat > /tmp/guest-cmd <<'CMD'
 CMD
 boot_guest /tmp/console --net af-xdp,ifname=xs0
 finish
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed(1)
     );
@@ -155,7 +157,7 @@ cat > /tmp/guest-cmd <<'CMD'
 CMD
 boot_guest /tmp/console --net af-xdp,ifname=xs0,mode=skb
 finish
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed(1)
     );
@@ -185,7 +187,7 @@ wait_for GUEST-SERVER-UP /tmp/console
 {files_host_fetches}
 kill -TERM $XSKVM_PID
 finish
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed(1),
         files_host_serves = files.host_serves,
@@ -221,7 +223,7 @@ ip netns exec peer /usr/bin/ping -c 3 -W 5 -s 8972 -M do {GUEST_IP} && echo PEER
 {files_host_fetches}
 kill -TERM $XSKVM_PID
 finish
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed(1),
         files_host_serves = files.host_serves,
@@ -336,7 +338,7 @@ cat > /tmp/guest-cmd <<'CMD'
 CMD
 boot_guest /tmp/console --net af-xdp,ifname=xs0{net_options}
 finish
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 ip netns exec peer cat /proc/net/snmp | grep -E '^(Tcp|Udp):'
 "#,
         testbed = testbed(1)
@@ -445,7 +447,7 @@ cat > /tmp/guest-cmd <<'CMD'
 CMD
 boot_guest /tmp/console --vcpus 2 --net af-xdp,ifname=xs0,queues=2
 finish
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed(2)
     );
@@ -497,7 +499,7 @@ ip -n peer neigh replace {GUEST_IP} lladdr 52:54:00:12:34:56 dev xs1 nud permane
 ip netns exec peer bash -c 'for i in $(seq {DATAGRAMS}); do echo x > /dev/udp/{GUEST_IP}/9; done'
 echo SENT=done
 finish
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed(2)
     );
@@ -557,7 +559,7 @@ wait_for GUEST-NO-CARRIER /tmp/console
 sleep 3
 ip link set xs0 up
 finish
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed(1)
     );
@@ -592,7 +594,7 @@ make_veth
 wait_for AFTER-PING /tmp/console
 ip -d link show xs0 | grep -q xdp && echo XDP-REATTACHED=yes
 finish
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed(1)
     );
@@ -631,7 +633,7 @@ wait_for PROMISC-ON /tmp/console
 sleep 1
 send
 finish
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed(1)
     );
@@ -674,7 +676,7 @@ boot_guest /tmp/console --net af-xdp,ifname=xs0
 wait_for FLOOD-DONE /tmp/console
 kill -0 $XSKVM_PID && echo XSKVM-ALIVE=yes
 finish
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed(1)
     );
@@ -707,7 +709,7 @@ cat > /tmp/guest-cmd <<'CMD'
 CMD
 boot_guest /tmp/console --net af-xdp,ifname=xs0
 finish
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         testbed = testbed(1)
     );

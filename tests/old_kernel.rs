@@ -62,7 +62,7 @@ boot() {{
     {XSKVM} --kernel {g}/bzImage --initrd {g}/initramfs.cpio.gz --memory 512M --log-level debug \
         --net af-xdp,ifname=xs0 \
         --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet -- \"ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up; sleep 1; echo GUEST-KERNEL=\$(uname -r | cut -d. -f1,2); echo GUEST-MTU=\$(cat /sys/class/net/eth0/mtu); $1; echo GUEST-SERVER-UP; sleep 600\"" \
-        </dev/null >/tmp/console 2>&1 &
+        </dev/null >/tmp/console 2>/tmp/console.log &
     XSKVM_PID=$!
     for i in $(seq 2400); do grep -q GUEST-SERVER-UP /tmp/console && break; kill -0 $XSKVM_PID || break; sleep 0.1; done
 }}
@@ -72,7 +72,7 @@ finish() {{
     echo "XSKVM-RC=$?"
     for i in $(seq 20); do ip -d link show xs0 | grep -q xdp || break; sleep 0.1; done
     if ip -d link show xs0 | grep -q xdp; then echo XDP=left; else echo XDP=gone; fi
-    cat /tmp/console
+    cat /tmp/console /tmp/console.log
 }}
 boot "/usr/bin/ping -c 2 -W 5 10.77.0.1 >/dev/null && echo GUEST-PING=ok; iperf3 -c 10.77.0.1 -t 4 -f m; iperf3 -c 10.77.0.1 -t 4 -f m -R"
 ip netns exec peer ping -c 2 -W 5 10.77.0.2 >/dev/null && echo PEER-PING=ok

@@ -32,7 +32,7 @@ mkfifo /tmp/in
 {XSKVM} --kernel {kernel} --initrd {initrd} --memory 512M --vcpus 2 \
     --net af-xdp,ifname=xs0,queues=2 --api-socket /tmp/api.sock \
     --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet -- \"ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up; ping -c 3 -W 5 10.77.0.1 && echo GUEST-PING=ok; read line; echo got:\$line\"" \
-    </tmp/in >/tmp/console 2>&1 &
+    </tmp/in >/tmp/console 2>/tmp/console.log &
 pid=$!
 exec 3>/tmp/in
 for i in $(seq 1200); do grep -q GUEST-PING=ok /tmp/console && break; kill -0 $pid 2>/dev/null || break; sleep 0.1; done
@@ -43,7 +43,7 @@ echo bye >&3
 exec 3>&-
 wait $pid
 echo "XSKVM-RC=$?"
-cat /tmp/console
+cat /tmp/console /tmp/console.log
 "#,
         kernel = image.bzimage.display(),
         initrd = image.initramfs.display(),
