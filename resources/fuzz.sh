@@ -7,6 +7,9 @@
 # from fuzz/corpus/TARGET/ (new finds go to a scratch directory; the kept
 # corpus is not changed). Prints the executions and exec/s of each target.
 # Exits non-zero on any crash, timeout (hang) or leak, naming the artifact.
+# FUZZ_JOBS=N runs N libFuzzer processes per target side by side (sharing
+# the scratch corpus) and adds up their executions: for a machine with
+# many cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +21,12 @@ shift
 
 # Each run: a hang longer than this is a finding.
 timeout_s=${FUZZ_TIMEOUT:-10}
+jobs=${FUZZ_JOBS:-1}
+[[ "$jobs" =~ ^[1-9][0-9]*$ ]] || usage
+root=$PWD
 log_dir=${FUZZ_LOG_DIR:-$(mktemp -d /tmp/xskvm-fuzz.XXXXXX)}
 mkdir -p "$log_dir"
+log_dir=$(cd "$log_dir" && pwd)
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
     echo "fuzz: the nightly toolchain is needed (rustup toolchain install nightly)" >&2
@@ -50,7 +57,7 @@ bin_dir=fuzz/target/$triple/release
 failed=0
 for target in "$@"; do
     bin=$bin_dir/$target
-    artifacts=fuzz/artifacts/$target/
+    artifacts=$root/fuzz/artifacts/$target/
     mkdir -p "$artifacts"
     log=$log_dir/$target.log
     common=(-timeout="$timeout_s" -artifact_prefix="$artifacts")
@@ -73,10 +80,22 @@ for target in "$@"; do
     scratch=$log_dir/corpus-$target
     mkdir -p "$scratch" "fuzz/corpus/$target"
     rc=0
-    "$bin" "${common[@]}" -max_total_time="$seconds" -print_final_stats=1 \
-        "$scratch" "fuzz/corpus/$target" >"$log" 2>&1 || rc=$?
-    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
-    rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
+    if [ "$jobs" -gt 1 ]; then
+        # Each job logs to fuzz-K.log in the working directory.
+        jobs_dir=$log_dir/jobs-$target
+        mkdir -p "$jobs_dir"
+        (cd "$jobs_dir" && "$root/$bin" "${common[@]}" -jobs="$jobs" -workers="$jobs" \
+            -max_total_time="$seconds" -print_final_stats=1 \
+            "$scratch" "$root/fuzz/corpus/$target") >"$log" 2>&1 || rc=$?
+        cat "$jobs_dir"/fuzz-*.log >>"$log"
+        execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | awk '{s += $1} END {print s}')
+        rate=$(( ${execs:-0} / (seconds > 0 ? seconds : 1) ))
+    else
+        "$bin" "${common[@]}" -max_total_time="$seconds" -print_final_stats=1 \
+            "$scratch" "fuzz/corpus/$target" >"$log" 2>&1 || rc=$?
+        execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+        rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
+    fi
     if [ "$rc" -ne 0 ]; then
         tail -60 "$log" >&2
         artifact=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -1)
