@@ -35,13 +35,18 @@ pub fn fill_partial_csum(
     Ok(())
 }
 
-/// Checks that a checksum request fits a frame of `len` bytes; returns
-/// where the checksum is stored.
+/// Checks that a checksum request fits a frame of `len` bytes, past the
+/// Ethernet header (a checksum stored there would overwrite the MAC
+/// addresses after spoof-check looked at them); returns where the
+/// checksum is stored.
 pub fn check_partial_csum(
     len: usize,
     csum_start: usize,
     csum_offset: usize,
 ) -> Result<usize, OffloadError> {
+    if csum_start < headers::ETH_HLEN {
+        return Err(OffloadError::BadChecksumRequest);
+    }
     csum_start
         .checked_add(csum_offset)
         .filter(|&at| len >= 2 && at <= len - 2)
@@ -430,6 +435,31 @@ mod tests {
         assert_eq!(
             fill_partial_csum(&mut f, usize::MAX, 1),
             Err(OffloadError::BadChecksumRequest)
+        );
+    }
+
+    /// A checksum that starts inside the Ethernet header would be written
+    /// over the MAC addresses after the source MAC was checked (found by
+    /// fuzzing: a guest could get past spoof-check this way, in software
+    /// and through the kernel's TX metadata alike).
+    #[test]
+    fn a_checksum_request_inside_the_ethernet_header_is_refused() {
+        let mut f = vec![0u8; 60];
+        for (start, offset) in [(0, 6), (0, 8), (6, 0), (8, 2), (13, 0)] {
+            assert_eq!(
+                check_partial_csum(f.len(), start, offset),
+                Err(OffloadError::BadChecksumRequest),
+                "csum_start {start}, csum_offset {offset}"
+            );
+            assert_eq!(
+                fill_partial_csum(&mut f, start, offset),
+                Err(OffloadError::BadChecksumRequest)
+            );
+        }
+        assert_eq!(f, vec![0u8; 60], "nothing written");
+        assert_eq!(
+            check_partial_csum(f.len(), headers::ETH_HLEN, 0),
+            Ok(headers::ETH_HLEN)
         );
     }
 }
