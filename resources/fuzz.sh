@@ -87,7 +87,8 @@ for target in "$@"; do
         (cd "$jobs_dir" && "$root/$bin" "${common[@]}" -jobs="$jobs" -workers="$jobs" \
             -max_total_time="$seconds" -print_final_stats=1 \
             "$scratch" "$root/fuzz/corpus/$target") >"$log" 2>&1 || rc=$?
-        cat "$jobs_dir"/fuzz-*.log >>"$log"
+        # No job log at all (the binary did not start): rc says so.
+        cat "$jobs_dir"/fuzz-*.log >>"$log" 2>/dev/null || true
         execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | awk '{s += $1} END {print s}')
         rate=$(( ${execs:-0} / (seconds > 0 ? seconds : 1) ))
     else
