@@ -16,7 +16,7 @@ const PYTHON: &str = "/usr/bin/python3";
 
 /// Shell for the scenarios: a veth pair with the peer in namespace `peer`,
 /// `boot_guest OUT ARGS...` (guest command in /tmp/guest-cmd, console in
-/// OUT, log in OUT.log, pid in $XSKVM_PID), `wait_for TEXT FILE`, `api METHOD PATH [BODY]` (prints the
+/// OUT, log in OUT.log, pid in $XSKVM_PID, `--memory $MEMORY` if set), `wait_for TEXT FILE`, `api METHOD PATH [BODY]` (prints the
 /// body, then `CODE=status` on a line of its own) and `finish`.
 fn testbed() -> String {
     let image = guest_image();
@@ -33,7 +33,7 @@ ip -n peer link set xs1 up
 ip link set xs0 up
 boot_guest() {{
     local out=$1; shift
-    {XSKVM} --kernel {kernel} --initrd {initrd} --memory 512M --log-level info "$@" \
+    {XSKVM} --kernel {kernel} --initrd {initrd} --memory ${{MEMORY:-512M}} --log-level info "$@" \
         --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet -- \"$(cat /tmp/guest-cmd)\"" \
         </dev/null >$out 2>$out.log &
     XSKVM_PID=$!
@@ -541,6 +541,82 @@ cat /tmp/console /tmp/console.log
     assert_value(&out, "XSKVM-RC", "0");
     assert!(
         out.stdout.contains("guest powered off"),
+        "{}",
+        out.describe()
+    );
+}
+
+/// `--memory 512M,hugepages=on`: refused with the way out where the host
+/// has too few hugepages; where it has them, the guest runs on them (the
+/// host's pool shrinks by exactly 256 pages), reboots through the API (its
+/// memory cleared with the hugepages in place) and powers off, and every
+/// page goes back to the host.
+#[test]
+fn hugepage_backed_guest_runs_reboots_and_gives_its_pages_back() {
+    let image = guest_image();
+    let script = format!(
+        r#"{testbed}
+hp=/sys/kernel/mm/hugepages/hugepages-2048kB
+avail() {{ echo $(( $(cat $hp/free_hugepages) - $(cat $hp/resv_hugepages) )); }}
+echo 0 > $hp/nr_hugepages
+{XSKVM} --kernel {kernel} --memory 512M,hugepages=on </dev/null >/tmp/none.out 2>&1
+echo "NONE-RC=$?"
+echo "NONE-MSG=$(head -n 1 /tmp/none.out)"
+echo 300 > $hp/nr_hugepages
+echo "AVAIL-BEFORE=$(avail)"
+cat > /tmp/guest-cmd <<'CMD'
+echo GUEST-MEM-KB=$(awk '/MemTotal/ {{print $2}}' /proc/meminfo); echo GUEST-UP; sleep 600
+CMD
+MEMORY=512M,hugepages=on boot_guest /tmp/console --api-socket $SOCK
+wait_for GUEST-UP /tmp/console
+echo "AVAIL-RUNNING=$(avail)"
+echo "INFO=$(api GET /api/v1/vm.info | head -n 1)"
+echo "REBOOT-CODE=$(code PUT /api/v1/vm.reboot)"
+for i in $(seq 1800); do
+    [ "$(grep -c GUEST-UP /tmp/console)" -ge 2 ] && break
+    kill -0 $XSKVM_PID 2>/dev/null || break
+    sleep 0.1
+done
+echo "BOOTS=$(grep -c GUEST-UP /tmp/console)"
+echo "SHUTDOWN-CODE=$(code PUT /api/v1/vm.shutdown '{{"timeout_s": 60}}')"
+finish
+echo "AVAIL-AFTER=$(avail)"
+cat /tmp/console /tmp/console.log
+"#,
+        testbed = testbed(),
+        kernel = image.bzimage.display(),
+    );
+    let out = run(script);
+    assert_eq!(out.status, Some(0), "scenario failed\n{}", out.describe());
+    assert_value(&out, "NONE-RC", "1");
+    let refusal = out.value_of("NONE-MSG").unwrap_or_default();
+    assert!(
+        refusal.contains("needs 256 free 2 MiB hugepages and the host has 0")
+            && refusal.contains("hugepages-2048kB/nr_hugepages"),
+        "{}",
+        out.describe()
+    );
+    assert_value(&out, "AVAIL-BEFORE", "300");
+    assert_value(&out, "AVAIL-RUNNING", "44");
+    let info = json_of(&out, "INFO");
+    assert_eq!(info["memory_hugepage_bytes"], 2 << 20, "{info}");
+    assert_value(&out, "REBOOT-CODE", "204");
+    assert_value(&out, "BOOTS", "2");
+    assert_value(&out, "SHUTDOWN-CODE", "204");
+    assert_value(&out, "XSKVM-RC", "0");
+    assert_value(&out, "AVAIL-AFTER", "300");
+    let guest_kb: u64 = out
+        .value_of("GUEST-MEM-KB")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        guest_kb > 400 << 10 && guest_kb <= 512 << 10,
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stdout
+            .contains("guest memory: 512 MiB on 2 MiB hugepages"),
         "{}",
         out.describe()
     );

@@ -1,7 +1,7 @@
 //! The `--net` option parsers: xskvm's own split of `--net` (backend kind,
 //! `mac=`) in `vmm::net`, the AF_XDP backend's options in
 //! `net_afxdp::AfXdpConfig`, the path the VMM takes from one to the other,
-//! and `--memory` sizes.
+//! and `--memory` (sizes, hugepages).
 //!
 //! Invariants: no parser panics; whatever parses is valid and, written
 //! back in canonical form, parses to the same value; a MAC address is
@@ -155,5 +155,21 @@ fuzz_target!(|data: &[u8]| {
             format!("{}K", bytes >> 10)
         };
         assert_eq!(vmm::cli::parse_memory_size(&again), Ok(bytes), "{again:?}");
+    }
+
+    match vmm::cli::parse_memory_spec(text) {
+        Ok(spec) => {
+            // Hugepages only for sizes they tile; written back, the same.
+            let mut again = format!("{}K", spec.size >> 10);
+            assert_eq!(spec.size % 1024, 0, "{text:?}");
+            if let Some(page) = spec.hugepages {
+                assert_eq!(spec.size % page.bytes(), 0, "{text:?}");
+                write!(again, ",hugepages=on,hugepage-size={}K", page.bytes() >> 10).unwrap();
+            }
+            assert_eq!(vmm::cli::parse_memory_spec(&again), Ok(spec), "{again:?}");
+        }
+        Err(e) => {
+            let _ = e.to_string();
+        }
     }
 });

@@ -28,9 +28,13 @@ pub struct Args {
     #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
 
-    /// Guest RAM: a number with a K, M or G suffix (no suffix means MiB).
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory_size)]
-    pub memory: u64,
+    /// Guest RAM: a number with a K, M or G suffix (no suffix means MiB),
+    /// then optionally `,hugepages=on` to back it with 2 MiB hugepages
+    /// (`,hugepage-size=1G` for 1 GiB ones) reserved on the host
+    /// (/proc/sys/vm/nr_hugepages, or the hugepages-SIZE directories in
+    /// /sys/kernel/mm/hugepages).
+    #[arg(long, value_name = "SIZE[,hugepages=on][,hugepage-size=2M|1G]", default_value = "512M", value_parser = parse_memory_spec)]
+    pub memory: MemorySpec,
 
     /// Number of virtual CPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -78,6 +82,99 @@ pub struct Args {
     pub log_level: log::LevelFilter,
 }
 
+/// `--memory`: how much guest RAM, and what backs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemorySpec {
+    pub size: u64,
+    /// Hugepages of this size back the guest's RAM; `None`: ordinary pages.
+    pub hugepages: Option<HugePageSize>,
+}
+
+/// The hugepage sizes x86-64 has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HugePageSize {
+    Size2M,
+    Size1G,
+}
+
+impl HugePageSize {
+    pub fn bytes(self) -> u64 {
+        match self {
+            HugePageSize::Size2M => 2 << 20,
+            HugePageSize::Size1G => 1 << 30,
+        }
+    }
+
+    /// log2 of the size, as `mmap` takes it (`MAP_HUGE_SHIFT`).
+    pub fn shift(self) -> u32 {
+        self.bytes().trailing_zeros()
+    }
+
+    /// The directory under /sys/kernel/mm/hugepages/ for this size.
+    pub fn sysfs_name(self) -> &'static str {
+        match self {
+            HugePageSize::Size2M => "hugepages-2048kB",
+            HugePageSize::Size1G => "hugepages-1048576kB",
+        }
+    }
+}
+
+impl std::fmt::Display for HugePageSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HugePageSize::Size2M => "2 MiB",
+            HugePageSize::Size1G => "1 GiB",
+        })
+    }
+}
+
+/// Parses `--memory`: `SIZE[,hugepages=on|off][,hugepage-size=2M|1G]`.
+pub fn parse_memory_spec(text: &str) -> Result<MemorySpec, String> {
+    let mut parts = text.split(',');
+    let size = parse_memory_size(parts.next().unwrap_or_default())?;
+    let mut hugepages = false;
+    let mut page_size = None;
+    for part in parts {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("'{part}' is not KEY=VALUE (hugepages=on, hugepage-size=2M)"))?;
+        match key.trim() {
+            "hugepages" => {
+                hugepages = match value.trim() {
+                    "on" => true,
+                    "off" => false,
+                    other => return Err(format!("hugepages={other}: use on or off")),
+                }
+            }
+            "hugepage-size" => {
+                page_size = Some(match parse_memory_size(value)? {
+                    n if n == HugePageSize::Size2M.bytes() => HugePageSize::Size2M,
+                    n if n == HugePageSize::Size1G.bytes() => HugePageSize::Size1G,
+                    _ => return Err(format!("hugepage-size={value}: use 2M or 1G")),
+                })
+            }
+            other => {
+                return Err(format!(
+                    "unknown --memory option '{other}' (known: hugepages, hugepage-size)"
+                ))
+            }
+        }
+    }
+    if page_size.is_some() && !hugepages {
+        return Err("hugepage-size needs hugepages=on".into());
+    }
+    let hugepages = hugepages.then(|| page_size.unwrap_or(HugePageSize::Size2M));
+    if let Some(page) = hugepages {
+        if size % page.bytes() != 0 {
+            return Err(format!(
+                "{} MiB is not a whole number of {page} hugepages",
+                size >> 20
+            ));
+        }
+    }
+    Ok(MemorySpec { size, hugepages })
+}
+
 /// Parses a QEMU-style size: `512M`, `2G`, `65536K`, or a bare number of MiB.
 pub fn parse_memory_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
@@ -109,6 +206,48 @@ mod tests {
     }
 
     #[test]
+    fn memory_with_hugepages() {
+        let spec = |size, hugepages| Ok(MemorySpec { size, hugepages });
+        assert_eq!(parse_memory_spec("1G"), spec(1 << 30, None));
+        assert_eq!(
+            parse_memory_spec("512M,hugepages=on"),
+            spec(512 << 20, Some(HugePageSize::Size2M))
+        );
+        assert_eq!(
+            parse_memory_spec("2G,hugepages=on,hugepage-size=1G"),
+            spec(2 << 30, Some(HugePageSize::Size1G))
+        );
+        assert_eq!(
+            parse_memory_spec("512M,hugepage-size=2048K,hugepages=on"),
+            spec(512 << 20, Some(HugePageSize::Size2M))
+        );
+        assert_eq!(
+            parse_memory_spec("512M,hugepages=off"),
+            spec(512 << 20, None)
+        );
+        assert_eq!(HugePageSize::Size2M.shift(), 21);
+        assert_eq!(HugePageSize::Size1G.shift(), 30);
+    }
+
+    #[test]
+    fn memory_options_that_cannot_work_are_refused() {
+        for bad in [
+            "512M,hugepages=yes",
+            "512M,hugepages",
+            "512M,hugepage-size=4M,hugepages=on",
+            "512M,hugepage-size=2M",
+            "512M,hugepages=on,hugepage-size=1G",
+            "513M,hugepages=on",
+            "512M,shared=on",
+            ",hugepages=on",
+        ] {
+            assert!(parse_memory_spec(bad).is_err(), "{bad} accepted");
+        }
+        let e = parse_memory_spec("513M,hugepages=on").unwrap_err();
+        assert!(e.contains("whole number of 2 MiB hugepages"), "{e}");
+    }
+
+    #[test]
     fn rejects_garbage_and_overflow() {
         assert!(parse_memory_size("").is_err());
         assert!(parse_memory_size("M").is_err());
@@ -120,7 +259,13 @@ mod tests {
     #[test]
     fn defaults_and_unknown_flags() {
         let args = Args::try_parse_from(["xskvm", "--kernel", "k"]).unwrap();
-        assert_eq!(args.memory, 512 << 20);
+        assert_eq!(
+            args.memory,
+            MemorySpec {
+                size: 512 << 20,
+                hugepages: None
+            }
+        );
         assert_eq!(args.vcpus, 1);
         assert_eq!(args.cmdline, DEFAULT_CMDLINE);
         assert!(Args::try_parse_from(["xskvm", "--kernel", "k", "--bogus"]).is_err());

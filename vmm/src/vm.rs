@@ -5,7 +5,7 @@
 //! its own error on any host.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -20,13 +20,17 @@ use kvm_bindings::{
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MmapRegion,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::{write_acpi_tables, AcpiPlatform};
 use crate::afxdp::XdpRxFilter;
 use crate::api::{ApiListener, ApiServer, NicStatus, VmStatus};
 use crate::boot::GuestImage;
+use crate::cli::HugePageSize;
 use crate::cpu::InitialState;
 use crate::event_loop::{MainLoop, VmReset};
 use crate::layout::*;
@@ -50,6 +54,8 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub memory: u64,
+    /// `--memory ...,hugepages=on`: hugepages of this size back guest RAM.
+    pub hugepages: Option<HugePageSize>,
     pub vcpus: u32,
     pub kvm_device: PathBuf,
     pub nets: Vec<NetDevice>,
@@ -280,7 +286,13 @@ impl Vm {
             .as_deref()
             .map(ApiListener::bind)
             .transpose()?;
-        let mem = create_guest_memory(config.memory)?;
+        let mem = create_guest_memory(config.memory, config.hugepages)?;
+        if let Some(page) = config.hugepages {
+            log::info!(
+                "guest memory: {} MiB on {page} hugepages",
+                config.memory >> 20
+            );
+        }
         let mut image =
             GuestImage::open(&config.kernel, config.initrd.as_deref(), &config.cmdline)?;
         let boot = image.load(&mem)?;
@@ -344,13 +356,16 @@ impl Vm {
                 exits: exits[usize::from(index)].clone(),
             }
         })?;
-        let status = Arc::new(VmStatus::new(
-            config.name,
-            config.memory,
-            config.kernel.clone(),
-            nics,
-            exits,
-        ));
+        let status = Arc::new(
+            VmStatus::new(
+                config.name,
+                config.memory,
+                config.kernel.clone(),
+                nics,
+                exits,
+            )
+            .with_hugepages(config.hugepages.map(HugePageSize::bytes)),
+        );
         Ok(Self {
             filters,
             capabilities: config.capabilities,
@@ -755,6 +770,9 @@ pub fn check_config(config: &VmConfig) -> Result<u8, VmmError> {
             });
         }
     }
+    if let Some(page) = config.hugepages {
+        check_hugepages(config.memory, page)?;
+    }
     if config.vcpus == 0 {
         return Err(VmmError::NoVcpus);
     }
@@ -778,7 +796,40 @@ fn host_memory() -> Option<u64> {
     Some(kib << 10)
 }
 
-fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, VmmError> {
+/// Hugepages of `size` the host has free and not promised to anyone
+/// (`free_hugepages - resv_hugepages`); `None` where the kernel offers no
+/// such pages (no sysfs directory for them).
+fn available_hugepages(size: HugePageSize) -> Option<u64> {
+    let dir = Path::new("/sys/kernel/mm/hugepages").join(size.sysfs_name());
+    let read = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(dir.join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(read("free_hugepages")?.saturating_sub(read("resv_hugepages").unwrap_or(0)))
+}
+
+/// Refuses hugepage-backed memory the host cannot give, before any NIC is
+/// touched (`mmap` would refuse too, later and less clearly).
+fn check_hugepages(size: u64, page: HugePageSize) -> Result<(), VmmError> {
+    let needed = size.div_ceil(page.bytes());
+    match available_hugepages(page) {
+        Some(available) if available >= needed => Ok(()),
+        available => Err(VmmError::HugePages {
+            needed,
+            page,
+            available,
+            sysfs: page.sysfs_name(),
+        }),
+    }
+}
+
+fn create_guest_memory(
+    size: u64,
+    hugepages: Option<HugePageSize>,
+) -> Result<GuestMemoryMmap, VmmError> {
     let err = |reason: String| VmmError::GuestMemory {
         size_mib: size >> 20,
         reason,
@@ -791,7 +842,40 @@ fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, VmmError> {
                 .map_err(|_| err("size does not fit this host's address space".into()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| err(e.to_string()))
+    let Some(page) = hugepages else {
+        return GuestMemoryMmap::from_ranges(&ranges).map_err(|e| err(e.to_string()));
+    };
+    let regions = ranges
+        .into_iter()
+        .map(|(start, len)| {
+            // Private hugetlb pages are reserved here (no MAP_NORESERVE), so
+            // a host that runs short fails now, not with SIGBUS mid-run.
+            let flags = libc::MAP_PRIVATE
+                | libc::MAP_ANONYMOUS
+                | libc::MAP_HUGETLB
+                | ((page.shift() as i32) << libc::MAP_HUGE_SHIFT);
+            let mut mapping =
+                MmapRegion::build(None, len, libc::PROT_READ | libc::PROT_WRITE, flags).map_err(
+                    |e| match e {
+                        vm_memory::mmap::MmapRegionError::Mmap(e)
+                            if e.raw_os_error() == Some(libc::ENOMEM) =>
+                        {
+                            VmmError::HugePages {
+                                needed: size.div_ceil(page.bytes()),
+                                page,
+                                available: available_hugepages(page),
+                                sysfs: page.sysfs_name(),
+                            }
+                        }
+                        e => err(format!("{page} hugepages: {e}")),
+                    },
+                )?;
+            mapping.set_hugetlbfs(true);
+            GuestRegionMmap::new(mapping, start)
+                .ok_or_else(|| err("region past the end of the address space".into()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))
 }
 
 fn open_kvm(config: &VmConfig) -> Result<Kvm, VmmError> {
@@ -897,4 +981,41 @@ pub(crate) fn read_signal(fd: &OwnedFd) -> Option<i32> {
         )
     };
     (n == size as isize).then_some(info.ssi_signo as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hugepages_beyond_what_the_host_has_are_refused_with_the_way_to_reserve_them() {
+        // No host has 2^20 hugepages of 2 MiB (2 TiB) or 1 GiB free.
+        for page in [HugePageSize::Size2M, HugePageSize::Size1G] {
+            let size = page.bytes() << 20;
+            let e = check_hugepages(size, page).unwrap_err();
+            let VmmError::HugePages {
+                needed, available, ..
+            } = &e
+            else {
+                panic!("{e:?}");
+            };
+            assert_eq!(*needed, 1 << 20);
+            assert!(available.is_none_or(|n| n < 1 << 20));
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!(
+                    "/sys/kernel/mm/hugepages/{}/nr_hugepages",
+                    page.sysfs_name()
+                )),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn guest_memory_without_hugepages_covers_the_ram_regions() {
+        let mem = create_guest_memory(64 << 20, None).unwrap();
+        assert_eq!(mem.num_regions(), 1);
+        assert_eq!(mem.iter().map(|r| r.len()).sum::<u64>(), 64 << 20);
+    }
 }

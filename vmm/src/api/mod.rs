@@ -73,6 +73,8 @@ impl NicStatus {
 pub struct VmStatus {
     pub name: String,
     pub memory: u64,
+    /// Bytes of each hugepage backing guest RAM; `None`: ordinary pages.
+    hugepage_bytes: Option<u64>,
     pub kernel: PathBuf,
     state: Mutex<VmState>,
     /// Reboots through the API so far.
@@ -92,12 +94,19 @@ impl VmStatus {
         Self {
             name,
             memory,
+            hugepage_bytes: None,
             kernel,
             state: Mutex::new(VmState::Running),
             reboots: AtomicU64::new(0),
             nics,
             vcpu_exits,
         }
+    }
+
+    /// Guest RAM is on hugepages of this many bytes.
+    pub fn with_hugepages(mut self, hugepage_bytes: Option<u64>) -> Self {
+        self.hugepage_bytes = hugepage_bytes;
+        self
     }
 
     pub fn state(&self) -> VmState {
@@ -153,6 +162,7 @@ impl VmStatus {
             "state": self.state().as_str(),
             "reboots": self.reboots.load(Ordering::Relaxed),
             "memory_bytes": self.memory,
+            "memory_hugepage_bytes": self.hugepage_bytes,
             "vcpus": self.vcpu_exits.len(),
             "kernel": self.kernel.display().to_string(),
             "nics": nics,

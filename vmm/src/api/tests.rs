@@ -260,6 +260,13 @@ fn net_link_sets_the_guest_link_and_unknown_nics_are_404() {
 }
 
 #[test]
+fn info_says_what_backs_guest_memory() {
+    let status = status().with_hugepages(Some(2 << 20));
+    let (response, _) = call(&status, "GET", "/api/v1/vm.info", "", Ok(()));
+    assert_eq!(body_json(&response)["memory_hugepage_bytes"], 2u64 << 20);
+}
+
+#[test]
 fn info_describes_the_vm_and_its_nics() {
     let status = status();
     let (response, _) = call(&status, "GET", "/api/v1/vm.info", "", Ok(()));
@@ -267,6 +274,7 @@ fn info_describes_the_vm_and_its_nics() {
     let info = body_json(&response);
     assert_eq!(info["state"], "running");
     assert_eq!(info["memory_bytes"], 512u64 << 20);
+    assert_eq!(info["memory_hugepage_bytes"], Value::Null);
     assert_eq!(info["vcpus"], 2);
     assert_eq!(info["kernel"], "/k");
     let nic = &info["nics"][0];
