@@ -132,6 +132,7 @@ mod nic;
 mod program;
 mod queue;
 mod ring;
+mod shared_umem;
 mod sys;
 pub mod testbed;
 mod umem;
@@ -148,6 +149,7 @@ pub use queue::{
     CounterSnapshot, QueueCounters, QueueStats, QueueStatsHandle, Readiness, TxBatch, TxRequest,
     XdpStatistics, XskQueue,
 };
+pub use shared_umem::{RxDesc, SharedUmem, SharedUmemQueue, TxDesc, XDP_PACKET_HEADROOM};
 pub use umem::FrameAccounting;
 
 /// Capability numbers (linux/capability.h) that opening a NIC takes:

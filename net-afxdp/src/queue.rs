@@ -174,7 +174,7 @@ impl QueueStatsHandle {
     }
 }
 
-fn xdp_statistics(fd: RawFd) -> io::Result<XdpStatistics> {
+pub(crate) fn xdp_statistics(fd: RawFd) -> io::Result<XdpStatistics> {
     sys::getsockopt::<libc::xdp_statistics>(fd, libc::SOL_XDP, libc::XDP_STATISTICS)
         .map(|(s, _)| s.into())
 }
