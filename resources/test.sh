@@ -27,3 +27,7 @@ cargo test --workspace --all-targets "$@"
 # fails here with the artifact's path. Installs cargo-fuzz when missing.
 echo "== fuzz smoke (${FUZZ_SMOKE_SECONDS:-20} s per target)"
 FUZZ_SEED=${FUZZ_SEED:-1} bash resources/fuzz.sh "${FUZZ_SMOKE_SECONDS:-20}"
+# The campaign numbers on issue 8 come from fuzz.sh's counts: check its
+# FUZZ_JOBS sum against what the jobs themselves report.
+echo "== fuzz.sh job count check"
+bash resources/fuzz-jobs-check.sh 5
