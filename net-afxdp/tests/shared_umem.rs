@@ -141,6 +141,39 @@ fn bind_queues(
     .expect("entering the test namespace")
 }
 
+/// One test's world: a veth pair, a packet socket on its far end, the
+/// region and the sockets bound on it for `pair.a`. Fields drop in
+/// order: the sockets, the UMEM, the region they point into, the pair.
+struct Bench {
+    queues: Vec<SharedUmemQueue>,
+    umem: SharedUmem,
+    region: Region,
+    peer: net_afxdp::testbed::PacketSocket,
+    a_mac: [u8; 6],
+    b_mac: [u8; 6],
+    pair: VethPair,
+}
+
+/// A [`Bench`] of `veth_queues` queues, sockets bound on `bound`.
+fn bench(veth_queues: u32, chunk_size: u32, headroom: u32, bound: &[u32]) -> Bench {
+    require_root!();
+    init_log();
+    let pair = VethPair::new(veth_queues).unwrap();
+    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
+    let peer = packet_socket(&pair, &pair.b);
+    let region = Region::new();
+    let (umem, queues) = bind_queues(&pair, &region, chunk_size, headroom, bound);
+    Bench {
+        queues,
+        umem,
+        region,
+        peer,
+        a_mac,
+        b_mac,
+        pair,
+    }
+}
+
 /// Collects `count` completions (kicking meanwhile) within two seconds.
 fn completions(q: &mut SharedUmemQueue, count: usize) -> Vec<u64> {
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -188,13 +221,10 @@ fn redirect_to(pair: &VethPair, q: &SharedUmemQueue) -> (XdpProgram, std::os::fd
 
 #[test]
 fn transmit_from_anywhere_in_the_region_reaches_the_peer_and_completes_in_order() {
-    require_root!();
-    init_log();
-    let pair = VethPair::new(1).unwrap();
-    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
-    let peer = packet_socket(&pair, &pair.b);
-    let region = Region::new();
-    let (_umem, mut queues) = bind_queues(&pair, &region, 4096, 0, &[0]);
+    let mut b = bench(1, 4096, 0, &[0]);
+    let (a_mac, b_mac) = (b.a_mac, b.b_mac);
+    let (peer, region) = (&b.peer, &b.region);
+    let queues = &mut b.queues;
     let q = &mut queues[0];
     // Odd offsets, one frame across a page boundary, one ending at the
     // region's last byte.
@@ -230,7 +260,7 @@ fn transmit_from_anywhere_in_the_region_reaches_the_peer_and_completes_in_order(
     for (got, want) in done.iter().zip(&want) {
         assert_eq!(got | 1, want | 1, "completions {done:x?} for {want:x?}");
     }
-    let got = packet_frames(&peer, frames.len(), Duration::from_secs(2));
+    let got = packet_frames(peer, frames.len(), Duration::from_secs(2));
     assert_eq!(got, frames, "the peer got other bytes");
     let stats = q.statistics().unwrap();
     assert_eq!(stats.tx_invalid_descs, 0, "{stats:?}");
@@ -238,13 +268,10 @@ fn transmit_from_anywhere_in_the_region_reaches_the_peer_and_completes_in_order(
 
 #[test]
 fn transmit_descriptors_leaving_the_region_or_longer_than_a_chunk_are_refused() {
-    require_root!();
-    init_log();
-    let pair = VethPair::new(1).unwrap();
-    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
-    let peer = packet_socket(&pair, &pair.b);
-    let region = Region::new();
-    let (umem, mut queues) = bind_queues(&pair, &region, 2048, 0, &[0]);
+    let mut b = bench(1, 2048, 0, &[0]);
+    let (a_mac, b_mac) = (b.a_mac, b.b_mac);
+    let (peer, region, umem) = (&b.peer, &b.region, &b.umem);
+    let queues = &mut b.queues;
     let q = &mut queues[0];
     let frame = test_frame(b_mac, a_mac, 7, 1514);
     region.write(0, &frame);
@@ -274,23 +301,20 @@ fn transmit_descriptors_leaving_the_region_or_longer_than_a_chunk_are_refused() 
         done == [0] || done == [(REGION - 50) as u64, 0, 0],
         "completions {done:?}"
     );
-    let got = packet_frames(&peer, 1, Duration::from_secs(2));
+    let got = packet_frames(peer, 1, Duration::from_secs(2));
     assert_eq!(got, vec![frame]);
 }
 
 #[test]
 fn received_bytes_land_after_fill_address_headroom_and_256_and_nowhere_else() {
-    require_root!();
-    init_log();
-    let pair = VethPair::new(1).unwrap();
-    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
-    let peer = packet_socket(&pair, &pair.b);
-    let region = Region::new();
     let headroom = 600;
-    let (umem, mut queues) = bind_queues(&pair, &region, 2048, headroom, &[0]);
+    let mut b = bench(1, 2048, headroom, &[0]);
+    let (a_mac, b_mac) = (b.a_mac, b.b_mac);
+    let (pair, peer, region, umem) = (&b.pair, &b.peer, &b.region, &b.umem);
+    let queues = &mut b.queues;
     let q = &mut queues[0];
     assert_eq!(umem.rx_frame_room(), 2048 - 600 - 256);
-    let _program = redirect_to(&pair, q);
+    let _program = redirect_to(pair, q);
     // Odd, across a page, plain.
     let fills = [0x101u64, 0x1f00, 0x5000];
     assert_eq!(q.post_fill(&fills), 3);
@@ -334,15 +358,12 @@ fn received_bytes_land_after_fill_address_headroom_and_256_and_nowhere_else() {
 
 #[test]
 fn a_fill_address_whose_chunk_would_leave_the_region_is_never_used() {
-    require_root!();
-    init_log();
-    let pair = VethPair::new(1).unwrap();
-    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
-    let peer = packet_socket(&pair, &pair.b);
-    let region = Region::new();
-    let (_umem, mut queues) = bind_queues(&pair, &region, 2048, 0, &[0]);
+    let mut b = bench(1, 2048, 0, &[0]);
+    let (a_mac, b_mac) = (b.a_mac, b.b_mac);
+    let (pair, peer, region) = (&b.pair, &b.peer, &b.region);
+    let queues = &mut b.queues;
     let q = &mut queues[0];
-    let _program = redirect_to(&pair, q);
+    let _program = redirect_to(pair, q);
     // 2047 bytes before the end: a 2048-byte chunk would pass it.
     assert_eq!(q.post_fill(&[(REGION - 2047) as u64]), 1);
     peer.send(&test_frame(a_mac, b_mac, 1, 60)).unwrap();
@@ -364,13 +385,10 @@ fn a_fill_address_whose_chunk_would_leave_the_region_is_never_used() {
 
 #[test]
 fn sockets_of_two_queues_share_the_region_with_their_own_completions() {
-    require_root!();
-    init_log();
-    let pair = VethPair::new(2).unwrap();
-    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
-    let peer = packet_socket(&pair, &pair.b);
-    let region = Region::new();
-    let (_umem, mut queues) = bind_queues(&pair, &region, 4096, 0, &[0, 1]);
+    let mut b = bench(2, 4096, 0, &[0, 1]);
+    let (a_mac, b_mac) = (b.a_mac, b.b_mac);
+    let (peer, region) = (&b.peer, &b.region);
+    let queues = &mut b.queues;
     let [q0, q1] = &mut queues[..] else {
         unreachable!()
     };
@@ -396,7 +414,7 @@ fn sockets_of_two_queues_share_the_region_with_their_own_completions() {
     );
     assert_eq!(completions(q1, 1), vec![0x9000]);
     assert!(completions(q0, 1).is_empty(), "q1's completion on q0");
-    let mut got = packet_frames(&peer, 2, Duration::from_secs(2));
+    let mut got = packet_frames(peer, 2, Duration::from_secs(2));
     got.sort();
     let mut want = vec![f0, f1];
     want.sort();
