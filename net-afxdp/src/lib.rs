@@ -149,7 +149,10 @@ pub use queue::{
     CounterSnapshot, QueueCounters, QueueStats, QueueStatsHandle, Readiness, TxBatch, TxRequest,
     XdpStatistics, XskQueue,
 };
-pub use shared_umem::{RxDesc, SharedUmem, SharedUmemQueue, TxDesc, XDP_PACKET_HEADROOM};
+pub use shared_umem::{
+    tx_checksum_request, RxDesc, SharedUmem, SharedUmemQueue, TxDesc, TxMetadata, TX_METADATA_LEN,
+    XDP_PACKET_HEADROOM,
+};
 pub use umem::FrameAccounting;
 
 /// Capability numbers (linux/capability.h) that opening a NIC takes:

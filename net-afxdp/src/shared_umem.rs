@@ -62,6 +62,53 @@ impl RxDesc {
 pub struct TxDesc {
     pub addr: u64,
     pub len: u32,
+    /// More descriptors of the same frame follow (a socket bound
+    /// multi-buffer).
+    pub more: bool,
+    /// The frame's first descriptor, with `struct xsk_tx_metadata` (a
+    /// checksum request) in the [`TX_METADATA_LEN`] bytes in front of
+    /// `addr` (a UMEM registered with TX metadata).
+    pub metadata: bool,
+}
+
+impl TxDesc {
+    /// A whole frame in one descriptor, without metadata.
+    pub fn new(addr: u64, len: u32) -> TxDesc {
+        TxDesc {
+            addr,
+            len,
+            more: false,
+            metadata: false,
+        }
+    }
+}
+
+/// Bytes of `struct xsk_tx_metadata` in front of a transmit descriptor
+/// that carries one (flags; csum_start, csum_offset; launch_time).
+pub const TX_METADATA_LEN: u32 = 24;
+
+/// `struct xsk_tx_metadata` asking the kernel to fill the checksum of the
+/// bytes from `csum_start` (counted from the frame's first byte) to the
+/// frame's end into `csum_start + csum_offset`.
+pub fn tx_checksum_request(csum_start: u16, csum_offset: u16) -> [u8; TX_METADATA_LEN as usize] {
+    let mut meta = [0u8; TX_METADATA_LEN as usize];
+    meta[..8].copy_from_slice(&u64::from(libc::XDP_TXMD_FLAGS_CHECKSUM).to_ne_bytes());
+    meta[8..10].copy_from_slice(&csum_start.to_ne_bytes());
+    meta[10..12].copy_from_slice(&csum_offset.to_ne_bytes());
+    meta
+}
+
+/// TX metadata for a [`SharedUmem`]: room for a checksum request in front
+/// of every descriptor that says so (registered the Linux 6.11+ way, with
+/// `XDP_UMEM_TX_METADATA_LEN`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxMetadata {
+    /// None: the kernel sends what it is given.
+    Off,
+    /// Checksums filled by the device, or by the kernel when the device
+    /// cannot. (Not `XDP_UMEM_TX_SW_CSUM`: with multi-buffer, 6.18 sums
+    /// only a frame's first descriptor there.)
+    Checksum,
 }
 
 impl SharedUmem {
@@ -82,6 +129,7 @@ impl SharedUmem {
         len: usize,
         chunk_size: u32,
         headroom: u32,
+        tx_metadata: TxMetadata,
     ) -> Result<SharedUmem> {
         let bad = |what: String| Error::Io {
             op: "registering a shared UMEM",
@@ -109,13 +157,17 @@ impl SharedUmem {
             )));
         }
         let fd = new_xsk_socket()?;
+        let (metadata_flags, tx_metadata_len) = match tx_metadata {
+            TxMetadata::Off => (0, 0),
+            TxMetadata::Checksum => (libc::XDP_UMEM_TX_METADATA_LEN, TX_METADATA_LEN),
+        };
         let reg = libc::xdp_umem_reg {
             addr: ptr as u64,
             len: len as u64,
             chunk_size,
             headroom,
-            flags: libc::XDP_UMEM_UNALIGNED_CHUNK_FLAG,
-            tx_metadata_len: 0,
+            flags: libc::XDP_UMEM_UNALIGNED_CHUNK_FLAG | metadata_flags,
+            tx_metadata_len,
         };
         if let Err(source) = sys::setsockopt(fd.as_fd(), libc::SOL_XDP, libc::XDP_UMEM_REG, &reg) {
             return Err(match source.raw_os_error() {
@@ -197,12 +249,14 @@ impl SharedUmemQueue {
     /// Binds a socket on `umem` to `(ifindex, queue_id)` in copy mode, with
     /// rings of `ring_size` entries (a power of two). The first queue binds
     /// the socket that registered the UMEM; later ones a new socket that
-    /// shares it.
+    /// shares it (and its mode). `multi_buffer`: frames may take several
+    /// descriptors (`XDP_USE_SG`, Linux 6.6+; first queue only decides).
     pub fn bind(
         umem: &mut SharedUmem,
         ifindex: u32,
         queue_id: u32,
         ring_size: u32,
+        multi_buffer: bool,
     ) -> Result<SharedUmemQueue> {
         let sock_err = |op: &'static str| {
             move |source: io::Error| Error::Socket {
@@ -265,7 +319,8 @@ impl SharedUmemQueue {
         // A socket sharing the UMEM takes its mode from the first one and
         // may name no mode flags of its own (EINVAL).
         let (flags, shared_fd) = if first {
-            (libc::XDP_USE_NEED_WAKEUP | libc::XDP_COPY, 0)
+            let sg = if multi_buffer { libc::XDP_USE_SG } else { 0 };
+            (libc::XDP_USE_NEED_WAKEUP | libc::XDP_COPY | sg, 0)
         } else {
             (libc::XDP_SHARED_UMEM, umem.owner.as_raw_fd() as u32)
         };
@@ -367,7 +422,8 @@ impl SharedUmemQueue {
                 libc::xdp_desc {
                     addr: d.addr,
                     len: d.len,
-                    options: 0,
+                    options: if d.more { libc::XDP_PKT_CONTD } else { 0 }
+                        | if d.metadata { libc::XDP_TX_METADATA } else { 0 },
                 },
             );
         }

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use net_afxdp::testbed::VethPair;
 use net_afxdp::{
-    RxDesc, SharedUmem, SharedUmemQueue, TxDesc, XdpMode, XdpProgram, XDP_PACKET_HEADROOM,
+    tx_checksum_request, RxDesc, SharedUmem, SharedUmemQueue, TxDesc, TxMetadata, XdpMode,
+    XdpProgram, TX_METADATA_LEN, XDP_PACKET_HEADROOM,
 };
 
 const REGION: usize = 1 << 20;
@@ -96,10 +97,10 @@ impl Region {
     }
 
     /// Registers the region; the caller keeps `self` alive longer.
-    fn umem(&self, chunk_size: u32, headroom: u32) -> SharedUmem {
+    fn umem(&self, chunk_size: u32, headroom: u32, tx_metadata: TxMetadata) -> SharedUmem {
         // SAFETY: page-aligned anonymous mapping of REGION bytes that each
         // test keeps until after the UMEM and its sockets are dropped.
-        unsafe { SharedUmem::register(self.ptr, REGION, chunk_size, headroom) }
+        unsafe { SharedUmem::register(self.ptr, REGION, chunk_size, headroom, tx_metadata) }
             .expect("registering the region")
     }
 }
@@ -124,16 +125,16 @@ fn ifindex(pair: &VethPair, dev: &str) -> u32 {
 fn bind_queues(
     pair: &VethPair,
     region: &Region,
-    chunk_size: u32,
-    headroom: u32,
+    (chunk_size, headroom, tx_metadata): (u32, u32, TxMetadata),
     queues: &[u32],
+    multi_buffer: bool,
 ) -> (SharedUmem, Vec<SharedUmemQueue>) {
     let index = ifindex(pair, &pair.a);
     pair.run(|| {
-        let mut umem = region.umem(chunk_size, headroom);
+        let mut umem = region.umem(chunk_size, headroom, tx_metadata);
         let bound = queues
             .iter()
-            .map(|&queue| SharedUmemQueue::bind(&mut umem, index, queue, 64))
+            .map(|&queue| SharedUmemQueue::bind(&mut umem, index, queue, 64, multi_buffer))
             .collect::<Result<Vec<_>, _>>()
             .expect("binding sockets on the shared UMEM");
         (umem, bound)
@@ -156,13 +157,29 @@ struct Bench {
 
 /// A [`Bench`] of `veth_queues` queues, sockets bound on `bound`.
 fn bench(veth_queues: u32, chunk_size: u32, headroom: u32, bound: &[u32]) -> Bench {
+    bench_with(
+        veth_queues,
+        (chunk_size, headroom, TxMetadata::Off),
+        bound,
+        false,
+    )
+}
+
+/// A [`Bench`] whose UMEM has `umem` (chunk size, headroom, TX metadata)
+/// and whose sockets bind multi-buffer if asked.
+fn bench_with(
+    veth_queues: u32,
+    umem: (u32, u32, TxMetadata),
+    bound: &[u32],
+    multi_buffer: bool,
+) -> Bench {
     require_root!();
     init_log();
     let pair = VethPair::new(veth_queues).unwrap();
     let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
     let peer = packet_socket(&pair, &pair.b);
     let region = Region::new();
-    let (umem, queues) = bind_queues(&pair, &region, chunk_size, headroom, bound);
+    let (umem, queues) = bind_queues(&pair, &region, umem, bound, multi_buffer);
     Bench {
         queues,
         umem,
@@ -244,10 +261,7 @@ fn transmit_from_anywhere_in_the_region_reaches_the_peer_and_completes_in_order(
         .zip(&frames)
         .map(|(&(addr, _), frame)| {
             region.write(addr, frame);
-            TxDesc {
-                addr,
-                len: frame.len() as u32,
-            }
+            TxDesc::new(addr, frame.len() as u32)
         })
         .collect();
     assert_eq!(q.transmit(&descs), descs.len());
@@ -277,20 +291,17 @@ fn transmit_descriptors_leaving_the_region_or_longer_than_a_chunk_are_refused() 
     region.write(0, &frame);
     let bad = [
         // Ten bytes past the end.
-        TxDesc {
-            addr: (REGION - 50) as u64,
-            len: 60,
-        },
+        TxDesc::new((REGION - 50) as u64, 60),
         // Longer than one chunk: unaligned mode caps a descriptor there.
-        TxDesc { addr: 0, len: 2049 },
+        TxDesc::new(0, 2049),
     ];
     for desc in &bad {
         assert!(!umem.tx_desc_ok(desc), "{desc:?}");
     }
-    assert!(umem.tx_desc_ok(&TxDesc { addr: 0, len: 1514 }));
+    assert!(umem.tx_desc_ok(&TxDesc::new(0, 1514)));
     assert_eq!(q.transmit(&bad), 2);
     // A good one after them still goes out.
-    assert_eq!(q.transmit(&[TxDesc { addr: 0, len: 1514 }]), 1);
+    assert_eq!(q.transmit(&[TxDesc::new(0, 1514)]), 1);
     let stats = q.statistics().unwrap();
     assert_eq!(stats.tx_invalid_descs, 2, "{stats:?}");
     // Refused descriptors come back on the completion ring in Linux 6.18
@@ -397,21 +408,9 @@ fn sockets_of_two_queues_share_the_region_with_their_own_completions() {
     let f1 = test_frame(b_mac, a_mac, 11, 300);
     region.write(0x1000, &f0);
     region.write(0x9000, &f1);
-    assert_eq!(
-        q0.transmit(&[TxDesc {
-            addr: 0x1000,
-            len: 200
-        }]),
-        1
-    );
+    assert_eq!(q0.transmit(&[TxDesc::new(0x1000, 200)]), 1);
     assert_eq!(completions(q0, 1), vec![0x1000]);
-    assert_eq!(
-        q1.transmit(&[TxDesc {
-            addr: 0x9000,
-            len: 300
-        }]),
-        1
-    );
+    assert_eq!(q1.transmit(&[TxDesc::new(0x9000, 300)]), 1);
     assert_eq!(completions(q1, 1), vec![0x9000]);
     assert!(completions(q0, 1).is_empty(), "q1's completion on q0");
     let mut got = packet_frames(peer, 2, Duration::from_secs(2));
@@ -419,6 +418,140 @@ fn sockets_of_two_queues_share_the_region_with_their_own_completions() {
     let mut want = vec![f0, f1];
     want.sort();
     assert_eq!(got, want);
+}
+
+/// The one's-complement sum of `data` (16-bit big-endian words) added to
+/// `sum`, unfolded.
+fn ones_sum(data: &[u8], mut sum: u32) -> u32 {
+    for pair in data.chunks(2) {
+        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// An Ethernet + IPv4 + UDP header for `payload` bytes, its UDP checksum
+/// field holding the pseudo-header sum (what a checksum request expects).
+fn udp_header(dst: [u8; 6], src: [u8; 6], payload: usize) -> Vec<u8> {
+    let (saddr, daddr) = ([10, 0, 0, 1], [10, 0, 0, 2]);
+    let udp_len = (8 + payload) as u16;
+    let mut h = Vec::new();
+    h.extend_from_slice(&dst);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&(20 + udp_len).to_be_bytes());
+    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, 17, 0, 0]);
+    ip.extend_from_slice(&saddr);
+    ip.extend_from_slice(&daddr);
+    let ip_check = !fold(ones_sum(&ip, 0));
+    ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
+    h.extend_from_slice(&ip);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&saddr);
+    pseudo.extend_from_slice(&daddr);
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&udp_len.to_be_bytes());
+    h.extend_from_slice(&[0x04, 0xd2, 0x16, 0x2e]);
+    h.extend_from_slice(&udp_len.to_be_bytes());
+    h.extend_from_slice(&fold(ones_sum(&pseudo, 0)).to_be_bytes());
+    h
+}
+
+/// Whether the UDP checksum of an Ethernet + IPv4 + UDP frame verifies.
+fn udp_checksum_ok(frame: &[u8]) -> bool {
+    let udp = &frame[34..];
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&frame[26..34]);
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+    fold(ones_sum(udp, ones_sum(&pseudo, 0))) == 0xffff
+}
+
+/// The transmit layout `umem=guest` needs: a frame's headers in one place
+/// (the VMM's, with the checksum request in front) and its payload in
+/// another (the guest's buffer, at any offset): sent as one frame of two
+/// descriptors, it reaches the peer whole, its checksum computed over both.
+/// The sum is made where a NIC without checksum offload would have it made,
+/// by the kernel on the way to the driver (transmit checksumming off on
+/// the veth; with it on, the peer would get the request itself).
+/// `XDP_UMEM_TX_SW_CSUM` is no way to test it: with multi-buffer it sums
+/// the first descriptor only (seen on 6.18).
+#[test]
+fn a_frame_in_two_places_with_a_checksum_request_arrives_whole_and_summed() {
+    let mut b = bench_with(1, (4096, 0, TxMetadata::Checksum), &[0], true);
+    let status = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &b.pair.netns,
+            "ethtool",
+            "-K",
+            &b.pair.a,
+            "tx",
+            "off",
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("running ethtool (install ethtool)");
+    assert!(status.success(), "ethtool -K {} tx off: {status}", b.pair.a);
+    let (a_mac, b_mac) = (b.a_mac, b.b_mac);
+    let (peer, region) = (&b.peer, &b.region);
+    let q = &mut b.queues[0];
+    let payload: Vec<u8> = (0..958u32).map(|i| (i * 7 + 3) as u8).collect();
+    let header = udp_header(b_mac, a_mac, payload.len());
+    assert_eq!(header.len(), 42);
+    // Metadata, then the header right after it; the payload at an odd
+    // offset across a page boundary.
+    let meta_at = 0x10000u64;
+    let header_at = meta_at + u64::from(TX_METADATA_LEN);
+    let payload_at = 0x30f01u64;
+    region.write(meta_at, &tx_checksum_request(34, 6));
+    region.write(header_at, &header);
+    region.write(payload_at, &payload);
+    let descs = [
+        TxDesc {
+            addr: header_at,
+            len: header.len() as u32,
+            more: true,
+            metadata: true,
+        },
+        TxDesc::new(payload_at, payload.len() as u32),
+    ];
+    assert_eq!(q.transmit(&descs), 2);
+    let done = completions(q, 2);
+    assert_eq!(done.len(), 2, "one completion per descriptor: {done:x?}");
+    assert_eq!(done[0] | 1, header_at | 1);
+    assert_eq!(done[1] | 1, payload_at | 1);
+    // Not a test frame (packet_frames would skip it): the first IPv4 frame
+    // from a_mac.
+    let mut buf = vec![0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let frame = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match peer.recv(&mut buf, left).unwrap() {
+            Some(n) if buf[6..12] == a_mac && buf[12..14] == [0x08, 0x00] => {
+                break buf[..n].to_vec()
+            }
+            Some(_) => continue,
+            None => panic!("the frame did not reach the peer"),
+        }
+    };
+    let frame = &frame;
+    assert_eq!(frame.len(), header.len() + payload.len());
+    assert_eq!(frame[..40], header[..40], "headers differ");
+    assert_eq!(frame[42..], payload[..], "payload differs");
+    assert_ne!(frame[40..42], header[40..42], "checksum not filled");
+    assert!(udp_checksum_ok(frame), "bad UDP checksum in {frame:02x?}");
+    let stats = q.statistics().unwrap();
+    assert_eq!(stats.tx_invalid_descs, 0, "{stats:?}");
 }
 
 #[test]
@@ -431,7 +564,15 @@ fn a_region_that_is_not_whole_pages_is_refused() {
         (0, 4096, 2048, 1792),
     ] {
         // SAFETY: inside the mapping; refused before the kernel sees it.
-        let result = unsafe { SharedUmem::register(region.ptr.add(offset), len, chunk, headroom) };
+        let result = unsafe {
+            SharedUmem::register(
+                region.ptr.add(offset),
+                len,
+                chunk,
+                headroom,
+                TxMetadata::Off,
+            )
+        };
         assert!(
             result.is_err(),
             "accepted {offset}+{len} chunk {chunk} headroom {headroom}"
