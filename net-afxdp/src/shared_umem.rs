@@ -37,6 +37,8 @@ pub struct SharedUmem {
     len: u64,
     chunk_size: u32,
     headroom: u32,
+    /// Room for `struct xsk_tx_metadata` in front of a descriptor; 0: none.
+    tx_metadata_len: u32,
 }
 
 /// One received descriptor: the frame's bytes are at `chunk + offset`
@@ -193,6 +195,7 @@ impl SharedUmem {
             len: len as u64,
             chunk_size,
             headroom,
+            tx_metadata_len,
         })
     }
 
@@ -214,11 +217,15 @@ impl SharedUmem {
     }
 
     /// Whether the kernel takes `desc`: non-empty, inside the region, at
-    /// most one chunk long. Check before [`SharedUmemQueue::transmit`]:
+    /// most one chunk long, its metadata (if it says it has some) inside
+    /// the region too. Check before [`SharedUmemQueue::transmit`]:
     /// the kernel counts a refused descriptor in `tx_invalid_descs` and,
     /// depending on its version, returns it on the completion ring or not.
     pub fn tx_desc_ok(&self, desc: &TxDesc) -> bool {
-        desc.len > 0
+        let metadata_ok = !desc.metadata
+            || (self.tx_metadata_len > 0 && desc.addr >= u64::from(self.tx_metadata_len));
+        metadata_ok
+            && desc.len > 0
             && desc.len <= self.chunk_size
             && desc
                 .addr

@@ -299,6 +299,12 @@ fn transmit_descriptors_leaving_the_region_or_longer_than_a_chunk_are_refused() 
         assert!(!umem.tx_desc_ok(desc), "{desc:?}");
     }
     assert!(umem.tx_desc_ok(&TxDesc::new(0, 1514)));
+    // Metadata on a UMEM registered without room for it.
+    let with_metadata = TxDesc {
+        metadata: true,
+        ..TxDesc::new(4096, 1514)
+    };
+    assert!(!umem.tx_desc_ok(&with_metadata));
     assert_eq!(q.transmit(&bad), 2);
     // A good one after them still goes out.
     assert_eq!(q.transmit(&[TxDesc::new(0, 1514)]), 1);
@@ -503,7 +509,7 @@ fn a_frame_in_two_places_with_a_checksum_request_arrives_whole_and_summed() {
         .expect("running ethtool (install ethtool)");
     assert!(status.success(), "ethtool -K {} tx off: {status}", b.pair.a);
     let (a_mac, b_mac) = (b.a_mac, b.b_mac);
-    let (peer, region) = (&b.peer, &b.region);
+    let (peer, region, umem) = (&b.peer, &b.region, &b.umem);
     let q = &mut b.queues[0];
     let payload: Vec<u8> = (0..958u32).map(|i| (i * 7 + 3) as u8).collect();
     let header = udp_header(b_mac, a_mac, payload.len());
@@ -525,6 +531,17 @@ fn a_frame_in_two_places_with_a_checksum_request_arrives_whole_and_summed() {
         },
         TxDesc::new(payload_at, payload.len() as u32),
     ];
+    for desc in &descs {
+        assert!(umem.tx_desc_ok(desc), "{desc:?}");
+    }
+    let early_metadata = TxDesc {
+        addr: u64::from(TX_METADATA_LEN) - 1,
+        ..descs[0]
+    };
+    assert!(
+        !umem.tx_desc_ok(&early_metadata),
+        "metadata before the region"
+    );
     assert_eq!(q.transmit(&descs), 2);
     let done = completions(q, 2);
     assert_eq!(done.len(), 2, "one completion per descriptor: {done:x?}");
