@@ -609,3 +609,36 @@ fn an_unusable_rx_chain_amid_a_merged_frame_comes_back_before_the_frame() {
         assert_eq!(counters[0].snapshot().rx_packets, 1);
     });
 }
+
+/// Found by fuzzing mmio_registers: a TX avail ring placed two bytes before
+/// the used ring, so that `avail.idx` is `used.flags`. Without EVENT_IDX
+/// the device's own notification switches rewrite the index it reads
+/// (disabling writes 1, enabling 0), so "re-enabled, more chains?" said yes
+/// while the ring held none to take, for ever: the IO thread spun in one
+/// pass, never saw its stop event, and a reset hung in the join. A ring
+/// that announces chains it does not yield is broken: DEVICE_NEEDS_RESET.
+#[test]
+fn tx_avail_ring_overlapping_the_used_ring_needs_reset_not_a_spin() {
+    within("tx-overlap", TEST_LIMIT, || {
+        let (b, _peer) = SocketBackend::pair();
+        let (dev, counters) = net_named("hv-overlap", vec![b]);
+        let mut h = DriverHarness::new(dev);
+        // Queue 1's used ring is at its ring block + 0x2000.
+        let used = 0x10_0000 + 0x4000 + 0x2000;
+        h.start_with_avail_rings(
+            FEATURES & !VIRTIO_RING_F_EVENT_IDX,
+            3,
+            256,
+            &[(1, used - 2)],
+        );
+        h.kick(1);
+        assert!(
+            wait_needs_reset(&mut h, Duration::from_secs(5)),
+            "no DEVICE_NEEDS_RESET"
+        );
+        assert!(counters[0].snapshot().queue_errors >= 1);
+        assert_idle("xskvm-hv-overlap-q0", Duration::from_millis(300));
+        let h = reset_within(h, Duration::from_secs(5));
+        drop(h);
+    });
+}

@@ -724,9 +724,14 @@ impl QueuePairWorker {
         // Checksums the guest leaves to the device go on to the kernel
         // where it takes them (AF_XDP TX metadata), else are filled here.
         let host_csum = backend.tx_checksum_offload();
+        // Chains taken from the ring, and whether the last look at it (after
+        // re-enabling notifications) said more had come.
+        let mut popped = 0usize;
+        let mut announced = false;
         let pass = loop {
             tx.disable_notification(mem)
                 .map_err(|e| WorkerFault::queue("tx", e))?;
+            let popped_before = popped;
             let mut bytes = 0u64;
             let (sent, out_of_room) = backend.transmit(&mut |buf: &mut [u8]| loop {
                 if taken >= budget || fault.is_some() {
@@ -772,6 +777,7 @@ impl QueuePairWorker {
                 // budget of a one-entry queue, and every pass then asked
                 // for another at once (the IO thread spun).
                 taken += 1;
+                popped += 1;
                 let head = chain.head_index();
                 let start = start_tx_chain(
                     mem, chain, frame, headers, buf, budget, offloads, tx_policy, host_csum,
@@ -817,9 +823,21 @@ impl QueuePairWorker {
             if taken >= budget || pending.is_some() {
                 break Pass::MoreWork;
             }
+            if announced && popped == popped_before {
+                // The ring said chains had come and then yielded none: its
+                // index lies (e.g. the avail ring overlaps the used ring,
+                // whose flags the notification switches rewrite). Looking
+                // again would spin for ever.
+                fault = Some(WorkerFault::queue(
+                    "tx",
+                    "the avail ring announced chains it does not hold",
+                ));
+                break Pass::Done;
+            }
             if !more_after_enable(tx, mem, "tx")? {
                 break Pass::Done;
             }
+            announced = true;
         };
         // Return what was used before a fault, then report it.
         signal_used(&mut self.tx, &self.mem, &self.interrupt, &self.counters);
