@@ -619,9 +619,23 @@ fn an_unusable_rx_chain_amid_a_merged_frame_comes_back_before_the_frame() {
 /// that announces chains it does not yield is broken: DEVICE_NEEDS_RESET.
 #[test]
 fn tx_avail_ring_overlapping_the_used_ring_needs_reset_not_a_spin() {
-    within("tx-overlap", TEST_LIMIT, || {
+    overlapping_tx_rings_case("hv-overlap", true);
+}
+
+/// The same ring while the host link is down, where TX chains are returned
+/// unsent by a loop of the same shape.
+#[test]
+fn tx_avail_ring_overlapping_the_used_ring_with_the_link_down_needs_reset() {
+    overlapping_tx_rings_case("hv-overlap-down", false);
+}
+
+fn overlapping_tx_rings_case(id: &'static str, link_up: bool) {
+    within(id, TEST_LIMIT, move || {
         let (b, _peer) = SocketBackend::pair();
-        let (dev, counters) = net_named("hv-overlap", vec![b]);
+        let (dev, counters) = net_named(id, vec![b]);
+        if !link_up {
+            dev.link().set_up(false);
+        }
         let mut h = DriverHarness::new(dev);
         // Queue 1's used ring is at its ring block + 0x2000.
         let used = 0x10_0000 + 0x4000 + 0x2000;
@@ -637,7 +651,7 @@ fn tx_avail_ring_overlapping_the_used_ring_needs_reset_not_a_spin() {
             "no DEVICE_NEEDS_RESET"
         );
         assert!(counters[0].snapshot().queue_errors >= 1);
-        assert_idle("xskvm-hv-overlap-q0", Duration::from_millis(300));
+        assert_idle(&format!("xskvm-{id}-q0"), Duration::from_millis(300));
         let h = reset_within(h, Duration::from_secs(5));
         drop(h);
     });

@@ -954,10 +954,15 @@ impl QueuePairWorker {
                 .map_err(|e| WorkerFault::queue("tx", e))?;
             dropped += 1;
         }
+        // As in process_tx: a ring that says more came and yields nothing
+        // is broken, not looked at again.
+        let mut announced = false;
+        let mut broken = false;
         let pass = loop {
             self.tx
                 .disable_notification(&self.mem)
                 .map_err(|e| WorkerFault::queue("tx", e))?;
+            let dropped_before = dropped;
             while dropped < budget {
                 let Some(chain) = next_chain(&mut self.tx, &self.mem, "tx")? else {
                     break;
@@ -970,13 +975,24 @@ impl QueuePairWorker {
             if dropped == budget {
                 break Pass::MoreWork;
             }
+            if announced && dropped == dropped_before {
+                broken = true;
+                break Pass::Done;
+            }
             if !more_after_enable(&mut self.tx, &self.mem, "tx")? {
                 break Pass::Done;
             }
+            announced = true;
         };
         if dropped > 0 {
             add(&self.counters.tx_dropped_link_down, dropped as u64);
             signal_used(&mut self.tx, &self.mem, &self.interrupt, &self.counters);
+        }
+        if broken {
+            return Err(WorkerFault::queue(
+                "tx",
+                "the avail ring announced chains it does not hold",
+            ));
         }
         Ok(pass)
     }
