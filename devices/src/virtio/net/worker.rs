@@ -519,6 +519,34 @@ fn next_chain<'m>(
     }
 }
 
+/// A TX loop's "re-enable notifications, did more come?". A ring that
+/// said so last time and yielded nothing since is broken (e.g. an avail
+/// ring overlapping the used ring, whose flags the notification switches
+/// rewrite): looking again would spin for ever.
+#[derive(Default)]
+struct Recheck {
+    announced: bool,
+}
+
+impl Recheck {
+    /// `took`: whether chains were taken since the last call.
+    fn more(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        took: bool,
+    ) -> Result<bool, WorkerFault> {
+        if self.announced && !took {
+            return Err(WorkerFault::queue(
+                "tx",
+                "the avail ring announced chains it does not hold",
+            ));
+        }
+        self.announced = more_after_enable(queue, mem, "tx")?;
+        Ok(self.announced)
+    }
+}
+
 /// Re-enables notifications; true if chains arrived meanwhile.
 fn more_after_enable(
     queue: &mut Queue,
@@ -724,10 +752,9 @@ impl QueuePairWorker {
         // Checksums the guest leaves to the device go on to the kernel
         // where it takes them (AF_XDP TX metadata), else are filled here.
         let host_csum = backend.tx_checksum_offload();
-        // Chains taken from the ring, and whether the last look at it (after
-        // re-enabling notifications) said more had come.
+        // Chains taken from the ring, for the recheck.
         let mut popped = 0usize;
-        let mut announced = false;
+        let mut recheck = Recheck::default();
         let pass = loop {
             tx.disable_notification(mem)
                 .map_err(|e| WorkerFault::queue("tx", e))?;
@@ -823,21 +850,14 @@ impl QueuePairWorker {
             if taken >= budget || pending.is_some() {
                 break Pass::MoreWork;
             }
-            if announced && popped == popped_before {
-                // The ring said chains had come and then yielded none: its
-                // index lies (e.g. the avail ring overlaps the used ring,
-                // whose flags the notification switches rewrite). Looking
-                // again would spin for ever.
-                fault = Some(WorkerFault::queue(
-                    "tx",
-                    "the avail ring announced chains it does not hold",
-                ));
-                break Pass::Done;
+            match recheck.more(tx, mem, popped > popped_before) {
+                Ok(true) => {}
+                Ok(false) => break Pass::Done,
+                Err(e) => {
+                    fault = Some(e);
+                    break Pass::Done;
+                }
             }
-            if !more_after_enable(tx, mem, "tx")? {
-                break Pass::Done;
-            }
-            announced = true;
         };
         // Return what was used before a fault, then report it.
         signal_used(&mut self.tx, &self.mem, &self.interrupt, &self.counters);
@@ -954,10 +974,8 @@ impl QueuePairWorker {
                 .map_err(|e| WorkerFault::queue("tx", e))?;
             dropped += 1;
         }
-        // As in process_tx: a ring that says more came and yields nothing
-        // is broken, not looked at again.
-        let mut announced = false;
-        let mut broken = false;
+        let mut recheck = Recheck::default();
+        let mut fault = None;
         let pass = loop {
             self.tx
                 .disable_notification(&self.mem)
@@ -975,26 +993,23 @@ impl QueuePairWorker {
             if dropped == budget {
                 break Pass::MoreWork;
             }
-            if announced && dropped == dropped_before {
-                broken = true;
-                break Pass::Done;
+            match recheck.more(&mut self.tx, &self.mem, dropped > dropped_before) {
+                Ok(true) => {}
+                Ok(false) => break Pass::Done,
+                Err(e) => {
+                    fault = Some(e);
+                    break Pass::Done;
+                }
             }
-            if !more_after_enable(&mut self.tx, &self.mem, "tx")? {
-                break Pass::Done;
-            }
-            announced = true;
         };
         if dropped > 0 {
             add(&self.counters.tx_dropped_link_down, dropped as u64);
             signal_used(&mut self.tx, &self.mem, &self.interrupt, &self.counters);
         }
-        if broken {
-            return Err(WorkerFault::queue(
-                "tx",
-                "the avail ring announced chains it does not hold",
-            ));
+        match fault {
+            Some(fault) => Err(fault),
+            None => Ok(pass),
         }
-        Ok(pass)
     }
 
     /// Drops (and counts) up to a queue's worth of frames that arrived for
