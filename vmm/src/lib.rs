@@ -40,12 +40,11 @@ pub enum VmmError {
     MemoryTooSmall { got: u64, min: u64 },
     #[error("--memory {requested_mib} MiB is more than this host's {host_mib} MiB of RAM")]
     MemoryTooLarge { requested_mib: u64, host_mib: u64 },
-    #[error("--memory ...,hugepages=on needs {needed} free {page} hugepages and the host has {}: reserve them first, e.g. `echo {needed} > /sys/kernel/mm/hugepages/{sysfs}/nr_hugepages` (more if other programs use hugepages)", match .available { Some(n) => n.to_string(), None => "none of that size (its kernel offers no such pages)".to_string() })]
+    #[error("--memory ...,hugepages=on needs {needed} free {page} hugepages and the host has {}: reserve them first, e.g. `echo {needed} > /sys/kernel/mm/hugepages/{}/nr_hugepages` (more if other programs use hugepages)", match .available { Some(n) => n.to_string(), None => "none of that size (its kernel offers no such pages)".to_string() }, .page.sysfs_name())]
     HugePages {
         needed: u64,
         page: crate::cli::HugePageSize,
         available: Option<u64>,
-        sysfs: &'static str,
     },
     #[error("cannot allocate {size_mib} MiB of guest memory: {reason}")]
     GuestMemory { size_mib: u64, reason: String },

@@ -815,14 +815,19 @@ fn available_hugepages(size: HugePageSize) -> Option<u64> {
 /// touched (`mmap` would refuse too, later and less clearly).
 fn check_hugepages(size: u64, page: HugePageSize) -> Result<(), VmmError> {
     let needed = size.div_ceil(page.bytes());
-    match available_hugepages(page) {
-        Some(available) if available >= needed => Ok(()),
-        available => Err(VmmError::HugePages {
-            needed,
-            page,
-            available,
-            sysfs: page.sysfs_name(),
-        }),
+    if available_hugepages(page).is_some_and(|available| available >= needed) {
+        return Ok(());
+    }
+    Err(hugepages_short(size, page))
+}
+
+/// The error for a host short of the hugepages `size` bytes of guest RAM
+/// need, with what it has.
+fn hugepages_short(size: u64, page: HugePageSize) -> VmmError {
+    VmmError::HugePages {
+        needed: size.div_ceil(page.bytes()),
+        page,
+        available: available_hugepages(page),
     }
 }
 
@@ -860,12 +865,7 @@ fn create_guest_memory(
                         vm_memory::mmap::MmapRegionError::Mmap(e)
                             if e.raw_os_error() == Some(libc::ENOMEM) =>
                         {
-                            VmmError::HugePages {
-                                needed: size.div_ceil(page.bytes()),
-                                page,
-                                available: available_hugepages(page),
-                                sysfs: page.sysfs_name(),
-                            }
+                            hugepages_short(size, page)
                         }
                         e => err(format!("{page} hugepages: {e}")),
                     },
