@@ -153,10 +153,15 @@ pub struct AfXdpConfig {
     pub queues_given: bool,
     /// UMEM geometry per queue.
     pub umem: UmemConfig,
+    /// `umem=guest`: the UMEM of every queue is the caller's memory (guest
+    /// RAM followed by an area for the queues' own frames), opened with
+    /// [`crate::AfXdpNic::open_on`]; `umem=own` (the default): each queue
+    /// maps a UMEM of its own.
+    pub guest_umem: bool,
 }
 
 /// The option keys this crate understands.
-pub const OPTION_KEYS: [&str; 11] = [
+pub const OPTION_KEYS: [&str; 12] = [
     "ifname",
     "queues",
     "start-queue",
@@ -168,6 +173,7 @@ pub const OPTION_KEYS: [&str; 11] = [
     "tx-csum",
     "map-path",
     "map-start-index",
+    "umem",
 ];
 
 /// `(key, value)` pairs handed back by [`AfXdpConfig::parse_allowing`].
@@ -213,6 +219,7 @@ impl AfXdpConfig {
             map_start_index: None,
             queues_given: false,
             umem: UmemConfig::default(),
+            guest_umem: false,
         }
     }
 
@@ -331,6 +338,19 @@ impl AfXdpConfig {
                         "a map key (0 or more)",
                     )?);
                 }
+                "umem" => {
+                    config.guest_umem = match value {
+                        "own" => false,
+                        "guest" => true,
+                        _ => {
+                            return Err(ConfigError::BadValue {
+                                key: "umem",
+                                value: value.to_string(),
+                                expected: "own or guest",
+                            })
+                        }
+                    }
+                }
                 _ => unreachable!("key checked against OPTION_KEYS"),
             }
         }
@@ -423,7 +443,16 @@ impl AfXdpConfig {
                 });
             }
         }
+        if self.guest_umem && self.sock_fds.is_some() {
+            return Err(ConfigError::GuestUmemWithSockFds);
+        }
         self.umem.validate()
+    }
+
+    /// Bytes of UMEM the queues' own frames take: their UMEMs with
+    /// `umem=own`, their area after guest RAM with `umem=guest`.
+    pub fn queue_umem_bytes(&self) -> u64 {
+        self.umem.bytes_per_queue() * u64::from(self.queues)
     }
 
     /// The XSKMAP keys the sockets take with `map-path` (queue i at
@@ -488,6 +517,24 @@ mod tests {
             AfXdpConfig::parse("ifname=x,tx-csum=nic"),
             Err(ConfigError::BadValue { key: "tx-csum", .. })
         ));
+    }
+
+    #[test]
+    fn umem_takes_own_or_guest() {
+        assert!(!AfXdpConfig::parse("ifname=x").unwrap().guest_umem, "the default");
+        assert!(!AfXdpConfig::parse("ifname=x,umem=own").unwrap().guest_umem);
+        let c = AfXdpConfig::parse("ifname=x,umem=guest,queues=3").unwrap();
+        assert!(c.guest_umem);
+        assert_eq!(c.queue_umem_bytes(), 3 * c.umem.bytes_per_queue());
+        assert!(matches!(
+            AfXdpConfig::parse("ifname=x,umem=host"),
+            Err(ConfigError::BadValue { key: "umem", .. })
+        ));
+        assert_eq!(
+            AfXdpConfig::parse("ifname=x,inhibit=on,sock-fds=3,umem=guest"),
+            Err(ConfigError::GuestUmemWithSockFds)
+        );
+        assert!(AfXdpConfig::parse("ifname=x,inhibit=on,sock-fds=3,umem=own").is_ok());
     }
 
     #[test]

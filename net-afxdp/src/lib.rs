@@ -153,7 +153,7 @@ pub use shared_umem::{
     tx_checksum_request, RxDesc, SharedUmem, SharedUmemQueue, TxDesc, TxMetadata, TX_METADATA_LEN,
     XDP_PACKET_HEADROOM,
 };
-pub use umem::FrameAccounting;
+pub use umem::{FrameAccounting, UmemRegion};
 
 /// Capability numbers (linux/capability.h) that opening a NIC takes:
 /// CAP_NET_ADMIN (attach), CAP_NET_RAW (AF_XDP sockets), CAP_IPC_LOCK

@@ -6,8 +6,9 @@ use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use crate::config::{AfXdpConfig, XdpMode};
 use crate::error::{Error, Result, PRIVILEGE_HINT};
 use crate::program::{attached_program, RxFilterMaps, XdpAttachment, XdpProgram};
-use crate::queue::{QueueSetup, XskQueue};
+use crate::queue::{GuestUmemSetup, QueueSetup, SharedWith, XskQueue};
 use crate::sys;
+use crate::umem::UmemRegion;
 use crate::xskmap::PinnedXskMap;
 
 /// What was set up, for logs and the VMM's status output.
@@ -30,6 +31,8 @@ pub struct NicInfo {
     /// The sockets are bound with `XDP_USE_SG`: frames longer than one
     /// UMEM frame travel as several descriptors.
     pub multi_buffer: bool,
+    /// The sockets share guest memory as their UMEM (`umem=guest`).
+    pub guest_umem: bool,
     /// The longest frame (link header included) every queue carries each
     /// way; a device in front should not offer an MTU above this less
     /// [`LINK_HEADER_LEN`].
@@ -315,7 +318,37 @@ impl AfXdpNic {
     /// error they stay open and the caller still owns them (possibly with
     /// a UMEM or rings already configured).
     pub fn open(config: &AfXdpConfig) -> Result<AfXdpNic> {
+        AfXdpNic::open_on(config, None)
+    }
+
+    /// [`AfXdpNic::open`], for `umem=guest` with the region every queue
+    /// registers as its UMEM: the first queue registers all of it (so its
+    /// pages are locked once per NIC), the others share it, and each queue
+    /// keeps its frames in its window of the region's area. The region
+    /// must be given exactly when the config says `umem=guest`, with an
+    /// area of at least [`AfXdpConfig::queue_umem_bytes`].
+    pub fn open_on(config: &AfXdpConfig, region: Option<UmemRegion>) -> Result<AfXdpNic> {
         config.validate()?;
+        let region_err = |reason: String| Error::Io {
+            op: "opening a NIC with umem=guest",
+            source: io::Error::new(io::ErrorKind::InvalidInput, reason),
+        };
+        match (config.guest_umem, &region) {
+            (true, None) => return Err(region_err("no guest memory was given".into())),
+            (false, Some(_)) => {
+                return Err(region_err(
+                    "guest memory was given without umem=guest".into(),
+                ))
+            }
+            (true, Some(r)) if ((r.len() - r.area_start()) as u64) < config.queue_umem_bytes() => {
+                return Err(region_err(format!(
+                    "the queues need {} bytes after guest memory and have {}",
+                    config.queue_umem_bytes(),
+                    r.len() - r.area_start()
+                )))
+            }
+            _ => {}
+        }
         let ifindex = resolve(config)?;
         check_queue_range(config, ifindex)?;
 
@@ -346,9 +379,21 @@ impl AfXdpNic {
         let copy = copy_flag(config, attach_mode, ifindex);
 
         // Registration says what to do if this was not enough.
-        let _ = sys::raise_memlock(config.umem.bytes_per_queue() * u64::from(config.queues));
-        let mut queues = Vec::with_capacity(sockets.len());
-        for (fd, queue_id) in sockets.into_iter().zip(config.queue_ids()) {
+        let _ = sys::raise_memlock(match &region {
+            Some(r) => r.len() as u64,
+            None => config.queue_umem_bytes(),
+        });
+        let mut queues: Vec<XskQueue> = Vec::with_capacity(sockets.len());
+        for (i, (fd, queue_id)) in sockets.into_iter().zip(config.queue_ids()).enumerate() {
+            let guest = region.map(|region| GuestUmemSetup {
+                region,
+                window: region.area_start() as u64 + i as u64 * config.umem.bytes_per_queue(),
+                share: queues.first().map(|first| SharedWith {
+                    fd: first.as_fd(),
+                    multi_buffer: first.is_multi_buffer(),
+                    tx_metadata: first.tx_checksum(),
+                }),
+            });
             let setup = QueueSetup {
                 ifname: &config.ifname,
                 ifindex,
@@ -365,11 +410,17 @@ impl AfXdpNic {
                     max_frame
                 },
                 tx_checksum: config.tx_checksum,
+                guest,
             };
             let queue = XskQueue::setup(fd, &setup)?;
             log::info!(
-                "af-xdp: {} queue {queue_id}: {}{}; transmit checksums {}",
+                "af-xdp: {} queue {queue_id}: {}{}{}; transmit checksums {}",
                 config.ifname,
+                if config.guest_umem {
+                    "UMEM on guest memory (umem=guest), "
+                } else {
+                    ""
+                },
                 if queue.is_multi_buffer() {
                     format!(
                         "multi-buffer (frames up to {} bytes received, {} sent, in {}-byte \
@@ -437,6 +488,7 @@ impl AfXdpNic {
             mtu,
             tx_checksum: queues.iter().all(XskQueue::tx_checksum),
             multi_buffer: queues.iter().all(XskQueue::is_multi_buffer),
+            guest_umem: config.guest_umem,
             max_frame: queues
                 .iter()
                 .map(XskQueue::max_frame)
@@ -535,6 +587,7 @@ impl PreparedSockets {
             // Decided by whoever binds the sockets.
             tx_checksum: false,
             multi_buffer: false,
+            guest_umem: false,
             max_frame: config.umem.max_rx_frame(),
         };
         Ok(PreparedSockets {

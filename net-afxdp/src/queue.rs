@@ -11,7 +11,7 @@ use crate::config::{TxChecksum, UmemConfig};
 use crate::error::{Error, Result, PRIVILEGE_HINT};
 use crate::ring::{Ring, RingOffsets};
 use crate::sys;
-use crate::umem::{FrameAccounting, FrameLedger, UmemArea};
+use crate::umem::{FrameAccounting, FrameLedger, UmemArea, UmemRegion};
 
 /// Counters of one queue, updated once per batch by the queue's thread and
 /// readable from any thread (relaxed atomics: each is exact on its own,
@@ -228,6 +228,26 @@ pub(crate) struct QueueSetup<'a> {
     pub max_rx_frame: u32,
     /// Who fills checksums left open on transmit.
     pub tx_checksum: TxChecksum,
+    /// `umem=guest`: the queue's frames are a window of this region,
+    /// which the NIC's sockets share as one UMEM.
+    pub guest: Option<GuestUmemSetup<'a>>,
+}
+
+/// Where a queue of a `umem=guest` NIC finds its frames and its UMEM.
+pub(crate) struct GuestUmemSetup<'a> {
+    pub region: UmemRegion,
+    /// The queue's window (its frames) starts here in the region.
+    pub window: u64,
+    /// Unset for the first queue, which registers the region; the others
+    /// bind to its socket (`XDP_SHARED_UMEM`) and take its mode.
+    pub share: Option<SharedWith<'a>>,
+}
+
+/// The first queue of a `umem=guest` NIC, as the others need it.
+pub(crate) struct SharedWith<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub multi_buffer: bool,
+    pub tx_metadata: bool,
 }
 
 /// Bytes of `struct xsk_tx_metadata` (flags; csum_start, csum_offset,
@@ -271,6 +291,13 @@ pub struct XskQueue {
     zero_copy: bool,
     /// Bound with `XDP_USE_SG`: packets may span several descriptors.
     multi_buffer: bool,
+    /// Where the queue's frames start in the registered UMEM: 0 for a UMEM
+    /// of its own, its window's offset with `umem=guest`. The ledger and
+    /// `umem` count from the window; the rings from the UMEM's start.
+    umem_base: u64,
+    /// Unaligned chunk mode (`umem=guest`): received descriptors carry the
+    /// data's offset in their top 16 bits.
+    unaligned: bool,
     /// The UMEM has TX metadata room: the kernel fills checksums asked for.
     tx_metadata: bool,
     /// Where a received packet of several descriptors is put together
@@ -322,29 +349,50 @@ impl XskQueue {
         };
 
         let umem_len = s.umem.bytes() as usize;
-        let umem = UmemArea::new(umem_len).map_err(|source| Error::Io {
-            op: "mapping the UMEM",
-            source,
-        })?;
+        let umem = match &s.guest {
+            Some(g) => UmemArea::window(&g.region, g.window as usize, umem_len),
+            None => UmemArea::new(umem_len).map_err(|source| Error::Io {
+                op: "mapping the UMEM",
+                source,
+            })?,
+        };
+        // What is registered: the queue's own area, or the whole region
+        // (guest RAM and every queue's window) in unaligned chunk mode, so
+        // that buffers may later start anywhere in guest memory.
+        let (reg_addr, reg_len, reg_flags) = match &s.guest {
+            Some(g) => (
+                g.region.addr(),
+                g.region.len() as u64,
+                libc::XDP_UMEM_UNALIGNED_CHUNK_FLAG,
+            ),
+            None => (umem.addr(), umem.len() as u64, 0),
+        };
         let register = |flags: u32, tx_metadata_len: u32| {
             let reg = libc::xdp_umem_reg {
-                addr: umem.addr(),
-                len: umem.len() as u64,
+                addr: reg_addr,
+                len: reg_len,
                 chunk_size: s.umem.frame_size,
                 headroom: 0,
-                flags,
+                flags: flags | reg_flags,
                 tx_metadata_len,
             };
             sys::setsockopt(fd.as_fd(), libc::SOL_XDP, libc::XDP_UMEM_REG, &reg)
         };
+        let share = s.guest.as_ref().and_then(|g| g.share.as_ref());
         // TX metadata (checksum requests) since Linux 6.8; 6.11 and later
         // ignore its length without XDP_UMEM_TX_METADATA_LEN. Older kernels
         // would silently ignore the length and then refuse every
         // descriptor asking for metadata: go by the version.
         let version = sys::kernel_version().unwrap_or((0, 0));
-        let mut tx_metadata = s.tx_checksum != TxChecksum::Caller && version >= (6, 8);
+        let mut tx_metadata = match share {
+            // The first queue's registration decided.
+            Some(first) => first.tx_metadata,
+            None => s.tx_checksum != TxChecksum::Caller && version >= (6, 8),
+        };
         let mut result = Ok(());
-        if tx_metadata {
+        if share.is_some() {
+            // Registered by the first queue.
+        } else if tx_metadata {
             let mut flags = 0;
             if version >= (6, 11) {
                 flags |= libc::XDP_UMEM_TX_METADATA_LEN;
@@ -360,14 +408,17 @@ impl XskQueue {
                 }
             }
         }
-        if !tx_metadata {
+        if !tx_metadata && share.is_none() {
             result = register(0, 0);
         }
         if let Err(source) = result {
             return Err(match source.raw_os_error() {
                 // xdp_umem_account_pages: over RLIMIT_MEMLOCK without CAP_IPC_LOCK.
                 Some(libc::ENOBUFS) | Some(libc::ENOMEM) => Error::Memlock {
-                    needed_kib: s.umem.bytes() * u64::from(s.total_queues) / 1024,
+                    needed_kib: match &s.guest {
+                        Some(g) => g.region.len() as u64 / 1024,
+                        None => s.umem.bytes() * u64::from(s.total_queues) / 1024,
+                    },
                     queues: s.total_queues,
                     limit_kib: sys::memlock_limit().map(|b| b / 1024),
                 },
@@ -487,11 +538,15 @@ impl XskQueue {
         } else {
             1
         };
+        let want_sg = share.map_or(want_sg, |first| first.multi_buffer);
+        let slot_frames = if want_sg { slot_frames } else { 1 };
         let mut queue = XskQueue {
             queue_id: q,
             frame_size: s.umem.frame_size,
             zero_copy: false,
             multi_buffer: want_sg,
+            umem_base: s.guest.as_ref().map_or(0, |g| g.window),
+            unaligned: s.guest.is_some(),
             tx_metadata,
             rx_gather: Vec::new(),
             fill,
@@ -514,12 +569,18 @@ impl XskQueue {
         queue.refill();
 
         let bind = |flags: u16| {
+            // A socket sharing the UMEM takes its mode (copy, need-wakeup,
+            // multi-buffer) from the first and may name none (EINVAL).
+            let (flags, shared_fd) = match share {
+                Some(first) => (libc::XDP_SHARED_UMEM, first.fd.as_raw_fd() as u32),
+                None => (libc::XDP_USE_NEED_WAKEUP | s.copy_flag | flags, 0),
+            };
             let addr = libc::sockaddr_xdp {
                 sxdp_family: libc::AF_XDP as u16,
-                sxdp_flags: libc::XDP_USE_NEED_WAKEUP | s.copy_flag | flags,
+                sxdp_flags: flags,
                 sxdp_ifindex: s.ifindex,
                 sxdp_queue_id: q,
-                sxdp_shared_umem_fd: 0,
+                sxdp_shared_umem_fd: shared_fd,
             };
             // SAFETY: addr is a valid sockaddr_xdp of the given length.
             let ret = unsafe {
@@ -536,7 +597,7 @@ impl XskQueue {
             }
         };
         let mut bound = bind(if want_sg { libc::XDP_USE_SG } else { 0 });
-        if want_sg {
+        if want_sg && share.is_none() {
             if let Err(e) = &bound {
                 // Linux < 6.6 knows no XDP_USE_SG (EINVAL); a zero-copy
                 // driver without multi-buffer refuses it (EOPNOTSUPP).
@@ -713,7 +774,7 @@ impl XskQueue {
         let mut too_long = 0u64;
         let mut bytes = 0u64;
         while pos < avail && taken < want {
-            let desc = self.rx.cons_read(pos);
+            let desc = self.rx_desc(pos);
             if desc.options & libc::XDP_PKT_CONTD == 0 {
                 let Some(base) = self.ledger.check_rx(desc.addr) else {
                     // Not a frame we gave the kernel: skip it, reuse nothing.
@@ -747,7 +808,7 @@ impl XskQueue {
                     // leave it for the next call.
                     break;
                 }
-                let d = self.rx.cons_read(end);
+                let d = self.rx_desc(end);
                 end += 1;
                 match self.ledger.check_rx(d.addr) {
                     Some(base) if d.addr - base + u64::from(d.len) <= frame_size => {}
@@ -765,7 +826,7 @@ impl XskQueue {
             if valid && len <= self.rx_gather.len() {
                 let mut at = 0;
                 for i in pos..end {
-                    let d = self.rx.cons_read(i);
+                    let d = self.rx_desc(i);
                     let piece = self.umem.slice(d.addr, d.len as usize);
                     self.rx_gather[at..at + piece.len()].copy_from_slice(piece);
                     at += piece.len();
@@ -781,7 +842,7 @@ impl XskQueue {
                 bad += end - pos;
             }
             for i in pos..end {
-                if let Some(base) = self.ledger.check_rx(self.rx.cons_read(i).addr) {
+                if let Some(base) = self.ledger.check_rx(self.rx_desc(i).addr) {
                     self.ledger.rx_done(base);
                 }
             }
@@ -799,6 +860,20 @@ impl XskQueue {
         taken as usize
     }
 
+    /// The rx descriptor at `pos`, its address made an offset into the
+    /// queue's own frames (one no frame of ours has fails the ledger's
+    /// check: it wraps to far beyond the window).
+    fn rx_desc(&self, pos: u32) -> libc::xdp_desc {
+        let mut d = self.rx.cons_read(pos);
+        if self.unaligned {
+            // The fill address we gave, the data's offset above it on top.
+            d.addr = (d.addr & libc::XSK_UNALIGNED_BUF_ADDR_MASK)
+                + (d.addr >> libc::XSK_UNALIGNED_BUF_OFFSET_SHIFT);
+        }
+        d.addr = d.addr.wrapping_sub(self.umem_base);
+        d
+    }
+
     /// Puts consumed receive frames back in the fill ring (bulk) and wakes
     /// the driver if it asked for that.
     fn refill(&mut self) {
@@ -809,7 +884,7 @@ impl XskQueue {
         let n = want.min(self.fill.prod_free(want));
         for i in 0..n {
             if let Some(addr) = self.ledger.pop_recycle() {
-                self.fill.prod_write(i, addr);
+                self.fill.prod_write(i, addr + self.umem_base);
             }
         }
         self.fill.prod_submit(n);
@@ -917,7 +992,7 @@ impl XskQueue {
                 self.tx.prod_write(
                     descs,
                     libc::xdp_desc {
-                        addr: addr + from as u64,
+                        addr: self.umem_base + addr + from as u64,
                         len: (to - from) as u32,
                         options: piece_options,
                     },
@@ -996,7 +1071,7 @@ impl XskQueue {
         let n = self.comp.cons_available(self.comp.size());
         let mut bad = 0u64;
         for i in 0..n {
-            let addr = self.comp.cons_read(i);
+            let addr = self.comp.cons_read(i).wrapping_sub(self.umem_base);
             if !self.ledger.tx_completed(addr) {
                 bad += 1;
             }

@@ -43,11 +43,88 @@ pub struct FrameAccounting {
     pub rx_recycling: u32,
 }
 
-/// The mmap'ed packet area. Registered with the kernel by the socket code.
+/// Memory the caller owns that every queue of one NIC registers as its
+/// UMEM (`umem=guest`): guest RAM in `[0, area_start)`, then the queues'
+/// own frames, queue `i`'s [`crate::AfXdpConfig::umem`] bytes at
+/// `area_start + i * bytes_per_queue`. The kernel may read and write all
+/// of it; xskvm's queues touch only their own frames in the area.
+#[derive(Debug, Clone, Copy)]
+pub struct UmemRegion {
+    ptr: NonNull<u8>,
+    len: usize,
+    area_start: usize,
+}
+
+// SAFETY: a description of memory that lives for the rest of the process
+// (UmemRegion::new's contract); who writes which part is coordinated by
+// the queues' ledgers and, for guest RAM, by the guest and vm-memory.
+unsafe impl Send for UmemRegion {}
+// SAFETY: as above; the value itself is immutable.
+unsafe impl Sync for UmemRegion {}
+
+impl UmemRegion {
+    /// Describes `[ptr, ptr + len)`, with the queues' area from
+    /// `area_start` on.
+    ///
+    /// # Safety
+    /// `[ptr, ptr + len)` must be a read-write private or shared mapping of
+    /// this process that is never unmapped or remapped while the process
+    /// lives (sockets registered on it, and frames they return, may
+    /// outlive any owner the caller could name), and everything else that
+    /// touches it must tolerate the kernel writing it at any time (as
+    /// vm-memory's volatile accessors do for guest memory).
+    pub unsafe fn new(ptr: *mut u8, len: usize, area_start: usize) -> io::Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let ptr = NonNull::new(ptr)
+            .filter(|p| (p.as_ptr() as usize).is_multiple_of(page))
+            .ok_or_else(|| io::Error::other("a UMEM region must start on a page"))?;
+        if !len.is_multiple_of(page) || !area_start.is_multiple_of(page) || area_start >= len {
+            return Err(io::Error::other(format!(
+                "a UMEM region is whole pages with its queue area inside \
+                 ({len:#x} bytes, area from {area_start:#x})"
+            )));
+        }
+        Ok(UmemRegion {
+            ptr,
+            len,
+            area_start,
+        })
+    }
+
+    /// Bytes in the region (what registering it locks).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Where the queues' area starts (the guest RAM before it).
+    pub fn area_start(&self) -> usize {
+        self.area_start
+    }
+
+    /// The region's first byte (guest RAM's, with `umem=guest`).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub(crate) fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+}
+
+/// The packet area a queue owns frames in: a mapping of its own, or its
+/// window of a [`UmemRegion`]. Registered with the kernel by the socket
+/// code.
 #[derive(Debug)]
 pub(crate) struct UmemArea {
     ptr: NonNull<u8>,
     len: usize,
+    /// Unmapped on drop; false for a window of someone else's region.
+    owned: bool,
 }
 
 // SAFETY: plain memory owned by this struct; access is coordinated by the
@@ -73,7 +150,25 @@ impl UmemArea {
         }
         let ptr =
             NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
-        Ok(UmemArea { ptr, len })
+        Ok(UmemArea {
+            ptr,
+            len,
+            owned: true,
+        })
+    }
+
+    /// The `len` bytes of `region` from `offset` on (checked by the
+    /// caller to lie inside the region's area).
+    pub(crate) fn window(region: &UmemRegion, offset: usize, len: usize) -> Self {
+        debug_assert!(offset >= region.area_start && offset + len <= region.len);
+        // SAFETY: inside the region (checked by the caller), which stays
+        // mapped for the life of the process (UmemRegion::new's contract).
+        let ptr = unsafe { region.ptr.add(offset) };
+        UmemArea {
+            ptr,
+            len,
+            owned: false,
+        }
     }
 
     pub(crate) fn addr(&self) -> u64 {
@@ -104,6 +199,9 @@ impl UmemArea {
 
 impl Drop for UmemArea {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         // SAFETY: our own mapping. Dropped after the socket (field order in
         // XskQueue), so the kernel has released the pages by now; even if
         // not, the kernel holds its own page references.
