@@ -430,6 +430,59 @@ cat /tmp/console2 /tmp/console3 /tmp/console2.log /tmp/console3.log
     assert_value(&out, "XSKVM-RC", "0");
 }
 
+/// `umem=guest` on hugepages: guest RAM and the queue's area after it are
+/// one hugepage mapping (512 MiB + 16 MiB = 264 pages of 2 MiB), which the
+/// NIC registers as its UMEM; `vm.info` says so; the guest reaches the
+/// peer, reboots through the API (its memory cleared by writing, the pages
+/// kept: the kernel holds them) and reaches the peer again; every page is
+/// back once xskvm ends.
+#[test]
+fn umem_guest_on_hugepages_reboots_and_gives_its_pages_back() {
+    let script = format!(
+        r#"{testbed}
+hp=/sys/kernel/mm/hugepages/hugepages-2048kB
+avail() {{ echo $(( $(cat $hp/free_hugepages) - $(cat $hp/resv_hugepages) )); }}
+echo 300 > $hp/nr_hugepages
+cat > /tmp/guest-cmd <<'CMD'
+ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up; sleep 1; echo GUEST-NET-UP; sleep 600
+CMD
+MEMORY=512M,hugepages=on boot_guest /tmp/console --api-socket $SOCK --net af-xdp,ifname=xs0,umem=guest
+wait_for GUEST-NET-UP /tmp/console
+ip netns exec peer ping -c 3 -W 2 10.77.0.2 >/dev/null; echo "PING-BEFORE-RC=$?"
+echo "AVAIL-RUNNING=$(avail)"
+echo "INFO=$(api GET /api/v1/vm.info | head -n 1)"
+echo "REBOOT-CODE=$(code PUT /api/v1/vm.reboot)"
+for i in $(seq 1800); do
+    [ "$(grep -c GUEST-NET-UP /tmp/console)" -ge 2 ] && break
+    kill -0 $XSKVM_PID 2>/dev/null || break
+    sleep 0.1
+done
+echo "BOOTS=$(grep -c GUEST-NET-UP /tmp/console)"
+ip netns exec peer ping -c 3 -W 2 10.77.0.2 >/dev/null; echo "PING-AFTER-RC=$?"
+echo "AVAIL-REBOOTED=$(avail)"
+echo "SHUTDOWN-CODE=$(code PUT /api/v1/vm.shutdown '{{"timeout_s": 60}}')"
+finish
+echo "AVAIL-AFTER=$(avail)"
+cat /tmp/console /tmp/console.log
+"#,
+        testbed = testbed(),
+    );
+    let out = run(script);
+    assert_eq!(out.status, Some(0), "scenario failed\n{}", out.describe());
+    assert_value(&out, "PING-BEFORE-RC", "0");
+    assert_value(&out, "AVAIL-RUNNING", "36");
+    let info = json_of(&out, "INFO");
+    assert_eq!(info["nics"][0]["umem"], "guest", "{info}");
+    assert_eq!(info["memory_hugepage_bytes"], 2 << 20, "{info}");
+    assert_value(&out, "REBOOT-CODE", "204");
+    assert_value(&out, "BOOTS", "2");
+    assert_value(&out, "PING-AFTER-RC", "0");
+    assert_value(&out, "AVAIL-REBOOTED", "36");
+    assert_value(&out, "SHUTDOWN-CODE", "204");
+    assert_value(&out, "XSKVM-RC", "0");
+    assert_value(&out, "AVAIL-AFTER", "300");
+}
+
 /// `vm.reboot` restarts the guest in the same xskvm, twice, each under
 /// full-rate traffic from the peer: the guest boots again with the
 /// same configuration, the network works after it, and xskvm holds the

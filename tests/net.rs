@@ -608,6 +608,51 @@ cat /tmp/console /tmp/console.log
     assert_value(&out, "AFTER-PING", "ok");
 }
 
+/// `umem=guest`: guest RAM is the UMEM of both queue pairs' sockets (one
+/// registration, shared), and the guest works as on its own UMEMs: ping
+/// and TCP both ways on two queue pairs, traffic again after the
+/// interface was deleted and created anew (the region registered again).
+#[test]
+fn umem_guest_carries_traffic_on_two_queue_pairs_and_after_the_interface_returns() {
+    let script = format!(
+        r#"{testbed}
+ip netns exec peer iperf3 -s -D
+cat > /tmp/guest-cmd <<'CMD'
+{GUEST_WAIT_CARRIER}; {GUEST_NET_UP}; ping -c 2 -W 5 {PEER_IP} >/dev/null && echo FIRST-PING=ok; iperf3 -c {PEER_IP} -t 2 -P 4 -f m | grep -q receiver && echo TO-PEER=ok; iperf3 -c {PEER_IP} -t 2 -P 4 -f m -R | grep -q receiver && echo FROM-PEER=ok; wait_carrier 0 GUEST-CARRIER-GONE; wait_carrier 1 GUEST-CARRIER-BACK; ping -c 3 -W 5 {PEER_IP} >/dev/null && echo AFTER-PING=ok; sleep 3
+CMD
+boot_guest /tmp/console --vcpus 2 --net af-xdp,ifname=xs0,queues=2,umem=guest
+wait_for FROM-PEER=ok /tmp/console
+ip link del xs0
+wait_for GUEST-CARRIER-GONE /tmp/console
+sleep 1
+make_veth
+wait_for AFTER-PING /tmp/console
+finish
+grep -c 'UMEM on guest memory (umem=guest)' /tmp/console.log | sed 's/^/UMEM-GUEST-QUEUES=/'
+cat /tmp/console /tmp/console.log
+"#,
+        testbed = testbed(2)
+    );
+    let out = run(script);
+    assert_clean_exit(&out);
+    for key in ["FIRST-PING", "TO-PEER", "FROM-PEER", "AFTER-PING"] {
+        assert_value(&out, key, "ok");
+    }
+    assert_value(&out, "GUEST-CARRIER-GONE", "0");
+    assert_value(&out, "GUEST-CARRIER-BACK", "1");
+    // Two queues at start, two again when the interface came back.
+    assert_value(&out, "UMEM-GUEST-QUEUES", "4");
+    let counts = queue_counts(&out);
+    assert_eq!(counts.len(), 2, "{}", out.describe());
+    for (pair, (rx, tx)) in counts.iter().enumerate() {
+        assert!(
+            *rx > 100 && *tx > 100,
+            "queue pair {pair}: rx {rx} tx {tx}\n{}",
+            out.describe()
+        );
+    }
+}
+
 /// The guest's RX packet count as it printed it under `key`.
 fn count(out: &ScenarioOutput, key: &str) -> u64 {
     out.value_of(key)

@@ -521,7 +521,10 @@ mod tests {
 
     #[test]
     fn umem_takes_own_or_guest() {
-        assert!(!AfXdpConfig::parse("ifname=x").unwrap().guest_umem, "the default");
+        assert!(
+            !AfXdpConfig::parse("ifname=x").unwrap().guest_umem,
+            "the default"
+        );
         assert!(!AfXdpConfig::parse("ifname=x,umem=own").unwrap().guest_umem);
         let c = AfXdpConfig::parse("ifname=x,umem=guest,queues=3").unwrap();
         assert!(c.guest_umem);

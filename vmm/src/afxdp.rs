@@ -7,7 +7,8 @@ use std::sync::{Mutex, PoisonError};
 
 use devices::virtio::net::{NetBackend, NetConfig, RxFilterSink, RxMode, TxFrame};
 use net_afxdp::{
-    AfXdpConfig, AfXdpNic, RxFilterConfig, RxFilterMaps, TxRequest, XskQueue, LINK_HEADER_LEN,
+    AfXdpConfig, AfXdpNic, RxFilterConfig, RxFilterMaps, TxRequest, UmemRegion, XskQueue,
+    LINK_HEADER_LEN,
 };
 
 use crate::net::{MacAddr, NetSpec};
@@ -125,13 +126,33 @@ impl RxFilterSink for XdpRxFilter {
     }
 }
 
-/// Opens the host side of `--net` number `index` and describes the device.
-pub fn open_net_device(index: usize, spec: &NetSpec) -> Result<NetDevice, crate::VmmError> {
-    let config: AfXdpConfig = spec
-        .backend_options
+fn parse_config(spec: &NetSpec) -> Result<AfXdpConfig, crate::VmmError> {
+    spec.backend_options
         .parse()
-        .map_err(|e: net_afxdp::ConfigError| crate::VmmError::Net(e.to_string()))?;
-    let nic = AfXdpNic::open(&config).map_err(|e| crate::VmmError::Net(e.to_string()))?;
+        .map_err(|e: net_afxdp::ConfigError| crate::VmmError::Net(e.to_string()))
+}
+
+/// Bytes a `--net` needs after guest RAM for its queues' frames: those of
+/// its UMEMs with `umem=guest`, else 0 (its queues map their own).
+pub fn guest_umem_area(spec: &NetSpec) -> Result<u64, crate::VmmError> {
+    let config = parse_config(spec)?;
+    Ok(if config.guest_umem {
+        config.queue_umem_bytes()
+    } else {
+        0
+    })
+}
+
+/// Opens the host side of `--net` number `index` and describes the device.
+/// `umem`: the region its sockets register with `umem=guest` (guest RAM
+/// and its queues' area).
+pub fn open_net_device(
+    index: usize,
+    spec: &NetSpec,
+    umem: Option<UmemRegion>,
+) -> Result<NetDevice, crate::VmmError> {
+    let config = parse_config(spec)?;
+    let nic = AfXdpNic::open_on(&config, umem).map_err(|e| crate::VmmError::Net(e.to_string()))?;
     let (owner, queues) = nic.into_parts();
     let interface_mtu_now = owner.info().mtu;
     // The guest gets the interface's MTU, as far as the sockets carry it
@@ -160,13 +181,18 @@ pub fn open_net_device(index: usize, spec: &NetSpec) -> Result<NetDevice, crate:
     let mac = spec.mac.unwrap_or_else(|| MacAddr::generate(index));
     let id = format!("net{index}");
     log::info!(
-        "{id}: af-xdp on {} queues {:?} ({}), MAC {mac}, MTU {mtu}",
+        "{id}: af-xdp on {} queues {:?} ({}), MAC {mac}, MTU {mtu}{}",
         config.ifname,
         owner.info().queue_ids,
         owner
             .info()
             .attach_mode
             .map_or("no program: inhibit=on".to_string(), |m| format!("{m} XDP")),
+        if config.guest_umem {
+            ", guest memory registered as the UMEM (umem=guest; frames are still copied)"
+        } else {
+            ""
+        }
     );
     Ok(NetDevice {
         config: NetConfig {
@@ -181,6 +207,7 @@ pub fn open_net_device(index: usize, spec: &NetSpec) -> Result<NetDevice, crate:
             .map(|queue| Box::new(XskBackend::new(queue)) as Box<dyn NetBackend>)
             .collect(),
         host: NetHost {
+            umem,
             af_xdp: config,
             owner,
             mtu: interface_mtu_now,

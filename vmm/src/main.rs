@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::cli::Args;
-use vmm::vm::{self, VmConfig, VmExit};
+use vmm::net::NetSpec;
+use vmm::vm::{self, GuestRam, VmConfig, VmExit};
+use vmm::VmmError;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -29,20 +31,16 @@ fn main() -> ExitCode {
         api_socket: args.api_socket,
         name: args.name,
         capabilities: args.capabilities,
+        guest_memory: None,
     };
     // Bad paths and sizes are reported before any XDP program is attached.
     if let Err(e) = vm::check_config(&config) {
         eprintln!("xskvm: {e}");
         return ExitCode::FAILURE;
     }
-    for (index, spec) in args.net.iter().enumerate() {
-        match vmm::afxdp::open_net_device(index, spec) {
-            Ok(device) => config.nets.push(device),
-            Err(e) => {
-                eprintln!("xskvm: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
+    if let Err(e) = open_nics(&args.net, &mut config) {
+        eprintln!("xskvm: {e}");
+        return ExitCode::FAILURE;
     }
     match vm::run(config) {
         Ok(exit) => {
@@ -63,6 +61,36 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Opens every `--net`. With `umem=guest` NICs, guest memory is made
+/// first (in one mapping with their queues' area after it), since they
+/// register it as their UMEM.
+fn open_nics(specs: &[NetSpec], config: &mut VmConfig) -> Result<(), VmmError> {
+    let areas = specs
+        .iter()
+        .map(vmm::afxdp::guest_umem_area)
+        .collect::<Result<Vec<u64>, _>>()?;
+    let total: u64 = areas.iter().sum();
+    let umem = if total > 0 {
+        let (mem, umem) = vm::create_guest_memory(config.memory, config.hugepages, total)?;
+        config.guest_memory = Some(GuestRam { mem, umem });
+        umem
+    } else {
+        None
+    };
+    let mut offset = 0;
+    for (index, (spec, area)) in specs.iter().zip(areas).enumerate() {
+        let region = match (umem, area) {
+            (Some(mapping), 1..) => Some(mapping.region(offset)?),
+            _ => None,
+        };
+        offset += area;
+        config
+            .nets
+            .push(vmm::afxdp::open_net_device(index, spec, region)?);
+    }
+    Ok(())
 }
 
 /// The peak resident set size: what the guest and xskvm touched at most.

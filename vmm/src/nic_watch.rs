@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use devices::virtio::net::{NetBackend, NetLink};
-use net_afxdp::{AfXdpConfig, AfXdpNic, NicInfo, NicOwner, QueueStatsHandle};
+use net_afxdp::{AfXdpConfig, AfXdpNic, NicInfo, NicOwner, QueueStatsHandle, UmemRegion};
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
@@ -157,6 +157,8 @@ pub struct WatchedNic {
     pub id: String,
     /// To open the NIC again after its interface came back.
     pub config: AfXdpConfig,
+    /// With `umem=guest`, the region to register again then.
+    pub umem: Option<UmemRegion>,
     /// The interface the sockets are bound to; `None` once it is gone.
     pub ifindex: Option<u32>,
     /// Keeps our XDP program attached (dropped when the interface goes).
@@ -273,7 +275,7 @@ impl WatchedNic {
             }
             return;
         }
-        let nic = match AfXdpNic::open(&self.config) {
+        let nic = match AfXdpNic::open_on(&self.config, self.umem) {
             Ok(nic) => nic,
             Err(e) => {
                 log::warn!(
@@ -515,6 +517,7 @@ mod tests {
         let mut nic = WatchedNic {
             id: "net0".into(),
             config: "ifname=xs0".parse().unwrap(),
+            umem: None,
             ifindex: Some(7),
             owner: None,
             link: Arc::new(GuestLink::new(net.link())),

@@ -21,8 +21,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MmapRegion,
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -66,6 +66,51 @@ pub struct VmConfig {
     pub name: String,
     /// `--capabilities`: what xskvm keeps once the guest runs.
     pub capabilities: CapabilityMode,
+    /// Guest memory made before the NICs were opened (they register it
+    /// with `umem=guest`); None: [`Vm::build`] makes it.
+    pub guest_memory: Option<GuestRam>,
+}
+
+/// Guest RAM made ahead of the VM, and the one host mapping it lies in
+/// when `umem=guest` NICs register it as their UMEM.
+pub struct GuestRam {
+    pub mem: GuestMemoryMmap,
+    pub umem: Option<UmemMapping>,
+}
+
+/// Guest RAM's regions one after another in one host mapping, followed by
+/// the area the `umem=guest` NICs' queues keep their own frames in. The
+/// mapping is never unmapped: sockets registered on it may outlive any
+/// owner xskvm could give it (it goes with the process).
+#[derive(Debug, Clone, Copy)]
+pub struct UmemMapping {
+    ptr: *mut u8,
+    len: usize,
+    ram_len: usize,
+}
+
+// SAFETY: the mapping lives for the rest of the process (above); the value
+// only describes it.
+unsafe impl Send for UmemMapping {}
+// SAFETY: as above.
+unsafe impl Sync for UmemMapping {}
+
+impl UmemMapping {
+    /// The whole mapping as one NIC's UMEM, its queues' frames from
+    /// `area_offset` bytes into the area after guest RAM on.
+    pub fn region(&self, area_offset: u64) -> Result<net_afxdp::UmemRegion, VmmError> {
+        let start = usize::try_from(area_offset)
+            .ok()
+            .and_then(|o| o.checked_add(self.ram_len))
+            .filter(|&s| s < self.len)
+            .ok_or_else(|| VmmError::Net("umem=guest: the queue area is too small".into()))?;
+        // SAFETY: a read-write mapping of this process that is never
+        // unmapped (UmemMapping); guest RAM in it is reached only through
+        // vm-memory's volatile accessors, which tolerate the kernel writing
+        // it.
+        unsafe { net_afxdp::UmemRegion::new(self.ptr, self.len, start) }
+            .map_err(|e| VmmError::Net(format!("umem=guest: guest memory cannot be a UMEM: {e}")))
+    }
 }
 
 /// A virtio-net device to attach, with its backends already open.
@@ -81,6 +126,9 @@ pub struct NetDevice {
 /// What the NIC watcher needs of a device's host side.
 pub struct NetHost {
     pub af_xdp: net_afxdp::AfXdpConfig,
+    /// With `umem=guest`: the region its sockets register, again after
+    /// the interface comes back.
+    pub umem: Option<net_afxdp::UmemRegion>,
     pub owner: net_afxdp::NicOwner,
     pub mtu: Option<u32>,
     /// One per queue, for the API's AF_XDP statistics.
@@ -144,6 +192,8 @@ struct KvmVm {
     vm: VmFd,
     _kvm: Kvm,
     mem: GuestMemoryMmap,
+    /// Registered as a UMEM (`umem=guest`): the kernel holds its pages.
+    mem_pinned: bool,
 }
 
 /// The in-kernel PICs, I/O APIC and PIT before the guest ran.
@@ -192,6 +242,7 @@ impl IrqchipState {
 struct InPlaceReset<'a> {
     vm: &'a VmFd,
     mem: &'a GuestMemoryMmap,
+    mem_pinned: bool,
     image: &'a mut GuestImage,
     irqchip: &'a IrqchipState,
     pio: &'a Bus,
@@ -208,7 +259,7 @@ impl VmReset for InPlaceReset<'_> {
         // Devices first: their threads stop writing guest memory.
         self.pio.reset_devices();
         self.mmio.reset_devices();
-        clear_guest_memory(self.mem)?;
+        clear_guest_memory(self.mem, self.mem_pinned)?;
         let boot = self.image.load(self.mem)?;
         if boot.entry.raw_value() != self.entry {
             return Err(VmmError::Reboot(format!(
@@ -231,7 +282,24 @@ impl VmReset for InPlaceReset<'_> {
 
 /// Zeroes guest memory as a power cycle would, by dropping its pages
 /// (anonymous private mappings read back as zeros); the RSS shrinks too.
-fn clear_guest_memory(mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+/// Memory registered as a UMEM (`pinned`) is written with zeros instead:
+/// the kernel keeps the pages it pinned, and dropping them would leave the
+/// guest on fresh pages the sockets do not see.
+fn clear_guest_memory(mem: &GuestMemoryMmap, pinned: bool) -> Result<(), VmmError> {
+    if pinned {
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        for region in mem.iter() {
+            let mut at = 0;
+            while at < region.len() {
+                let n = (region.len() - at).min(ZEROS.len() as u64) as usize;
+                region
+                    .write_slice(&ZEROS[..n], vm_memory::MemoryRegionAddress(at))
+                    .map_err(|e| VmmError::Reboot(format!("clearing guest memory: {e}")))?;
+                at += n as u64;
+            }
+        }
+        return Ok(());
+    }
     for region in mem.iter() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -286,7 +354,13 @@ impl Vm {
             .as_deref()
             .map(ApiListener::bind)
             .transpose()?;
-        let mem = create_guest_memory(config.memory, config.hugepages)?;
+        let (mem, mem_pinned) = match config.guest_memory.take() {
+            Some(ram) => (ram.mem, ram.umem.is_some()),
+            None => (
+                create_guest_memory(config.memory, config.hugepages, 0)?.0,
+                false,
+            ),
+        };
         if let Some(page) = config.hugepages {
             log::info!(
                 "guest memory: {} MiB on {page} hugepages",
@@ -388,7 +462,12 @@ impl Vm {
             image,
             virtio_mmio,
             irqchip,
-            kvm_vm: KvmVm { vm, _kvm: kvm, mem },
+            kvm_vm: KvmVm {
+                vm,
+                _kvm: kvm,
+                mem,
+                mem_pinned,
+            },
         })
     }
 
@@ -519,6 +598,7 @@ impl Vm {
             vm_reset: &mut InPlaceReset {
                 vm: &kvm_vm.vm,
                 mem: &kvm_vm.mem,
+                mem_pinned: kvm_vm.mem_pinned,
                 image: &mut image,
                 irqchip: &irqchip,
                 pio: &pio,
@@ -653,6 +733,7 @@ fn attach_net_device(
         mode: mode.clone(),
         mac: MacAddr(mac).to_string(),
         mtu,
+        guest_umem: info.guest_umem,
         link: link.clone(),
         counters,
         xsk_stats: xsk_stats.clone(),
@@ -668,6 +749,7 @@ fn attach_net_device(
         rx_filter,
         id,
         ifindex: Some(info.ifindex),
+        umem: net.host.umem,
         config: net.host.af_xdp,
         owner: Some(net.host.owner),
         can_reopen: true,
@@ -770,7 +852,8 @@ pub fn check_config(config: &VmConfig) -> Result<u8, VmmError> {
             });
         }
     }
-    if let Some(page) = config.hugepages {
+    // Memory made already (umem=guest) holds its pages: nothing to check.
+    if let (Some(page), None) = (config.hugepages, &config.guest_memory) {
         check_hugepages(config.memory, page)?;
     }
     if config.vcpus == 0 {
@@ -831,10 +914,15 @@ fn hugepages_short(size: u64, page: HugePageSize) -> VmmError {
     }
 }
 
-fn create_guest_memory(
+/// Guest RAM of `size` bytes (on hugepages of `hugepages`), and with
+/// `umem_area` > 0 an area of that many bytes after it for `umem=guest`
+/// NICs' queues: then all of it is one host mapping ([`UmemMapping`]), in
+/// which the guest's regions lie one after another.
+pub fn create_guest_memory(
     size: u64,
     hugepages: Option<HugePageSize>,
-) -> Result<GuestMemoryMmap, VmmError> {
+    umem_area: u64,
+) -> Result<(GuestMemoryMmap, Option<UmemMapping>), VmmError> {
     let err = |reason: String| VmmError::GuestMemory {
         size_mib: size >> 20,
         reason,
@@ -847,35 +935,103 @@ fn create_guest_memory(
                 .map_err(|_| err("size does not fit this host's address space".into()))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // Private hugetlb pages are reserved at mmap (no MAP_NORESERVE), so a
+    // host that runs short fails now, not with SIGBUS mid-run.
+    let flags = |page: Option<HugePageSize>| match page {
+        Some(page) => {
+            libc::MAP_PRIVATE
+                | libc::MAP_ANONYMOUS
+                | libc::MAP_HUGETLB
+                | ((page.shift() as i32) << libc::MAP_HUGE_SHIFT)
+        }
+        None => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+    };
+    let mmap_err = |e: std::io::Error, total: u64| match hugepages {
+        Some(page) if e.raw_os_error() == Some(libc::ENOMEM) => hugepages_short(total, page),
+        Some(page) => err(format!("{page} hugepages: {e}")),
+        None => err(e.to_string()),
+    };
+    if umem_area > 0 {
+        let page = hugepages.map_or(4096, |p| p.bytes());
+        let total = (size + umem_area).next_multiple_of(page);
+        if let Some(page) = hugepages {
+            // The user's check counted guest RAM alone.
+            check_hugepages(total, page)?;
+        }
+        let len = usize::try_from(total)
+            .map_err(|_| err("size does not fit this host's address space".into()))?;
+        // SAFETY: a fresh anonymous mapping, no MAP_FIXED; it is never
+        // unmapped (UmemMapping).
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags(hugepages),
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(mmap_err(std::io::Error::last_os_error(), total));
+        }
+        let ptr = ptr.cast::<u8>();
+        let mut offset = 0usize;
+        let mut regions = Vec::with_capacity(ranges.len());
+        for (start, len) in ranges {
+            // SAFETY: [ptr + offset, + len) lies inside the mapping made
+            // above (the ranges add up to `size` < total), which stays
+            // mapped for the life of the process.
+            let mut mapping = unsafe {
+                MmapRegion::build_raw(
+                    ptr.add(offset),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags(hugepages),
+                )
+            }
+            .map_err(|e| err(e.to_string()))?;
+            mapping.set_hugetlbfs(hugepages.is_some());
+            regions.push(
+                GuestRegionMmap::new(mapping, start)
+                    .ok_or_else(|| err("region past the end of the address space".into()))?,
+            );
+            offset += len;
+        }
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))?;
+        return Ok((
+            mem,
+            Some(UmemMapping {
+                ptr,
+                len,
+                ram_len: offset,
+            }),
+        ));
+    }
     let Some(page) = hugepages else {
-        return GuestMemoryMmap::from_ranges(&ranges).map_err(|e| err(e.to_string()));
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| err(e.to_string()))?;
+        return Ok((mem, None));
     };
     let regions = ranges
         .into_iter()
         .map(|(start, len)| {
-            // Private hugetlb pages are reserved here (no MAP_NORESERVE), so
-            // a host that runs short fails now, not with SIGBUS mid-run.
-            let flags = libc::MAP_PRIVATE
-                | libc::MAP_ANONYMOUS
-                | libc::MAP_HUGETLB
-                | ((page.shift() as i32) << libc::MAP_HUGE_SHIFT);
-            let mut mapping =
-                MmapRegion::build(None, len, libc::PROT_READ | libc::PROT_WRITE, flags).map_err(
-                    |e| match e {
-                        vm_memory::mmap::MmapRegionError::Mmap(e)
-                            if e.raw_os_error() == Some(libc::ENOMEM) =>
-                        {
-                            hugepages_short(size, page)
-                        }
-                        e => err(format!("{page} hugepages: {e}")),
-                    },
-                )?;
+            let mut mapping = MmapRegion::build(
+                None,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags(Some(page)),
+            )
+            .map_err(|e| match e {
+                vm_memory::mmap::MmapRegionError::Mmap(e) => mmap_err(e, size),
+                e => err(format!("{page} hugepages: {e}")),
+            })?;
             mapping.set_hugetlbfs(true);
             GuestRegionMmap::new(mapping, start)
                 .ok_or_else(|| err("region past the end of the address space".into()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))?;
+    Ok((mem, None))
 }
 
 fn open_kvm(config: &VmConfig) -> Result<Kvm, VmmError> {
@@ -1012,9 +1168,70 @@ mod tests {
         }
     }
 
+    /// `umem=guest`: both RAM regions (below the MMIO hole and above 4
+    /// GiB) lie back to back in one mapping, the queues' area after them,
+    /// out of the guest's reach; a NIC's region starts its area where it
+    /// is told and must fit.
+    #[test]
+    fn guest_memory_for_umem_guest_is_one_mapping_with_the_area_after_it() {
+        let size = MMIO_HOLE_START + (16 << 20);
+        let area = 3 << 20;
+        let (mem, umem) = create_guest_memory(size, None, area).unwrap();
+        let umem = umem.expect("one mapping");
+        assert_eq!((umem.ram_len as u64, umem.len as u64), (size, size + area));
+        assert_eq!(mem.num_regions(), 2);
+        mem.write_obj(0x1122_3344u32, GuestAddress(HIGH_RAM_START))
+            .unwrap();
+        mem.write_obj(0x5566_7788u32, GuestAddress(MMIO_HOLE_START - 4))
+            .unwrap();
+        // SAFETY: both inside the mapping, which is never unmapped.
+        let (high, low) = unsafe {
+            (
+                umem.ptr
+                    .add(MMIO_HOLE_START as usize)
+                    .cast::<u32>()
+                    .read_volatile(),
+                umem.ptr
+                    .add(MMIO_HOLE_START as usize - 4)
+                    .cast::<u32>()
+                    .read_volatile(),
+            )
+        };
+        assert_eq!((high, low), (0x1122_3344, 0x5566_7788));
+        // The guest's address space ends with its RAM.
+        let end = HIGH_RAM_START + (16 << 20);
+        assert!(mem.write_obj(1u8, GuestAddress(end)).is_err());
+        assert!(mem.write_obj(1u8, GuestAddress(MMIO_HOLE_START)).is_err());
+
+        let region = umem.region(1 << 20).unwrap();
+        assert_eq!(region.len() as u64, size + area);
+        assert_eq!(region.area_start() as u64, size + (1 << 20));
+        assert!(umem.region(area).is_err(), "an area offset past the end");
+    }
+
+    /// Registered memory is cleared by writing zeros: every byte of guest
+    /// RAM reads 0 afterwards, and the queues' area is left alone.
+    #[test]
+    fn pinned_guest_memory_is_cleared_by_writing_zeros() {
+        let (mem, umem) = create_guest_memory(8 << 20, None, 1 << 20).unwrap();
+        let umem = umem.unwrap();
+        for at in [0u64, 4095, 64 << 10, (8 << 20) - 1] {
+            mem.write_obj(0xffu8, GuestAddress(at)).unwrap();
+        }
+        // SAFETY: the first byte of the area, inside the mapping.
+        unsafe { umem.ptr.add(8 << 20).write_volatile(0xee) };
+        clear_guest_memory(&mem, true).unwrap();
+        let mut buf = vec![0xaau8; 8 << 20];
+        mem.read_slice(&mut buf, GuestAddress(0)).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        // SAFETY: as above.
+        assert_eq!(unsafe { umem.ptr.add(8 << 20).read_volatile() }, 0xee);
+    }
+
     #[test]
     fn guest_memory_without_hugepages_covers_the_ram_regions() {
-        let mem = create_guest_memory(64 << 20, None).unwrap();
+        let (mem, umem) = create_guest_memory(64 << 20, None, 0).unwrap();
+        assert!(umem.is_none());
         assert_eq!(mem.num_regions(), 1);
         assert_eq!(mem.iter().map(|r| r.len()).sum::<u64>(), 64 << 20);
     }

@@ -52,6 +52,8 @@ pub struct NicStatus {
     pub mode: Arc<NicMode>,
     pub mac: String,
     pub mtu: u16,
+    /// `umem=guest`: the sockets' UMEM is guest memory.
+    pub guest_umem: bool,
     pub link: Arc<GuestLink>,
     pub counters: Vec<Arc<QueuePairCounters>>,
     pub xsk_stats: Arc<XskStats>,
@@ -151,6 +153,7 @@ impl VmStatus {
                     "mode": mode,
                     "multi_buffer": current.as_ref().map(|m| m.multi_buffer),
                     "xdp_mode": current.as_ref().and_then(|m| m.xdp_mode),
+                    "umem": if nic.guest_umem { "guest" } else { "own" },
                     "mac": nic.mac,
                     "mtu": nic.mtu,
                     "link": {"up": up, "host_up": host_up, "admin_up": admin_up},
