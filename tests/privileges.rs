@@ -281,6 +281,44 @@ cat /tmp/console /tmp/console.log
     assert_value(&out, "XSKVM-ALIVE", "yes");
 }
 
+/// `umem=guest` under the helper: it raises RLIMIT_MEMLOCK by exactly what
+/// registering guest memory locks (the xskvm command's `--memory 512M`
+/// plus the queue's 16 MiB area), the unprivileged xskvm registers it and
+/// the guest reaches the peer both ways, TCP included.
+#[test]
+fn helper_with_umem_guest_raises_memlock_by_guest_memory_and_traffic_flows() {
+    let script = format!(
+        r#"{testbed}
+chgrp {KVM_GROUP} /dev/kvm && chmod 0660 /dev/kvm
+ip netns exec peer iperf3 -s -D
+cat > /tmp/guest-cmd <<'CMD'
+{GUEST_NET_UP}; ping -c 3 -W 5 {PEER_IP} >/dev/null && echo GUEST-PING=ok; iperf3 -c {PEER_IP} -t 2 -f m | grep -q receiver && echo TO-PEER=ok; iperf3 -c {PEER_IP} -t 2 -f m -R | grep -q receiver && echo FROM-PEER=ok; echo GUEST-DONE; sleep 600
+CMD
+# A known base: the helper adds to the limit it finds.
+ulimit -l 8192
+start /tmp/console {HELPER} --user {VM_USER} --groups {KVM_GROUP} --net af-xdp,ifname=xs0,umem=guest -- {XSKVM} $KERNEL_ARGS
+wait_for GUEST-DONE /tmp/console
+echo "XSKVM-MEMLOCK=$(awk '/^Max locked memory/ {{ print $4 }}' /proc/$XSKVM_PID/limits)"
+echo "XSKVM-CapEff=$(field CapEff /proc/$XSKVM_PID/status)"
+ip netns exec peer ping -c 3 -W 5 {GUEST_IP} >/dev/null && echo PEER-PING=ok
+echo "UMEM-GUEST=$(grep -c 'UMEM on guest memory (umem=guest)' /tmp/console.log)"
+kill -TERM $XSKVM_PID
+finish
+cat /tmp/console /tmp/console.log
+"#,
+        testbed = testbed(),
+    );
+    let out = run(script);
+    assert_clean_exit(&out);
+    assert_value(&out, "XSKVM-CapEff", NO_CAPS);
+    let want = (8192u64 << 10) + (512 << 20) + (16 << 20);
+    assert_value(&out, "XSKVM-MEMLOCK", &want.to_string());
+    assert_value(&out, "UMEM-GUEST", "1");
+    for key in ["GUEST-PING", "TO-PEER", "FROM-PEER", "PEER-PING"] {
+        assert_value(&out, key, "ok");
+    }
+}
+
 #[test]
 fn root_xskvm_keeps_only_what_its_nic_watcher_needs() {
     let script = format!(

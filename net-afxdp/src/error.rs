@@ -42,11 +42,6 @@ pub enum ConfigError {
     #[error("af-xdp: sock-fds needs inhibit=on (the sockets must already be in an XSKMAP that someone else loaded)")]
     SockFdsWithoutInhibit,
     #[error(
-        "af-xdp: umem=guest cannot be combined with sock-fds yet (registering guest RAM locks \
-         all of it, and xskvm-net-helper raises RLIMIT_MEMLOCK only for the queues' own UMEMs)"
-    )]
-    GuestUmemWithSockFds,
-    #[error(
         "af-xdp: map-path needs inhibit=on (the map belongs to an XDP program someone else \
          attached; xskvm then loads none)"
     )]

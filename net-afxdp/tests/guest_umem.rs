@@ -204,7 +204,7 @@ fn jumbo_frames_on_guest_memory() {
 }
 
 /// The region must come exactly with `umem=guest`, with room for the
-/// queues' frames; `umem=guest` and `sock-fds` do not go together yet.
+/// queues' frames.
 #[test]
 fn guest_memory_must_match_the_option() {
     require_root!();
@@ -231,12 +231,4 @@ fn guest_memory_must_match_the_option() {
     assert!(e.contains("the queues need"), "{e}");
     // Nothing stayed attached after the refusals.
     assert_eq!(wait_no_xdp(&pair, &pair.a), None);
-    let e = format!("ifname={},inhibit=on,sock-fds=3,umem=guest", pair.a)
-        .parse::<AfXdpConfig>()
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("umem=guest cannot be combined with sock-fds"),
-        "{e}"
-    );
 }

@@ -33,7 +33,7 @@ pub struct Args {
     /// (`,hugepage-size=1G` for 1 GiB ones) reserved on the host
     /// (/proc/sys/vm/nr_hugepages, or the hugepages-SIZE directories in
     /// /sys/kernel/mm/hugepages).
-    #[arg(long, value_name = "SIZE[,hugepages=on][,hugepage-size=2M|1G]", default_value = "512M", value_parser = parse_memory_spec)]
+    #[arg(long, value_name = "SIZE[,hugepages=on][,hugepage-size=2M|1G]", default_value = DEFAULT_MEMORY, value_parser = parse_memory_spec)]
     pub memory: MemorySpec,
 
     /// Number of virtual CPUs.
@@ -81,6 +81,9 @@ pub struct Args {
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: log::LevelFilter,
 }
+
+/// `--memory` when not given.
+pub const DEFAULT_MEMORY: &str = "512M";
 
 /// `--memory`: how much guest RAM, and what backs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,6 +19,7 @@ use std::os::unix::process::CommandExt;
 use clap::Parser;
 use net_afxdp::{AfXdpConfig, PreparedSockets};
 
+use crate::cli::{parse_memory_spec, MemorySpec, DEFAULT_MEMORY};
 use crate::net::{NetSpec, NetSpecError};
 
 #[derive(Debug, Parser)]
@@ -43,7 +44,9 @@ pub struct HelperArgs {
 
     /// A NIC to prepare, as xskvm's --net (repeatable):
     /// af-xdp,ifname=IF[,mac=MAC][,spoof-check=off][,queues=N][,start-queue=M]
-    /// [,mode=native|skb][,force-copy=on]. inhibit, sock-fds, filter-fds and
+    /// [,mode=native|skb][,force-copy=on][,tx-csum=kernel|vmm][,umem=own|guest]
+    /// (umem=guest: RLIMIT_MEMLOCK is raised by the xskvm command's --memory
+    /// too). inhibit, sock-fds, filter-fds and
     /// map-path are the helper's to set.
     #[arg(long, value_name = "SPEC", required = true)]
     pub net: Vec<String>,
@@ -79,6 +82,8 @@ pub enum HelperError {
     },
     #[error("capabilities are still held after changing to uid {uid}; refusing to run xskvm")]
     CapabilitiesLeft { uid: u32 },
+    #[error("the xskvm command's --memory: {0}")]
+    Memory(String),
     #[error("cannot run {program:?}: {source}")]
     Exec {
         program: OsString,
@@ -116,6 +121,49 @@ fn cvt(ret: libc::c_int, what: &'static str) -> Result<(), HelperError> {
         });
     }
     Ok(())
+}
+
+/// What the `umem=guest` NICs lock: each registers guest RAM with every
+/// such NIC's queue area after it (one mapping, see
+/// [`crate::vm::create_guest_memory`]), sized by the xskvm command's
+/// `--memory`. 0 without such NICs.
+fn guest_umem_lock_bytes(
+    configs: &[AfXdpConfig],
+    command: &[OsString],
+) -> Result<u64, HelperError> {
+    let nics = configs.iter().filter(|c| c.guest_umem).count() as u64;
+    if nics == 0 {
+        return Ok(0);
+    }
+    let area: u64 = configs
+        .iter()
+        .filter(|c| c.guest_umem)
+        .map(AfXdpConfig::queue_umem_bytes)
+        .sum();
+    let memory = memory_of(command)?;
+    Ok(nics * crate::vm::umem_mapping_len(memory.size, memory.hugepages, area))
+}
+
+/// The `--memory` of an xskvm command line (program first), as xskvm will
+/// read it: the last one given, else the default.
+fn memory_of(command: &[OsString]) -> Result<MemorySpec, HelperError> {
+    let mut value: Option<String> = None;
+    let mut args = command.iter().skip(1).map(|a| a.to_string_lossy());
+    while let Some(arg) = args.next() {
+        if arg == "--" {
+            break;
+        }
+        if arg == "--memory" {
+            value = Some(
+                args.next()
+                    .ok_or_else(|| HelperError::Memory("no value".into()))?
+                    .into_owned(),
+            );
+        } else if let Some(v) = arg.strip_prefix("--memory=") {
+            value = Some(v.to_string());
+        }
+    }
+    parse_memory_spec(value.as_deref().unwrap_or(DEFAULT_MEMORY)).map_err(HelperError::Memory)
 }
 
 /// Lets `fd` survive the exec.
@@ -189,7 +237,12 @@ fn prepare(text: &str, config: &AfXdpConfig) -> Result<Prepared, HelperError> {
     }
     Ok(Prepared {
         xskvm_net: format!("{text},inhibit=on,sock-fds={}{filter}", fds.join(":")),
-        umem_bytes: config.umem.bytes_per_queue() * u64::from(config.queues),
+        // umem=guest: counted with guest memory (guest_umem_lock_bytes).
+        umem_bytes: if config.guest_umem {
+            0
+        } else {
+            config.queue_umem_bytes()
+        },
         _sockets: sockets,
     })
 }
@@ -284,7 +337,8 @@ fn try_run(args: HelperArgs) -> Result<std::convert::Infallible, HelperError> {
         .map(|(text, config)| prepare(text, config))
         .collect::<Result<Vec<_>, _>>()?;
     // What the UMEMs will lock, no more: the limit xskvm inherits.
-    let umem_bytes: u64 = prepared.iter().map(|p| p.umem_bytes).sum();
+    let umem_bytes: u64 = prepared.iter().map(|p| p.umem_bytes).sum::<u64>()
+        + guest_umem_lock_bytes(&configs, &args.command)?;
     if !net_afxdp::raise_memlock(umem_bytes) {
         log::warn!(
             "cannot raise RLIMIT_MEMLOCK by the {} KiB the UMEMs lock (no CAP_SYS_RESOURCE?); \
@@ -315,6 +369,58 @@ fn try_run(args: HelperArgs) -> Result<std::convert::Infallible, HelperError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn command(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn guest_memory_nics_lock_guest_ram_and_their_queue_areas() {
+        let own: AfXdpConfig = "ifname=a,queues=2".parse().unwrap();
+        let guest: AfXdpConfig = "ifname=b,queues=2,umem=guest".parse().unwrap();
+        let guest1: AfXdpConfig = "ifname=c,umem=guest".parse().unwrap();
+        let per_queue = own.umem.bytes_per_queue();
+        let xskvm = command(&["xskvm", "--kernel", "k", "--memory", "256M"]);
+        assert_eq!(
+            guest_umem_lock_bytes(std::slice::from_ref(&own), &xskvm).unwrap(),
+            0
+        );
+        assert_eq!(
+            guest_umem_lock_bytes(&[own.clone(), guest.clone()], &xskvm).unwrap(),
+            (256 << 20) + 2 * per_queue
+        );
+        // Two such NICs: each registers the whole mapping, both areas in it.
+        assert_eq!(
+            guest_umem_lock_bytes(&[guest.clone(), guest1], &xskvm).unwrap(),
+            2 * ((256 << 20) + 3 * per_queue)
+        );
+        // The default size, the last of several, hugepage rounding.
+        let none = command(&["xskvm", "--kernel", "k"]);
+        assert_eq!(
+            guest_umem_lock_bytes(std::slice::from_ref(&guest), &none).unwrap(),
+            (512 << 20) + 2 * per_queue
+        );
+        let two = command(&[
+            "xskvm",
+            "--memory=128M",
+            "--memory",
+            "1G,hugepages=on,hugepage-size=1G",
+        ]);
+        assert_eq!(
+            guest_umem_lock_bytes(std::slice::from_ref(&guest), &two).unwrap(),
+            2 << 30
+        );
+        let bad = command(&["xskvm", "--memory", "lots"]);
+        assert!(matches!(
+            guest_umem_lock_bytes(std::slice::from_ref(&guest), &bad),
+            Err(HelperError::Memory(_))
+        ));
+        let missing = command(&["xskvm", "--memory"]);
+        assert!(matches!(
+            guest_umem_lock_bytes(&[guest], &missing),
+            Err(HelperError::Memory(_))
+        ));
+    }
 
     #[test]
     fn user_and_arguments() {

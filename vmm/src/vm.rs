@@ -914,6 +914,13 @@ fn hugepages_short(size: u64, page: HugePageSize) -> VmmError {
     }
 }
 
+/// Bytes of the one mapping of guest RAM and an area of `umem_area` bytes
+/// after it (`umem=guest`): what each such NIC's registration locks.
+pub fn umem_mapping_len(size: u64, hugepages: Option<HugePageSize>, umem_area: u64) -> u64 {
+    let page = hugepages.map_or(4096, |p| p.bytes());
+    (size + umem_area).next_multiple_of(page)
+}
+
 /// Guest RAM of `size` bytes (on hugepages of `hugepages`), and with
 /// `umem_area` > 0 an area of that many bytes after it for `umem=guest`
 /// NICs' queues: then all of it is one host mapping ([`UmemMapping`]), in
@@ -952,8 +959,7 @@ pub fn create_guest_memory(
         None => err(e.to_string()),
     };
     if umem_area > 0 {
-        let page = hugepages.map_or(4096, |p| p.bytes());
-        let total = (size + umem_area).next_multiple_of(page);
+        let total = umem_mapping_len(size, hugepages, umem_area);
         if let Some(page) = hugepages {
             // The user's check counted guest RAM alone.
             check_hugepages(total, page)?;
