@@ -20,7 +20,15 @@ const JUMBO_SIZES: [usize; 9] = [60, 1514, 3840, 3841, 4096, 4097, 8192, 8193, 9
 /// A region of `GUEST_BYTES` "guest RAM" (all `CANARY`) and an area for
 /// `config`'s queues. Never unmapped, as UmemRegion requires.
 fn region_for(config: &AfXdpConfig) -> UmemRegion {
-    let len = GUEST_BYTES + config.queue_umem_bytes() as usize;
+    let (ptr, len) = guest_mapping(config.queue_umem_bytes() as usize);
+    // SAFETY: the mapping is never unmapped; the test reads guest memory
+    // only after the sockets are gone, and through volatile reads.
+    unsafe { UmemRegion::new(ptr, len, GUEST_BYTES) }.unwrap()
+}
+
+/// A fresh mapping of `GUEST_BYTES` of canary and `area` bytes after it.
+fn guest_mapping(area: usize) -> (*mut u8, usize) {
+    let len = GUEST_BYTES + area;
     // SAFETY: a fresh anonymous mapping, checked below.
     let ptr = unsafe {
         libc::mmap(
@@ -35,9 +43,7 @@ fn region_for(config: &AfXdpConfig) -> UmemRegion {
     assert_ne!(ptr, libc::MAP_FAILED);
     // SAFETY: the mapping's first GUEST_BYTES, ours alone so far.
     unsafe { std::ptr::write_bytes(ptr.cast::<u8>(), CANARY, GUEST_BYTES) };
-    // SAFETY: the mapping is never unmapped; the test reads guest memory
-    // only after the sockets are gone, and through volatile reads.
-    unsafe { UmemRegion::new(ptr.cast(), len, GUEST_BYTES) }.unwrap()
+    (ptr.cast(), len)
 }
 
 /// Guest memory bytes that are no longer the canary.
@@ -148,6 +154,62 @@ fn two_queues_on_guest_memory_native() {
 fn two_queues_on_guest_memory_skb() {
     require_root!();
     two_queues_on_guest_memory("skb");
+}
+
+/// Two `umem=guest` NICs on one guest's memory (as xskvm sets up two
+/// `--net ...,umem=guest`): each registers the whole mapping, each keeps
+/// its frames in its own part of the area after guest RAM, and both carry
+/// traffic at once without touching guest memory or each other.
+#[test]
+fn two_nics_share_one_guest_memory() {
+    require_root!();
+    init_log();
+    let pairs = [VethPair::new(1).unwrap(), VethPair::new(1).unwrap()];
+    let configs: Vec<AfXdpConfig> = pairs
+        .iter()
+        .map(|p| {
+            format!("ifname={},mode=native,umem=guest", p.a)
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let area_a = configs[0].queue_umem_bytes() as usize;
+    let (ptr, len) = guest_mapping(area_a + configs[1].queue_umem_bytes() as usize);
+    // SAFETY: as in region_for.
+    let regions = [GUEST_BYTES, GUEST_BYTES + area_a]
+        .map(|area_start| unsafe { UmemRegion::new(ptr, len, area_start) }.unwrap());
+    let mut nics: Vec<AfXdpNic> = (0..2)
+        .map(|i| open_on(&pairs[i], &configs[i], regions[i]))
+        .collect();
+    let mut peers: Vec<AfXdpNic> = pairs
+        .iter()
+        .map(|p| open(p, &format!("ifname={},mode=native", p.b)).unwrap())
+        .collect();
+    let macs: Vec<([u8; 6], [u8; 6])> = pairs
+        .iter()
+        .map(|p| (p.mac(&p.a).unwrap(), p.mac(&p.b).unwrap()))
+        .collect();
+    // Both NICs send before either side receives: their frames are out at
+    // the same time.
+    let out: Vec<Vec<Vec<u8>>> = (0..2)
+        .map(|i| mixed_frames(macs[i].1, macs[i].0, 200, 1 + i as u64))
+        .collect();
+    let back: Vec<Vec<Vec<u8>>> = (0..2)
+        .map(|i| mixed_frames(macs[i].0, macs[i].1, 200, 11 + i as u64))
+        .collect();
+    for i in 0..2 {
+        tx_all(&mut nics[i].queues_mut()[0], &out[i]);
+        tx_all(&mut peers[i].queues_mut()[0], &back[i]);
+    }
+    for i in 0..2 {
+        let got = rx_frames(&mut peers[i].queues_mut()[0], 200, 5 * SECOND);
+        assert_frames(&got, &out[i], &format!("NIC {i} to its peer"));
+        let got = rx_frames(&mut nics[i].queues_mut()[0], 200, 5 * SECOND);
+        assert_frames(&got, &back[i], &format!("peer to NIC {i}"));
+        assert_no_leak(&nics[i].queues()[0]);
+    }
+    drop(nics);
+    assert_eq!(guest_bytes_touched(&regions[0]), 0);
 }
 
 /// Jumbo frames on a `umem=guest` NIC: the second queue shares the first
