@@ -391,6 +391,7 @@ impl AfXdpNic {
                 share: queues.first().map(|first| SharedWith {
                     fd: first.as_fd(),
                     multi_buffer: first.is_multi_buffer(),
+                    sg: first.is_sg(),
                     tx_metadata: first.tx_checksum(),
                 }),
             });

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use crate::config::{TxChecksum, UmemConfig};
 use crate::error::{Error, Result, PRIVILEGE_HINT};
+use crate::gather::{Entry, GatherPieces, GatherRequest, InFlight};
 use crate::ring::{Ring, RingOffsets};
+use crate::shared_umem::{tx_checksum_request, TX_METADATA_LEN};
 use crate::sys;
 use crate::umem::{FrameAccounting, FrameLedger, UmemArea, UmemRegion};
 
@@ -247,12 +249,11 @@ pub(crate) struct GuestUmemSetup<'a> {
 pub(crate) struct SharedWith<'a> {
     pub fd: BorrowedFd<'a>,
     pub multi_buffer: bool,
+    /// Bound with `XDP_USE_SG` (sharing sockets take the first one's mode).
+    pub sg: bool,
     pub tx_metadata: bool,
 }
 
-/// Bytes of `struct xsk_tx_metadata` (flags; csum_start, csum_offset,
-/// launch_time) in front of every transmit frame when TX metadata is on.
-const TX_METADATA_LEN: u32 = 24;
 /// Where a transmit frame starts in its buffer when TX metadata is on:
 /// the metadata right in front of it, inside the same UMEM frame.
 const TX_DATA_OFFSET: usize = 32;
@@ -289,8 +290,12 @@ pub struct XskQueue {
     queue_id: u32,
     frame_size: u32,
     zero_copy: bool,
-    /// Bound with `XDP_USE_SG`: packets may span several descriptors.
+    /// Frames longer than one UMEM frame span several descriptors (the
+    /// MTU needs it; the socket is bound with `XDP_USE_SG`).
     multi_buffer: bool,
+    /// Bound with `XDP_USE_SG` (for the MTU, or with `umem=guest` for
+    /// frames gathered from several guest buffers).
+    sg: bool,
     /// Where the queue's frames start in the registered UMEM: 0 for a UMEM
     /// of its own, its window's offset with `umem=guest`. The ledger and
     /// `umem` count from the window; the rings from the UMEM's start.
@@ -298,6 +303,15 @@ pub struct XskQueue {
     /// Unaligned chunk mode (`umem=guest`): received descriptors carry the
     /// data's offset in their top 16 bits.
     unaligned: bool,
+    /// `umem=guest`: every descriptor handed to the kernel, for matching
+    /// completions by order ([`XskQueue::tx_gather`] sends from guest
+    /// memory, which cannot be matched by address).
+    in_flight: Option<InFlight>,
+    /// `umem=guest`: guest memory is `[0, guest_len)` of the UMEM, the only
+    /// part [`XskQueue::tx_gather`] pieces may point into.
+    guest_len: u64,
+    /// The pieces a `tx_gather` callback fills (kept to reuse).
+    pieces: GatherPieces,
     /// The UMEM has TX metadata room: the kernel fills checksums asked for.
     tx_metadata: bool,
     /// Where a received packet of several descriptors is put together
@@ -540,13 +554,25 @@ impl XskQueue {
         };
         let want_sg = share.map_or(want_sg, |first| first.multi_buffer);
         let slot_frames = if want_sg { slot_frames } else { 1 };
+        // umem=guest binds XDP_USE_SG whatever the MTU: a frame sent from
+        // guest memory takes one descriptor per guest buffer.
+        let bind_sg = share.map_or(want_sg || s.guest.is_some(), |first| first.sg);
         let mut queue = XskQueue {
             queue_id: q,
             frame_size: s.umem.frame_size,
             zero_copy: false,
             multi_buffer: want_sg,
+            sg: bind_sg,
             umem_base: s.guest.as_ref().map_or(0, |g| g.window),
             unaligned: s.guest.is_some(),
+            // Everything between the tx ring and the completion ring: both
+            // as large as the transmit pool.
+            in_flight: s
+                .guest
+                .as_ref()
+                .map(|_| InFlight::new(2 * s.umem.tx_frames as usize)),
+            guest_len: s.guest.as_ref().map_or(0, |g| g.region.area_start() as u64),
+            pieces: GatherPieces::default(),
             tx_metadata,
             rx_gather: Vec::new(),
             fill,
@@ -596,8 +622,8 @@ impl XskQueue {
                 Ok(())
             }
         };
-        let mut bound = bind(if want_sg { libc::XDP_USE_SG } else { 0 });
-        if want_sg && share.is_none() {
+        let mut bound = bind(if bind_sg { libc::XDP_USE_SG } else { 0 });
+        if bind_sg && share.is_none() {
             if let Err(e) = &bound {
                 // Linux < 6.6 knows no XDP_USE_SG (EINVAL); a zero-copy
                 // driver without multi-buffer refuses it (EOPNOTSUPP).
@@ -605,14 +631,23 @@ impl XskQueue {
                     e.raw_os_error(),
                     Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
                 ) {
-                    log::warn!(
-                        "af-xdp: {} queue {q}: no multi-buffer AF_XDP here (XDP_USE_SG: {e}; \
-                         needs Linux 6.6+ and, for zero-copy, driver support): frames are \
-                         limited to {} bytes",
-                        s.ifname,
-                        s.umem.max_rx_frame()
-                    );
+                    if want_sg {
+                        log::warn!(
+                            "af-xdp: {} queue {q}: no multi-buffer AF_XDP here (XDP_USE_SG: {e}; \
+                             needs Linux 6.6+ and, for zero-copy, driver support): frames are \
+                             limited to {} bytes",
+                            s.ifname,
+                            s.umem.max_rx_frame()
+                        );
+                    } else {
+                        log::info!(
+                            "af-xdp: {} queue {q}: no multi-buffer AF_XDP here (XDP_USE_SG: \
+                             {e}): a frame sent from guest memory is one descriptor",
+                            s.ifname
+                        );
+                    }
                     queue.multi_buffer = false;
+                    queue.sg = false;
                     queue.ledger.set_tx_slot_frames(1);
                     bound = bind(0);
                 }
@@ -651,6 +686,12 @@ impl XskQueue {
     /// sent and received as several descriptors.
     pub fn is_multi_buffer(&self) -> bool {
         self.multi_buffer
+    }
+
+    /// Bound with `XDP_USE_SG`: [`XskQueue::tx_gather`] may send a frame as
+    /// several descriptors.
+    pub fn is_sg(&self) -> bool {
+        self.sg
     }
 
     /// The kernel fills the transmit checksums a [`TxRequest`] asks for.
@@ -943,6 +984,22 @@ impl XskQueue {
             let Some(addr) = self.ledger.peek_free() else {
                 break;
             };
+            // On a shared UMEM every descriptor is recorded for the
+            // completions; checked before the callback takes its frame.
+            if self
+                .in_flight
+                .as_ref()
+                .is_some_and(|f| !f.room(slot_frames as usize))
+            {
+                self.reclaim();
+                if self
+                    .in_flight
+                    .as_ref()
+                    .is_some_and(|f| !f.room(slot_frames as usize))
+                {
+                    break;
+                }
+            }
             calls += 1;
             let filled = fill(self.umem.slice_mut(addr + data_offset as u64, buffer_len));
             let Some(request) = filled.map(Into::into) else {
@@ -957,10 +1014,7 @@ impl XskQueue {
             let mut options = 0;
             if let Some((csum_start, csum_offset)) = csum {
                 // struct xsk_tx_metadata right in front of the frame.
-                let mut meta = [0u8; TX_METADATA_LEN as usize];
-                meta[..8].copy_from_slice(&u64::from(libc::XDP_TXMD_FLAGS_CHECKSUM).to_ne_bytes());
-                meta[8..10].copy_from_slice(&csum_start.to_ne_bytes());
-                meta[10..12].copy_from_slice(&csum_offset.to_ne_bytes());
+                let meta = tx_checksum_request(csum_start, csum_offset);
                 let at = addr + (data_offset as u64 - u64::from(TX_METADATA_LEN));
                 self.umem.slice_mut(at, meta.len()).copy_from_slice(&meta);
                 options = libc::XDP_TX_METADATA;
@@ -997,6 +1051,9 @@ impl XskQueue {
                         options: piece_options,
                     },
                 );
+                if let Some(in_flight) = self.in_flight.as_mut() {
+                    in_flight.push(Entry::Own);
+                }
                 descs += 1;
             }
             sent += 1;
@@ -1024,6 +1081,192 @@ impl XskQueue {
             out_of_room,
             kick_pending: self.kick_pending,
         }
+    }
+
+    /// `umem=guest`: sends up to `max` frames whose bytes lie (mostly) in
+    /// guest memory. `fill` gets a head buffer of the queue's own (one UMEM
+    /// frame, for headers the caller rewrites, with room for a checksum
+    /// request in front) and an empty [`GatherPieces`] to push the frame's
+    /// guest-memory pieces into (offsets in the shared UMEM, each at most
+    /// one UMEM frame long, less the TX metadata's 24 bytes where the queue
+    /// has them, which must also lie in front of every piece); it returns
+    /// a [`GatherRequest`], or None when
+    /// it has nothing more. The frame goes out as the head (if any)
+    /// followed by the pieces, several descriptors only with multi-buffer.
+    /// A request that breaks those rules (a piece outside guest memory,
+    /// empty or too long, too many descriptors, a checksum without a head)
+    /// is not sent and counted in `tx_invalid_len`; its token still comes
+    /// back, in order. Tokens come back through
+    /// [`XskQueue::take_completed`]. Guest memory is only read. On a queue
+    /// without a shared UMEM nothing is sent and `fill` is not called.
+    pub fn tx_gather<F>(&mut self, max: usize, mut fill: F) -> TxBatch
+    where
+        F: FnMut(&mut [u8], &mut GatherPieces) -> Option<GatherRequest>,
+    {
+        if max == 0 || self.in_flight.is_none() {
+            return TxBatch {
+                kick_pending: self.kick_pending,
+                ..TxBatch::default()
+            };
+        }
+        let want = u32::try_from(max).unwrap_or(u32::MAX);
+        if (self.ledger.free_slots() as u32) < want {
+            self.reclaim();
+        }
+        let data_offset = self.tx_data_offset();
+        let head_room = self.frame_size as usize - data_offset;
+        let max_descs = if self.sg { MAX_DESCS_PER_FRAME } else { 1 };
+        let mut pieces = std::mem::take(&mut self.pieces);
+        let mut sent = 0u32;
+        let mut descs = 0u32;
+        let mut calls = 0u32;
+        let mut invalid = 0u64;
+        let mut bytes = 0u64;
+        let mut caller_done = false;
+        let mut out_of_room = false;
+        while calls < want {
+            // Room for the largest frame: a head, its pieces and a token.
+            let worst = max_descs + 1;
+            let room = |q: &mut XskQueue, descs: u32| {
+                q.ledger.peek_free().is_some()
+                    && q.tx.prod_free(descs + worst) >= descs + worst
+                    && q.in_flight
+                        .as_ref()
+                        .is_some_and(|f| f.room(worst as usize + 1))
+            };
+            if !room(self, descs) {
+                self.reclaim();
+                if !room(self, descs) {
+                    out_of_room = true;
+                    break;
+                }
+            }
+            let Some(addr) = self.ledger.peek_free() else {
+                break;
+            };
+            calls += 1;
+            pieces.clear();
+            let head = self.umem.slice_mut(addr + data_offset as u64, head_room);
+            let Some(request) = fill(head, &mut pieces) else {
+                caller_done = true;
+                break;
+            };
+            let guest_len = self.guest_len;
+            // What the kernel takes, exactly: it drops a frame with one
+            // descriptor it refuses and returns only some of the others
+            // on the completion ring (6.18), which would break matching
+            // by order. With TX metadata registered every descriptor has
+            // room for it in front, metadata asked for or not.
+            let metadata = if self.tx_metadata {
+                u64::from(TX_METADATA_LEN)
+            } else {
+                0
+            };
+            let max_piece = u64::from(self.frame_size) - metadata;
+            let count = u32::from(request.head_len > 0) + pieces.len() as u32;
+            let valid = (1..=max_descs).contains(&count)
+                && request.head_len <= head_room
+                && (request.csum.is_none() || (request.head_len > 0 && self.tx_metadata))
+                && pieces.as_slice().iter().all(|&(offset, len)| {
+                    (1..=max_piece).contains(&u64::from(len))
+                        && offset >= metadata
+                        && offset
+                            .checked_add(u64::from(len))
+                            .is_some_and(|end| end <= guest_len)
+                });
+            let Some(in_flight) = self.in_flight.as_mut() else {
+                break;
+            };
+            if !valid {
+                invalid += 1;
+                if let Some(token) = request.token {
+                    in_flight.push(Entry::Token(token));
+                }
+                continue;
+            }
+            if request.head_len > 0 {
+                let mut options = 0;
+                if let Some((csum_start, csum_offset)) = request.csum {
+                    let meta = tx_checksum_request(csum_start, csum_offset);
+                    let at = addr + (data_offset as u64 - u64::from(TX_METADATA_LEN));
+                    self.umem.slice_mut(at, meta.len()).copy_from_slice(&meta);
+                    options = libc::XDP_TX_METADATA;
+                }
+                if !pieces.is_empty() {
+                    options |= libc::XDP_PKT_CONTD;
+                }
+                self.ledger.pop_free(1);
+                self.tx.prod_write(
+                    descs,
+                    libc::xdp_desc {
+                        addr: self.umem_base + addr + data_offset as u64,
+                        len: request.head_len as u32,
+                        options,
+                    },
+                );
+                in_flight.push(Entry::Own);
+                descs += 1;
+                bytes += request.head_len as u64;
+            }
+            let last = pieces.len();
+            for (i, &(offset, len)) in pieces.as_slice().iter().enumerate() {
+                self.tx.prod_write(
+                    descs,
+                    libc::xdp_desc {
+                        addr: offset,
+                        len,
+                        options: if i + 1 < last { libc::XDP_PKT_CONTD } else { 0 },
+                    },
+                );
+                in_flight.push(Entry::Guest);
+                descs += 1;
+                bytes += u64::from(len);
+            }
+            if let Some(token) = request.token {
+                in_flight.push(Entry::Token(token));
+            }
+            sent += 1;
+        }
+        self.pieces = pieces;
+        self.tx.prod_submit(descs);
+        if let Some(in_flight) = self.in_flight.as_mut() {
+            // Tokens of refused frames with nothing before them.
+            in_flight.release_tokens();
+        }
+        if sent > 0 || self.kick_pending {
+            self.kick();
+        }
+        let out_of_room = out_of_room && !caller_done;
+        if out_of_room {
+            add(&self.counters.tx_out_of_room, 1);
+        }
+        if sent > 0 {
+            add(&self.counters.tx_packets, u64::from(sent));
+            add(&self.counters.tx_bytes, bytes);
+            add(&self.counters.tx_batches, 1);
+        }
+        add(&self.counters.tx_invalid_len, invalid);
+        TxBatch {
+            sent: sent as usize,
+            out_of_room,
+            kick_pending: self.kick_pending,
+        }
+    }
+
+    /// `umem=guest`: hands `f` the tokens of [`XskQueue::tx_gather`]
+    /// frames the kernel is done with (collecting completions first),
+    /// oldest first. Returns how many.
+    pub fn take_completed(&mut self, f: &mut dyn FnMut(u64)) -> usize {
+        self.reclaim();
+        self.in_flight
+            .as_mut()
+            .map_or(0, |in_flight| in_flight.take_done(f))
+    }
+
+    /// `umem=guest`: descriptors (of the queue's own frames and of guest
+    /// memory) handed to the kernel and not yet completed.
+    pub fn tx_descs_in_flight(&self) -> usize {
+        self.in_flight.as_ref().map_or(0, InFlight::descs)
     }
 
     /// Wakes the kernel to transmit what is in the tx ring, if it asked to
@@ -1072,7 +1315,16 @@ impl XskQueue {
         let mut bad = 0u64;
         for i in 0..n {
             let addr = self.comp.cons_read(i).wrapping_sub(self.umem_base);
-            if !self.ledger.tx_completed(addr) {
+            // By order on a shared UMEM: the oldest descriptor is done.
+            let own = match self.in_flight.as_mut().map(InFlight::complete_one) {
+                None | Some(Some(Entry::Own)) => true,
+                Some(Some(_)) => false,
+                Some(None) => {
+                    bad += 1;
+                    continue;
+                }
+            };
+            if own && !self.ledger.tx_completed(addr) {
                 bad += 1;
             }
         }

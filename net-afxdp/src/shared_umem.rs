@@ -217,16 +217,19 @@ impl SharedUmem {
     }
 
     /// Whether the kernel takes `desc`: non-empty, inside the region, at
-    /// most one chunk long, its metadata (if it says it has some) inside
-    /// the region too. Check before [`SharedUmemQueue::transmit`]:
+    /// most one chunk long less the TX metadata length (if the UMEM has
+    /// TX metadata), with room for the metadata in front inside the region
+    /// (whether it says it has some or not). Check before [`SharedUmemQueue::transmit`]:
     /// the kernel counts a refused descriptor in `tx_invalid_descs` and,
     /// depending on its version, returns it on the completion ring or not.
     pub fn tx_desc_ok(&self, desc: &TxDesc) -> bool {
-        let metadata_ok = !desc.metadata
-            || (self.tx_metadata_len > 0 && desc.addr >= u64::from(self.tx_metadata_len));
+        // With TX metadata registered, the kernel wants room for it in
+        // front of every descriptor, and counts it in the chunk.
+        let metadata_ok = (!desc.metadata || self.tx_metadata_len > 0)
+            && desc.addr >= u64::from(self.tx_metadata_len);
         metadata_ok
             && desc.len > 0
-            && desc.len <= self.chunk_size
+            && desc.len <= self.chunk_size - self.tx_metadata_len
             && desc
                 .addr
                 .checked_add(u64::from(desc.len))

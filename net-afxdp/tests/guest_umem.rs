@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use net_afxdp::testbed::{test_frame, VethPair};
-use net_afxdp::{AfXdpConfig, AfXdpNic, UmemRegion, XskQueue};
+use net_afxdp::{AfXdpConfig, AfXdpNic, GatherRequest, UmemRegion, XskQueue};
 
 const SECOND: Duration = Duration::from_secs(1);
 const GUEST_BYTES: usize = 4 << 20;
@@ -293,4 +293,310 @@ fn guest_memory_must_match_the_option() {
     assert!(e.contains("the queues need"), "{e}");
     // Nothing stayed attached after the refusals.
     assert_eq!(wait_no_xdp(&pair, &pair.a), None);
+}
+
+/// Writes `bytes` at `offset` of the region's guest memory.
+fn guest_write(region: &UmemRegion, offset: usize, bytes: &[u8]) {
+    assert!(offset + bytes.len() <= region.area_start());
+    // SAFETY: inside guest memory of a mapping that is never unmapped; no
+    // socket writes guest memory (the copy path keeps to its window).
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), region.as_ptr().add(offset), bytes.len())
+    };
+}
+
+/// A snapshot of guest memory.
+fn guest_bytes(region: &UmemRegion) -> Vec<u8> {
+    let mut v = vec![0u8; region.area_start()];
+    // SAFETY: as above.
+    unsafe { std::ptr::copy_nonoverlapping(region.as_ptr(), v.as_mut_ptr(), v.len()) };
+    v
+}
+
+/// How a test frame is laid out for `tx_gather`: bytes in the head, then
+/// pieces of guest memory (at their offsets).
+struct Layout {
+    head: usize,
+    pieces: Vec<(usize, usize)>,
+}
+
+/// Frames sent from guest memory (no head; a head and one piece; several
+/// pieces at odd offsets, across page boundaries), interleaved with frames
+/// of the copy path on the same queue, reach the peer byte for byte and in
+/// order; every token comes back once, in order; refused requests send
+/// nothing and return their tokens in turn; guest memory is only read.
+/// Both queues, the second on the first one's UMEM.
+#[test]
+fn frames_gathered_from_guest_memory_reach_the_peer_and_tokens_return_in_order() {
+    require_root!();
+    init_log();
+    let pair = VethPair::new(2).unwrap();
+    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
+    let config: AfXdpConfig = format!("ifname={},queues=2,mode=native,umem=guest", pair.a)
+        .parse()
+        .unwrap();
+    let region = region_for(&config);
+    let mut a = open_on(&pair, &config, region);
+    let mut b = open(&pair, &format!("ifname={},queues=2,mode=native", pair.b)).unwrap();
+    let layouts = [
+        Layout {
+            head: 0,
+            pieces: vec![(0x1000, 60)],
+        },
+        Layout {
+            head: 14,
+            pieces: vec![(0x2003, 1500)],
+        },
+        Layout {
+            head: 0,
+            pieces: vec![(0x2ff1, 300), (0x5001, 1000), (0x7fff, 214)],
+        },
+        Layout {
+            head: 42,
+            pieces: vec![(0x9e00, 900), (0xa200, 572)],
+        },
+        Layout {
+            head: 64,
+            pieces: vec![],
+        },
+        Layout {
+            head: 0,
+            pieces: vec![(0xc001, 700), (0xdfff, 1), (0xf000, 600), (0x18, 100)],
+        },
+    ];
+    for j in 0..2usize {
+        let queue = &mut a.queues_mut()[j];
+        assert!(queue.is_sg(), "umem=guest binds XDP_USE_SG");
+        assert!(
+            queue.tx_checksum(),
+            "the refusals below assume TX metadata (Linux 6.8+)"
+        );
+        let mut expected = Vec::new();
+        let mut tokens = Vec::new();
+        let mut sent_tokens = Vec::new();
+        for round in 0..3u64 {
+            // One batch of gathered frames, then copy-path frames.
+            let frames: Vec<Vec<u8>> = layouts
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    let len = l.head + l.pieces.iter().map(|p| p.1).sum::<usize>();
+                    test_frame(b_mac, a_mac, (j as u64) << 40 | round << 32 | i as u64, len)
+                })
+                .collect();
+            for (l, f) in layouts.iter().zip(&frames) {
+                let mut at = l.head;
+                for &(offset, len) in &l.pieces {
+                    guest_write(&region, offset, &f[at..at + len]);
+                    at += len;
+                }
+            }
+            let before = guest_bytes(&region);
+            let mut next = 0usize;
+            let batch = queue.tx_gather(64, |head, pieces| {
+                let (l, f) = (layouts.get(next)?, &frames[next]);
+                head[..l.head].copy_from_slice(&f[..l.head]);
+                for &(offset, len) in &l.pieces {
+                    assert!(pieces.push(offset as u64, len as u32));
+                }
+                let token = round * 100 + next as u64;
+                next += 1;
+                Some(GatherRequest {
+                    head_len: l.head,
+                    csum: None,
+                    token: Some(token),
+                })
+            });
+            assert_eq!(
+                batch.sent,
+                layouts.len(),
+                "{batch:?} {:?}",
+                queue.counters().snapshot()
+            );
+            sent_tokens.extend((0..layouts.len() as u64).map(|i| round * 100 + i));
+            expected.extend(frames);
+            let copied = mixed_frames(b_mac, a_mac, 20, 50 + round + 10 * j as u64);
+            tx_all(queue, &copied);
+            expected.extend(copied);
+            // Refused: a piece reaching past guest memory, one longer than a
+            // UMEM frame less the TX metadata, an empty piece, a checksum
+            // without a head, a piece with no room for TX metadata in
+            // front (both as the kernel has them with TX metadata; each
+            // with a good piece after it, which must not go either).
+            // (head length, pieces, checksum request)
+            type Request = (usize, Vec<(u64, u32)>, Option<(u16, u16)>);
+            let bad: [Request; 5] = [
+                (0, vec![(region.area_start() as u64 - 10, 60)], None),
+                (0, vec![(0x1001, 4073), (0x3000, 60)], None),
+                (14, vec![(0x1000, 0), (0x3000, 60)], None),
+                (0, vec![(0x1000, 60)], Some((34, 6))),
+                (0, vec![(0x17, 60), (0x3000, 60)], None),
+            ];
+            let mut k = 0;
+            let batch = queue.tx_gather(64, |_, pieces| {
+                let (head_len, list, csum) = bad.get(k)?;
+                for &(offset, len) in list {
+                    pieces.push(offset, len);
+                }
+                k += 1;
+                Some(GatherRequest {
+                    head_len: *head_len,
+                    csum: *csum,
+                    token: Some(1000 + round * 10 + k as u64),
+                })
+            });
+            assert_eq!(batch.sent, 0, "refused requests are not sent");
+            sent_tokens.extend((1..=5).map(|k| 1000 + round * 10 + k));
+            assert_eq!(guest_bytes(&region), before, "guest memory was written");
+        }
+        let got = rx_frames(&mut b.queues_mut()[j], expected.len(), 5 * SECOND);
+        assert_frames(&got, &expected, &format!("queue {j}"));
+        let deadline = Instant::now() + 5 * SECOND;
+        while tokens.len() < sent_tokens.len() && Instant::now() < deadline {
+            queue_take(&mut a.queues_mut()[j], &mut tokens);
+        }
+        assert_eq!(tokens, sent_tokens, "queue {j}: tokens in order, each once");
+        let q = &a.queues()[j];
+        assert_eq!(q.tx_descs_in_flight(), 0);
+        assert_no_leak(q);
+        let c = q.counters().snapshot();
+        assert_eq!(c.tx_invalid_len, 15, "{c:?}");
+        let k = q.xdp_statistics().unwrap();
+        assert_eq!(k.tx_invalid_descs, 0, "{k:?}");
+    }
+}
+
+fn queue_take(q: &mut XskQueue, tokens: &mut Vec<u64>) {
+    if q.take_completed(&mut |t| tokens.push(t)) == 0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A gathered frame with a checksum request: the head (link, IPv4 and UDP
+/// headers, the request in front) in the queue's own frame, the payload
+/// in guest memory at an odd offset across a page; it arrives whole, its
+/// UDP checksum summed over both (by the kernel, transmit checksumming
+/// off on the veth, as in shared_umem.rs).
+#[test]
+fn a_gathered_frame_with_a_checksum_request_arrives_summed() {
+    require_root!();
+    init_log();
+    let pair = VethPair::new(1).unwrap();
+    let status = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pair.netns,
+            "ethtool",
+            "-K",
+            &pair.a,
+            "tx",
+            "off",
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("running ethtool (install ethtool)");
+    assert!(status.success());
+    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
+    let config: AfXdpConfig = format!("ifname={},mode=native,umem=guest", pair.a)
+        .parse()
+        .unwrap();
+    let region = region_for(&config);
+    let mut a = open_on(&pair, &config, region);
+    let peer = packet_socket(&pair, &pair.b);
+    let q = &mut a.queues_mut()[0];
+    assert!(q.tx_checksum(), "needs AF_XDP TX metadata (Linux 6.8+)");
+    let payload: Vec<u8> = (0..1401u32).map(|i| (i * 13 + 5) as u8).collect();
+    let header = udp_header(b_mac, a_mac, payload.len());
+    guest_write(&region, 0x3f01, &payload);
+    let mut once = false;
+    let batch = q.tx_gather(1, |head, pieces| {
+        if std::mem::replace(&mut once, true) {
+            return None;
+        }
+        head[..header.len()].copy_from_slice(&header);
+        pieces.push(0x3f01, payload.len() as u32);
+        Some(GatherRequest {
+            head_len: header.len(),
+            csum: Some((34, 6)),
+            token: Some(7),
+        })
+    });
+    assert_eq!(batch.sent, 1);
+    let mut buf = vec![0u8; 4096];
+    let deadline = Instant::now() + 2 * SECOND;
+    let frame = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match peer.recv(&mut buf, left).unwrap() {
+            Some(n) if buf[6..12] == a_mac && buf[12..14] == [0x08, 0x00] => {
+                break buf[..n].to_vec()
+            }
+            Some(_) => continue,
+            None => panic!("the frame did not reach the peer"),
+        }
+    };
+    assert_eq!(frame.len(), header.len() + payload.len());
+    assert_eq!(frame[..40], header[..40]);
+    assert_eq!(frame[42..], payload[..]);
+    assert!(udp_checksum_ok(&frame), "bad UDP checksum");
+    let mut tokens = Vec::new();
+    let deadline = Instant::now() + 2 * SECOND;
+    while tokens.is_empty() && Instant::now() < deadline {
+        queue_take(q, &mut tokens);
+    }
+    assert_eq!(tokens, vec![7]);
+}
+
+/// The one's-complement sum of `data` (16-bit big-endian words) added to
+/// `sum`, unfolded.
+fn ones_sum(data: &[u8], mut sum: u32) -> u32 {
+    for pair in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Ethernet + IPv4 + UDP headers for `payload` bytes, the UDP checksum
+/// field holding the pseudo-header sum (what a checksum request expects).
+fn udp_header(dst: [u8; 6], src: [u8; 6], payload: usize) -> Vec<u8> {
+    let (saddr, daddr) = ([10, 0, 0, 1], [10, 0, 0, 2]);
+    let udp_len = (8 + payload) as u16;
+    let mut h = Vec::new();
+    h.extend_from_slice(&dst);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&(20 + udp_len).to_be_bytes());
+    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, 17, 0, 0]);
+    ip.extend_from_slice(&saddr);
+    ip.extend_from_slice(&daddr);
+    let ip_check = !fold(ones_sum(&ip, 0));
+    ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
+    h.extend_from_slice(&ip);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&saddr);
+    pseudo.extend_from_slice(&daddr);
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&udp_len.to_be_bytes());
+    h.extend_from_slice(&[0x04, 0xd2, 0x16, 0x2e]);
+    h.extend_from_slice(&udp_len.to_be_bytes());
+    h.extend_from_slice(&fold(ones_sum(&pseudo, 0)).to_be_bytes());
+    h
+}
+
+/// Whether the UDP checksum of an Ethernet + IPv4 + UDP frame verifies.
+fn udp_checksum_ok(frame: &[u8]) -> bool {
+    let udp = &frame[34..];
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&frame[26..34]);
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+    fold(ones_sum(udp, ones_sum(&pseudo, 0))) == 0xffff
 }
