@@ -9,6 +9,8 @@ use vmm::vm::{self, GuestRam, VmConfig, VmExit};
 use vmm::VmmError;
 
 fn main() -> ExitCode {
+    // Before any thread: see single_malloc_arena.
+    vmm::seccomp::single_malloc_arena();
     let args = Args::parse();
     env_logger::Builder::new()
         .filter_level(args.log_level)

@@ -433,8 +433,23 @@ pub struct Filters {
     pub api: Option<Arc<BpfProgram>>,
 }
 
+/// Keeps every thread on glibc's main malloc arena. glibc opens
+/// /proc/sys/vm/overcommit_memory the first time it shrinks the heap of a
+/// thread arena, which no filter allows (openat): with `umem=guest` and a
+/// NIC opened again, xskvm's main thread died of SIGSYS at exit freeing
+/// memory that another thread had allocated. The main arena shrinks with
+/// brk, and the datapath allocates nothing per packet, so one arena costs
+/// no contention. Call before any other thread starts.
+pub fn single_malloc_arena() {
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+}
+
 impl Filters {
+    /// Compiles the filters (none with `--seccomp off`); keeps malloc on
+    /// one arena first ([`single_malloc_arena`]).
     pub fn new(mode: SeccompMode) -> Result<Self, SeccompError> {
+        single_malloc_arena();
         let get = |kind| compile(kind, mode).map(|p| p.map(Arc::new));
         Ok(Self {
             main: get(ThreadKind::Main)?,
