@@ -121,15 +121,19 @@ pub enum Error {
     },
 
     #[error(
-        "af-xdp: registering the UMEM ({needed_kib} KiB for {queues} queue(s)) exceeds the locked-memory \
-         limit (RLIMIT_MEMLOCK {}); raise it to at least {needed_kib} KiB plus what the process \
-         already locks (ulimit -l, LimitMEMLOCK= in systemd, limits.conf) or grant CAP_IPC_LOCK",
+        "af-xdp: registering the UMEM ({needed_kib} KiB for {queues} queue(s){}) exceeds the \
+         locked-memory limit (RLIMIT_MEMLOCK {}); raise it to at least {needed_kib} KiB plus what \
+         the process already locks (ulimit -l, LimitMEMLOCK= in systemd, limits.conf) or grant \
+         CAP_IPC_LOCK",
+        if *.guest_memory { ": umem=guest locks all of guest memory" } else { "" },
         match .limit_kib { Some(k) => format!("{k} KiB"), None => "unknown".to_string() }
     )]
     Memlock {
         needed_kib: u64,
         queues: u32,
         limit_kib: Option<u64>,
+        /// The UMEM is guest memory (`umem=guest`).
+        guest_memory: bool,
     },
 
     #[error(

@@ -435,6 +435,7 @@ impl XskQueue {
                     },
                     queues: s.total_queues,
                     limit_kib: sys::memlock_limit().map(|b| b / 1024),
+                    guest_memory: s.guest.is_some(),
                 },
                 Some(libc::EBUSY) if s.adopted => adopted_busy("a UMEM"),
                 Some(libc::EPERM) => Error::PermissionDenied {

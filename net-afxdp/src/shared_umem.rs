@@ -177,6 +177,7 @@ impl SharedUmem {
                     needed_kib: len as u64 / 1024,
                     queues: 1,
                     limit_kib: sys::memlock_limit().map(|b| b / 1024),
+                    guest_memory: true,
                 },
                 Some(libc::EPERM) => Error::PermissionDenied {
                     action: "registering the UMEM",

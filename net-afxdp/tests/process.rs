@@ -131,7 +131,11 @@ fn child_process_entry() {
                     needed_kib,
                     queues,
                     limit_kib,
-                } => assert_eq!((*needed_kib, *queues, *limit_kib), (32768, 2, Some(1024))),
+                    guest_memory,
+                } => assert_eq!(
+                    (*needed_kib, *queues, *limit_kib, *guest_memory),
+                    (32768, 2, Some(1024), false)
+                ),
                 other => panic!("expected Memlock, got {other}"),
             }
             let text = err.to_string();
@@ -141,6 +145,60 @@ fn child_process_entry() {
             );
             println!("memlock: {text}");
             // The program was attached before the UMEM failed: gone again.
+            assert_eq!(sys_attached(&ifname), None);
+            println!("{OK}");
+        }
+        "memlock-guest" => {
+            // As "memlock", with umem=guest: 4 MiB of guest memory and
+            // two queues' 16 MiB after it, all registered and locked.
+            testbed::set_memlock_limit(1 << 20).unwrap();
+            testbed::limit_capabilities(&[
+                cap::NET_ADMIN,
+                cap::NET_RAW,
+                cap::SYS_ADMIN,
+                cap::BPF,
+                cap::PERFMON,
+            ])
+            .unwrap();
+            let config: AfXdpConfig = format!("ifname={ifname},queues=2,umem=guest")
+                .parse()
+                .unwrap();
+            let len = (4 << 20) + config.queue_umem_bytes() as usize;
+            // SAFETY: a fresh anonymous mapping, never unmapped (the
+            // child exits right after).
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(ptr, libc::MAP_FAILED);
+            // SAFETY: as above.
+            let region = unsafe { net_afxdp::UmemRegion::new(ptr.cast(), len, 4 << 20) }.unwrap();
+            let err = AfXdpNic::open_on(&config, Some(region)).unwrap_err();
+            match &err {
+                Error::Memlock {
+                    needed_kib,
+                    limit_kib,
+                    guest_memory,
+                    ..
+                } => assert_eq!(
+                    (*needed_kib, *limit_kib, *guest_memory),
+                    (36864, Some(1024), true)
+                ),
+                other => panic!("expected Memlock, got {other}"),
+            }
+            let text = err.to_string();
+            assert!(
+                text.contains("umem=guest locks all of guest memory")
+                    && text.contains("at least 36864 KiB"),
+                "{text}"
+            );
+            println!("memlock with umem=guest: {text}");
             assert_eq!(sys_attached(&ifname), None);
             println!("{OK}");
         }
@@ -420,6 +478,18 @@ fn umem_beyond_the_memlock_limit_is_reported() {
     let pair = VethPair::new(2).unwrap();
     expect_ok(spawn_child(
         "memlock",
+        &[("XSK_NETNS", &pair.netns), ("XSK_IF", &pair.a)],
+        &[],
+    ));
+    assert_eq!(pair.xdp_program(&pair.a).unwrap(), None);
+}
+
+#[test]
+fn guest_memory_beyond_the_memlock_limit_is_reported() {
+    require_root!();
+    let pair = VethPair::new(2).unwrap();
+    expect_ok(spawn_child(
+        "memlock-guest",
         &[("XSK_NETNS", &pair.netns), ("XSK_IF", &pair.a)],
         &[],
     ));
