@@ -1062,6 +1062,12 @@ impl XskQueue {
         }
         self.tx.prod_submit(descs);
         let out_of_room = !caller_done && calls == room && room < want;
+        self.end_tx_batch(sent, bytes, invalid, out_of_room)
+    }
+
+    /// After a batch went into the tx ring: one kick, the counters, what
+    /// the caller needs to know.
+    fn end_tx_batch(&mut self, sent: u32, bytes: u64, invalid: u64, out_of_room: bool) -> TxBatch {
         if sent > 0 || self.kick_pending {
             self.kick();
         }
@@ -1234,24 +1240,7 @@ impl XskQueue {
             // Tokens of refused frames with nothing before them.
             in_flight.release_tokens();
         }
-        if sent > 0 || self.kick_pending {
-            self.kick();
-        }
-        let out_of_room = out_of_room && !caller_done;
-        if out_of_room {
-            add(&self.counters.tx_out_of_room, 1);
-        }
-        if sent > 0 {
-            add(&self.counters.tx_packets, u64::from(sent));
-            add(&self.counters.tx_bytes, bytes);
-            add(&self.counters.tx_batches, 1);
-        }
-        add(&self.counters.tx_invalid_len, invalid);
-        TxBatch {
-            sent: sent as usize,
-            out_of_room,
-            kick_pending: self.kick_pending,
-        }
+        self.end_tx_batch(sent, bytes, invalid, out_of_room && !caller_done)
     }
 
     /// `umem=guest`: hands `f` the tokens of [`XskQueue::tx_gather`]

@@ -29,21 +29,49 @@ fn region_for(config: &AfXdpConfig) -> UmemRegion {
 /// A fresh mapping of `GUEST_BYTES` of canary and `area` bytes after it.
 fn guest_mapping(area: usize) -> (*mut u8, usize) {
     let len = GUEST_BYTES + area;
-    // SAFETY: a fresh anonymous mapping, checked below.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(ptr, libc::MAP_FAILED);
+    let ptr = anonymous_mapping(len);
     // SAFETY: the mapping's first GUEST_BYTES, ours alone so far.
-    unsafe { std::ptr::write_bytes(ptr.cast::<u8>(), CANARY, GUEST_BYTES) };
-    (ptr.cast(), len)
+    unsafe { std::ptr::write_bytes(ptr, CANARY, GUEST_BYTES) };
+    (ptr, len)
+}
+
+/// A veth pair with `queues` queues (MTU `mtu` on both ends): end `a`
+/// opened `umem=guest` (native mode) on a fresh region, end `b` plainly.
+struct GuestPair {
+    /// Held: dropping it removes the pair and its namespace.
+    _pair: VethPair,
+    a: AfXdpNic,
+    b: AfXdpNic,
+    region: UmemRegion,
+    a_mac: [u8; 6],
+    b_mac: [u8; 6],
+}
+
+fn guest_pair(queues: u32, mtu: u32) -> GuestPair {
+    let pair = VethPair::new(queues).unwrap();
+    for dev in [&pair.a, &pair.b] {
+        pair.ip(&["link", "set", dev, "mtu", &mtu.to_string()])
+            .unwrap();
+    }
+    let config: AfXdpConfig = format!("ifname={},queues={queues},mode=native,umem=guest", pair.a)
+        .parse()
+        .unwrap();
+    let region = region_for(&config);
+    let a = open_on(&pair, &config, region);
+    let b = open(
+        &pair,
+        &format!("ifname={},queues={queues},mode=native", pair.b),
+    )
+    .unwrap();
+    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
+    GuestPair {
+        _pair: pair,
+        a,
+        b,
+        region,
+        a_mac,
+        b_mac,
+    }
 }
 
 /// Guest memory bytes that are no longer the canary.
@@ -218,17 +246,14 @@ fn two_nics_share_one_guest_memory() {
 fn jumbo_frames_on_guest_memory() {
     require_root!();
     init_log();
-    let pair = VethPair::new(2).unwrap();
-    for dev in [&pair.a, &pair.b] {
-        pair.ip(&["link", "set", dev, "mtu", "9000"]).unwrap();
-    }
-    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
-    let config: AfXdpConfig = format!("ifname={},queues=2,mode=native,umem=guest", pair.a)
-        .parse()
-        .unwrap();
-    let region = region_for(&config);
-    let mut a = open_on(&pair, &config, region);
-    let mut b = open(&pair, &format!("ifname={},queues=2,mode=native", pair.b)).unwrap();
+    let GuestPair {
+        mut a,
+        mut b,
+        region,
+        a_mac,
+        b_mac,
+        ..
+    } = guest_pair(2, 9000);
     assert!(a.info().multi_buffer, "{:?}", a.info());
     for j in 0..2usize {
         assert!(a.queues()[j].is_multi_buffer(), "queue {j}");
@@ -330,14 +355,14 @@ struct Layout {
 fn frames_gathered_from_guest_memory_reach_the_peer_and_tokens_return_in_order() {
     require_root!();
     init_log();
-    let pair = VethPair::new(2).unwrap();
-    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
-    let config: AfXdpConfig = format!("ifname={},queues=2,mode=native,umem=guest", pair.a)
-        .parse()
-        .unwrap();
-    let region = region_for(&config);
-    let mut a = open_on(&pair, &config, region);
-    let mut b = open(&pair, &format!("ifname={},queues=2,mode=native", pair.b)).unwrap();
+    let GuestPair {
+        mut a,
+        mut b,
+        region,
+        a_mac,
+        b_mac,
+        ..
+    } = guest_pair(2, 1500);
     let layouts = [
         Layout {
             head: 0,
@@ -545,58 +570,4 @@ fn a_gathered_frame_with_a_checksum_request_arrives_summed() {
         queue_take(q, &mut tokens);
     }
     assert_eq!(tokens, vec![7]);
-}
-
-/// The one's-complement sum of `data` (16-bit big-endian words) added to
-/// `sum`, unfolded.
-fn ones_sum(data: &[u8], mut sum: u32) -> u32 {
-    for pair in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-    }
-    sum
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-/// Ethernet + IPv4 + UDP headers for `payload` bytes, the UDP checksum
-/// field holding the pseudo-header sum (what a checksum request expects).
-fn udp_header(dst: [u8; 6], src: [u8; 6], payload: usize) -> Vec<u8> {
-    let (saddr, daddr) = ([10, 0, 0, 1], [10, 0, 0, 2]);
-    let udp_len = (8 + payload) as u16;
-    let mut h = Vec::new();
-    h.extend_from_slice(&dst);
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&[0x08, 0x00]);
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&(20 + udp_len).to_be_bytes());
-    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, 17, 0, 0]);
-    ip.extend_from_slice(&saddr);
-    ip.extend_from_slice(&daddr);
-    let ip_check = !fold(ones_sum(&ip, 0));
-    ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
-    h.extend_from_slice(&ip);
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&saddr);
-    pseudo.extend_from_slice(&daddr);
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&udp_len.to_be_bytes());
-    h.extend_from_slice(&[0x04, 0xd2, 0x16, 0x2e]);
-    h.extend_from_slice(&udp_len.to_be_bytes());
-    h.extend_from_slice(&fold(ones_sum(&pseudo, 0)).to_be_bytes());
-    h
-}
-
-/// Whether the UDP checksum of an Ethernet + IPv4 + UDP frame verifies.
-fn udp_checksum_ok(frame: &[u8]) -> bool {
-    let udp = &frame[34..];
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&frame[26..34]);
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&(udp.len() as u16).to_be_bytes());
-    fold(ones_sum(udp, ones_sum(&pseudo, 0))) == 0xffff
 }

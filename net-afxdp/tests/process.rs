@@ -164,21 +164,9 @@ fn child_process_entry() {
                 .parse()
                 .unwrap();
             let len = (4 << 20) + config.queue_umem_bytes() as usize;
-            // SAFETY: a fresh anonymous mapping, never unmapped (the
-            // child exits right after).
-            let ptr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(ptr, libc::MAP_FAILED);
-            // SAFETY: as above.
-            let region = unsafe { net_afxdp::UmemRegion::new(ptr.cast(), len, 4 << 20) }.unwrap();
+            let ptr = anonymous_mapping(len);
+            // SAFETY: never unmapped (the child exits right after).
+            let region = unsafe { net_afxdp::UmemRegion::new(ptr, len, 4 << 20) }.unwrap();
             let err = AfXdpNic::open_on(&config, Some(region)).unwrap_err();
             match &err {
                 Error::Memlock {

@@ -426,61 +426,6 @@ fn sockets_of_two_queues_share_the_region_with_their_own_completions() {
     assert_eq!(got, want);
 }
 
-/// The one's-complement sum of `data` (16-bit big-endian words) added to
-/// `sum`, unfolded.
-fn ones_sum(data: &[u8], mut sum: u32) -> u32 {
-    for pair in data.chunks(2) {
-        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    sum
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-/// An Ethernet + IPv4 + UDP header for `payload` bytes, its UDP checksum
-/// field holding the pseudo-header sum (what a checksum request expects).
-fn udp_header(dst: [u8; 6], src: [u8; 6], payload: usize) -> Vec<u8> {
-    let (saddr, daddr) = ([10, 0, 0, 1], [10, 0, 0, 2]);
-    let udp_len = (8 + payload) as u16;
-    let mut h = Vec::new();
-    h.extend_from_slice(&dst);
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&[0x08, 0x00]);
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&(20 + udp_len).to_be_bytes());
-    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, 17, 0, 0]);
-    ip.extend_from_slice(&saddr);
-    ip.extend_from_slice(&daddr);
-    let ip_check = !fold(ones_sum(&ip, 0));
-    ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
-    h.extend_from_slice(&ip);
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&saddr);
-    pseudo.extend_from_slice(&daddr);
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&udp_len.to_be_bytes());
-    h.extend_from_slice(&[0x04, 0xd2, 0x16, 0x2e]);
-    h.extend_from_slice(&udp_len.to_be_bytes());
-    h.extend_from_slice(&fold(ones_sum(&pseudo, 0)).to_be_bytes());
-    h
-}
-
-/// Whether the UDP checksum of an Ethernet + IPv4 + UDP frame verifies.
-fn udp_checksum_ok(frame: &[u8]) -> bool {
-    let udp = &frame[34..];
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&frame[26..34]);
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&(udp.len() as u16).to_be_bytes());
-    fold(ones_sum(udp, ones_sum(&pseudo, 0))) == 0xffff
-}
-
 /// The transmit layout `umem=guest` needs: a frame's headers in one place
 /// (the VMM's, with the checksum request in front) and its payload in
 /// another (the guest's buffer, at any offset): sent as one frame of two
