@@ -66,6 +66,20 @@ fn expect_ok(child: Child) {
     );
 }
 
+/// A 1 MiB RLIMIT_MEMLOCK and every capability opening a NIC takes but
+/// CAP_IPC_LOCK (and CAP_SYS_RESOURCE, which could raise the limit).
+fn memlock_without_ipc_lock() {
+    testbed::set_memlock_limit(1 << 20).unwrap();
+    testbed::limit_capabilities(&[
+        cap::NET_ADMIN,
+        cap::NET_RAW,
+        cap::SYS_ADMIN,
+        cap::BPF,
+        cap::PERFMON,
+    ])
+    .unwrap();
+}
+
 fn env(key: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| panic!("child: {key} not set"))
 }
@@ -115,15 +129,7 @@ fn child_process_entry() {
         "memlock" => {
             // Everything but CAP_IPC_LOCK (and CAP_SYS_RESOURCE, which
             // could raise the limit), and a 1 MiB limit.
-            testbed::set_memlock_limit(1 << 20).unwrap();
-            testbed::limit_capabilities(&[
-                cap::NET_ADMIN,
-                cap::NET_RAW,
-                cap::SYS_ADMIN,
-                cap::BPF,
-                cap::PERFMON,
-            ])
-            .unwrap();
+            memlock_without_ipc_lock();
             let config: AfXdpConfig = format!("ifname={ifname},queues=2").parse().unwrap();
             let err = AfXdpNic::open(&config).unwrap_err();
             match &err {
@@ -151,15 +157,7 @@ fn child_process_entry() {
         "memlock-guest" => {
             // As "memlock", with umem=guest: 4 MiB of guest memory and
             // two queues' 16 MiB after it, all registered and locked.
-            testbed::set_memlock_limit(1 << 20).unwrap();
-            testbed::limit_capabilities(&[
-                cap::NET_ADMIN,
-                cap::NET_RAW,
-                cap::SYS_ADMIN,
-                cap::BPF,
-                cap::PERFMON,
-            ])
-            .unwrap();
+            memlock_without_ipc_lock();
             let config: AfXdpConfig = format!("ifname={ifname},queues=2,umem=guest")
                 .parse()
                 .unwrap();
