@@ -46,6 +46,9 @@ fn format_config(c: &AfXdpConfig) -> String {
     if let Some(start) = c.map_start_index {
         write!(s, ",map-start-index={start}").unwrap();
     }
+    if c.guest_umem {
+        s.push_str(",umem=guest");
+    }
     match c.tx_checksum {
         TxChecksum::Kernel => {}
         TxChecksum::Caller => s.push_str(",tx-csum=vmm"),
