@@ -572,7 +572,7 @@ impl XskQueue {
                 .guest
                 .as_ref()
                 .map(|_| InFlight::new(2 * s.umem.tx_frames as usize)),
-            guest_len: s.guest.as_ref().map_or(0, |g| g.region.area_start() as u64),
+            guest_len: s.guest.as_ref().map_or(0, |g| g.region.guest_len() as u64),
             pieces: GatherPieces::default(),
             tx_metadata,
             rx_gather: Vec::new(),

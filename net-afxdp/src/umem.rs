@@ -44,14 +44,17 @@ pub struct FrameAccounting {
 }
 
 /// Memory the caller owns that every queue of one NIC registers as its
-/// UMEM (`umem=guest`): guest RAM in `[0, area_start)`, then the queues'
-/// own frames, queue `i`'s [`crate::AfXdpConfig::umem`] bytes at
+/// UMEM (`umem=guest`): guest RAM in `[0, guest_len)`, then (from
+/// `area_start` on, after other NICs' areas if there are several) the
+/// queues' own frames, queue `i`'s [`crate::AfXdpConfig::umem`] bytes at
 /// `area_start + i * bytes_per_queue`. The kernel may read and write all
-/// of it; xskvm's queues touch only their own frames in the area.
+/// of it; the queues touch only their own frames in the area, and send
+/// from guest memory only inside `[0, guest_len)`.
 #[derive(Debug, Clone, Copy)]
 pub struct UmemRegion {
     ptr: NonNull<u8>,
     len: usize,
+    guest_len: usize,
     area_start: usize,
 }
 
@@ -63,8 +66,8 @@ unsafe impl Send for UmemRegion {}
 unsafe impl Sync for UmemRegion {}
 
 impl UmemRegion {
-    /// Describes `[ptr, ptr + len)`, with the queues' area from
-    /// `area_start` on.
+    /// Describes `[ptr, ptr + len)`: guest memory its first `guest_len`
+    /// bytes, the queues' area from `area_start` on.
     ///
     /// # Safety
     /// `[ptr, ptr + len)` must be a read-write private or shared mapping of
@@ -73,21 +76,31 @@ impl UmemRegion {
     /// outlive any owner the caller could name), and everything else that
     /// touches it must tolerate the kernel writing it at any time (as
     /// vm-memory's volatile accessors do for guest memory).
-    pub unsafe fn new(ptr: *mut u8, len: usize, area_start: usize) -> io::Result<Self> {
+    pub unsafe fn new(
+        ptr: *mut u8,
+        len: usize,
+        guest_len: usize,
+        area_start: usize,
+    ) -> io::Result<Self> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         let ptr = NonNull::new(ptr)
             .filter(|p| (p.as_ptr() as usize).is_multiple_of(page))
             .ok_or_else(|| io::Error::other("a UMEM region must start on a page"))?;
-        if !len.is_multiple_of(page) || !area_start.is_multiple_of(page) || area_start >= len {
+        if !len.is_multiple_of(page)
+            || !area_start.is_multiple_of(page)
+            || area_start >= len
+            || guest_len > area_start
+        {
             return Err(io::Error::other(format!(
-                "a UMEM region is whole pages with its queue area inside \
-                 ({len:#x} bytes, area from {area_start:#x})"
+                "a UMEM region is whole pages with guest memory first and its queue area \
+                 inside ({len:#x} bytes, guest memory {guest_len:#x}, area from {area_start:#x})"
             )));
         }
         Ok(UmemRegion {
             ptr,
             len,
+            guest_len,
             area_start,
         })
     }
@@ -101,9 +114,14 @@ impl UmemRegion {
         self.len == 0
     }
 
-    /// Where the queues' area starts (the guest RAM before it).
+    /// Where this NIC's queues' area starts.
     pub fn area_start(&self) -> usize {
         self.area_start
+    }
+
+    /// Bytes of guest memory at the region's start.
+    pub fn guest_len(&self) -> usize {
+        self.guest_len
     }
 
     /// The region's first byte (guest RAM's, with `umem=guest`).

@@ -23,7 +23,7 @@ fn region_for(config: &AfXdpConfig) -> UmemRegion {
     let (ptr, len) = guest_mapping(config.queue_umem_bytes() as usize);
     // SAFETY: the mapping is never unmapped; the test reads guest memory
     // only after the sockets are gone, and through volatile reads.
-    unsafe { UmemRegion::new(ptr, len, GUEST_BYTES) }.unwrap()
+    unsafe { UmemRegion::new(ptr, len, GUEST_BYTES, GUEST_BYTES) }.unwrap()
 }
 
 /// A fresh mapping of `GUEST_BYTES` of canary and `area` bytes after it.
@@ -77,7 +77,7 @@ fn guest_pair(queues: u32, mtu: u32) -> GuestPair {
 /// Guest memory bytes that are no longer the canary.
 fn guest_bytes_touched(region: &UmemRegion) -> usize {
     let ptr = region.as_ptr();
-    (0..GUEST_BYTES.min(region.area_start()))
+    (0..region.guest_len())
         // SAFETY: inside the region's mapping, which is never unmapped.
         .filter(|&i| unsafe { ptr.add(i).read_volatile() } != CANARY)
         .count()
@@ -205,7 +205,7 @@ fn two_nics_share_one_guest_memory() {
     let (ptr, len) = guest_mapping(area_a + configs[1].queue_umem_bytes() as usize);
     // SAFETY: as in region_for.
     let regions = [GUEST_BYTES, GUEST_BYTES + area_a]
-        .map(|area_start| unsafe { UmemRegion::new(ptr, len, area_start) }.unwrap());
+        .map(|area_start| unsafe { UmemRegion::new(ptr, len, GUEST_BYTES, area_start) }.unwrap());
     let mut nics: Vec<AfXdpNic> = (0..2)
         .map(|i| open_on(&pairs[i], &configs[i], regions[i]))
         .collect();
@@ -235,6 +235,20 @@ fn two_nics_share_one_guest_memory() {
         let got = rx_frames(&mut nics[i].queues_mut()[0], 200, 5 * SECOND);
         assert_frames(&got, &back[i], &format!("peer to NIC {i}"));
         assert_no_leak(&nics[i].queues()[0]);
+    }
+    // The second NIC sends from guest memory, never from the first one's
+    // area, which lies between guest memory and its own.
+    let q = &mut nics[1].queues_mut()[0];
+    for (offset, sent) in [(GUEST_BYTES as u64 + 0x100, 0), (0x100, 1)] {
+        let mut once = false;
+        let batch = q.tx_gather(1, |_, pieces| {
+            if std::mem::replace(&mut once, true) {
+                return None;
+            }
+            pieces.push(offset, 60);
+            Some(GatherRequest::default())
+        });
+        assert_eq!(batch.sent, sent, "a piece at {offset:#x}");
     }
     drop(nics);
     assert_eq!(guest_bytes_touched(&regions[0]), 0);
@@ -322,7 +336,7 @@ fn guest_memory_must_match_the_option() {
 
 /// Writes `bytes` at `offset` of the region's guest memory.
 fn guest_write(region: &UmemRegion, offset: usize, bytes: &[u8]) {
-    assert!(offset + bytes.len() <= region.area_start());
+    assert!(offset + bytes.len() <= region.guest_len());
     // SAFETY: inside guest memory of a mapping that is never unmapped; no
     // socket writes guest memory (the copy path keeps to its window).
     unsafe {
@@ -332,7 +346,7 @@ fn guest_write(region: &UmemRegion, offset: usize, bytes: &[u8]) {
 
 /// A snapshot of guest memory.
 fn guest_bytes(region: &UmemRegion) -> Vec<u8> {
-    let mut v = vec![0u8; region.area_start()];
+    let mut v = vec![0u8; region.guest_len()];
     // SAFETY: as above.
     unsafe { std::ptr::copy_nonoverlapping(region.as_ptr(), v.as_mut_ptr(), v.len()) };
     v
@@ -451,7 +465,7 @@ fn frames_gathered_from_guest_memory_reach_the_peer_and_tokens_return_in_order()
             // (head length, pieces, checksum request)
             type Request = (usize, Vec<(u64, u32)>, Option<(u16, u16)>);
             let bad: [Request; 5] = [
-                (0, vec![(region.area_start() as u64 - 10, 60)], None),
+                (0, vec![(region.guest_len() as u64 - 10, 60)], None),
                 (0, vec![(0x1001, 4073), (0x3000, 60)], None),
                 (14, vec![(0x1000, 0), (0x3000, 60)], None),
                 (0, vec![(0x1000, 60)], Some((34, 6))),

@@ -164,7 +164,7 @@ fn child_process_entry() {
             let len = (4 << 20) + config.queue_umem_bytes() as usize;
             let ptr = anonymous_mapping(len);
             // SAFETY: never unmapped (the child exits right after).
-            let region = unsafe { net_afxdp::UmemRegion::new(ptr, len, 4 << 20) }.unwrap();
+            let region = unsafe { net_afxdp::UmemRegion::new(ptr, len, 4 << 20, 4 << 20) }.unwrap();
             let err = AfXdpNic::open_on(&config, Some(region)).unwrap_err();
             match &err {
                 Error::Memlock {

@@ -110,7 +110,7 @@ fn open_guest(pair: &VethPair, dev: &str) -> (NicOwner, XskQueue, UmemRegion) {
     };
     assert_ne!(ptr, libc::MAP_FAILED, "mmap");
     // SAFETY: never unmapped; written only by blast_gather before sending.
-    let region = unsafe { UmemRegion::new(ptr.cast(), len, guest) }.expect("region");
+    let region = unsafe { UmemRegion::new(ptr.cast(), len, guest, guest) }.expect("region");
     let nic = pair
         .run(|| AfXdpNic::open_on(&config, Some(region)))
         .expect("enter netns")

@@ -108,7 +108,7 @@ impl UmemMapping {
         // unmapped (UmemMapping); guest RAM in it is reached only through
         // vm-memory's volatile accessors, which tolerate the kernel writing
         // it.
-        unsafe { net_afxdp::UmemRegion::new(self.ptr, self.len, start) }
+        unsafe { net_afxdp::UmemRegion::new(self.ptr, self.len, self.ram_len, start) }
             .map_err(|e| VmmError::Net(format!("umem=guest: guest memory cannot be a UMEM: {e}")))
     }
 }
@@ -1212,6 +1212,7 @@ mod tests {
         let region = umem.region(1 << 20).unwrap();
         assert_eq!(region.len() as u64, size + area);
         assert_eq!(region.area_start() as u64, size + (1 << 20));
+        assert_eq!(region.guest_len() as u64, size);
         assert!(umem.region(area).is_err(), "an area offset past the end");
     }
 
