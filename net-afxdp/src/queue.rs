@@ -1131,16 +1131,28 @@ impl XskQueue {
         let mut bytes = 0u64;
         let mut caller_done = false;
         let mut out_of_room = false;
+        // Room for the largest frame: a head, its pieces and a token.
+        let worst = max_descs + 1;
+        let room = |q: &mut XskQueue, descs: u32| {
+            q.ledger.peek_free().is_some()
+                && q.tx.prod_free(descs + worst) >= descs + worst
+                && q.in_flight
+                    .as_ref()
+                    .is_some_and(|f| f.room(worst as usize + 1))
+        };
+        // What the kernel takes, exactly: it drops a frame with one
+        // descriptor it refuses and returns only some of the others on the
+        // completion ring (6.18), which would break matching by order.
+        // With TX metadata registered every descriptor has room for it in
+        // front, metadata asked for or not.
+        let guest_len = self.guest_len;
+        let metadata = if self.tx_metadata {
+            u64::from(TX_METADATA_LEN)
+        } else {
+            0
+        };
+        let max_piece = u64::from(self.frame_size) - metadata;
         while calls < want {
-            // Room for the largest frame: a head, its pieces and a token.
-            let worst = max_descs + 1;
-            let room = |q: &mut XskQueue, descs: u32| {
-                q.ledger.peek_free().is_some()
-                    && q.tx.prod_free(descs + worst) >= descs + worst
-                    && q.in_flight
-                        .as_ref()
-                        .is_some_and(|f| f.room(worst as usize + 1))
-            };
             if !room(self, descs) {
                 self.reclaim();
                 if !room(self, descs) {
@@ -1158,18 +1170,6 @@ impl XskQueue {
                 caller_done = true;
                 break;
             };
-            let guest_len = self.guest_len;
-            // What the kernel takes, exactly: it drops a frame with one
-            // descriptor it refuses and returns only some of the others
-            // on the completion ring (6.18), which would break matching
-            // by order. With TX metadata registered every descriptor has
-            // room for it in front, metadata asked for or not.
-            let metadata = if self.tx_metadata {
-                u64::from(TX_METADATA_LEN)
-            } else {
-                0
-            };
-            let max_piece = u64::from(self.frame_size) - metadata;
             let count = u32::from(request.head_len > 0) + pieces.len() as u32;
             let valid = (1..=max_descs).contains(&count)
                 && request.head_len <= head_room

@@ -283,3 +283,23 @@ pub fn anonymous_mapping(len: usize) -> *mut u8 {
     assert_ne!(ptr, libc::MAP_FAILED, "mmap of {len} bytes");
     ptr.cast()
 }
+
+/// `ethtool -K DEV tx off` in the pair's namespace: the kernel then makes
+/// checksums asked for through TX metadata itself, on the way out.
+pub fn transmit_checksumming_off(pair: &VethPair, dev: &str) {
+    let status = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pair.netns,
+            "ethtool",
+            "-K",
+            dev,
+            "tx",
+            "off",
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("running ethtool (install ethtool)");
+    assert!(status.success(), "ethtool -K {dev} tx off: {status}");
+}
