@@ -548,18 +548,7 @@ fn a_gathered_frame_with_a_checksum_request_arrives_summed() {
         })
     });
     assert_eq!(batch.sent, 1);
-    let mut buf = vec![0u8; 4096];
-    let deadline = Instant::now() + 2 * SECOND;
-    let frame = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match peer.recv(&mut buf, left).unwrap() {
-            Some(n) if buf[6..12] == a_mac && buf[12..14] == [0x08, 0x00] => {
-                break buf[..n].to_vec()
-            }
-            Some(_) => continue,
-            None => panic!("the frame did not reach the peer"),
-        }
-    };
+    let frame = first_ipv4_frame_from(&peer, a_mac);
     assert_eq!(frame.len(), header.len() + payload.len());
     assert_eq!(frame[..40], header[..40]);
     assert_eq!(frame[42..], payload[..]);

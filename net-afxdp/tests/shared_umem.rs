@@ -480,18 +480,7 @@ fn a_frame_in_two_places_with_a_checksum_request_arrives_whole_and_summed() {
     assert_eq!(done[1] | 1, payload_at | 1);
     // Not a test frame (packet_frames would skip it): the first IPv4 frame
     // from a_mac.
-    let mut buf = vec![0u8; 4096];
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let frame = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match peer.recv(&mut buf, left).unwrap() {
-            Some(n) if buf[6..12] == a_mac && buf[12..14] == [0x08, 0x00] => {
-                break buf[..n].to_vec()
-            }
-            Some(_) => continue,
-            None => panic!("the frame did not reach the peer"),
-        }
-    };
+    let frame = first_ipv4_frame_from(peer, a_mac);
     let frame = &frame;
     assert_eq!(frame.len(), header.len() + payload.len());
     assert_eq!(frame[..40], header[..40], "headers differ");

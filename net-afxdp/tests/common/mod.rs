@@ -303,3 +303,20 @@ pub fn transmit_checksumming_off(pair: &VethPair, dev: &str) {
         .expect("running ethtool (install ethtool)");
     assert!(status.success(), "ethtool -K {dev} tx off: {status}");
 }
+
+/// The first IPv4 frame from `src` that `peer` receives within 2 s (for
+/// frames that are not test frames, which `packet_frames` skips).
+pub fn first_ipv4_frame_from(peer: &PacketSocket, src: [u8; 6]) -> Vec<u8> {
+    let mut buf = vec![0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match peer.recv(&mut buf, left).unwrap() {
+            Some(n) if buf[6..12] == src && buf[12..14] == [0x08, 0x00] => {
+                return buf[..n].to_vec()
+            }
+            Some(_) => continue,
+            None => panic!("the frame did not reach the peer"),
+        }
+    }
+}
