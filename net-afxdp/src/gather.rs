@@ -51,7 +51,7 @@ impl GatherPieces {
         self.len == 0
     }
 
-    pub(crate) fn clear(&mut self) {
+    pub fn clear(&mut self) {
         self.len = 0;
     }
 }
@@ -69,6 +69,31 @@ pub struct GatherRequest {
     /// is done with every descriptor of this frame and of all frames sent
     /// before it (a refused frame's token too, in its turn).
     pub token: Option<u64>,
+}
+
+/// Where a piece of a gathered frame may lie, exactly as the kernel checks
+/// it: it drops a frame with one descriptor it refuses and returns only
+/// some of the others on the completion ring (6.18), which would break
+/// matching by order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatherLimits {
+    /// Room for the TX metadata in front of every descriptor.
+    pub min_offset: u64,
+    /// One chunk, less that room.
+    pub max_len: u64,
+    /// The end of guest memory in the UMEM.
+    pub guest_len: u64,
+}
+
+impl GatherLimits {
+    /// Whether `len` bytes at `offset` of the UMEM may be one piece.
+    pub fn piece_ok(&self, offset: u64, len: u32) -> bool {
+        (1..=self.max_len).contains(&u64::from(len))
+            && offset >= self.min_offset
+            && offset
+                .checked_add(u64::from(len))
+                .is_some_and(|end| end <= self.guest_len)
+    }
 }
 
 /// One descriptor in flight, or a token waiting for its turn.

@@ -141,7 +141,7 @@ mod xskmap;
 
 pub use config::{AfXdpConfig, CallerOptions, TxChecksum, UmemConfig, XdpMode, OPTION_KEYS};
 pub use error::{ConfigError, Error, Result};
-pub use gather::{GatherPieces, GatherRequest};
+pub use gather::{GatherLimits, GatherPieces, GatherRequest};
 pub use nic::{AfXdpNic, NicInfo, NicOwner, PreparedSockets, LINK_HEADER_LEN};
 pub use program::{
     attached_program, AttachedProgram, RxFilterConfig, RxFilterMaps, XdpAttachment, XdpProgram,

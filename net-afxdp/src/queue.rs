@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::config::{TxChecksum, UmemConfig};
 use crate::error::{Error, Result, PRIVILEGE_HINT};
-use crate::gather::{Entry, GatherPieces, GatherRequest, InFlight};
+use crate::gather::{Entry, GatherLimits, GatherPieces, GatherRequest, InFlight};
 use crate::ring::{Ring, RingOffsets};
 use crate::shared_umem::{tx_checksum_request, TX_METADATA_LEN};
 use crate::sys;
@@ -1140,18 +1140,8 @@ impl XskQueue {
                     .as_ref()
                     .is_some_and(|f| f.room(worst as usize + 1))
         };
-        // What the kernel takes, exactly: it drops a frame with one
-        // descriptor it refuses and returns only some of the others on the
-        // completion ring (6.18), which would break matching by order.
-        // With TX metadata registered every descriptor has room for it in
-        // front, metadata asked for or not.
-        let guest_len = self.guest_len;
-        let metadata = if self.tx_metadata {
-            u64::from(TX_METADATA_LEN)
-        } else {
-            0
-        };
-        let max_piece = u64::from(self.frame_size) - metadata;
+        // Pieces are checked exactly as the kernel checks them.
+        let limits = self.gather_limits();
         while calls < want {
             if !room(self, descs) {
                 self.reclaim();
@@ -1174,13 +1164,10 @@ impl XskQueue {
             let valid = (1..=max_descs).contains(&count)
                 && request.head_len <= head_room
                 && (request.csum.is_none() || (request.head_len > 0 && self.tx_metadata))
-                && pieces.as_slice().iter().all(|&(offset, len)| {
-                    (1..=max_piece).contains(&u64::from(len))
-                        && offset >= metadata
-                        && offset
-                            .checked_add(u64::from(len))
-                            .is_some_and(|end| end <= guest_len)
-                });
+                && pieces
+                    .as_slice()
+                    .iter()
+                    .all(|&(offset, len)| limits.piece_ok(offset, len));
             let Some(in_flight) = self.in_flight.as_mut() else {
                 break;
             };
@@ -1241,6 +1228,28 @@ impl XskQueue {
             in_flight.release_tokens();
         }
         self.end_tx_batch(sent, bytes, invalid, out_of_room && !caller_done)
+    }
+
+    /// `umem=guest`: what one piece of guest memory in a
+    /// [`XskQueue::tx_gather`] frame may be; None on a queue without a
+    /// shared UMEM.
+    pub fn gather_piece_limits(&self) -> Option<GatherLimits> {
+        self.in_flight.as_ref().map(|_| self.gather_limits())
+    }
+
+    fn gather_limits(&self) -> GatherLimits {
+        // With TX metadata registered every descriptor has room for it in
+        // front, metadata asked for or not.
+        let metadata = if self.tx_metadata {
+            u64::from(TX_METADATA_LEN)
+        } else {
+            0
+        };
+        GatherLimits {
+            min_offset: metadata,
+            max_len: u64::from(self.frame_size) - metadata,
+            guest_len: self.guest_len,
+        }
     }
 
     /// `umem=guest`: hands `f` the tokens of [`XskQueue::tx_gather`]
