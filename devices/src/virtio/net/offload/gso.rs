@@ -151,12 +151,38 @@ impl Segmenter {
     /// frame).
     pub fn finish_segment(&self, i: usize, headers: &[u8], seg: &mut [u8], leave_partial: bool) {
         let l = &self.layout;
+        let pseudo = self.fix_headers(i, headers, seg, seg.len());
+        let at = l.l4 + l.csum_offset();
+        let c = if leave_partial {
+            csum::fold(pseudo)
+        } else {
+            seg[at..at + 2].fill(0);
+            csum::finish(csum::add(pseudo, &seg[l.l4..]))
+        };
+        seg[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+
+    /// Writes segment `i`'s headers alone into `out` (exactly
+    /// [`Self::header_len`] bytes), as [`Self::finish_segment`] with
+    /// `leave_partial` would: for a segment whose payload goes out from
+    /// where it lies, the host side summing it.
+    pub fn finish_segment_headers(&self, i: usize, headers: &[u8], out: &mut [u8]) {
+        let l = &self.layout;
+        let pseudo = self.fix_headers(i, headers, out, self.segment_len(i));
+        let at = l.l4 + l.csum_offset();
+        out[at..at + 2].copy_from_slice(&csum::fold(pseudo).to_be_bytes());
+    }
+
+    /// Copies the original headers into `seg` and fixes them up for
+    /// segment `i` of `seg_len` bytes; returns its pseudo-header sum.
+    fn fix_headers(&self, i: usize, headers: &[u8], seg: &mut [u8], seg_len: usize) -> u64 {
+        let l = &self.layout;
         let last = i + 1 == self.segments;
         seg[..l.end].copy_from_slice(&headers[..l.end]);
-        let l4_len = seg.len() - l.l4;
+        let l4_len = seg_len - l.l4;
         match l.ip {
             Ip::V4 => {
-                let total = (seg.len() - l.l3) as u16;
+                let total = (seg_len - l.l3) as u16;
                 seg[l.l3 + 2..l.l3 + 4].copy_from_slice(&total.to_be_bytes());
                 let id = u16::from_be_bytes([seg[l.l3 + 4], seg[l.l3 + 5]]).wrapping_add(i as u16);
                 seg[l.l3 + 4..l.l3 + 6].copy_from_slice(&id.to_be_bytes());
@@ -165,7 +191,7 @@ impl Segmenter {
                 seg[l.l3 + 10..l.l3 + 12].copy_from_slice(&c.to_be_bytes());
             }
             Ip::V6 => {
-                let payload_len = (seg.len() - l.l3 - 40) as u16;
+                let payload_len = (seg_len - l.l3 - 40) as u16;
                 seg[l.l3 + 4..l.l3 + 6].copy_from_slice(&payload_len.to_be_bytes());
             }
         }
@@ -183,14 +209,7 @@ impl Segmenter {
         } else {
             seg[l.l4 + 4..l.l4 + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
         }
-        let at = l.l4 + l.csum_offset();
-        let c = if leave_partial {
-            csum::fold(l.pseudo_sum(seg, l4_len))
-        } else {
-            seg[at..at + 2].fill(0);
-            csum::finish(csum::add(l.pseudo_sum(seg, l4_len), &seg[l.l4..]))
-        };
-        seg[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        l.pseudo_sum(seg, l4_len)
     }
 
     /// Where the transport checksum of every segment starts, and where it
@@ -315,7 +334,8 @@ mod tests {
 
     /// Segments left partial (pseudo-header sum only, for the kernel to
     /// finish) come out exactly as the software-filled ones once the sum
-    /// from `csum_start` is stored at `csum_offset`, as the host side does.
+    /// from `csum_start` is stored at `csum_offset`, as the host side does;
+    /// their headers written alone are the same bytes.
     #[test]
     fn segments_left_partial_complete_to_the_software_checksums() {
         for (ip, proto, gso) in [
@@ -334,6 +354,10 @@ mod tests {
                 let (at, len) = s.payload(i);
                 seg[s.header_len()..].copy_from_slice(&big[at..at + len]);
                 s.finish_segment(i, &big, &mut seg, true);
+                // The headers alone, for a payload sent from where it lies.
+                let mut headers = vec![0xaau8; s.header_len()];
+                s.finish_segment_headers(i, &big, &mut headers);
+                assert_eq!(headers[..], seg[..s.header_len()], "segment {i} headers");
                 assert!(!l4_checksum_ok(&seg), "left partial, not complete");
                 fill_partial_csum(&mut seg, start, offset).unwrap();
                 assert_eq!(&seg, want, "{ip:?} proto {proto} segment {i}");
