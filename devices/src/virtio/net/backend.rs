@@ -22,6 +22,36 @@ pub struct CsumRequest {
     pub offset: u16,
 }
 
+/// Where a gathered frame's bytes lie in guest memory (guest memory
+/// registered as the backend's UMEM): the device pushes host addresses
+/// that vm-memory resolved inside guest memory.
+pub trait TxPieces {
+    /// Adds `len` bytes at host address `addr`; false (nothing added) when
+    /// the backend cannot send them from there (outside its UMEM's guest
+    /// memory, too long, or a frame with as many pieces as it may have).
+    fn push(&mut self, addr: usize, len: usize) -> bool;
+    /// Forgets the pieces pushed for this frame.
+    fn clear(&mut self);
+}
+
+/// A frame [`NetBackend::transmit_gather`]'s `fill` described: the first
+/// `head_len` bytes of the backend's buffer it was given, then the pieces
+/// of guest memory it pushed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GatherFrame {
+    pub head_len: usize,
+    /// A checksum for the host side to fill, as [`TxFrame::csum`]; offsets
+    /// in the whole frame. Needs a head.
+    pub csum: Option<CsumRequest>,
+    /// Comes back through [`NetBackend::take_completed`] once the host side
+    /// no longer reads this frame's pieces, nor those of frames before it.
+    pub token: Option<u64>,
+}
+
+/// What [`NetBackend::transmit_gather`] calls for each frame: it writes a
+/// head into the buffer, pushes the pieces, and describes the frame.
+pub type GatherFill<'a> = dyn FnMut(&mut [u8], &mut dyn TxPieces) -> Option<GatherFrame> + 'a;
+
 /// One queue pair's link to the host network, owned by that pair's IO thread.
 pub trait NetBackend: Send {
     /// Readable when frames wait to be received; writable when the
@@ -45,6 +75,27 @@ pub trait NetBackend: Send {
     /// metadata). May change when the backend is opened again.
     fn tx_checksum_offload(&self) -> bool {
         false
+    }
+
+    /// `umem=guest`: the longest piece of guest memory one descriptor of
+    /// [`NetBackend::transmit_gather`] takes; None where the backend cannot
+    /// send from guest memory.
+    fn tx_gather_piece_max(&self) -> Option<usize> {
+        None
+    }
+
+    /// As [`NetBackend::transmit`], but `fill` may leave a frame's bytes
+    /// where they lie in guest memory ([`TxPieces`]) behind a head it
+    /// writes into the buffer it is given (a frame with no pieces is a
+    /// copied one). Returns `(sent, out_of_room)`.
+    fn transmit_gather(&mut self, _fill: &mut GatherFill<'_>) -> (usize, bool) {
+        (0, false)
+    }
+
+    /// Hands `done` the tokens of gathered frames the host side is done
+    /// with, oldest first; returns how many.
+    fn take_completed(&mut self, _done: &mut dyn FnMut(u64)) -> usize {
+        0
     }
 
     /// The host side's own view of this queue (drops it counted, say), for

@@ -85,6 +85,14 @@ queue_pair_counters! {
     /// Frames whose transport checksum the device left to the host kernel
     /// (AF_XDP TX metadata) instead.
     tx_csum_offloaded,
+    /// Wire frames sent from guest memory (`umem=guest`) rather than copied.
+    tx_gathered_frames,
+    /// Times the IO thread looked for completions of frames sent from guest
+    /// memory on its timer, none having come with the sends.
+    tx_gather_waits,
+    /// Chains sent from guest memory returned without their completion
+    /// (the host link went down or its socket was replaced).
+    tx_gather_abandoned,
     /// Of the dropped chains: offload requests that cannot be honoured (not
     /// negotiated, checksum outside the frame, GSO of something not TCP/UDP).
     tx_offload_errors,

@@ -5,14 +5,14 @@
 
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Net, NET_HDR_LEN};
 use crate::bus::BusDevice;
 use crate::virtio::mmio::*;
 
-const MEM_SIZE: usize = 64 << 20;
+pub const MEM_SIZE: usize = 64 << 20;
 /// Each queue's rings live in one 16 KiB block from here.
 const RINGS_START: u64 = 0x10_0000;
 const RING_BLOCK: u64 = 0x4000;
@@ -59,6 +59,16 @@ impl DriverHarness {
     pub fn new(net: Net) -> Self {
         let mem =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
+        Self::with_memory(net, mem)
+    }
+
+    /// On guest memory of the caller's (at least [`MEM_SIZE`] from 0): a
+    /// backend's UMEM, say.
+    pub fn with_memory(net: Net, mem: GuestMemoryMmap) -> Self {
+        assert!(
+            mem.check_range(GuestAddress(0), MEM_SIZE),
+            "the harness needs {MEM_SIZE} bytes of guest memory from 0"
+        );
         let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         let transport = MmioTransport::new(
             Box::new(net),

@@ -7,6 +7,7 @@ mod counters;
 mod link;
 mod offload;
 mod rx;
+mod tx_gather;
 mod worker;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -15,11 +16,13 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use backend::{CsumRequest, NetBackend, TxFrame};
+pub use backend::{CsumRequest, GatherFill, GatherFrame, NetBackend, TxFrame, TxPieces};
 pub use counters::{CounterValue, CountersSnapshot, QueuePairCounters};
 pub use link::{NetLink, RxFilterSink, RxMode, MAC_TABLE_MAX};
 pub use worker::NET_HDR_LEN;
 
+#[cfg(test)]
+mod gather_tests;
 #[cfg(any(test, feature = "test-harness"))]
 pub mod harness;
 #[cfg(test)]

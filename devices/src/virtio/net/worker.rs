@@ -21,7 +21,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::backend::{CsumRequest, NetBackend, TxFrame};
+use super::backend::{CsumRequest, GatherFrame, NetBackend, TxFrame, TxPieces};
 use super::counters::{add, QueuePairCounters};
 use super::link::{LinkState, MAC_TABLE_MAX};
 use super::offload::gso::{self, Segmenter, MAX_HEADERS};
@@ -32,6 +32,7 @@ use super::offload::{
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
 };
 use super::rx::{self, OpenFlow, RxError, RxFrameWriter, Segment, VNET_RESERVE};
+use super::tx_gather::{self, HeldChains, GATHER_MIN_FRAME};
 use crate::virtio::{Interrupt, INTERRUPT_USED_RING};
 
 /// `virtio_net_hdr_v1`: what precedes every frame on both queues.
@@ -97,10 +98,12 @@ pub(crate) struct TxPolicy {
 impl TxPolicy {
     /// Why `frame` may not go out, if it may not.
     fn refuse(&self, frame: &[u8]) -> Option<TxRefusal> {
-        if frame.len() > self.max_frame {
-            return Some(TxRefusal::Oversize);
-        }
-        self.refuse_source(frame)
+        self.refuse_len(frame.len())
+            .or_else(|| self.refuse_source(frame))
+    }
+
+    fn refuse_len(&self, len: usize) -> Option<TxRefusal> {
+        (len > self.max_frame).then_some(TxRefusal::Oversize)
     }
 
     /// The same for a GSO frame: its headers, and its longest segment.
@@ -244,31 +247,64 @@ impl TxChain {
         offset: usize,
         dst: &mut [u8],
     ) -> Result<(), ChainError> {
+        let mut done = 0usize;
+        self.for_each_range(offset, dst.len(), |addr, n| {
+            let ok = mem.read_slice(&mut dst[done..done + n], addr).is_ok();
+            done += n;
+            ok
+        })
+    }
+
+    /// Pushes the frame's `len` bytes from `offset` as pieces of guest
+    /// memory; false when they cannot all go out from where they lie.
+    fn push_pieces(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        offset: usize,
+        len: usize,
+        max_piece: usize,
+        pieces: &mut dyn TxPieces,
+    ) -> bool {
+        self.for_each_range(offset, len, |addr, n| {
+            tx_gather::push_guest_range(mem, addr, n, max_piece, pieces)
+        })
+        .is_ok()
+    }
+
+    /// Calls `f` on each stretch of guest memory holding the frame's `len`
+    /// bytes from `offset`, in order, until it returns false.
+    fn for_each_range(
+        &mut self,
+        offset: usize,
+        len: usize,
+        mut f: impl FnMut(GuestAddress, usize) -> bool,
+    ) -> Result<(), ChainError> {
         if offset < self.cursor.1 {
             self.cursor = (0, 0);
         }
         let (first, mut piece_start) = self.cursor;
         let mut done = 0usize;
-        for (i, &(addr, len)) in self.pieces.iter().enumerate().skip(first) {
-            if done == dst.len() {
+        for (i, &(addr, piece_len)) in self.pieces.iter().enumerate().skip(first) {
+            if done == len {
                 break;
             }
             let skip = offset.saturating_sub(piece_start);
-            if skip >= len {
-                piece_start += len;
+            if skip >= piece_len {
+                piece_start += piece_len;
                 continue;
             }
             if done == 0 {
                 self.cursor = (i, piece_start);
             }
-            let n = (len - skip).min(dst.len() - done);
+            let n = (piece_len - skip).min(len - done);
             let from = addr.checked_add(skip as u64).ok_or(ChainError::Bad)?;
-            mem.read_slice(&mut dst[done..done + n], from)
-                .map_err(|_| ChainError::Bad)?;
+            if !f(from, n) {
+                return Err(ChainError::Bad);
+            }
             done += n;
-            piece_start += len;
+            piece_start += piece_len;
         }
-        if done < dst.len() {
+        if done < len {
             return Err(ChainError::Bad);
         }
         Ok(())
@@ -281,6 +317,9 @@ struct PendingGso {
     head: u16,
     seg: Segmenter,
     next: usize,
+    /// Its segments' payloads go out from guest memory (`umem=guest`): the
+    /// chain is held until the last segment's token comes back.
+    gathered: bool,
 }
 
 /// The first thing a TX chain turns into.
@@ -306,20 +345,51 @@ fn start_tx_chain(
     policy: &TxPolicy,
     host_csum: bool,
 ) -> Result<TxStart, TxDrop> {
+    if let Some(seg) = plan_tx_chain(mem, chain, frame, headers, max_descs, offloads, policy)? {
+        return Ok(TxStart::Gso(seg));
+    }
+    copy_tx_frame(mem, frame, buf, policy, host_csum).map(TxStart::Frame)
+}
+
+/// Reads a TX chain's header and where its frame lies; plans a GSO
+/// frame's segmentation (its headers kept in `headers`). None: a plain
+/// frame.
+fn plan_tx_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    frame: &mut TxChain,
+    headers: &mut [u8; MAX_HEADERS],
+    max_descs: usize,
+    offloads: TxOffloads,
+    policy: &TxPolicy,
+) -> Result<Option<Segmenter>, TxDrop> {
     frame.gather(mem, chain, max_descs)?;
     let hdr = frame.hdr;
     if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 && !offloads.csum {
         return Err(OffloadError::NotNegotiated.into());
     }
-    if gso::is_gso(&hdr) {
-        let n = frame.len.min(MAX_HEADERS);
-        frame.read(mem, 0, &mut headers[..n])?;
-        let seg = Segmenter::new(&hdr, offloads, &headers[..n], frame.len)?;
-        if let Some(refusal) = policy.refuse_gso(&headers[..n], &seg) {
-            return Err(TxDrop::Refused(refusal));
-        }
-        return Ok(TxStart::Gso(seg));
+    if !gso::is_gso(&hdr) {
+        return Ok(None);
     }
+    let n = frame.len.min(MAX_HEADERS);
+    frame.read(mem, 0, &mut headers[..n])?;
+    let seg = Segmenter::new(&hdr, offloads, &headers[..n], frame.len)?;
+    if let Some(refusal) = policy.refuse_gso(&headers[..n], &seg) {
+        return Err(TxDrop::Refused(refusal));
+    }
+    Ok(Some(seg))
+}
+
+/// Copies a plain frame into `buf`: its checksum filled if asked, or left
+/// to the host side with `host_csum`.
+fn copy_tx_frame(
+    mem: &GuestMemoryMmap,
+    frame: &mut TxChain,
+    buf: &mut [u8],
+    policy: &TxPolicy,
+    host_csum: bool,
+) -> Result<TxFrame, TxDrop> {
+    let hdr = frame.hdr;
     let out = buf.get_mut(..frame.len).ok_or(ChainError::TooBig)?;
     frame.read(mem, 0, out)?;
     if let Some(refusal) = policy.refuse(out) {
@@ -340,9 +410,57 @@ fn start_tx_chain(
             gso::fill_partial_csum(out, start, offset)?;
         }
     }
-    Ok(TxStart::Frame(TxFrame {
+    Ok(TxFrame {
         len: frame.len,
         csum,
+    })
+}
+
+/// Describes a plain frame to be sent from guest memory: its first bytes
+/// copied into `head` (the MACs the policy checks and, for a checksum left
+/// to the host side, up to the checksum field, which the kernel wants in
+/// the first descriptor), the rest as pieces. Ok(None): it cannot go out
+/// that way (pieces refused, or a checksum field too deep for the head);
+/// copy it.
+fn gather_tx_frame(
+    mem: &GuestMemoryMmap,
+    frame: &mut TxChain,
+    head: &mut [u8],
+    pieces: &mut dyn TxPieces,
+    policy: &TxPolicy,
+    max_piece: usize,
+) -> Result<Option<GatherFrame>, TxDrop> {
+    let hdr = frame.hdr;
+    if let Some(refusal) = policy.refuse_len(frame.len) {
+        return Err(TxDrop::Refused(refusal));
+    }
+    let mut head_len = MIN_FRAME_LEN;
+    let mut csum = None;
+    if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+        let (start, offset) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
+        gso::check_partial_csum(frame.len, start, offset)?;
+        head_len = head_len.max(start + offset + 2);
+        csum = Some(CsumRequest {
+            start: hdr.csum_start,
+            offset: hdr.csum_offset,
+        });
+    }
+    let Some(out) = head.get_mut(..head_len) else {
+        return Ok(None);
+    };
+    frame.read(mem, 0, out)?;
+    if let Some(refusal) = policy.refuse_source(out) {
+        return Err(TxDrop::Refused(refusal));
+    }
+    pieces.clear();
+    if !frame.push_pieces(mem, head_len, frame.len - head_len, max_piece, pieces) {
+        pieces.clear();
+        return Ok(None);
+    }
+    Ok(Some(GatherFrame {
+        head_len,
+        csum,
+        token: None,
     }))
 }
 
@@ -374,12 +492,14 @@ fn write_segment(
     })
 }
 
-/// Transmit offload state of one queue pair, reserved once.
+/// Transmit state of one queue pair, reserved once.
 pub(crate) struct TxState {
     pub offloads: TxOffloads,
     frame: TxChain,
     headers: Box<[u8; MAX_HEADERS]>,
     pending: Option<PendingGso>,
+    /// `umem=guest`: chains sent from guest memory, not yet returned.
+    held: HeldChains,
 }
 
 impl TxState {
@@ -389,6 +509,7 @@ impl TxState {
             frame: TxChain::with_capacity(usize::from(queue_size)),
             headers: Box::new([0; MAX_HEADERS]),
             pending: None,
+            held: HeldChains::new(queue_size),
         }
     }
 }
@@ -558,6 +679,377 @@ fn more_after_enable(
         .map_err(|e| WorkerFault::queue(name, e))
 }
 
+/// One TX pass over the queue, shared by the copy and the gather ways of
+/// sending.
+struct TxPass<'a> {
+    mem: &'a GuestMemoryMmap,
+    tx: &'a mut Queue,
+    counters: &'a QueuePairCounters,
+    policy: &'a TxPolicy,
+    state: &'a mut TxState,
+    /// Host frames sent (or chains dropped) per pass.
+    budget: usize,
+    taken: usize,
+    /// Chains taken from the ring, for the recheck.
+    popped: usize,
+    /// Bytes of the frames handed over in this batch.
+    bytes: u64,
+    host_csum: bool,
+    fault: Option<WorkerFault>,
+    /// Gathering: the longest piece of guest memory the backend takes.
+    max_piece: usize,
+    /// Gathering: the next chain or segment does not fit a head; the
+    /// batch ends and the copy way sends it.
+    copy_next: bool,
+}
+
+impl<'a> TxPass<'a> {
+    fn used(&mut self, head: u16) -> bool {
+        if let Err(e) = self.tx.add_used(self.mem, head, 0) {
+            self.fault = Some(WorkerFault::queue("tx", e));
+            return false;
+        }
+        true
+    }
+
+    /// The next chain from the ring, counted; None at the end or a fault.
+    fn pop(&mut self) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
+        let mem = self.mem;
+        match next_chain(self.tx, mem, "tx") {
+            Ok(Some(chain)) => {
+                // Counted once taken: a look at an empty ring used up the
+                // budget of a one-entry queue, and every pass then asked
+                // for another at once (the IO thread spun).
+                self.taken += 1;
+                self.popped += 1;
+                Some(chain)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                self.fault = Some(e);
+                None
+            }
+        }
+    }
+
+    /// Puts the chain just taken back, for the copy way.
+    fn unpop(&mut self) {
+        self.tx.go_to_previous_position();
+        self.taken -= 1;
+        self.popped -= 1;
+        self.copy_next = true;
+    }
+
+    /// Hands the chains whose tokens came back to the used ring.
+    fn return_completed(&mut self, backend: &mut dyn NetBackend) {
+        if let Err(e) = return_completed(backend, &mut self.state.held, self.tx, self.mem) {
+            self.fault = Some(e);
+        }
+    }
+
+    /// The copy way: the next frame or segment written into `buf`.
+    fn next_copied(&mut self, buf: &mut [u8]) -> Option<TxFrame> {
+        loop {
+            if self.taken >= self.budget || self.fault.is_some() {
+                return None;
+            }
+            if self.state.pending.is_some() {
+                if let Some(out) = self.next_copied_segment(buf) {
+                    return Some(out);
+                }
+                continue;
+            }
+            let offloads = self.state.offloads;
+            let (mem, budget, policy, host_csum) =
+                (self.mem, self.budget, self.policy, self.host_csum);
+            let chain = self.pop()?;
+            let head = chain.head_index();
+            let TxState { frame, headers, .. } = &mut *self.state;
+            let start = start_tx_chain(
+                mem, chain, frame, headers, buf, budget, offloads, policy, host_csum,
+            );
+            if let Ok(TxStart::Gso(seg)) = start {
+                add(&self.counters.tx_gso_frames, 1);
+                self.state.pending = Some(PendingGso {
+                    head,
+                    seg,
+                    next: 0,
+                    gathered: false,
+                });
+                // Its segments count against the budget, not the chain.
+                self.taken -= 1;
+                continue;
+            }
+            if !self.used(head) {
+                return None;
+            }
+            match start {
+                Ok(TxStart::Frame(out)) => {
+                    if self.state.frame.hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+                        count_tx_csum(self.counters, &out);
+                    }
+                    self.bytes += out.len as u64;
+                    return Some(out);
+                }
+                Ok(TxStart::Gso(_)) => {}
+                Err(drop) => count_tx_drop(self.counters, &drop),
+            }
+        }
+    }
+
+    /// The next segment of the pending GSO frame, copied into `buf`; None
+    /// when it was dropped.
+    fn next_copied_segment(&mut self, buf: &mut [u8]) -> Option<TxFrame> {
+        let TxState {
+            frame,
+            headers,
+            pending,
+            ..
+        } = &mut *self.state;
+        let p = pending.as_mut()?;
+        self.taken += 1;
+        let i = p.next;
+        p.next += 1;
+        let result = write_segment(
+            self.mem,
+            frame,
+            &headers[..],
+            &p.seg,
+            i,
+            buf,
+            self.host_csum,
+        );
+        if p.next == p.seg.segments() || result.is_err() {
+            let head = p.head;
+            *pending = None;
+            if !self.used(head) {
+                return None;
+            }
+        }
+        match result {
+            Ok(out) => {
+                add(&self.counters.tx_gso_segments, 1);
+                count_tx_csum(self.counters, &out);
+                self.bytes += out.len as u64;
+                Some(out)
+            }
+            // The guest changed its chain under us; the rest of the frame
+            // is gone with it.
+            Err(e) => {
+                count_tx_drop(self.counters, &TxDrop::Chain(e));
+                None
+            }
+        }
+    }
+
+    /// The gather way: the next frame or segment as a head written into
+    /// `head` and pieces of guest memory; short frames, and those that
+    /// cannot go out from where they lie, copied into `head` whole.
+    fn next_gathered(&mut self, head: &mut [u8], pieces: &mut dyn TxPieces) -> Option<GatherFrame> {
+        loop {
+            if self.taken >= self.budget || self.fault.is_some() || self.copy_next {
+                return None;
+            }
+            pieces.clear();
+            if let Some(p) = &self.state.pending {
+                if !p.gathered {
+                    if p.seg.segment_len(p.next) > head.len() {
+                        self.copy_next = true;
+                        return None;
+                    }
+                    if let Some(out) = self.next_copied_segment(head) {
+                        return Some(copied(out));
+                    }
+                    continue;
+                }
+                if let Some(out) = self.next_gathered_segment(head, pieces) {
+                    return Some(out);
+                }
+                continue;
+            }
+            let offloads = self.state.offloads;
+            let (mem, budget, policy, host_csum) =
+                (self.mem, self.budget, self.policy, self.host_csum);
+            let chain = self.pop()?;
+            let chain_head = chain.head_index();
+            let TxState {
+                frame,
+                headers,
+                held,
+                ..
+            } = &mut *self.state;
+            let seg = match plan_tx_chain(mem, chain, frame, headers, budget, offloads, policy) {
+                Ok(seg) => seg,
+                Err(drop) => {
+                    count_tx_drop(self.counters, &drop);
+                    if !self.used(chain_head) {
+                        return None;
+                    }
+                    continue;
+                }
+            };
+            if let Some(seg) = seg {
+                add(&self.counters.tx_gso_frames, 1);
+                // The kernel sums each segment over its pieces; without
+                // that, segments are copied (and summed here).
+                let gathered =
+                    host_csum && held.has_room() && seg.segment_len(0) >= GATHER_MIN_FRAME;
+                self.state.pending = Some(PendingGso {
+                    head: chain_head,
+                    seg,
+                    next: 0,
+                    gathered,
+                });
+                self.taken -= 1;
+                continue;
+            }
+            let needs_csum = frame.hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;
+            if frame.len >= GATHER_MIN_FRAME && held.has_room() && (host_csum || !needs_csum) {
+                match gather_tx_frame(mem, frame, head, pieces, policy, self.max_piece) {
+                    Ok(Some(mut out)) => {
+                        out.token = Some(held.hold(chain_head));
+                        if needs_csum {
+                            add(&self.counters.tx_csum_offloaded, 1);
+                        }
+                        add(&self.counters.tx_gathered_frames, 1);
+                        self.bytes += frame.len as u64;
+                        return Some(out);
+                    }
+                    Ok(None) => {}
+                    Err(drop) => {
+                        count_tx_drop(self.counters, &drop);
+                        if !self.used(chain_head) {
+                            return None;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if frame.len > head.len() {
+                self.unpop();
+                return None;
+            }
+            let result = copy_tx_frame(mem, frame, head, policy, host_csum);
+            if !self.used(chain_head) {
+                return None;
+            }
+            match result {
+                Ok(out) => {
+                    if needs_csum {
+                        count_tx_csum(self.counters, &out);
+                    }
+                    self.bytes += out.len as u64;
+                    return Some(copied(out));
+                }
+                Err(drop) => count_tx_drop(self.counters, &drop),
+            }
+        }
+    }
+
+    /// The next segment of a pending GSO frame sent from guest memory: its
+    /// headers in `head`, its payload as pieces (copied behind the headers
+    /// where the backend refuses them). The last segment carries the
+    /// chain's token; a segment that cannot go out ends the frame, and the
+    /// token then goes alone (the backend hands back a token of a frame it
+    /// refuses in its turn).
+    fn next_gathered_segment(
+        &mut self,
+        head: &mut [u8],
+        pieces: &mut dyn TxPieces,
+    ) -> Option<GatherFrame> {
+        let TxState {
+            frame,
+            headers,
+            pending,
+            held,
+            ..
+        } = &mut *self.state;
+        let p = pending.as_mut()?;
+        self.taken += 1;
+        let i = p.next;
+        p.next += 1;
+        let hl = p.seg.header_len();
+        let (at, len) = p.seg.payload(i);
+        let (start, offset) = p.seg.csum_request();
+        let mut out = None;
+        if let Some(h) = head.get_mut(..hl) {
+            p.seg.finish_segment_headers(i, &headers[..], h);
+            if frame.push_pieces(self.mem, at, len, self.max_piece, pieces) {
+                add(&self.counters.tx_gathered_frames, 1);
+                out = Some(GatherFrame {
+                    head_len: hl,
+                    csum: None,
+                    token: None,
+                });
+            } else {
+                pieces.clear();
+                out = write_segment(self.mem, frame, &headers[..], &p.seg, i, head, true)
+                    .ok()
+                    .map(copied);
+            }
+        }
+        let last = p.next == p.seg.segments() || out.is_none();
+        if last {
+            let token = held.hold(p.head);
+            *pending = None;
+            out = Some(match out {
+                Some(out) => GatherFrame {
+                    token: Some(token),
+                    ..out
+                },
+                None => {
+                    count_tx_drop(self.counters, &TxDrop::Chain(ChainError::Bad));
+                    pieces.clear();
+                    GatherFrame {
+                        head_len: 0,
+                        csum: None,
+                        token: Some(token),
+                    }
+                }
+            });
+        }
+        let mut out = out?;
+        if out.head_len > 0 {
+            add(&self.counters.tx_gso_segments, 1);
+            add(&self.counters.tx_csum_offloaded, 1);
+            // Both below MAX_HEADERS, so they fit.
+            out.csum = Some(CsumRequest {
+                start: start as u16,
+                offset: offset as u16,
+            });
+            self.bytes += (hl + len) as u64;
+        }
+        Some(out)
+    }
+}
+
+/// Hands the held chains whose tokens `backend` gave back to the used ring.
+fn return_completed(
+    backend: &mut dyn NetBackend,
+    held: &mut HeldChains,
+    tx: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<(), WorkerFault> {
+    let mut fault = None;
+    backend.take_completed(&mut |token| {
+        if let Some(head) = held.release(token) {
+            if let Err(e) = tx.add_used(mem, head, 0) {
+                fault = Some(WorkerFault::queue("tx", e));
+            }
+        }
+    });
+    fault.map_or(Ok(()), Err)
+}
+
+/// A frame copied whole into the head.
+fn copied(frame: TxFrame) -> GatherFrame {
+    GatherFrame {
+        head_len: frame.len,
+        csum: frame.csum,
+        token: None,
+    }
+}
+
 impl QueuePairWorker {
     /// Serves the queues until `stop` is signalled; returns the backend so
     /// that a reset device can start again. A broken queue or a panic puts
@@ -606,6 +1098,10 @@ impl QueuePairWorker {
         let mut rx = Pass::MoreWork;
         let mut ctrl = Pass::MoreWork;
         let mut tx_retry_at: Option<Instant> = None;
+        // Chains held for frames sent from guest memory: their completions
+        // raise no event here (a NIC's come after the send, later), so
+        // look again on a short timer while any are held.
+        let mut tx_held_check_at: Option<Instant> = None;
 
         let mut events = [EpollEvent::default(); 8];
         loop {
@@ -615,7 +1111,7 @@ impl QueuePairWorker {
             let timeout = if tx == Pass::MoreWork || rx == Pass::MoreWork || ctrl == Pass::MoreWork
             {
                 0
-            } else if let Some(at) = tx_retry_at {
+            } else if let Some(at) = tx_retry_at.or(tx_held_check_at) {
                 at.saturating_duration_since(Instant::now())
                     .as_millis()
                     .max(1) as i32
@@ -665,17 +1161,19 @@ impl QueuePairWorker {
                         let _ = self.wake.read();
                         if let Some(new) = self.link.take_replacement(self.pair) {
                             // The host NIC came back: serve the new socket.
+                            // The old one's frames are done or gone.
+                            let mut old = std::mem::replace(&mut self.backend, new);
+                            self.retire_backend(old.as_mut())?;
                             let _ = epoll.ctl(
                                 ControlOperation::Delete,
-                                self.backend.fd(),
+                                old.fd(),
                                 EpollEvent::default(),
                             );
                             epoll.ctl(
                                 ControlOperation::Add,
-                                new.fd(),
+                                self.backend.fd(),
                                 EpollEvent::new(interest, TOKEN_BACKEND),
                             )?;
-                            self.backend = new;
                         }
                         // Pairs in use or link state changed: look again.
                         rx = Pass::MoreWork;
@@ -688,11 +1186,17 @@ impl QueuePairWorker {
                 add(&self.counters.tx_retries, 1);
                 tx = Pass::MoreWork;
             }
+            if tx == Pass::Done && tx_held_check_at.is_some_and(|at| Instant::now() >= at) {
+                add(&self.counters.tx_gather_waits, 1);
+                tx = Pass::MoreWork;
+            }
             // One bounded pass over each queue with work, then back to
             // epoll: the stop event and the other queues are never starved.
             if tx == Pass::MoreWork {
                 tx = self.process_tx()?;
                 tx_retry_at = (tx == Pass::Blocked).then(|| Instant::now() + TX_RETRY);
+                tx_held_check_at = (tx == Pass::Done && !self.tx_state.held.is_empty())
+                    .then(|| Instant::now() + TX_RETRY);
             }
             if rx == Pass::MoreWork {
                 rx = self.process_rx()?;
@@ -721,6 +1225,9 @@ impl QueuePairWorker {
     /// Moves up to a queue's worth of TX frames into the backend, in
     /// batches: whole frames, and the segments of GSO frames (a GSO frame
     /// may span passes; its chain is returned after its last segment).
+    /// Where the backend sends from guest memory (`umem=guest`), chains it
+    /// still reads are held and returned as their completions come back,
+    /// at the start of each pass and after each batch.
     fn process_tx(&mut self) -> Result<Pass, WorkerFault> {
         // A pair the guest never set up (no MQ, or fewer pairs) has no queues.
         if !self.tx.ready() {
@@ -729,142 +1236,129 @@ impl QueuePairWorker {
         if !self.link.is_up() {
             return self.drop_tx();
         }
-        let Self {
-            mem,
-            tx,
-            backend,
-            counters,
-            tx_policy,
-            tx_state,
-            ..
-        } = self;
-        let TxState {
-            offloads,
-            frame,
-            headers,
-            pending,
-        } = tx_state;
-        let offloads = *offloads;
-        // Host frames sent (or chains dropped) per pass.
-        let budget = usize::from(tx.size());
-        let mut taken = 0usize;
-        let mut fault = None;
-        // Checksums the guest leaves to the device go on to the kernel
-        // where it takes them (AF_XDP TX metadata), else are filled here.
-        let host_csum = backend.tx_checksum_offload();
-        // Chains taken from the ring, for the recheck.
-        let mut popped = 0usize;
+        let max_piece = self.backend.tx_gather_piece_max();
+        let budget = usize::from(self.tx.size());
+        let mut pass = TxPass {
+            mem: &self.mem,
+            tx: &mut self.tx,
+            counters: &self.counters,
+            policy: &self.tx_policy,
+            budget,
+            state: &mut self.tx_state,
+            taken: 0,
+            popped: 0,
+            bytes: 0,
+            // Checksums the guest leaves to the device go on to the kernel
+            // where it takes them (AF_XDP TX metadata), else are filled here.
+            host_csum: self.backend.tx_checksum_offload(),
+            fault: None,
+            max_piece: max_piece.unwrap_or(0),
+            copy_next: false,
+        };
+        let backend = &mut self.backend;
+        let gathering = max_piece.is_some();
+        if gathering {
+            pass.return_completed(backend.as_mut());
+        }
         let mut recheck = Recheck::default();
-        let pass = loop {
-            tx.disable_notification(mem)
-                .map_err(|e| WorkerFault::queue("tx", e))?;
-            let popped_before = popped;
-            let mut bytes = 0u64;
-            let (sent, out_of_room) = backend.transmit(&mut |buf: &mut [u8]| loop {
-                if taken >= budget || fault.is_some() {
-                    return None;
-                }
-                if let Some(p) = pending.as_mut() {
-                    taken += 1;
-                    let i = p.next;
-                    p.next += 1;
-                    let result = write_segment(mem, frame, &headers[..], &p.seg, i, buf, host_csum);
-                    if p.next == p.seg.segments() || result.is_err() {
-                        let head = p.head;
-                        *pending = None;
-                        if let Err(e) = tx.add_used(&*mem, head, 0) {
-                            fault = Some(WorkerFault::queue("tx", e));
-                            return None;
-                        }
-                    }
-                    match result {
-                        Ok(out) => {
-                            add(&counters.tx_gso_segments, 1);
-                            count_tx_csum(counters, &out);
-                            bytes += out.len as u64;
-                            return Some(out);
-                        }
-                        // The guest changed its chain under us; the rest
-                        // of the frame is gone with it.
-                        Err(e) => {
-                            count_tx_drop(counters, &TxDrop::Chain(e));
-                            continue;
-                        }
-                    }
-                }
-                let chain = match next_chain(tx, mem, "tx") {
-                    Ok(Some(chain)) => chain,
-                    Ok(None) => return None,
-                    Err(e) => {
-                        fault = Some(e);
+        let result = loop {
+            if pass.fault.is_some() {
+                break Pass::Done;
+            }
+            if let Err(e) = pass.tx.disable_notification(pass.mem) {
+                pass.fault = Some(WorkerFault::queue("tx", e));
+                break Pass::Done;
+            }
+            let popped_before = pass.popped;
+            pass.bytes = 0;
+            let (sent, out_of_room) = if !gathering {
+                backend.transmit(&mut |buf: &mut [u8]| pass.next_copied(buf))
+            } else if !pass.copy_next {
+                backend.transmit_gather(&mut |head: &mut [u8], pieces: &mut dyn TxPieces| {
+                    pass.next_gathered(head, pieces)
+                })
+            } else {
+                // What does not fit a head goes the copy way: the chain (or
+                // the GSO frame) that did not, then back to gathering.
+                pass.copy_next = false;
+                let mut produced = false;
+                backend.transmit(&mut |buf: &mut [u8]| {
+                    if produced && pass.state.pending.is_none() {
                         return None;
                     }
-                };
-                // Counted once taken: a look at an empty ring used up the
-                // budget of a one-entry queue, and every pass then asked
-                // for another at once (the IO thread spun).
-                taken += 1;
-                popped += 1;
-                let head = chain.head_index();
-                let start = start_tx_chain(
-                    mem, chain, frame, headers, buf, budget, offloads, tx_policy, host_csum,
-                );
-                if let Ok(TxStart::Gso(seg)) = start {
-                    add(&counters.tx_gso_frames, 1);
-                    *pending = Some(PendingGso { head, seg, next: 0 });
-                    // Its segments count against the budget, not the chain.
-                    taken -= 1;
-                    continue;
-                }
-                if let Err(e) = tx.add_used(&*mem, head, 0) {
-                    fault = Some(WorkerFault::queue("tx", e));
-                    return None;
-                }
-                match start {
-                    Ok(TxStart::Frame(out)) => {
-                        if frame.hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
-                            count_tx_csum(counters, &out);
-                        }
-                        bytes += out.len as u64;
-                        return Some(out);
-                    }
-                    Ok(TxStart::Gso(_)) => {}
-                    Err(drop) => count_tx_drop(counters, &drop),
-                }
-            });
+                    let frame = pass.next_copied(buf);
+                    produced |= frame.is_some();
+                    frame
+                })
+            };
             if sent > 0 {
-                add(&counters.tx_packets, sent as u64);
-                add(&counters.tx_bytes, bytes);
-                add(&counters.tx_batch_frames, sent as u64);
-                add(&counters.tx_batches, 1);
+                add(&pass.counters.tx_packets, sent as u64);
+                add(&pass.counters.tx_bytes, pass.bytes);
+                add(&pass.counters.tx_batch_frames, sent as u64);
+                add(&pass.counters.tx_batches, 1);
             }
-            if fault.is_some() {
+            if gathering {
+                pass.return_completed(backend.as_mut());
+            }
+            if pass.fault.is_some() {
                 break Pass::Done;
             }
             if out_of_room {
                 // Chains stay in the ring; the backend's fd turns writable when
                 // there is room, and the guest need not notify meanwhile.
-                add(&counters.tx_ring_full, 1);
+                add(&pass.counters.tx_ring_full, 1);
                 break Pass::Blocked;
             }
-            if taken >= budget || pending.is_some() {
+            if pass.copy_next {
+                continue;
+            }
+            if pass.taken >= pass.budget || pass.state.pending.is_some() {
                 break Pass::MoreWork;
             }
-            match recheck.more(tx, mem, popped > popped_before) {
+            match recheck.more(pass.tx, pass.mem, pass.popped > popped_before) {
                 Ok(true) => {}
                 Ok(false) => break Pass::Done,
                 Err(e) => {
-                    fault = Some(e);
+                    pass.fault = Some(e);
                     break Pass::Done;
                 }
             }
         };
+        let fault = pass.fault.take();
         // Return what was used before a fault, then report it.
         signal_used(&mut self.tx, &self.mem, &self.interrupt, &self.counters);
         match fault {
             Some(fault) => Err(fault),
-            None => Ok(pass),
+            None => Ok(result),
         }
+    }
+
+    /// Returns the chains whose tokens the old backend gave back, then
+    /// gives up on the rest.
+    fn retire_backend(&mut self, old: &mut dyn NetBackend) -> Result<(), WorkerFault> {
+        let result = return_completed(old, &mut self.tx_state.held, &mut self.tx, &self.mem);
+        signal_used(&mut self.tx, &self.mem, &self.interrupt, &self.counters);
+        result?;
+        self.abandon_held_tx()
+    }
+
+    /// Returns every chain held for frames sent from guest memory: the
+    /// backend that reads them is gone, or the link is down. Their tokens
+    /// are ignored if they still come.
+    fn abandon_held_tx(&mut self) -> Result<(), WorkerFault> {
+        if self.tx_state.held.is_empty() {
+            return Ok(());
+        }
+        let mut returned = 0u64;
+        for head in self.tx_state.held.abandon() {
+            self.tx
+                .add_used(&self.mem, head, 0)
+                .map_err(|e| WorkerFault::queue("tx", e))?;
+            returned += 1;
+        }
+        add(&self.counters.tx_gather_abandoned, returned);
+        signal_used(&mut self.tx, &self.mem, &self.interrupt, &self.counters);
+        Ok(())
     }
 
     /// Delivers up to a queue's worth of waiting frames into guest RX
@@ -966,6 +1460,7 @@ impl QueuePairWorker {
     /// While the host link is down: returns up to a queue's worth of TX
     /// chains unsent, counted, rather than retrying a NIC that is not there.
     fn drop_tx(&mut self) -> Result<Pass, WorkerFault> {
+        self.abandon_held_tx()?;
         let budget = usize::from(self.tx.size());
         let mut dropped = 0usize;
         if let Some(p) = self.tx_state.pending.take() {

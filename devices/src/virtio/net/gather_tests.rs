@@ -1,0 +1,358 @@
+//! Transmit from guest memory (`umem=guest`) through the driver harness,
+//! against a backend that sends gathered frames over a datagram socket and
+//! says they are done only when the test lets it: chains held until then,
+//! returned in order, given up on when the link goes down; what cannot be
+//! gathered copied. (The real AF_XDP backend's test is vmm's afxdp_tests.)
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
+
+use super::harness::{DriverHarness, MEM_SIZE};
+use super::tests::{collect_used, config, frame, FEATURES};
+use super::*;
+
+/// What the test sees of the backend, and how it lets frames complete.
+#[derive(Default)]
+struct Host {
+    /// Tokens sent and not yet let through, oldest first.
+    sent: VecDeque<u64>,
+    /// Tokens let through, for take_completed.
+    done: VecDeque<u64>,
+    /// Frames sent from guest memory (with pieces) and copied (head only).
+    gathered: usize,
+    copied: usize,
+    /// Refuse every piece: the device must copy.
+    refuse_pieces: bool,
+}
+
+impl Host {
+    /// Lets the oldest `n` tokens' frames complete.
+    fn complete(&mut self, n: usize) {
+        for _ in 0..n {
+            if let Some(t) = self.sent.pop_front() {
+                self.done.push_back(t);
+            }
+        }
+    }
+}
+
+struct GatherBackend {
+    sock: UnixDatagram,
+    mem: GuestMemoryMmap,
+    host: Arc<Mutex<Host>>,
+    max_piece: usize,
+}
+
+/// Pieces as guest ranges (the backend reads them back through vm-memory).
+struct Pieces<'a> {
+    mem: &'a GuestMemoryMmap,
+    ranges: Vec<(GuestAddress, usize)>,
+    max_piece: usize,
+    refuse: bool,
+}
+
+impl TxPieces for Pieces<'_> {
+    fn push(&mut self, addr: usize, len: usize) -> bool {
+        if self.refuse || len > self.max_piece || len == 0 {
+            return false;
+        }
+        // Host address back to a guest address: it must lie in guest RAM.
+        for region in self.mem.iter() {
+            let base = region.get_host_address(MemoryRegionAddress(0)).unwrap() as usize;
+            if (base..base + region.len() as usize).contains(&addr) {
+                assert!(
+                    addr + len <= base + region.len() as usize,
+                    "a piece across a region's end"
+                );
+                let at = region.start_addr().0 + (addr - base) as u64;
+                self.ranges.push((GuestAddress(at), len));
+                return true;
+            }
+        }
+        panic!("a piece outside guest memory: {addr:#x}");
+    }
+
+    fn clear(&mut self) {
+        self.ranges.clear();
+    }
+}
+
+impl NetBackend for GatherBackend {
+    fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    fn receive(&mut self, _deliver: &mut dyn FnMut(&[u8]) -> bool) -> usize {
+        0
+    }
+
+    fn transmit(&mut self, fill: &mut dyn FnMut(&mut [u8]) -> Option<TxFrame>) -> (usize, bool) {
+        let mut buf = vec![0u8; 16_384];
+        let mut sent = 0;
+        while let Some(f) = fill(&mut buf) {
+            assert!(f.csum.is_none(), "no checksums in these tests");
+            self.sock.send(&buf[..f.len]).unwrap();
+            self.host.lock().unwrap().copied += 1;
+            sent += 1;
+        }
+        (sent, false)
+    }
+
+    fn tx_gather_piece_max(&self) -> Option<usize> {
+        Some(self.max_piece)
+    }
+
+    fn transmit_gather(&mut self, fill: &mut GatherFill<'_>) -> (usize, bool) {
+        let mut head = vec![0u8; 2048];
+        let mut sent = 0;
+        loop {
+            let refuse = self.host.lock().unwrap().refuse_pieces;
+            let mut pieces = Pieces {
+                mem: &self.mem,
+                ranges: Vec::new(),
+                max_piece: self.max_piece,
+                refuse,
+            };
+            let Some(f) = fill(&mut head, &mut pieces) else {
+                return (sent, false);
+            };
+            assert!(f.csum.is_none(), "no checksums in these tests");
+            let mut out = head[..f.head_len].to_vec();
+            for &(at, len) in &pieces.ranges {
+                let start = out.len();
+                out.resize(start + len, 0);
+                self.mem.read_slice(&mut out[start..], at).unwrap();
+            }
+            let mut host = self.host.lock().unwrap();
+            if pieces.ranges.is_empty() {
+                host.copied += 1;
+            } else {
+                host.gathered += 1;
+            }
+            match f.token {
+                Some(t) => host.sent.push_back(t),
+                None => assert!(
+                    pieces.ranges.is_empty(),
+                    "a frame read from guest memory must come back"
+                ),
+            }
+            self.sock.send(&out).unwrap();
+            sent += 1;
+        }
+    }
+
+    fn take_completed(&mut self, done: &mut dyn FnMut(u64)) -> usize {
+        let mut host = self.host.lock().unwrap();
+        let n = host.done.len();
+        for t in host.done.drain(..) {
+            done(t);
+        }
+        n
+    }
+}
+
+struct Setup {
+    h: DriverHarness,
+    peer: UnixDatagram,
+    host: Arc<Mutex<Host>>,
+    counters: Arc<QueuePairCounters>,
+    link: NetLink,
+}
+
+fn setup(mtu: u16, max_piece: usize) -> Setup {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let (a, peer) = UnixDatagram::pair().unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let host = Arc::new(Mutex::new(Host::default()));
+    let backend = GatherBackend {
+        sock: a,
+        mem: mem.clone(),
+        host: host.clone(),
+        max_piece,
+    };
+    let net = Net::new(
+        NetConfig {
+            mtu,
+            ..config("gather", true)
+        },
+        vec![Box::new(backend)],
+    )
+    .unwrap();
+    let counters = net.counters()[0].clone();
+    let link = net.link();
+    let mut h = DriverHarness::with_memory(net, mem);
+    h.start(FEATURES, 3, 256);
+    Setup {
+        h,
+        peer,
+        host,
+        counters,
+        link,
+    }
+}
+
+fn recv(peer: &UnixDatagram) -> Vec<u8> {
+    let mut buf = vec![0u8; 65_536];
+    let n = peer.recv(&mut buf).expect("a frame at the peer");
+    buf.truncate(n);
+    buf
+}
+
+/// Used entries that come within `wait`.
+fn used_within(h: &mut DriverHarness, wait: Duration) -> Vec<(u16, u32)> {
+    let mut used = Vec::new();
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        h.take_used(1, &mut used);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    used
+}
+
+#[test]
+fn gathered_chains_return_only_when_the_host_side_is_done_and_in_order() {
+    let mut s = setup(1500, 700);
+    let frames: Vec<Vec<u8>> = (0..3).map(|seq| frame(seq, 1500)).collect();
+    for f in &frames {
+        assert!(s.h.queue_tx_frame(1, f));
+    }
+    s.h.kick(1);
+    for f in &frames {
+        assert_eq!(&recv(&s.peer), f, "byte for byte");
+    }
+    // Sent, but the host side still reads them: nothing comes back.
+    assert!(used_within(&mut s.h, Duration::from_millis(50)).is_empty());
+    assert_eq!(s.host.lock().unwrap().gathered, 3);
+
+    s.host.lock().unwrap().complete(1);
+    let first = used_within(&mut s.h, Duration::from_millis(100));
+    assert_eq!(first.len(), 1, "only the completed chain: {first:?}");
+    s.host.lock().unwrap().complete(2);
+    let rest = collect_used(&mut s.h, 1, 2);
+    assert_eq!(rest.len(), 2);
+    let c = s.counters.snapshot();
+    assert_eq!(
+        (c.tx_packets, c.tx_gathered_frames, c.tx_dropped),
+        (3, 3, 0),
+        "{c}"
+    );
+    assert!(c.tx_gather_waits > 0, "completions found on the timer: {c}");
+    // Every piece at most max_piece long: 1500 - 14 bytes in three pieces.
+    assert_eq!(c.tx_gather_abandoned, 0);
+}
+
+#[test]
+fn short_frames_and_frames_whose_pieces_are_refused_are_copied() {
+    let mut s = setup(1500, 4000);
+    let short = frame(1, 100);
+    assert!(s.h.queue_tx_frame(1, &short));
+    s.h.kick(1);
+    assert_eq!(recv(&s.peer), short);
+    assert_eq!(
+        collect_used(&mut s.h, 1, 1).len(),
+        1,
+        "a copied chain at once"
+    );
+
+    s.host.lock().unwrap().refuse_pieces = true;
+    let long = frame(2, 1500);
+    assert!(s.h.queue_tx_frame(1, &long));
+    s.h.kick(1);
+    assert_eq!(recv(&s.peer), long);
+    assert_eq!(
+        collect_used(&mut s.h, 1, 1).len(),
+        1,
+        "a copied chain at once"
+    );
+    let host = s.host.lock().unwrap();
+    assert_eq!((host.gathered, host.copied), (0, 2));
+    assert!(host.sent.is_empty(), "no token for copied frames");
+    let c = s.counters.snapshot();
+    assert_eq!((c.tx_packets, c.tx_gathered_frames), (2, 0), "{c}");
+}
+
+/// A jumbo frame the backend will not take as pieces and that does not
+/// fit a head goes the copy way whole, between gathered frames.
+#[test]
+fn a_frame_too_long_for_a_head_goes_the_copy_way_between_gathered_ones() {
+    let mut s = setup(9000, 1000);
+    let frames = [frame(1, 1500), frame(2, 6000), frame(3, 1500)];
+    // The 6000-byte frame over three 2 KiB slots (the harness's buffers).
+    for f in &frames {
+        assert!(s.h.queue_tx_frame_with_header(1, [0; NET_HDR_LEN], f));
+    }
+    s.host.lock().unwrap().refuse_pieces = true;
+    s.h.kick(1);
+    for f in &frames {
+        assert_eq!(&recv(&s.peer), f);
+    }
+    assert_eq!(collect_used(&mut s.h, 1, 3).len(), 3);
+    let host = s.host.lock().unwrap();
+    assert_eq!(
+        (host.gathered, host.copied),
+        (0, 3),
+        "all copied, one by transmit"
+    );
+    drop(host);
+
+    // Now taken as pieces: all three from guest memory, in order.
+    s.host.lock().unwrap().refuse_pieces = false;
+    for f in &frames {
+        assert!(s.h.queue_tx_frame_with_header(1, [0; NET_HDR_LEN], f));
+    }
+    s.h.kick(1);
+    for f in &frames {
+        assert_eq!(&recv(&s.peer), f);
+    }
+    s.host.lock().unwrap().complete(3);
+    assert_eq!(collect_used(&mut s.h, 1, 3).len(), 3);
+    let c = s.counters.snapshot();
+    assert_eq!((c.tx_packets, c.tx_gathered_frames), (6, 3), "{c}");
+}
+
+/// Link down: held chains come back at once (their frames are gone with
+/// the link), and their tokens, should they still come, return nothing
+/// twice.
+#[test]
+fn link_down_returns_held_chains_and_ignores_their_late_tokens() {
+    let mut s = setup(1500, 4000);
+    for seq in 0..4 {
+        assert!(s.h.queue_tx_frame(1, &frame(seq, 1000)));
+    }
+    s.h.kick(1);
+    for _ in 0..4 {
+        recv(&s.peer);
+    }
+    assert!(used_within(&mut s.h, Duration::from_millis(30)).is_empty());
+    assert!(s.link.set_up(false));
+    let used = collect_used(&mut s.h, 1, 4);
+    assert_eq!(
+        used.len(),
+        4,
+        "held chains returned when the link went down"
+    );
+    let c = s.counters.snapshot();
+    assert_eq!(c.tx_gather_abandoned, 4, "{c}");
+
+    s.host.lock().unwrap().complete(4);
+    assert!(s.link.set_up(true));
+    assert!(
+        used_within(&mut s.h, Duration::from_millis(50)).is_empty(),
+        "late tokens return nothing"
+    );
+    // And the queue works on.
+    let f = frame(9, 1000);
+    assert!(s.h.queue_tx_frame(1, &f));
+    s.h.kick(1);
+    assert_eq!(recv(&s.peer), f);
+    s.host.lock().unwrap().complete(1);
+    assert_eq!(collect_used(&mut s.h, 1, 1).len(), 1);
+}
