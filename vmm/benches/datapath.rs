@@ -373,7 +373,7 @@ fn harness_for(
             spoof_check: true,
             on_thread_start: None,
         },
-        vec![Box::new(XskBackend::new(qa))],
+        vec![Box::new(XskBackend::new(qa, None))],
     )
     .expect("device");
     let counters = net.counters()[0].clone();

@@ -5,10 +5,12 @@ use std::os::fd::RawFd;
 
 use std::sync::{Mutex, PoisonError};
 
-use devices::virtio::net::{NetBackend, NetConfig, RxFilterSink, RxMode, TxFrame};
+use devices::virtio::net::{
+    GatherFill, NetBackend, NetConfig, RxFilterSink, RxMode, TxFrame, TxPieces,
+};
 use net_afxdp::{
-    AfXdpConfig, AfXdpNic, RxFilterConfig, RxFilterMaps, TxRequest, UmemRegion, XskQueue,
-    LINK_HEADER_LEN,
+    AfXdpConfig, AfXdpNic, GatherLimits, GatherPieces, GatherRequest, RxFilterConfig, RxFilterMaps,
+    TxRequest, UmemRegion, XskQueue, LINK_HEADER_LEN,
 };
 
 use crate::net::{MacAddr, NetSpec};
@@ -22,11 +24,40 @@ const TX_BATCH: usize = 64;
 /// One AF_XDP socket serving one virtio-net queue pair.
 pub struct XskBackend {
     queue: XskQueue,
+    /// `umem=guest`: where guest memory (the UMEM's start) lies in this
+    /// process, and what a piece sent from it may be.
+    gather: Option<(usize, GatherLimits)>,
 }
 
 impl XskBackend {
-    pub fn new(queue: XskQueue) -> Self {
-        Self { queue }
+    /// `umem`: the region the queue's UMEM was registered on, if any.
+    pub fn new(queue: XskQueue, umem: Option<UmemRegion>) -> Self {
+        let gather = umem
+            .zip(queue.gather_piece_limits())
+            .map(|(region, limits)| (region.as_ptr() as usize, limits));
+        Self { queue, gather }
+    }
+}
+
+/// The device's guest-memory pieces as UMEM offsets, refused exactly where
+/// the queue would refuse them (so the device copies such a frame instead).
+struct UmemPieces<'a> {
+    pieces: &'a mut GatherPieces,
+    base: usize,
+    limits: GatherLimits,
+}
+
+impl TxPieces for UmemPieces<'_> {
+    fn push(&mut self, addr: usize, len: usize) -> bool {
+        let (Some(offset), Ok(len)) = (addr.checked_sub(self.base), u32::try_from(len)) else {
+            return false;
+        };
+        let offset = offset as u64;
+        self.limits.piece_ok(offset, len) && self.pieces.push(offset, len)
+    }
+
+    fn clear(&mut self) {
+        self.pieces.clear();
     }
 }
 
@@ -56,6 +87,36 @@ impl NetBackend for XskBackend {
 
     fn tx_checksum_offload(&self) -> bool {
         self.queue.tx_checksum()
+    }
+
+    fn tx_gather_piece_max(&self) -> Option<usize> {
+        self.gather.map(|(_, limits)| limits.max_len as usize)
+    }
+
+    fn transmit_gather(&mut self, fill: &mut GatherFill<'_>) -> (usize, bool) {
+        let Some((base, limits)) = self.gather else {
+            return (0, false);
+        };
+        if self.queue.tx_kick_pending() {
+            self.queue.kick_tx();
+        }
+        let batch = self.queue.tx_gather(TX_BATCH, |head, pieces| {
+            let mut pieces = UmemPieces {
+                pieces,
+                base,
+                limits,
+            };
+            fill(head, &mut pieces).map(|frame| GatherRequest {
+                head_len: frame.head_len,
+                csum: frame.csum.map(|c| (c.start, c.offset)),
+                token: frame.token,
+            })
+        });
+        (batch.sent, batch.out_of_room || batch.kick_pending)
+    }
+
+    fn take_completed(&mut self, done: &mut dyn FnMut(u64)) -> usize {
+        self.queue.take_completed(done)
     }
 
     fn report(&self) -> Option<String> {
@@ -189,7 +250,8 @@ pub fn open_net_device(
             .attach_mode
             .map_or("no program: inhibit=on".to_string(), |m| format!("{m} XDP")),
         if config.guest_umem {
-            ", guest memory registered as the UMEM (umem=guest; frames are still copied)"
+            ", guest memory registered as the UMEM (umem=guest: frames are sent from guest \
+             memory, received by copy)"
         } else {
             ""
         }
@@ -204,7 +266,7 @@ pub fn open_net_device(
         },
         backends: queues
             .into_iter()
-            .map(|queue| Box::new(XskBackend::new(queue)) as Box<dyn NetBackend>)
+            .map(|queue| Box::new(XskBackend::new(queue, umem)) as Box<dyn NetBackend>)
             .collect(),
         host: NetHost {
             umem,
@@ -215,3 +277,7 @@ pub fn open_net_device(
         },
     })
 }
+
+#[cfg(test)]
+#[path = "afxdp_tests.rs"]
+mod tests;

@@ -290,7 +290,7 @@ impl WatchedNic {
         let stats = queues.iter().map(|q| q.stats_handle()).collect();
         let backends: Vec<Box<dyn NetBackend>> = queues
             .into_iter()
-            .map(|q| Box::new(XskBackend::new(q)) as Box<dyn NetBackend>)
+            .map(|q| Box::new(XskBackend::new(q, self.umem)) as Box<dyn NetBackend>)
             .collect();
         if self.link.net_link().replace_backends(backends).is_err() {
             log::error!("{}: the reopened NIC has another number of queues", self.id);

@@ -1,0 +1,296 @@
+//! The virtio-net device on a real AF_XDP socket with `umem=guest`: the
+//! driver harness plays the guest on guest memory registered as the
+//! socket's UMEM, a veth pair in a namespace of its own carries the frames
+//! (root needed), a packet socket on the peer end sees them.
+
+use std::time::{Duration, Instant};
+
+use devices::virtio::net::harness::{DriverHarness, MEM_SIZE};
+use devices::virtio::net::{
+    Net, NetBackend, NetConfig, QueuePairCounters, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4,
+};
+use devices::virtio::VIRTIO_F_VERSION_1;
+use net_afxdp::testbed::{is_root, PacketSocket, VethPair};
+use net_afxdp::{AfXdpConfig, AfXdpNic, NicOwner};
+
+use super::XskBackend;
+use crate::vm::create_guest_memory;
+
+const QUEUE_SIZE: u16 = 256;
+const NEEDS_CSUM: u8 = 1;
+const GSO_TCPV4: u8 = 1;
+
+struct GatherSetup {
+    pair: VethPair,
+    harness: DriverHarness,
+    counters: std::sync::Arc<QueuePairCounters>,
+    peer: PacketSocket,
+    mac: [u8; 6],
+    peer_mac: [u8; 6],
+    _owner: NicOwner,
+}
+
+/// The device with `umem=guest` on end `a` of a fresh veth pair, guest
+/// memory being the harness's; checksums and TSO offered. With transmit
+/// checksumming off on `a` the kernel completes checksums asked for
+/// through TX metadata itself, so the peer sees them whole.
+fn gather_setup() -> GatherSetup {
+    assert!(
+        is_root(),
+        "these tests need root (veth pairs, namespaces, AF_XDP): run them as root"
+    );
+    let pair = VethPair::new(1).expect("veth pair");
+    let ethtool = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pair.netns,
+            "ethtool",
+            "-K",
+            &pair.a,
+            "tx",
+            "off",
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("running ethtool (install ethtool)");
+    assert!(ethtool.success(), "ethtool -K {} tx off: {ethtool}", pair.a);
+    let config: AfXdpConfig = format!("ifname={},mode=native,umem=guest", pair.a)
+        .parse()
+        .expect("config");
+    let (mem, mapping) =
+        create_guest_memory(MEM_SIZE as u64, None, config.queue_umem_bytes()).expect("memory");
+    let region = mapping.expect("one mapping").region(0).expect("region");
+    let nic = pair
+        .run(|| AfXdpNic::open_on(&config, Some(region)))
+        .expect("enter netns")
+        .expect("open the NIC with umem=guest");
+    let (owner, mut queues) = nic.into_parts();
+    let backend = XskBackend::new(queues.remove(0), Some(region));
+    assert!(
+        backend.tx_gather_piece_max().is_some(),
+        "umem=guest: the backend sends from guest memory"
+    );
+    assert!(
+        backend.tx_checksum_offload(),
+        "needs AF_XDP TX metadata (Linux 6.8+)"
+    );
+    let (mac, peer_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
+    let net = Net::new(
+        NetConfig {
+            id: "gather".into(),
+            mac,
+            mtu: 1500,
+            spoof_check: true,
+            on_thread_start: None,
+        },
+        vec![Box::new(backend)],
+    )
+    .expect("device");
+    let counters = net.counters()[0].clone();
+    let mut harness = DriverHarness::with_memory(net, mem);
+    harness.start(
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4,
+        2,
+        QUEUE_SIZE,
+    );
+    let peer = pair
+        .run(|| PacketSocket::open(&pair.b))
+        .expect("enter netns")
+        .expect("packet socket");
+    GatherSetup {
+        pair,
+        harness,
+        counters,
+        peer,
+        mac,
+        peer_mac,
+        _owner: owner,
+    }
+}
+
+fn sum(mut acc: u64, data: &[u8]) -> u64 {
+    let mut words = data.chunks_exact(2);
+    for w in &mut words {
+        acc += u64::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    if let [last] = words.remainder() {
+        acc += u64::from(*last) << 8;
+    }
+    acc
+}
+
+fn fold(mut acc: u64) -> u16 {
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+/// The IPv4 pseudo-header sum of an Ethernet/IPv4 frame's transport part.
+fn pseudo_v4(frame: &[u8]) -> u64 {
+    let l4_len = frame.len() - 34;
+    sum(0, &frame[26..34]) + u64::from(frame[23]) + l4_len as u64
+}
+
+/// Whether an Ethernet/IPv4 frame's header and transport checksums verify.
+fn checksums_ok(frame: &[u8]) -> bool {
+    fold(sum(0, &frame[14..34])) == 0xffff && fold(sum(pseudo_v4(frame), &frame[34..])) == 0xffff
+}
+
+/// An Ethernet/IPv4 frame (no options) of protocol `proto` with transport
+/// part `l4`, the IP header checksum filled.
+fn ipv4_frame(dst: [u8; 6], src: [u8; 6], proto: u8, l4: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(34 + l4.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+    f.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[
+        0x12, 0x34, 0x40, 0, 64, proto, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1,
+    ]);
+    let c = !fold(sum(0, &f[14..34]));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(l4);
+    f
+}
+
+/// A virtio-net header asking the device to finish the checksum from byte
+/// 34 (the transport header) at `csum_offset`, with GSO if `gso_size` > 0.
+fn hdr(csum_offset: u16, gso_size: u16) -> [u8; 12] {
+    let mut h = [0u8; 12];
+    h[0] = NEEDS_CSUM;
+    if gso_size > 0 {
+        h[1] = GSO_TCPV4;
+        h[2..4].copy_from_slice(&66u16.to_le_bytes());
+        h[4..6].copy_from_slice(&gso_size.to_le_bytes());
+    }
+    h[6..8].copy_from_slice(&34u16.to_le_bytes());
+    h[8..10].copy_from_slice(&csum_offset.to_le_bytes());
+    h
+}
+
+/// Stores the pseudo-header sum in the transport checksum field at
+/// `34 + csum_offset`, as a guest leaving the checksum to the device does.
+fn leave_partial(frame: &mut [u8], csum_offset: usize) {
+    let at = 34 + csum_offset;
+    let partial = fold(pseudo_v4(frame));
+    frame[at..at + 2].copy_from_slice(&partial.to_be_bytes());
+}
+
+/// Frames from `src` the peer receives until `count` came or 2 s passed.
+fn frames_from(peer: &PacketSocket, src: [u8; 6], count: usize) -> Vec<Vec<u8>> {
+    let mut buf = vec![0u8; 65_536];
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while got.len() < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match peer.recv(&mut buf, left).expect("recv") {
+            Some(n) if buf[6..12] == src && buf[12..14] == [0x08, 0x00] => {
+                got.push(buf[..n].to_vec())
+            }
+            Some(_) => continue,
+            None => break,
+        }
+    }
+    got
+}
+
+/// Used TX entries until `count` came or 2 s passed.
+fn used_tx(h: &mut DriverHarness, count: usize) -> Vec<(u16, u32)> {
+    let mut used = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while used.len() < count && Instant::now() < deadline {
+        h.take_used(1, &mut used);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    used
+}
+
+/// A plain UDP frame, a short one and a 20 KB TCP TSO frame from the
+/// driver: the first and the TSO frame's segments go out from guest
+/// memory (their headers and checksum requests in the socket's own
+/// frames), the short one copied; the peer gets them byte for byte with
+/// checksums the kernel completed, and every chain comes back to the used
+/// ring once the kernel is done with it.
+#[test]
+fn umem_guest_transmit_sends_from_guest_memory() {
+    let mut s = gather_setup();
+    let (mac, peer) = (s.mac, s.peer_mac);
+
+    let payload: Vec<u8> = (0..1400u32).map(|i| (i * 7 + 3) as u8).collect();
+    let mut udp = vec![0x9c, 0x40, 0x13, 0x88];
+    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(&payload);
+    let mut plain = ipv4_frame(peer, mac, 17, &udp);
+    leave_partial(&mut plain, 6);
+
+    let short = ipv4_frame(
+        peer,
+        mac,
+        17,
+        &[0x9c, 0x41, 0x13, 0x88, 0, 12, 0, 0, 1, 2, 3, 4],
+    );
+
+    let mss = 1448usize;
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i * 13 + 1) as u8).collect();
+    let mut tcp = vec![
+        0x9c, 0x42, 0x14, 0x51, 0, 0, 0x10, 0, 0, 0, 0, 1, 0x80, 0x18, 1, 0xf5,
+    ];
+    tcp.extend_from_slice(&[0, 0, 0, 0, 1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 8]);
+    tcp.extend_from_slice(&data);
+    let mut tso = ipv4_frame(peer, mac, 6, &tcp);
+    leave_partial(&mut tso, 16);
+
+    let h = &mut s.harness;
+    assert!(h.queue_tx_frame_with_header(1, hdr(6, 0), &plain));
+    assert!(h.queue_tx_frame(1, &short));
+    assert!(h.queue_tx_frame_with_header(1, hdr(16, mss as u16), &tso));
+    h.kick(1);
+
+    let segments = data.len().div_ceil(mss);
+    let got = frames_from(&s.peer, mac, 2 + segments);
+    assert_eq!(got.len(), 2 + segments, "frames at the peer");
+    let mut want_plain = plain.clone();
+    want_plain[40..42].fill(0);
+    let mut got_plain = got[0].clone();
+    assert!(
+        checksums_ok(&got_plain),
+        "UDP checksum completed by the kernel"
+    );
+    got_plain[40..42].fill(0);
+    assert_eq!(got_plain, want_plain, "the plain frame, byte for byte");
+    assert_eq!(got[1], short, "the short frame");
+    let mut joined = Vec::new();
+    for (i, seg) in got[2..].iter().enumerate() {
+        assert!(checksums_ok(seg), "segment {i}: checksums");
+        assert_eq!(seg[..14], tso[..14], "segment {i}: link header");
+        let seq = u32::from_be_bytes(seg[38..42].try_into().unwrap());
+        assert_eq!(
+            seq,
+            0x1000 + (i * mss) as u32,
+            "segment {i}: sequence number"
+        );
+        let psh = seg[47] & 0x08 != 0;
+        assert_eq!(psh, i + 1 == segments, "segment {i}: PSH only on the last");
+        joined.extend_from_slice(&seg[66..]);
+    }
+    assert_eq!(joined, data, "the TSO payload, in order");
+
+    let used = used_tx(&mut s.harness, 3);
+    assert_eq!(used.len(), 3, "every chain back in the used ring: {used:?}");
+    let c = s.counters.snapshot();
+    assert_eq!(
+        c.tx_gathered_frames,
+        1 + segments as u64,
+        "sent from guest memory: the plain frame and every segment ({c})"
+    );
+    assert_eq!(
+        (c.tx_packets, c.tx_dropped),
+        (2 + segments as u64, 0),
+        "{c}"
+    );
+    assert_eq!(c.tx_gather_abandoned, 0);
+    drop(s.pair);
+}
