@@ -467,6 +467,21 @@ cat /tmp/console /tmp/console.log
             out.describe()
         );
     }
+    // The guest's TCP segments went out from its own buffers, not copied.
+    let gathered: u64 = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains(" net0 q"))
+        .filter_map(|l| {
+            let before = l.split_once(" from guest memory")?.0;
+            before.split_whitespace().last()?.parse::<u64>().ok()
+        })
+        .sum();
+    assert!(
+        gathered > 100,
+        "frames sent from guest memory: {gathered}\n{}",
+        out.describe()
+    );
 }
 
 /// Frames dropped because they arrived on a queue pair the guest does not
@@ -610,8 +625,9 @@ cat /tmp/console /tmp/console.log
 
 /// `umem=guest`: guest RAM is the UMEM of both queue pairs' sockets (one
 /// registration, shared), and the guest works as on its own UMEMs: ping
-/// and TCP both ways on two queue pairs, traffic again after the
-/// interface was deleted and created anew (the region registered again).
+/// and TCP both ways on two queue pairs (with `tx-gather=on` the guest's
+/// segments sent from its own buffers), traffic again after the interface was deleted and
+/// created anew (the region registered again).
 #[test]
 fn umem_guest_carries_traffic_on_two_queue_pairs_and_after_the_interface_returns() {
     let script = format!(
@@ -620,7 +636,7 @@ ip netns exec peer iperf3 -s -D
 cat > /tmp/guest-cmd <<'CMD'
 {GUEST_WAIT_CARRIER}; {GUEST_NET_UP}; ping -c 2 -W 5 {PEER_IP} >/dev/null && echo FIRST-PING=ok; iperf3 -c {PEER_IP} -t 2 -P 4 -f m | grep -q receiver && echo TO-PEER=ok; iperf3 -c {PEER_IP} -t 2 -P 4 -f m -R | grep -q receiver && echo FROM-PEER=ok; wait_carrier 0 GUEST-CARRIER-GONE; wait_carrier 1 GUEST-CARRIER-BACK; ping -c 3 -W 5 {PEER_IP} >/dev/null && echo AFTER-PING=ok; sleep 3
 CMD
-boot_guest /tmp/console --vcpus 2 --net af-xdp,ifname=xs0,queues=2,umem=guest
+boot_guest /tmp/console --vcpus 2 --net af-xdp,ifname=xs0,queues=2,umem=guest,tx-gather=on
 wait_for FROM-PEER=ok /tmp/console
 ip link del xs0
 wait_for GUEST-CARRIER-GONE /tmp/console
@@ -651,6 +667,21 @@ cat /tmp/console /tmp/console.log
             out.describe()
         );
     }
+    // The guest's TCP segments went out from its own buffers, not copied.
+    let gathered: u64 = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains(" net0 q"))
+        .filter_map(|l| {
+            let before = l.split_once(" from guest memory")?.0;
+            before.split_whitespace().last()?.parse::<u64>().ok()
+        })
+        .sum();
+    assert!(
+        gathered > 100,
+        "frames sent from guest memory: {gathered}\n{}",
+        out.describe()
+    );
 }
 
 /// The guest's RX packet count as it printed it under `key`.

@@ -158,10 +158,16 @@ pub struct AfXdpConfig {
     /// [`crate::AfXdpNic::open_on`]; `umem=own` (the default): each queue
     /// maps a UMEM of its own.
     pub guest_umem: bool,
+    /// `tx-gather=on` (needs `umem=guest`): the VMM sends frames from
+    /// guest memory as they lie there rather than copying them into the
+    /// queue's own frames. Off by default: in copy mode the kernel copies
+    /// each descriptor again and allocates a page per extra one, which
+    /// costs more than the copy saved (docs/umem-guest.md).
+    pub tx_gather: bool,
 }
 
 /// The option keys this crate understands.
-pub const OPTION_KEYS: [&str; 12] = [
+pub const OPTION_KEYS: [&str; 13] = [
     "ifname",
     "queues",
     "start-queue",
@@ -174,6 +180,7 @@ pub const OPTION_KEYS: [&str; 12] = [
     "map-path",
     "map-start-index",
     "umem",
+    "tx-gather",
 ];
 
 /// `(key, value)` pairs handed back by [`AfXdpConfig::parse_allowing`].
@@ -220,6 +227,7 @@ impl AfXdpConfig {
             queues_given: false,
             umem: UmemConfig::default(),
             guest_umem: false,
+            tx_gather: false,
         }
     }
 
@@ -351,6 +359,7 @@ impl AfXdpConfig {
                         }
                     }
                 }
+                "tx-gather" => config.tx_gather = parse_bool("tx-gather", value)?,
                 _ => unreachable!("key checked against OPTION_KEYS"),
             }
         }
@@ -386,6 +395,9 @@ impl AfXdpConfig {
                 value: self.start_queue.to_string(),
                 expected: "a queue number that leaves room for all queues",
             });
+        }
+        if self.tx_gather && !self.guest_umem {
+            return Err(ConfigError::TxGatherWithoutGuestUmem);
         }
         if let Some(fds) = &self.sock_fds {
             if !self.inhibit {
@@ -513,6 +525,32 @@ mod tests {
         assert!(matches!(
             AfXdpConfig::parse("ifname=x,tx-csum=nic"),
             Err(ConfigError::BadValue { key: "tx-csum", .. })
+        ));
+    }
+
+    #[test]
+    fn tx_gather_is_off_by_default_and_needs_guest_memory() {
+        assert!(!AfXdpConfig::parse("ifname=x,umem=guest").unwrap().tx_gather);
+        assert!(
+            AfXdpConfig::parse("ifname=x,umem=guest,tx-gather=on")
+                .unwrap()
+                .tx_gather
+        );
+        assert!(
+            !AfXdpConfig::parse("ifname=x,umem=guest,tx-gather=off")
+                .unwrap()
+                .tx_gather
+        );
+        assert_eq!(
+            AfXdpConfig::parse("ifname=x,tx-gather=on"),
+            Err(ConfigError::TxGatherWithoutGuestUmem)
+        );
+        assert!(matches!(
+            AfXdpConfig::parse("ifname=x,umem=guest,tx-gather=maybe"),
+            Err(ConfigError::BadValue {
+                key: "tx-gather",
+                ..
+            })
         ));
     }
 

@@ -51,6 +51,8 @@ pub enum ConfigError {
          their XSKMAP)"
     )]
     MapPathWithSockFds,
+    #[error("af-xdp: tx-gather=on needs umem=guest (frames are sent from guest memory only where it is the UMEM)")]
+    TxGatherWithoutGuestUmem,
     #[error("af-xdp: map-start-index needs map-path")]
     MapStartIndexWithoutMapPath,
     #[error("af-xdp: sock-fds lists fd {0} twice")]

@@ -30,9 +30,10 @@ pub struct XskBackend {
 }
 
 impl XskBackend {
-    /// `umem`: the region the queue's UMEM was registered on, if any.
-    pub fn new(queue: XskQueue, umem: Option<UmemRegion>) -> Self {
-        let gather = umem
+    /// `gather_from`: with `tx-gather=on`, the region the queue's UMEM was
+    /// registered on, which frames are then sent from.
+    pub fn new(queue: XskQueue, gather_from: Option<UmemRegion>) -> Self {
+        let gather = gather_from
             .zip(queue.gather_piece_limits())
             .map(|(region, limits)| (region.as_ptr() as usize, limits));
         Self { queue, gather }
@@ -204,6 +205,28 @@ pub fn guest_umem_area(spec: &NetSpec) -> Result<u64, crate::VmmError> {
     })
 }
 
+/// With `tx-gather=on`, the region the queues send guest frames from as
+/// they lie there. Only in copy mode: zero-copy drivers would need pieces
+/// cut where guest pages stop being DMA-contiguous and at the driver's
+/// segment limit, which nothing here can check yet.
+pub fn gather_region(
+    config: &AfXdpConfig,
+    umem: Option<UmemRegion>,
+    queues: &[XskQueue],
+) -> Result<Option<UmemRegion>, String> {
+    if !config.tx_gather {
+        return Ok(None);
+    }
+    if queues.iter().any(XskQueue::is_zero_copy) {
+        return Err(format!(
+            "af-xdp: tx-gather=on works in copy mode only for now, and {} runs zero-copy: \
+             add force-copy=on, or leave tx-gather off",
+            config.ifname
+        ));
+    }
+    Ok(umem)
+}
+
 /// Opens the host side of `--net` number `index` and describes the device.
 /// `umem`: the region its sockets register with `umem=guest` (guest RAM
 /// and its queues' area).
@@ -238,6 +261,7 @@ pub fn open_net_device(
             }
         );
     }
+    let gather_from = gather_region(&config, umem, &queues).map_err(crate::VmmError::Net)?;
     let xsk_stats = queues.iter().map(XskQueue::stats_handle).collect();
     let mac = spec.mac.unwrap_or_else(|| MacAddr::generate(index));
     let id = format!("net{index}");
@@ -249,11 +273,13 @@ pub fn open_net_device(
             .info()
             .attach_mode
             .map_or("no program: inhibit=on".to_string(), |m| format!("{m} XDP")),
-        if config.guest_umem {
-            ", guest memory registered as the UMEM (umem=guest: frames are sent from guest \
-             memory, received by copy)"
-        } else {
-            ""
+        match (config.guest_umem, config.tx_gather) {
+            (true, true) => {
+                ", guest memory registered as the UMEM (umem=guest), frames sent from it \
+                 (tx-gather=on), received by copy"
+            }
+            (true, false) => ", guest memory registered as the UMEM (umem=guest), frames copied",
+            _ => "",
         }
     );
     Ok(NetDevice {
@@ -266,7 +292,7 @@ pub fn open_net_device(
         },
         backends: queues
             .into_iter()
-            .map(|queue| Box::new(XskBackend::new(queue, umem)) as Box<dyn NetBackend>)
+            .map(|queue| Box::new(XskBackend::new(queue, gather_from)) as Box<dyn NetBackend>)
             .collect(),
         host: NetHost {
             umem,

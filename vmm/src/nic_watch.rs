@@ -18,7 +18,7 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::afxdp::{XdpRxFilter, XskBackend};
+use crate::afxdp::{gather_region, XdpRxFilter, XskBackend};
 use crate::seccomp::{self, ThreadKind};
 
 /// Multicast group of link changes (`RTMGRP_LINK`).
@@ -287,10 +287,21 @@ impl WatchedNic {
             }
         };
         let (owner, queues) = nic.into_parts();
+        let gather_from = match gather_region(&self.config, self.umem, &queues) {
+            Ok(region) => region,
+            Err(e) => {
+                log::warn!(
+                    "{}: {} is back but cannot be used: {e}",
+                    self.id,
+                    self.config.ifname
+                );
+                return;
+            }
+        };
         let stats = queues.iter().map(|q| q.stats_handle()).collect();
         let backends: Vec<Box<dyn NetBackend>> = queues
             .into_iter()
-            .map(|q| Box::new(XskBackend::new(q, self.umem)) as Box<dyn NetBackend>)
+            .map(|q| Box::new(XskBackend::new(q, gather_from)) as Box<dyn NetBackend>)
             .collect();
         if self.link.net_link().replace_backends(backends).is_err() {
             log::error!("{}: the reopened NIC has another number of queues", self.id);

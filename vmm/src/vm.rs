@@ -734,6 +734,7 @@ fn attach_net_device(
         mac: MacAddr(mac).to_string(),
         mtu,
         guest_umem: info.guest_umem,
+        tx_gather: net.host.af_xdp.tx_gather,
         link: link.clone(),
         counters,
         xsk_stats: xsk_stats.clone(),

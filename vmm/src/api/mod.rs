@@ -54,6 +54,8 @@ pub struct NicStatus {
     pub mtu: u16,
     /// `umem=guest`: the sockets' UMEM is guest memory.
     pub guest_umem: bool,
+    /// `tx-gather=on`: frames are sent from guest memory, not copied.
+    pub tx_gather: bool,
     pub link: Arc<GuestLink>,
     pub counters: Vec<Arc<QueuePairCounters>>,
     pub xsk_stats: Arc<XskStats>,
@@ -154,6 +156,7 @@ impl VmStatus {
                     "multi_buffer": current.as_ref().map(|m| m.multi_buffer),
                     "xdp_mode": current.as_ref().and_then(|m| m.xdp_mode),
                     "umem": if nic.guest_umem { "guest" } else { "own" },
+                    "tx_gather": nic.tx_gather,
                     "mac": nic.mac,
                     "mtu": nic.mtu,
                     "link": {"up": up, "host_up": host_up, "admin_up": admin_up},

@@ -33,6 +33,7 @@ fn status() -> VmStatus {
         mac: "52:54:00:12:34:56".into(),
         mtu: 1500,
         guest_umem: false,
+        tx_gather: false,
         link: Arc::new(GuestLink::new(net.link())),
         counters: net.counters().to_vec(),
         xsk_stats: Arc::default(),
@@ -287,6 +288,7 @@ fn info_describes_the_vm_and_its_nics() {
     assert_eq!(nic["mac"], "52:54:00:12:34:56");
     assert_eq!(nic["mtu"], 1500);
     assert_eq!(nic["umem"], "own");
+    assert_eq!(nic["tx_gather"], false);
     assert_eq!(nic["link"]["up"], true);
 }
 

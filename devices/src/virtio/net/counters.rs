@@ -137,7 +137,7 @@ impl std::fmt::Display for CountersSnapshot {
             "rx {} pkts {} B (dropped: {} too big, {} bad desc, {} on an unused pair; \
              {} no-buffer waits), \
              tx {} pkts {} B ({} dropped: {} too long, {} oversize, {} spoofed; {} link down, \
-             {} ring full, {} retries), \
+             {} ring full, {} retries; {} from guest memory, {} completion waits, {} given up), \
              offloads: tx {} gso frames -> {} segments, {} checksums filled, {} left to the kernel, {} refused; \
              rx checksums {} verified, {} completed, {} bad; \
              rx coalesced {} frames from {} segments; \
@@ -158,6 +158,9 @@ impl std::fmt::Display for CountersSnapshot {
             self.tx_dropped_link_down,
             self.tx_ring_full,
             self.tx_retries,
+            self.tx_gathered_frames,
+            self.tx_gather_waits,
+            self.tx_gather_abandoned,
             self.tx_gso_frames,
             self.tx_gso_segments,
             self.tx_csum_filled,
