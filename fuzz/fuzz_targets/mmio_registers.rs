@@ -405,9 +405,10 @@ fn op(f: &mut Fuzz, u: &mut Unstructured) -> Result<()> {
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
     let pairs = usize::from(u.int_in_range(1..=3u8).unwrap_or(1));
-    let tx_room = usize::from(u.int_in_range(1..=8u8).unwrap_or(8));
+    let room = u.int_in_range(0..=15u8).unwrap_or(7);
+    let (tx_room, gather) = (usize::from(room % 8) + 1, room >= 8);
     let mem = guest_memory();
-    let (transport, host, _irq) = device(pairs, tx_room, &mem);
+    let (transport, host, _irq) = device(pairs, tx_room, gather, &mem);
     let mut f = Fuzz {
         mem,
         shadow: Shadow::new(),

@@ -49,6 +49,9 @@ fn format_config(c: &AfXdpConfig) -> String {
     if c.guest_umem {
         s.push_str(",umem=guest");
     }
+    if c.tx_gather {
+        s.push_str(",tx-gather=on");
+    }
     match c.tx_checksum {
         TxChecksum::Kernel => {}
         TxChecksum::Caller => s.push_str(",tx-csum=vmm"),

@@ -1432,7 +1432,10 @@ fn check_used_rings(f: &Fuzz) {
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
     let pairs = usize::from(u.int_in_range(1..=2u8).unwrap_or(1));
-    let tx_room = usize::from(u.int_in_range(1..=64u8).unwrap_or(64));
+    // One byte: the backend's room per call and whether it sends from
+    // guest memory (tx-gather=on).
+    let room = u.int_in_range(0..=127u8).unwrap_or(63);
+    let (tx_room, gather) = (usize::from(room % 64) + 1, room >= 64);
     let features = match u.int_in_range(0..=15u8).unwrap_or(0) {
         0 => u.arbitrary().unwrap_or(0),
         // All of them, as Linux takes them.
@@ -1440,7 +1443,7 @@ fuzz_target!(|data: &[u8]| {
         _ => (u.arbitrary::<u64>().unwrap_or(0) & OFFERED) | F_VERSION_1,
     };
     let mem = guest_memory();
-    let (transport, host, _irq) = device(pairs, tx_room, &mem);
+    let (transport, host, _irq) = device(pairs, tx_room, gather, &mem);
     host.host.lock().unwrap().keep_frames = true;
     let queues = (0..=2 * pairs)
         .map(|q| {

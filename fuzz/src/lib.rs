@@ -16,9 +16,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::bus::BusDevice;
-use devices::virtio::net::{Net, NetBackend, NetConfig, NetLink, QueuePairCounters};
+use devices::virtio::net::{
+    GatherFill, Net, NetBackend, NetConfig, NetLink, QueuePairCounters, TxPieces,
+};
 use devices::virtio::MmioTransport;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Guest RAM: two adjacent regions (accesses may cross between them), a
@@ -262,6 +267,56 @@ pub struct Host {
     /// The first broken rule seen on a device thread; checked on the
     /// fuzz thread (a panic there would only mark the device broken).
     pub violation: Option<String>,
+    /// Guest memory, where the backends send from it (`umem=guest` with
+    /// `tx-gather=on`): frames as a head and pieces of it.
+    pub gather_mem: Option<GuestMemoryMmap>,
+    /// Per pair: tokens of gathered frames, handed back on the device's
+    /// next look (as a kernel done with them at once would).
+    pub tokens: Vec<VecDeque<u64>>,
+}
+
+/// Longest piece of guest memory a gathering backend takes (small, so
+/// frames are cut into several), and most pieces per frame.
+const GATHER_PIECE_MAX: usize = 512;
+const GATHER_PIECES_MAX: usize = 8;
+
+/// A gathered frame's pieces, as guest addresses: every one must lie in
+/// guest RAM (within one region).
+struct GuestPieces<'a> {
+    mem: &'a GuestMemoryMmap,
+    ranges: Vec<(GuestAddress, usize)>,
+    outside: Option<String>,
+}
+
+impl TxPieces for GuestPieces<'_> {
+    fn push(&mut self, addr: usize, len: usize) -> bool {
+        if len == 0 || len > GATHER_PIECE_MAX || self.ranges.len() == GATHER_PIECES_MAX {
+            return false;
+        }
+        for region in self.mem.iter() {
+            let Ok(base) = region.get_host_address(MemoryRegionAddress(0)) else {
+                continue;
+            };
+            let (base, end) = (base as usize, base as usize + region.len() as usize);
+            if (base..end).contains(&addr) {
+                if addr + len > end {
+                    self.outside
+                        .get_or_insert(format!("a piece of {len} bytes across a region's end"));
+                    return false;
+                }
+                let at = region.start_addr().0 + (addr - base) as u64;
+                self.ranges.push((GuestAddress(at), len));
+                return true;
+            }
+        }
+        self.outside
+            .get_or_insert(format!("a piece at {addr:#x} outside guest memory"));
+        false
+    }
+
+    fn clear(&mut self) {
+        self.ranges.clear();
+    }
 }
 
 pub struct HostHandle {
@@ -352,20 +407,7 @@ impl NetBackend for MemBackend {
         while sent < host.tx_room {
             match fill(&mut buf) {
                 Some(out) => {
-                    let len = out.len;
-                    // The device's TX policy: no runts, nothing over the
-                    // MTU, and only the guest's own source MAC (spoof check).
-                    if !(14..=MAX_FRAME).contains(&len) && host.violation.is_none() {
-                        host.violation = Some(format!("transmitted a frame of {len} bytes"));
-                    } else if buf[6..12] != MAC && host.violation.is_none() {
-                        host.violation =
-                            Some(format!("transmitted a frame from MAC {:02x?}", &buf[6..12]));
-                    }
-                    host.sent[self.pair] += 1;
-                    if host.keep_frames {
-                        let frame = buf[..len.min(TX_BUF)].to_vec();
-                        host.sent_frames[self.pair].push(frame);
-                    }
+                    host.check_sent(self.pair, &buf[..out.len.min(TX_BUF)], out.len);
                     sent += 1;
                 }
                 None => return (sent, false),
@@ -373,10 +415,97 @@ impl NetBackend for MemBackend {
         }
         (sent, true)
     }
+
+    fn tx_gather_piece_max(&self) -> Option<usize> {
+        let host = self.host.lock().unwrap();
+        host.gather_mem.as_ref().map(|_| GATHER_PIECE_MAX)
+    }
+
+    fn transmit_gather(&mut self, fill: &mut GatherFill<'_>) -> (usize, bool) {
+        let mut host = self.host.lock().unwrap();
+        let Some(mem) = host.gather_mem.clone() else {
+            return (0, false);
+        };
+        let mut head = [0u8; TX_BUF];
+        let mut frame = Vec::with_capacity(TX_BUF);
+        let mut sent = 0;
+        while sent < host.tx_room {
+            let mut pieces = GuestPieces {
+                mem: &mem,
+                ranges: Vec::new(),
+                outside: None,
+            };
+            let Some(out) = fill(&mut head, &mut pieces) else {
+                return (sent, false);
+            };
+            if let Some(outside) = pieces.outside {
+                host.violation.get_or_insert(outside);
+            }
+            frame.clear();
+            frame.extend_from_slice(&head[..out.head_len.min(TX_BUF)]);
+            for &(at, len) in &pieces.ranges {
+                let start = frame.len();
+                frame.resize(start + len, 0);
+                if mem.read_slice(&mut frame[start..], at).is_err() {
+                    host.violation
+                        .get_or_insert(format!("an unreadable piece at {at:#x?}"));
+                }
+            }
+            if let Some(token) = out.token {
+                host.tokens[self.pair].push_back(token);
+            } else if !pieces.ranges.is_empty() {
+                host.violation
+                    .get_or_insert("a frame sent from guest memory without a token".into());
+            }
+            // A frame with neither head nor pieces only carries a token
+            // (a GSO frame that ended early): nothing goes out.
+            if !frame.is_empty() {
+                let len = frame.len();
+                host.check_sent(self.pair, &frame, len);
+            }
+            sent += 1;
+        }
+        (sent, true)
+    }
+
+    fn take_completed(&mut self, done: &mut dyn FnMut(u64)) -> usize {
+        let mut host = self.host.lock().unwrap();
+        let tokens = &mut host.tokens[self.pair];
+        let n = tokens.len();
+        for token in tokens.drain(..) {
+            done(token);
+        }
+        n
+    }
 }
 
-/// `pairs` backends over one shared [`Host`].
-pub fn backends(pairs: usize, tx_room: usize) -> (Vec<Box<dyn NetBackend>>, HostHandle) {
+impl Host {
+    /// Checks a frame the device handed over against its TX policy: no
+    /// runts, nothing over the MTU, and only the guest's own source MAC
+    /// (spoof check).
+    fn check_sent(&mut self, pair: usize, frame: &[u8], len: usize) {
+        if !(14..=MAX_FRAME).contains(&len) && self.violation.is_none() {
+            self.violation = Some(format!("transmitted a frame of {len} bytes"));
+        } else if frame[6..12] != MAC && self.violation.is_none() {
+            self.violation = Some(format!(
+                "transmitted a frame from MAC {:02x?}",
+                &frame[6..12]
+            ));
+        }
+        self.sent[pair] += 1;
+        if self.keep_frames {
+            self.sent_frames[pair].push(frame.to_vec());
+        }
+    }
+}
+
+/// `pairs` backends over one shared [`Host`]; with `gather_mem` they send
+/// frames from that guest memory where the device asks.
+pub fn backends(
+    pairs: usize,
+    tx_room: usize,
+    gather_mem: Option<GuestMemoryMmap>,
+) -> (Vec<Box<dyn NetBackend>>, HostHandle) {
     let host = Arc::new(Mutex::new(Host {
         pending: vec![VecDeque::new(); pairs],
         delivered: vec![0; pairs],
@@ -384,6 +513,8 @@ pub fn backends(pairs: usize, tx_room: usize) -> (Vec<Box<dyn NetBackend>>, Host
         delivered_frames: vec![Vec::new(); pairs],
         sent_frames: vec![Vec::new(); pairs],
         tx_room: tx_room.max(1),
+        gather_mem,
+        tokens: vec![VecDeque::new(); pairs],
         ..Host::default()
     }));
     let live = Arc::new(AtomicUsize::new(pairs));
@@ -412,13 +543,15 @@ pub fn backends(pairs: usize, tx_room: usize) -> (Vec<Box<dyn NetBackend>>, Host
     )
 }
 
-/// A virtio-net device with `pairs` queue pairs behind its MMIO transport.
+/// A virtio-net device with `pairs` queue pairs behind its MMIO transport;
+/// `gather`: its backends send from guest memory (`tx-gather=on`).
 pub fn device(
     pairs: usize,
     tx_room: usize,
+    gather: bool,
     mem: &GuestMemoryMmap,
 ) -> (MmioTransport, HostHandle, EventFd) {
-    let (backends, mut host) = backends(pairs, tx_room);
+    let (backends, mut host) = backends(pairs, tx_room, gather.then(|| mem.clone()));
     let net = Net::new(
         NetConfig {
             id: NET_ID.into(),
