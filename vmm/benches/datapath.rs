@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use devices::virtio::net::harness::{DriverHarness, BUFFER_SIZE};
+use devices::virtio::net::harness::{DriverHarness, BUFFER_SIZE, MEM_SIZE};
 use devices::virtio::net::{
     Net, NetConfig, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX,
@@ -26,7 +26,9 @@ use devices::virtio::net::{
 use devices::virtio::VIRTIO_F_VERSION_1;
 use net_afxdp::testbed::{self, VethPair};
 use net_afxdp::{AfXdpConfig, AfXdpNic, GatherRequest, NicOwner, UmemRegion, XskQueue};
+use vm_memory::GuestMemoryMmap;
 use vmm::afxdp::XskBackend;
+use vmm::vm::create_guest_memory;
 
 const BATCH: usize = 64;
 const QUEUE_SIZE: u16 = 256;
@@ -69,8 +71,8 @@ fn blast_gather(
     stop: Arc<AtomicBool>,
 ) -> XskQueue {
     const AT: usize = 0x1000;
-    // SAFETY: inside the region's guest part (4 MiB); the mapping is never
-    // unmapped and nothing else writes there.
+    // SAFETY: inside the region's guest part (64 MiB); the mapping is
+    // never unmapped and nothing else writes there.
     unsafe { std::ptr::copy_nonoverlapping(frame.as_ptr(), region.as_ptr().add(AT), frame.len()) };
     let piece = 4096 - 24;
     while !stop.load(Ordering::Relaxed) {
@@ -89,34 +91,21 @@ fn blast_gather(
     q
 }
 
-/// Opens `dev` with `umem=guest` on a fresh region of 4 MiB "guest
-/// memory" (never unmapped, as a UmemRegion must be).
-fn open_guest(pair: &VethPair, dev: &str) -> (NicOwner, XskQueue, UmemRegion) {
+/// Opens `dev` with `umem=guest` on fresh guest memory as xskvm makes it
+/// (the driver harness's size; never unmapped, as a UMEM must be).
+fn open_guest(pair: &VethPair, dev: &str) -> (NicOwner, XskQueue, UmemRegion, GuestMemoryMmap) {
     let config: AfXdpConfig = format!("ifname={dev},mode=native,force-copy=on,umem=guest")
         .parse()
         .expect("config");
-    let guest = 4 << 20;
-    let len = guest + config.queue_umem_bytes() as usize;
-    // SAFETY: a fresh anonymous mapping, checked below.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(ptr, libc::MAP_FAILED, "mmap");
-    // SAFETY: never unmapped; written only by blast_gather before sending.
-    let region = unsafe { UmemRegion::new(ptr.cast(), len, guest, guest) }.expect("region");
+    let (mem, mapping) = create_guest_memory(MEM_SIZE as u64, None, config.queue_umem_bytes())
+        .expect("guest memory");
+    let region = mapping.expect("one mapping").region(0).expect("region");
     let nic = pair
         .run(|| AfXdpNic::open_on(&config, Some(region)))
         .expect("enter netns")
         .unwrap_or_else(|e| panic!("open {dev}: {e}"));
     let (owner, mut queues) = nic.into_parts();
-    (owner, queues.remove(0), region)
+    (owner, queues.remove(0), region, mem)
 }
 
 /// Receives and counts until `stop`; returns the queue (its counters).
@@ -233,12 +222,17 @@ enum Side {
     RawGather,
     /// The socket behind virtio-net, the driver harness playing the guest.
     Virtio,
+    /// The same with `umem=guest`: the device sends from guest memory.
+    VirtioGuestUmem,
     /// The same, the guest sending 64 KiB TCP segments (TSO) that the
     /// device cuts into `size`-byte frames (checksums left to the kernel
     /// through AF_XDP TX metadata where it takes them).
     VirtioTso,
     /// As `VirtioTso`, the IO thread filling every checksum (tx-csum=vmm).
     VirtioTsoVmmCsum,
+    /// As `VirtioTso` with `umem=guest`: segments' payloads sent from
+    /// guest memory behind their rewritten headers.
+    VirtioTsoGuestUmem,
     /// The same, the guest taking coalesced TCP (GUEST_TSO4, mergeable
     /// buffers) from a peer that sends one in-order TCP stream.
     VirtioGro,
@@ -263,12 +257,16 @@ fn measure(side: Side, tx: bool, size: usize, secs: f64, tcp_stream: bool) -> Ra
     } else {
         ""
     };
-    let (_oa, qa, region) = if side == Side::RawGather {
-        let (o, q, r) = open_guest(&pair, &pair.a);
-        (o, q, Some(r))
+    let guest_umem = matches!(
+        side,
+        Side::RawGather | Side::VirtioGuestUmem | Side::VirtioTsoGuestUmem
+    );
+    let (_oa, qa, region, guest_mem) = if guest_umem {
+        let (o, q, r, m) = open_guest(&pair, &pair.a);
+        (o, q, Some(r), Some(m))
     } else {
         let (o, q) = open(&pair, &pair.a, extra);
-        (o, q, None)
+        (o, q, None, None)
     };
     let (_ob, qb) = open(&pair, &pair.b, "");
     let frame = if tx {
@@ -306,11 +304,19 @@ fn measure(side: Side, tx: bool, size: usize, secs: f64, tcp_stream: bool) -> Ra
             own_counters = Some(qa.stats_handle());
             threads.push(spawn_named("raw", move || drop(sink(qa, s))));
         }
-        Side::Virtio | Side::VirtioTso | Side::VirtioTsoVmmCsum | Side::VirtioGro => {
+        Side::Virtio
+        | Side::VirtioGuestUmem
+        | Side::VirtioTso
+        | Side::VirtioTsoVmmCsum
+        | Side::VirtioTsoGuestUmem
+        | Side::VirtioGro => {
             let (counters_tx, counters_rx) = std::sync::mpsc::channel();
-            let tso = matches!(side, Side::VirtioTso | Side::VirtioTsoVmmCsum);
+            let tso = matches!(
+                side,
+                Side::VirtioTso | Side::VirtioTsoVmmCsum | Side::VirtioTsoGuestUmem
+            );
             let offloads = match side {
-                Side::VirtioTso | Side::VirtioTsoVmmCsum => {
+                Side::VirtioTso | Side::VirtioTsoVmmCsum | Side::VirtioTsoGuestUmem => {
                     VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4
                 }
                 Side::VirtioGro => {
@@ -321,7 +327,7 @@ fn measure(side: Side, tx: bool, size: usize, secs: f64, tcp_stream: bool) -> Ra
                 _ => 0,
             };
             threads.push(spawn_named("guest", move || {
-                let (h, counters) = harness_for(qa, mac_a, offloads, mtu);
+                let (h, counters) = harness_for(qa, mac_a, offloads, mtu, guest_mem, region);
                 let _ = counters_tx.send(counters);
                 if tso {
                     drive_tso(h, &tso_frame(mac_a, mac_b, size), &s);
@@ -359,11 +365,15 @@ fn measure(side: Side, tx: bool, size: usize, secs: f64, tcp_stream: bool) -> Ra
 }
 
 /// The device with `mac` as the guest's MAC (the frames' source on TX).
+/// `guest_mem`, `region`: `umem=guest`, the harness on the guest memory
+/// registered as the socket's UMEM.
 fn harness_for(
     qa: XskQueue,
     mac: [u8; 6],
     offloads: u64,
     mtu: u16,
+    guest_mem: Option<GuestMemoryMmap>,
+    region: Option<UmemRegion>,
 ) -> (DriverHarness, Arc<devices::virtio::net::QueuePairCounters>) {
     let net = Net::new(
         NetConfig {
@@ -373,11 +383,14 @@ fn harness_for(
             spoof_check: true,
             on_thread_start: None,
         },
-        vec![Box::new(XskBackend::new(qa, None))],
+        vec![Box::new(XskBackend::new(qa, region))],
     )
     .expect("device");
     let counters = net.counters()[0].clone();
-    let mut h = DriverHarness::new(net);
+    let mut h = match guest_mem {
+        Some(mem) => DriverHarness::with_memory(net, mem),
+        None => DriverHarness::new(net),
+    };
     h.start(
         VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | offloads,
         3,
@@ -516,6 +529,28 @@ fn drive(mut h: DriverHarness, tx: bool, frame: &[u8], stop: &AtomicBool) {
     }
 }
 
+/// `umem=guest` (`g`) against the copy path (`v`) and raw AF_XDP (`r`).
+fn gather_report(label: &str, r: &Rate, v: &Rate, g: &Rate) {
+    println!(
+        "{label}   raw {}   copy path {}   umem=guest {}   ratio to raw {:.2}, to copy path {:.2}",
+        r.show(),
+        v.show(),
+        g.show(),
+        g.pps / r.pps.max(1.0),
+        g.pps / v.pps.max(1.0)
+    );
+    println!(
+        "            CPU per wire frame, IO thread: copy path {:.2} us, umem=guest {:.2} us (raw socket thread {:.2} us)",
+        v.cpu_us.0, g.cpu_us.0, r.cpu_us.0
+    );
+    if let Some(c) = g.device {
+        println!(
+            "            umem=guest device: {} of {} wire frames from guest memory, {} completion waits, {} dropped",
+            c.tx_gathered_frames, c.tx_packets, c.tx_gather_waits, c.tx_dropped
+        );
+    }
+}
+
 /// One comparison's first lines: rates, their ratio, CPU per frame.
 fn compare(label: &str, r: &Rate, v: &Rate) {
     println!(
@@ -592,6 +627,18 @@ fn main() {
             );
         }
     }
+    // umem=guest in the device: frames sent from guest memory against the
+    // copy path and the raw socket, the three measured in turn.
+    for size in [64usize, 1500, 9000] {
+        let r = measure(Side::Raw, true, size, secs, false);
+        let v = measure(Side::Virtio, true, size, secs, false);
+        let g = measure(Side::VirtioGuestUmem, true, size, secs, false);
+        gather_report(&format!("tx {size:4} B umem=guest"), &r, &v, &g);
+    }
+    let r = measure(Side::Raw, true, 1514, secs, false);
+    let v = measure(Side::VirtioTso, true, 1514, secs, false);
+    let g = measure(Side::VirtioTsoGuestUmem, true, 1514, secs, false);
+    gather_report("tx TSO 64 KiB -> 1514 B umem=guest", &r, &v, &g);
     // umem=guest at the socket level: frames sent from guest memory as
     // they lie there against frames copied into the socket's own UMEM
     // first (what the copy path does), both bare sockets.
