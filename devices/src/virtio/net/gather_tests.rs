@@ -357,3 +357,37 @@ fn link_down_returns_held_chains_and_ignores_their_late_tokens() {
     s.host.lock().unwrap().complete(1);
     assert_eq!(collect_used(&mut s.h, 1, 1).len(), 1);
 }
+
+/// A reset while chains are held forgets them (the driver resets its
+/// rings); their tokens, coming to the next activation's IO thread on the
+/// same backend, return nothing, and that thread's own chains come back.
+#[test]
+fn a_reset_forgets_held_chains_and_their_late_tokens_return_nothing() {
+    let mut s = setup(1500, 4000);
+    for seq in 0..3 {
+        assert!(s.h.queue_tx_frame(1, &frame(seq, 1000)));
+    }
+    s.h.kick(1);
+    for _ in 0..3 {
+        recv(&s.peer);
+    }
+    assert!(used_within(&mut s.h, Duration::from_millis(30)).is_empty());
+    s.h.reset();
+    s.h.start(FEATURES, 3, 256);
+    s.host.lock().unwrap().complete(3);
+    let f = frame(7, 1000);
+    assert!(s.h.queue_tx_frame(1, &f));
+    s.h.kick(1);
+    assert_eq!(recv(&s.peer), f);
+    assert!(
+        used_within(&mut s.h, Duration::from_millis(50)).is_empty(),
+        "the old chains' tokens return nothing on the new rings"
+    );
+    s.host.lock().unwrap().complete(1);
+    let used = collect_used(&mut s.h, 1, 1);
+    assert_eq!(used.len(), 1, "{used:?}");
+    std::thread::sleep(Duration::from_millis(20));
+    let mut more = Vec::new();
+    s.h.take_used(1, &mut more);
+    assert!(more.is_empty(), "one used entry only: {more:?}");
+}
