@@ -468,15 +468,7 @@ cat /tmp/console /tmp/console.log
         );
     }
     // The guest's TCP segments went out from its own buffers, not copied.
-    let gathered: u64 = out
-        .stdout
-        .lines()
-        .filter(|l| l.contains(" net0 q"))
-        .filter_map(|l| {
-            let before = l.split_once(" from guest memory")?.0;
-            before.split_whitespace().last()?.parse::<u64>().ok()
-        })
-        .sum();
+    let gathered: u64 = numbers_before(&out, " from guest memory").sum();
     assert!(
         gathered > 100,
         "frames sent from guest memory: {gathered}\n{}",
@@ -668,20 +660,21 @@ cat /tmp/console /tmp/console.log
         );
     }
     // The guest's TCP segments went out from its own buffers, not copied.
-    let gathered: u64 = out
-        .stdout
-        .lines()
-        .filter(|l| l.contains(" net0 q"))
-        .filter_map(|l| {
-            let before = l.split_once(" from guest memory")?.0;
-            before.split_whitespace().last()?.parse::<u64>().ok()
-        })
-        .sum();
+    let gathered: u64 = numbers_before(&out, " from guest memory").sum();
     assert!(
         gathered > 100,
         "frames sent from guest memory: {gathered}\n{}",
         out.describe()
     );
+}
+
+/// The numbers right before `marker` on the output lines that have it
+/// (xskvm's log lines: counters, the filter's count).
+fn numbers_before<'a>(out: &'a ScenarioOutput, marker: &'a str) -> impl Iterator<Item = u64> + 'a {
+    out.stdout.lines().filter_map(move |l| {
+        let before = l.split_once(marker)?.0;
+        before.split_whitespace().last()?.parse().ok()
+    })
 }
 
 /// The guest's RX packet count as it printed it under `key`.
@@ -727,13 +720,8 @@ cat /tmp/console /tmp/console.log
         "promiscuous mode lets them in: {rx2} -> {rx3}\n{}",
         out.describe()
     );
-    let filtered: u64 = out
-        .stdout
-        .lines()
-        .find_map(|l| {
-            let before = l.split_once(" frame(s) not for the guest")?.0;
-            before.split_whitespace().last()?.parse().ok()
-        })
+    let filtered = numbers_before(&out, " frame(s) not for the guest")
+        .next()
         .unwrap_or_else(|| panic!("no filter count\n{}", out.describe()));
     assert!(filtered >= FRAMES, "{filtered} counted\n{}", out.describe());
 }

@@ -137,6 +137,32 @@ impl VethPair {
 
     /// MAC address of `dev` (from `ip -br link`: sysfs shows the
     /// namespace that mounted it, not this one).
+    /// `ethtool -K DEV tx off` in the pair's namespace: the kernel then
+    /// makes checksums asked for through AF_XDP TX metadata itself, on the
+    /// way out, so the peer sees them whole.
+    pub fn transmit_checksumming_off(&self, dev: &str) -> io::Result<()> {
+        let status = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.netns,
+                "ethtool",
+                "-K",
+                dev,
+                "tx",
+                "off",
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map_err(|e| io::Error::other(format!("running ethtool (install ethtool): {e}")))?;
+        if !status.success() {
+            return Err(io::Error::other(format!(
+                "ethtool -K {dev} tx off: {status}"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn mac(&self, dev: &str) -> io::Result<[u8; 6]> {
         let out = self.ip(&["-br", "link", "show", "dev", dev])?;
         out.split_whitespace()
@@ -144,6 +170,24 @@ impl VethPair {
             .and_then(parse_mac)
             .ok_or_else(|| io::Error::other(format!("no MAC for {dev} in {out:?}")))
     }
+}
+
+/// The one's-complement sum of `data` (big-endian 16-bit words, an odd
+/// last byte padded with zero) added to `sum`, unfolded: RFC 1071 word by
+/// word, the reference the tests check checksums against.
+pub fn ones_sum(mut sum: u64, data: &[u8]) -> u64 {
+    for pair in data.chunks(2) {
+        sum += u64::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    sum
+}
+
+/// `sum` folded to 16 bits.
+pub fn fold(mut sum: u64) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
 }
 
 fn parse_mac(text: &str) -> Option<[u8; 6]> {

@@ -521,7 +521,7 @@ fn a_gathered_frame_with_a_checksum_request_arrives_summed() {
     require_root!();
     init_log();
     let pair = VethPair::new(1).unwrap();
-    transmit_checksumming_off(&pair, &pair.a);
+    pair.transmit_checksumming_off(&pair.a).unwrap();
     let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
     let config: AfXdpConfig = format!("ifname={},mode=native,umem=guest", pair.a)
         .parse()

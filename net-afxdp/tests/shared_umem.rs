@@ -438,7 +438,7 @@ fn sockets_of_two_queues_share_the_region_with_their_own_completions() {
 #[test]
 fn a_frame_in_two_places_with_a_checksum_request_arrives_whole_and_summed() {
     let mut b = bench_with(1, (4096, 0, TxMetadata::Checksum), &[0], true);
-    transmit_checksumming_off(&b.pair, &b.pair.a);
+    b.pair.transmit_checksumming_off(&b.pair.a).unwrap();
     let (a_mac, b_mac) = (b.a_mac, b.b_mac);
     let (peer, region, umem) = (&b.peer, &b.region, &b.umem);
     let q = &mut b.queues[0];

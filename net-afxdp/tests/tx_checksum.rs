@@ -15,22 +15,6 @@ use net_afxdp::{AfXdpConfig, TxChecksum, TxRequest};
 
 const UDP_CSUM_AT: usize = 14 + 20 + 6;
 
-/// RFC 1071, word by word: the reference.
-fn ones_complement_sum(mut sum: u32, data: &[u8]) -> u32 {
-    for pair in data.chunks(2) {
-        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    sum
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
 /// An IPv4/UDP frame from `src` to `dst` with `payload_len` bytes, its UDP
 /// checksum field holding the pseudo-header sum only (CHECKSUM_PARTIAL),
 /// and the checksum it must end up with.
@@ -49,7 +33,7 @@ fn partial_udp_frame(dst: [u8; 6], src: [u8; 6], payload_len: usize, seed: u8) -
     ip[9] = 17;
     ip[12..16].copy_from_slice(&saddr);
     ip[16..20].copy_from_slice(&daddr);
-    let c = !fold(ones_complement_sum(0, &ip));
+    let c = !fold(ones_sum(0, &ip));
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(&ip);
     f.extend_from_slice(&4000u16.to_be_bytes());
@@ -62,8 +46,8 @@ fn partial_udp_frame(dst: [u8; 6], src: [u8; 6], payload_len: usize, seed: u8) -
     pseudo[4..8].copy_from_slice(&daddr);
     pseudo[9] = 17;
     pseudo[10..12].copy_from_slice(&(udp_len as u16).to_be_bytes());
-    let pseudo_sum = ones_complement_sum(0, &pseudo);
-    let want = match !fold(ones_complement_sum(pseudo_sum, &f[34..])) {
+    let pseudo_sum = ones_sum(0, &pseudo);
+    let want = match !fold(ones_sum(pseudo_sum, &f[34..])) {
         0 => 0xffff,
         c => c,
     };

@@ -24,7 +24,7 @@ use devices::virtio::net::{
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX,
 };
 use devices::virtio::VIRTIO_F_VERSION_1;
-use net_afxdp::testbed::{self, VethPair};
+use net_afxdp::testbed::{self, fold, ones_sum, VethPair};
 use net_afxdp::{AfXdpConfig, AfXdpNic, GatherRequest, NicOwner, UmemRegion, XskQueue};
 use vm_memory::GuestMemoryMmap;
 use vmm::afxdp::XskBackend;
@@ -434,27 +434,9 @@ fn tcp_segment(src: [u8; 6], dst: [u8; 6], wire_len: usize) -> Vec<u8> {
     let mut f = big[..wire_len].to_vec();
     f[16..18].copy_from_slice(&((wire_len - 14) as u16).to_be_bytes());
     f[24..26].fill(0);
-    let c = !fold(sum(0, &f[14..34]));
+    let c = !fold(ones_sum(0, &f[14..34]));
     f[24..26].copy_from_slice(&c.to_be_bytes());
     f
-}
-
-fn sum(mut acc: u64, data: &[u8]) -> u64 {
-    let mut words = data.chunks_exact(2);
-    for w in &mut words {
-        acc += u64::from(u16::from_be_bytes([w[0], w[1]]));
-    }
-    if let [last] = words.remainder() {
-        acc += u64::from(*last) << 8;
-    }
-    acc
-}
-
-fn fold(mut acc: u64) -> u16 {
-    while acc >> 16 != 0 {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
 }
 
 /// Sends `segment` over and over as one in-order TCP stream (sequence
@@ -468,8 +450,8 @@ fn blast_tcp(mut q: XskQueue, segment: Vec<u8>, stop: Arc<AtomicBool>) -> XskQue
             f.copy_from_slice(&segment);
             f[38..42].copy_from_slice(&seq.to_be_bytes());
             seq = seq.wrapping_add(payload);
-            let pseudo = sum(sum(0, &f[26..34]), &[0, 6]) + (f.len() - 34) as u64;
-            let c = !fold(sum(pseudo, &f[34..]));
+            let pseudo = ones_sum(ones_sum(0, &f[26..34]), &[0, 6]) + (f.len() - 34) as u64;
+            let c = !fold(ones_sum(pseudo, &f[34..]));
             f[50..52].copy_from_slice(&c.to_be_bytes());
             Some(f.len())
         });

@@ -10,7 +10,7 @@ use devices::virtio::net::{
     Net, NetBackend, NetConfig, QueuePairCounters, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4,
 };
 use devices::virtio::VIRTIO_F_VERSION_1;
-use net_afxdp::testbed::{is_root, PacketSocket, VethPair};
+use net_afxdp::testbed::{fold, is_root, ones_sum, PacketSocket, VethPair};
 use net_afxdp::{AfXdpConfig, AfXdpNic, NicOwner};
 
 use super::XskBackend;
@@ -40,21 +40,8 @@ fn gather_setup() -> GatherSetup {
         "these tests need root (veth pairs, namespaces, AF_XDP): run them as root"
     );
     let pair = VethPair::new(1).expect("veth pair");
-    let ethtool = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pair.netns,
-            "ethtool",
-            "-K",
-            &pair.a,
-            "tx",
-            "off",
-        ])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("running ethtool (install ethtool)");
-    assert!(ethtool.success(), "ethtool -K {} tx off: {ethtool}", pair.a);
+    pair.transmit_checksumming_off(&pair.a)
+        .expect("transmit checksumming off");
     let config: AfXdpConfig = format!("ifname={},mode=native,umem=guest", pair.a)
         .parse()
         .expect("config");
@@ -109,33 +96,16 @@ fn gather_setup() -> GatherSetup {
     }
 }
 
-fn sum(mut acc: u64, data: &[u8]) -> u64 {
-    let mut words = data.chunks_exact(2);
-    for w in &mut words {
-        acc += u64::from(u16::from_be_bytes([w[0], w[1]]));
-    }
-    if let [last] = words.remainder() {
-        acc += u64::from(*last) << 8;
-    }
-    acc
-}
-
-fn fold(mut acc: u64) -> u16 {
-    while acc >> 16 != 0 {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
-}
-
 /// The IPv4 pseudo-header sum of an Ethernet/IPv4 frame's transport part.
 fn pseudo_v4(frame: &[u8]) -> u64 {
     let l4_len = frame.len() - 34;
-    sum(0, &frame[26..34]) + u64::from(frame[23]) + l4_len as u64
+    ones_sum(0, &frame[26..34]) + u64::from(frame[23]) + l4_len as u64
 }
 
 /// Whether an Ethernet/IPv4 frame's header and transport checksums verify.
 fn checksums_ok(frame: &[u8]) -> bool {
-    fold(sum(0, &frame[14..34])) == 0xffff && fold(sum(pseudo_v4(frame), &frame[34..])) == 0xffff
+    fold(ones_sum(0, &frame[14..34])) == 0xffff
+        && fold(ones_sum(pseudo_v4(frame), &frame[34..])) == 0xffff
 }
 
 /// An Ethernet/IPv4 frame (no options) of protocol `proto` with transport
@@ -149,7 +119,7 @@ fn ipv4_frame(dst: [u8; 6], src: [u8; 6], proto: u8, l4: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&[
         0x12, 0x34, 0x40, 0, 64, proto, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1,
     ]);
-    let c = !fold(sum(0, &f[14..34]));
+    let c = !fold(ones_sum(0, &f[14..34]));
     f[24..26].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(l4);
     f

@@ -169,7 +169,7 @@ pub fn wait_no_xdp(pair: &VethPair, dev: &str) -> Option<net_afxdp::AttachedProg
     }
 }
 
-pub use testbed::{test_frame, write_test_frame};
+pub use testbed::{fold, ones_sum, test_frame, write_test_frame};
 
 /// Mounts bpffs on /sys/fs/bpf unless it is there (it is not by default
 /// on every host).
@@ -211,23 +211,6 @@ impl Drop for Pin {
     }
 }
 
-/// The one's-complement sum of `data` (16-bit big-endian words) added to
-/// `sum`, unfolded.
-pub fn ones_sum(data: &[u8], mut sum: u32) -> u32 {
-    for pair in data.chunks(2) {
-        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    sum
-}
-
-pub fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
 /// An Ethernet + IPv4 + UDP header for `payload` bytes, its UDP checksum
 /// field holding the pseudo-header sum (what a checksum request expects).
 pub fn udp_header(dst: [u8; 6], src: [u8; 6], payload: usize) -> Vec<u8> {
@@ -242,7 +225,7 @@ pub fn udp_header(dst: [u8; 6], src: [u8; 6], payload: usize) -> Vec<u8> {
     ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, 17, 0, 0]);
     ip.extend_from_slice(&saddr);
     ip.extend_from_slice(&daddr);
-    let ip_check = !fold(ones_sum(&ip, 0));
+    let ip_check = !fold(ones_sum(0, &ip));
     ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
     h.extend_from_slice(&ip);
     let mut pseudo = Vec::new();
@@ -252,7 +235,7 @@ pub fn udp_header(dst: [u8; 6], src: [u8; 6], payload: usize) -> Vec<u8> {
     pseudo.extend_from_slice(&udp_len.to_be_bytes());
     h.extend_from_slice(&[0x04, 0xd2, 0x16, 0x2e]);
     h.extend_from_slice(&udp_len.to_be_bytes());
-    h.extend_from_slice(&fold(ones_sum(&pseudo, 0)).to_be_bytes());
+    h.extend_from_slice(&fold(ones_sum(0, &pseudo)).to_be_bytes());
     h
 }
 
@@ -263,7 +246,7 @@ pub fn udp_checksum_ok(frame: &[u8]) -> bool {
     pseudo.extend_from_slice(&frame[26..34]);
     pseudo.extend_from_slice(&[0, 17]);
     pseudo.extend_from_slice(&(udp.len() as u16).to_be_bytes());
-    fold(ones_sum(udp, ones_sum(&pseudo, 0))) == 0xffff
+    fold(ones_sum(ones_sum(0, &pseudo), udp)) == 0xffff
 }
 
 /// A fresh anonymous read-write mapping of `len` bytes, never unmapped
@@ -282,26 +265,6 @@ pub fn anonymous_mapping(len: usize) -> *mut u8 {
     };
     assert_ne!(ptr, libc::MAP_FAILED, "mmap of {len} bytes");
     ptr.cast()
-}
-
-/// `ethtool -K DEV tx off` in the pair's namespace: the kernel then makes
-/// checksums asked for through TX metadata itself, on the way out.
-pub fn transmit_checksumming_off(pair: &VethPair, dev: &str) {
-    let status = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pair.netns,
-            "ethtool",
-            "-K",
-            dev,
-            "tx",
-            "off",
-        ])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("running ethtool (install ethtool)");
-    assert!(status.success(), "ethtool -K {dev} tx off: {status}");
 }
 
 /// The first IPv4 frame from `src` that `peer` receives within 2 s (for
