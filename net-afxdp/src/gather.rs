@@ -83,6 +83,9 @@ pub struct GatherLimits {
     pub max_len: u64,
     /// The end of guest memory in the UMEM.
     pub guest_len: u64,
+    /// Pieces one frame may have behind its head: one descriptor fewer
+    /// than a frame may have.
+    pub max_pieces: usize,
 }
 
 impl GatherLimits {

@@ -1230,11 +1230,12 @@ impl XskQueue {
         self.end_tx_batch(sent, bytes, invalid, out_of_room && !caller_done)
     }
 
-    /// `umem=guest`: what one piece of guest memory in a
+    /// `umem=guest`: what the pieces of guest memory in a
     /// [`XskQueue::tx_gather`] frame may be; None on a queue without a
-    /// shared UMEM.
+    /// shared UMEM, or without multi-buffer (then a frame is one
+    /// descriptor, and a head and a piece are two).
     pub fn gather_piece_limits(&self) -> Option<GatherLimits> {
-        self.in_flight.as_ref().map(|_| self.gather_limits())
+        (self.in_flight.is_some() && self.sg).then(|| self.gather_limits())
     }
 
     fn gather_limits(&self) -> GatherLimits {
@@ -1245,10 +1246,12 @@ impl XskQueue {
         } else {
             0
         };
+        let max_descs = if self.sg { MAX_DESCS_PER_FRAME } else { 1 };
         GatherLimits {
             min_offset: metadata,
             max_len: u64::from(self.frame_size) - metadata,
             guest_len: self.guest_len,
+            max_pieces: max_descs as usize - 1,
         }
     }
 

@@ -377,6 +377,12 @@ fn frames_gathered_from_guest_memory_reach_the_peer_and_tokens_return_in_order()
         b_mac,
         ..
     } = guest_pair(2, 1500);
+    // What a caller may push: pieces of a chunk less the TX metadata, as
+    // many as a frame may have descriptors less one for a head.
+    let limits = a.queues()[0].gather_piece_limits().expect("multi-buffer");
+    assert_eq!(limits.max_pieces, 15);
+    assert!(limits.piece_ok(limits.min_offset, limits.max_len as u32));
+    assert!(!limits.piece_ok(limits.min_offset, limits.max_len as u32 + 1));
     let layouts = [
         Layout {
             head: 0,

@@ -54,7 +54,10 @@ impl TxPieces for UmemPieces<'_> {
             return false;
         };
         let offset = offset as u64;
-        self.limits.piece_ok(offset, len) && self.pieces.push(offset, len)
+        // Every frame the device gathers has a head in front.
+        self.pieces.len() < self.limits.max_pieces
+            && self.limits.piece_ok(offset, len)
+            && self.pieces.push(offset, len)
     }
 
     fn clear(&mut self) {
@@ -216,6 +219,13 @@ pub fn gather_region(
 ) -> Result<Option<UmemRegion>, String> {
     if !config.tx_gather {
         return Ok(None);
+    }
+    if queues.iter().any(|q| q.gather_piece_limits().is_none()) {
+        return Err(format!(
+            "af-xdp: tx-gather=on needs multi-buffer AF_XDP sockets (XDP_USE_SG, Linux 6.6+), \
+             and {}'s are not",
+            config.ifname
+        ));
     }
     if queues.iter().any(XskQueue::is_zero_copy) {
         return Err(format!(

@@ -12,6 +12,7 @@ use devices::virtio::net::{
 use devices::virtio::VIRTIO_F_VERSION_1;
 use net_afxdp::testbed::{fold, is_root, ones_sum, PacketSocket, VethPair};
 use net_afxdp::{AfXdpConfig, AfXdpNic, NicOwner};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::XskBackend;
 use crate::vm::create_guest_memory;
@@ -263,4 +264,50 @@ fn umem_guest_transmit_sends_from_guest_memory() {
     );
     assert_eq!(c.tx_gather_abandoned, 0);
     drop(s.pair);
+}
+
+/// A frame whose bytes lie in 16 guest buffers after its link header: with
+/// the head the device writes that would be 17 descriptors, one more than
+/// a frame may have, which the socket refuses (and the frame is lost); the
+/// backend must refuse the 16th piece instead, so the device copies the
+/// frame. (Regression: it took 16 pieces, and the frame never arrived.)
+#[test]
+fn a_frame_in_as_many_pieces_as_a_frame_may_have_descriptors_is_copied_not_lost() {
+    let mut s = gather_setup();
+    let (mac, peer) = (s.mac, s.peer_mac);
+    let payload: Vec<u8> = (0..1440u32).map(|i| (i * 11 + 5) as u8).collect();
+    let mut udp = vec![0x9c, 0x40, 0x13, 0x88];
+    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(&payload);
+    let frame = ipv4_frame(peer, mac, 17, &udp);
+    // The virtio-net header and the link header in one buffer, then 16
+    // buffers for the rest, each at a distance from the last (not
+    // contiguous, so each is a piece of its own).
+    const AT: u64 = 0x200_0000;
+    let mut at = AT;
+    let mut descs = Vec::new();
+    let mut first = vec![0u8; 12];
+    first.extend_from_slice(&frame[..14]);
+    s.harness.mem.write_slice(&first, GuestAddress(at)).unwrap();
+    descs.push((at, first.len() as u32, 0));
+    let rest = &frame[14..];
+    let chunk = rest.len().div_ceil(16);
+    for piece in rest.chunks(chunk) {
+        at += 0x1000;
+        s.harness.mem.write_slice(piece, GuestAddress(at)).unwrap();
+        descs.push((at, piece.len() as u32, 0));
+    }
+    assert_eq!(descs.len(), 17);
+    s.harness.queue_raw_chain(1, &descs);
+    s.harness.kick(1);
+    let got = frames_from(&s.peer, mac, 1);
+    assert!(
+        got.len() == 1 && got[0] == frame,
+        "the frame arrives whole: {} frames arrived",
+        got.len()
+    );
+    assert_eq!(used_tx(&mut s.harness, 1).len(), 1);
+    let c = s.counters.snapshot();
+    assert_eq!((c.tx_packets, c.tx_gathered_frames), (1, 0), "copied: {c}");
 }
