@@ -24,8 +24,8 @@ const TX_BATCH: usize = 64;
 /// One AF_XDP socket serving one virtio-net queue pair.
 pub struct XskBackend {
     queue: XskQueue,
-    /// `umem=guest`: where guest memory (the UMEM's start) lies in this
-    /// process, and what a piece sent from it may be.
+    /// `tx-gather=on`: where guest memory (the UMEM's start) lies in this
+    /// process, and what the pieces of a frame sent from it may be.
     gather: Option<(usize, GatherLimits)>,
 }
 
