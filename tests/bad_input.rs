@@ -245,6 +245,19 @@ fn bad_net_specs() {
         ]),
         "multicast",
     );
+    assert_error(
+        &xskvm(&["--kernel", kernel, "--net", "af-xdp,ifname=lo,tx-gather=on"]),
+        "tx-gather=on needs umem=guest",
+    );
+    assert_error(
+        &xskvm(&[
+            "--kernel",
+            kernel,
+            "--net",
+            "af-xdp,ifname=lo,umem=guest,tx-gather=yes-please",
+        ]),
+        "tx-gather=\"yes-please\"",
+    );
 }
 
 #[test]
