@@ -43,12 +43,15 @@ pub struct Args {
     /// A NIC backed by AF_XDP sockets on a host interface (repeatable):
     /// af-xdp,ifname=IF[,mac=MAC][,spoof-check=off][,queues=N][,start-queue=M]
     /// [,mode=native|skb][,force-copy=on][,inhibit=on][,sock-fds=a:b[,filter-fds=c:t:f]]
-    /// [,map-path=PATH[,map-start-index=N]][,tx-csum=kernel|vmm]. The guest
-    /// gets one virtio-net queue pair per queue. inhibit=on: no XDP program
-    /// of ours; the sockets come from sock-fds (see xskvm-net-helper, which
-    /// also passes its program's receive filter maps as filter-fds) or go
-    /// into the XSKMAP pinned at map-path, queue i at key map-start-index+i.
-    /// tx-csum: who fills the checksums the guest leaves to the device.
+    /// [,map-path=PATH[,map-start-index=N]][,tx-csum=kernel|vmm]
+    /// [,umem=own|guest[,tx-gather=on]]. The guest gets one virtio-net
+    /// queue pair per queue. inhibit=on: no XDP program of ours; the sockets
+    /// come from sock-fds (see xskvm-net-helper, which also passes its
+    /// program's receive filter maps as filter-fds) or go into the XSKMAP
+    /// pinned at map-path, queue i at key map-start-index+i. tx-csum: who
+    /// fills the checksums the guest leaves to the device. umem=guest: guest
+    /// RAM is the sockets' UMEM; tx-gather=on: frames are sent from it
+    /// rather than copied (copy mode only; slower there, see the README).
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<crate::net::NetSpec>,
 

@@ -44,7 +44,8 @@ pub struct HelperArgs {
 
     /// A NIC to prepare, as xskvm's --net (repeatable):
     /// af-xdp,ifname=IF[,mac=MAC][,spoof-check=off][,queues=N][,start-queue=M]
-    /// [,mode=native|skb][,force-copy=on][,tx-csum=kernel|vmm][,umem=own|guest]
+    /// [,mode=native|skb][,force-copy=on][,tx-csum=kernel|vmm]
+    /// [,umem=own|guest[,tx-gather=on]]
     /// (umem=guest: RLIMIT_MEMLOCK is raised by the xskvm command's --memory
     /// too). inhibit, sock-fds, filter-fds and
     /// map-path are the helper's to set.
