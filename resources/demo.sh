@@ -18,7 +18,8 @@ echo "== building the guest image"
 guest=$(bash resources/guest-image.sh | head -n1 | xargs dirname)
 
 scenario=$(mktemp)
-trap 'rm -f "$scenario"' EXIT
+out=$(mktemp)
+trap 'rm -f "$scenario" "$out"' EXIT
 cat > "$scenario" <<SCENARIO
 set -e
 exec 2>&1   # one stream, in order
@@ -40,5 +41,22 @@ $xskvm --kernel $guest/bzImage --initrd $guest/initramfs.cpio.gz --memory 512M -
 set +x
 ip -d link show xs0 | grep -q xdp && echo "XDP program still on xs0!" || echo "== xskvm has exited; no XDP program is left on xs0"
 SCENARIO
+run_demo() {
+    bash resources/run-scenario.sh --file "$xskvm" --file "$guest/bzImage" \
+        --file "$guest/initramfs.cpio.gz" "$scenario" 2>&1 | tee "$out"
+    return "${PIPESTATUS[0]}"
+}
 echo "== booting the guest with an AF_XDP NIC"
-bash resources/run-scenario.sh --file "$xskvm" --file "$guest/bzImage" --file "$guest/initramfs.cpio.gz" "$scenario"
+rc=0
+run_demo || rc=$?
+# In the nested test host (QEMU TCG emulating AMD SVM) the L2 guest now and
+# then triple-faults, and the test host's own kernel rarely crashes (126):
+# the emulator, not xskvm, so the tests retry such a run once, and so does
+# the demo. Never with hardware virtualization.
+if [ "$rc" -ne 0 ] && grep -q 'running in the nested test host' "$out" \
+    && { [ "$rc" -eq 126 ] || grep -q 'guest triple fault (KVM_EXIT_SHUTDOWN)' "$out"; }; then
+    echo "== the emulated nested host failed the guest (a known QEMU TCG fault, see tests/common); once more"
+    rc=0
+    run_demo || rc=$?
+fi
+exit "$rc"
