@@ -10,7 +10,11 @@ cd "$(dirname "$0")/.."
 runs=${1:-3}
 xskvm=$PWD/target/release/xskvm
 [ -x "$xskvm" ] || { echo "bench-boot: build xskvm first: cargo build --release" >&2; exit 1; }
-guest=$(bash resources/guest-image.sh | head -n1 | xargs dirname)
+# All of guest-image.sh's output first, then its first line: a pipe into
+# head closed early and, under pipefail, failed the script (SIGPIPE, 141)
+# whenever guest-image.sh wrote its next line after head had exited.
+images=$(bash resources/guest-image.sh)
+guest=$(dirname "${images%%$'\n'*}")
 qemu=$(command -v qemu-system-x86_64) || { echo "bench-boot: install qemu-system-x86" >&2; exit 1; }
 
 scenario=$(mktemp)

@@ -26,7 +26,11 @@ mkdir -p "$out"
 xskvm=${XSKVM_BIN:-$PWD/target/release/xskvm}
 [ -x "$xskvm" ] || { echo "bench-net: build xskvm first: cargo build --release" >&2; exit 1; }
 ensure_packages python3 python3-matplotlib
-guest=$(bash resources/guest-image.sh | head -n1 | xargs dirname)
+# All of guest-image.sh's output first, then its first line: a pipe into
+# head closed early and, under pipefail, failed the script (SIGPIPE, 141)
+# whenever guest-image.sh wrote its next line after head had exited.
+images=$(bash resources/guest-image.sh)
+guest=$(dirname "${images%%$'\n'*}")
 qemu=$(command -v qemu-system-x86_64) || { echo "bench-net: install qemu-system-x86" >&2; exit 1; }
 
 scenario=$(mktemp)

@@ -15,7 +15,11 @@ echo "== building xskvm"
 cargo build --release -p vmm
 xskvm=$PWD/target/release/xskvm
 echo "== building the guest image"
-guest=$(bash resources/guest-image.sh | head -n1 | xargs dirname)
+# All of guest-image.sh's output first, then its first line: a pipe into
+# head closed early and, under pipefail, failed the script (SIGPIPE, 141)
+# whenever guest-image.sh wrote its next line after head had exited.
+images=$(bash resources/guest-image.sh)
+guest=$(dirname "${images%%$'\n'*}")
 
 scenario=$(mktemp)
 out=$(mktemp)
