@@ -45,8 +45,11 @@ $xskvm --kernel $guest/bzImage --initrd $guest/initramfs.cpio.gz --memory 512M -
 set +x
 ip -d link show xs0 | grep -q xdp && echo "XDP program still on xs0!" || echo "== xskvm has exited; no XDP program is left on xs0"
 SCENARIO
+# The demo takes under a minute in the test host: a run stuck for four is
+# stuck (the default limit of run-scenario.sh is ten).
 run_demo() {
-    bash resources/run-scenario.sh --file "$xskvm" --file "$guest/bzImage" \
+    XSKVM_TESTHOST_TIMEOUT=${XSKVM_TESTHOST_TIMEOUT:-240} \
+        bash resources/run-scenario.sh --file "$xskvm" --file "$guest/bzImage" \
         --file "$guest/initramfs.cpio.gz" "$scenario" 2>&1 | tee "$out"
     return "${PIPESTATUS[0]}"
 }
@@ -54,11 +57,13 @@ echo "== booting the guest with an AF_XDP NIC"
 rc=0
 run_demo || rc=$?
 # In the nested test host (QEMU TCG emulating AMD SVM) the L2 guest now and
-# then triple-faults, and the test host's own kernel rarely crashes (126):
-# the emulator, not xskvm, so the tests retry such a run once, and so does
-# the demo. Never with hardware virtualization.
+# then triple-faults, the test host's own kernel rarely crashes (126), and
+# with two L2 vCPUs under traffic it has frozen (125, the time limit). The
+# tests run the first two once more (tests/common); the demo, all three.
+# None of it has been seen with hardware virtualization.
 if [ "$rc" -ne 0 ] && grep -q 'running in the nested test host' "$out" \
-    && { [ "$rc" -eq 126 ] || grep -q 'guest triple fault (KVM_EXIT_SHUTDOWN)' "$out"; }; then
+    && { [ "$rc" -eq 126 ] || [ "$rc" -eq 125 ] \
+        || grep -q 'guest triple fault (KVM_EXIT_SHUTDOWN)' "$out"; }; then
     echo "== the emulated nested host failed the guest (a known QEMU TCG fault, see tests/common); once more"
     rc=0
     run_demo || rc=$?
