@@ -526,10 +526,17 @@ fn gather_report(label: &str, r: &Rate, v: &Rate, g: &Rate) {
         v.cpu_us.0, g.cpu_us.0, r.cpu_us.0
     );
     if let Some(c) = g.device {
-        println!(
-            "            umem=guest device: {} of {} wire frames from guest memory, {} completion waits, {} dropped",
-            c.tx_gathered_frames, c.tx_packets, c.tx_gather_waits, c.tx_dropped
-        );
+        if c.tx_packets > 0 {
+            println!(
+                "            umem=guest device: {} of {} wire frames from guest memory, {} completion waits, {} dropped",
+                c.tx_gathered_frames, c.tx_packets, c.tx_gather_waits, c.tx_dropped
+            );
+        } else {
+            println!(
+                "            umem=guest device: {} frames received, {} dropped too big, {} without a guest buffer",
+                c.rx_packets, c.rx_dropped_too_big, c.rx_no_buffer_waits
+            );
+        }
     }
 }
 
@@ -621,6 +628,16 @@ fn main() {
     let v = measure(Side::VirtioTso, true, 1514, secs, false);
     let g = measure(Side::VirtioTsoGuestUmem, true, 1514, secs, false);
     gather_report("tx TSO 64 KiB -> 1514 B umem=guest", &r, &v, &g);
+    // Receive with umem=guest: the kernel writes frames into the socket's
+    // part of the registered mapping and the device copies them into guest
+    // buffers, as on the copy path (receiving into guest buffers directly
+    // is not built: see docs/umem-guest.md).
+    for size in [64usize, 1500, 9000] {
+        let r = measure(Side::Raw, false, size, secs, false);
+        let v = measure(Side::Virtio, false, size, secs, false);
+        let g = measure(Side::VirtioGuestUmem, false, size, secs, false);
+        gather_report(&format!("rx {size:4} B umem=guest"), &r, &v, &g);
+    }
     // umem=guest at the socket level: frames sent from guest memory as
     // they lie there against frames copied into the socket's own UMEM
     // first (what the copy path does), both bare sockets.
