@@ -700,6 +700,14 @@ impl XskQueue {
         self.tx_metadata
     }
 
+    /// How far into a frame a checksum request's field may end: the kernel
+    /// reads it from the frame's first descriptor (one UMEM frame less the
+    /// TX metadata in front) and fails the send without consuming the
+    /// descriptor when it lies beyond.
+    pub fn tx_checksum_reach(&self) -> usize {
+        self.frame_size as usize - self.tx_data_offset()
+    }
+
     /// Where a transmit frame starts in its slot.
     fn tx_data_offset(&self) -> usize {
         if self.tx_metadata {
@@ -1008,7 +1016,13 @@ impl XskQueue {
                 break;
             };
             let TxRequest { len, csum } = request;
-            if len == 0 || len > buffer_len || (csum.is_some() && !self.tx_metadata) {
+            // A checksum field beyond the first descriptor would fail the
+            // send and stay at the ring's head, blocking every later frame.
+            let csum_ok = csum.is_none_or(|(start, offset)| {
+                self.tx_metadata
+                    && usize::from(start) + usize::from(offset) + 2 <= per_frame.min(len)
+            });
+            if len == 0 || len > buffer_len || !csum_ok {
                 invalid += 1;
                 continue;
             }

@@ -164,3 +164,62 @@ fn without_tx_metadata_a_checksum_request_is_refused() {
     assert_eq!(q.counters().snapshot().tx_invalid_len, 1);
     assert_no_leak(q);
 }
+
+/// Regression: with multi-buffer, the kernel reads a checksum request's
+/// field from the frame's first descriptor and fails the send with EINVAL,
+/// without consuming the descriptor, when it lies beyond it; every later
+/// send then failed on that same descriptor (transmit dead until the
+/// socket closed). Such a request is refused and counted; the frames
+/// after it go out.
+#[test]
+fn a_checksum_field_beyond_the_first_descriptor_is_refused_not_left_blocking_the_ring() {
+    require_root!();
+    init_log();
+    let pair = net_afxdp::testbed::VethPair::new(1).unwrap();
+    for dev in [&pair.a, &pair.b] {
+        pair.ip(&["link", "set", dev, "mtu", "9000"]).unwrap();
+    }
+    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
+    let peer = packet_socket(&pair, &pair.b);
+    let mut nic = open(&pair, &format!("ifname={},mode=native", pair.a)).unwrap();
+    assert!(nic.info().tx_checksum, "Linux >= 6.8 runs these tests");
+    let q = &mut nic.queues_mut()[0];
+    let reach = q.tx_checksum_reach();
+    assert!(reach < 8000, "the first descriptor holds {reach} bytes");
+    let (deep, _) = partial_udp_frame(b_mac, a_mac, 8000, 1);
+    let (next, _) = partial_udp_frame(b_mac, a_mac, 100, 2);
+    // The field 2 bytes past the first descriptor, then exactly at its end.
+    let requests = [
+        (deep.clone(), (reach as u16 - 6, 6)),
+        (deep.clone(), (reach as u16 - 8, 6)),
+        (next.clone(), (34, 6)),
+    ];
+    let mut i = 0;
+    let batch = q.tx_batch(8, |buf| {
+        let (f, csum) = requests.get(i)?;
+        i += 1;
+        buf[..f.len()].copy_from_slice(f);
+        Some(TxRequest {
+            len: f.len(),
+            csum: Some(*csum),
+        })
+    });
+    assert_eq!(batch.sent, 2, "{batch:?}");
+    assert_eq!(q.counters().snapshot().tx_invalid_len, 1);
+    wait_completions(q);
+    let mut buf = vec![0u8; 65536];
+    let mut lengths = Vec::new();
+    while lengths.len() < 2 {
+        let n = peer
+            .recv(&mut buf, Duration::from_secs(5))
+            .unwrap()
+            .unwrap_or_else(|| panic!("only {lengths:?} arrived"));
+        if buf[12..14] == [0x08, 0x00] && buf[23] == 17 {
+            lengths.push(n);
+        }
+    }
+    assert_eq!(lengths, [deep.len(), next.len()]);
+    let k = q.xdp_statistics().unwrap();
+    assert_eq!(k.tx_invalid_descs, 0, "{k:?}");
+    assert_no_leak(q);
+}

@@ -93,6 +93,10 @@ impl NetBackend for XskBackend {
         self.queue.tx_checksum()
     }
 
+    fn tx_checksum_reach(&self) -> usize {
+        self.queue.tx_checksum_reach()
+    }
+
     fn tx_gather_piece_max(&self) -> Option<usize> {
         self.gather.map(|(_, limits)| limits.max_len as usize)
     }

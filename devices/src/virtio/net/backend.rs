@@ -77,6 +77,14 @@ pub trait NetBackend: Send {
         false
     }
 
+    /// Where [`NetBackend::tx_checksum_offload`]: how far into a frame a
+    /// checksum field left to the host side may end (AF_XDP reads it from
+    /// a frame's first descriptor). A field further in is filled by the
+    /// device. At least 256 (every segment's headers fit).
+    fn tx_checksum_reach(&self) -> usize {
+        usize::MAX
+    }
+
     /// `umem=guest`: the longest piece of guest memory one descriptor of
     /// [`NetBackend::transmit_gather`] takes; None where the backend cannot
     /// send from guest memory.

@@ -177,6 +177,41 @@ fn checksums_go_to_a_host_side_that_takes_them_and_come_out_the_same() {
     assert_eq!(counters.snapshot().tx_offload_errors, 1);
 }
 
+/// Regression: a host side reads a checksum request's field only so far
+/// into the frame (AF_XDP: the first descriptor, one UMEM frame; a field
+/// beyond it failed the send and blocked the socket's transmit ring). The
+/// device fills such a checksum itself and leaves the others to the host.
+#[test]
+fn a_checksum_field_beyond_the_host_sides_reach_is_filled_by_the_device() {
+    let (mut h, peer, counters) = device_on(
+        FEATURES | TX_OFFLOADS,
+        SocketBackend::pair_with_host_csum_reach(100),
+    );
+    let (mut sw, sw_peer, _) = device(FEATURES | TX_OFFLOADS);
+    let (mut hdr, mut f) = gso_frame(Ip::V4, IPPROTO_UDP, 0, 0, &payload(1001, 3));
+    leave_partial(&mut f);
+    hdr[1] = 0;
+    let mut deep = hdr;
+    // Summed from byte 200 on, the result at 206: ends past the reach.
+    deep[6..8].copy_from_slice(&200u16.to_le_bytes());
+    deep[8..10].copy_from_slice(&6u16.to_le_bytes());
+    for header in [deep, hdr] {
+        assert!(h.queue_tx_frame_with_header(1, header, &f));
+        assert!(sw.queue_tx_frame_with_header(1, header, &f));
+    }
+    h.kick(1);
+    sw.kick(1);
+    assert_eq!(collect_used(&mut h, 1, 2).len(), 2);
+    assert_eq!(collect_used(&mut sw, 1, 2).len(), 2);
+    let got = recv_all(&peer);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got, recv_all(&sw_peer), "same wire frames either way");
+    assert_ne!(got[0][206..208], f[206..208], "the deep field was filled");
+    let c = counters.snapshot();
+    assert_eq!((c.tx_csum_filled, c.tx_csum_offloaded), (1, 1), "{c}");
+    assert_eq!(c.tx_offload_errors, 0, "{c}");
+}
+
 #[test]
 fn offload_requests_the_driver_did_not_negotiate_are_dropped_and_counted() {
     let (mut h, peer, counters) = device(FEATURES);

@@ -18,6 +18,9 @@ pub(super) struct SocketBackend {
     tx_room: usize,
     /// Takes checksums left to the host side, and fills them itself.
     host_csum: bool,
+    /// How far into a frame such a checksum field may end (AF_XDP: the
+    /// frame's first descriptor).
+    csum_reach: usize,
 }
 
 impl SocketBackend {
@@ -32,7 +35,20 @@ impl SocketBackend {
         Self::pair_taking_csum(true)
     }
 
+    /// As [`SocketBackend::pair_with_host_csum`], taking only checksum
+    /// fields that end within `reach` bytes of the frame's start.
+    pub(super) fn pair_with_host_csum_reach(reach: usize) -> (Box<dyn NetBackend>, UnixDatagram) {
+        Self::pair_taking_csum_within(true, reach)
+    }
+
     fn pair_taking_csum(host_csum: bool) -> (Box<dyn NetBackend>, UnixDatagram) {
+        Self::pair_taking_csum_within(host_csum, usize::MAX)
+    }
+
+    fn pair_taking_csum_within(
+        host_csum: bool,
+        csum_reach: usize,
+    ) -> (Box<dyn NetBackend>, UnixDatagram) {
         let (a, b) = UnixDatagram::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -42,6 +58,7 @@ impl SocketBackend {
             pending: None,
             tx_room: usize::MAX,
             host_csum,
+            csum_reach,
         };
         (Box::new(backend), b)
     }
@@ -54,6 +71,7 @@ impl SocketBackend {
             pending: None,
             tx_room,
             host_csum: false,
+            csum_reach: usize::MAX,
         })
     }
 }
@@ -91,6 +109,8 @@ impl NetBackend for SocketBackend {
                     // As a NIC would: finish what was left to it.
                     if let Some(c) = csum {
                         assert!(self.host_csum, "checksum left to a backend that takes none");
+                        let end = usize::from(c.start) + usize::from(c.offset) + 2;
+                        assert!(end <= self.csum_reach, "checksum field ends at {end}");
                         offload::gso::fill_partial_csum(
                             &mut frame[..len],
                             usize::from(c.start),
@@ -114,6 +134,10 @@ impl NetBackend for SocketBackend {
 
     fn tx_checksum_offload(&self) -> bool {
         self.host_csum
+    }
+
+    fn tx_checksum_reach(&self) -> usize {
+        self.csum_reach
     }
 }
 
@@ -468,6 +492,7 @@ fn full_host_tx_ring_keeps_chains_waiting() {
         pending: None,
         tx_room: 3,
         host_csum: false,
+        csum_reach: usize::MAX,
     };
     let (dev, counters) = net(vec![Box::new(backend)]);
     let mut h = DriverHarness::new(dev);

@@ -331,7 +331,7 @@ enum TxStart {
 }
 
 /// Reads a TX chain: a plain frame goes into `buf` (checksum filled if
-/// asked, or left to the host side with `host_csum`), a GSO frame is
+/// asked, or left to the host side within `host_csum_reach`), a GSO frame is
 /// planned, its headers kept in `headers`.
 #[allow(clippy::too_many_arguments)]
 fn start_tx_chain(
@@ -343,12 +343,12 @@ fn start_tx_chain(
     max_descs: usize,
     offloads: TxOffloads,
     policy: &TxPolicy,
-    host_csum: bool,
+    host_csum_reach: usize,
 ) -> Result<TxStart, TxDrop> {
     if let Some(seg) = plan_tx_chain(mem, chain, frame, headers, max_descs, offloads, policy)? {
         return Ok(TxStart::Gso(seg));
     }
-    copy_tx_frame(mem, frame, buf, policy, host_csum).map(TxStart::Frame)
+    copy_tx_frame(mem, frame, buf, policy, host_csum_reach).map(TxStart::Frame)
 }
 
 /// Reads a TX chain's header and where its frame lies; plans a GSO
@@ -381,13 +381,14 @@ fn plan_tx_chain(
 }
 
 /// Copies a plain frame into `buf`: its checksum filled if asked, or left
-/// to the host side with `host_csum`.
+/// to the host side where its field ends within `host_csum_reach` bytes
+/// (0: the host side takes none).
 fn copy_tx_frame(
     mem: &GuestMemoryMmap,
     frame: &mut TxChain,
     buf: &mut [u8],
     policy: &TxPolicy,
-    host_csum: bool,
+    host_csum_reach: usize,
 ) -> Result<TxFrame, TxDrop> {
     let hdr = frame.hdr;
     let out = buf.get_mut(..frame.len).ok_or(ChainError::TooBig)?;
@@ -398,7 +399,7 @@ fn copy_tx_frame(
     let mut csum = None;
     if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
         let (start, offset) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
-        if host_csum {
+        if start + offset + 2 <= host_csum_reach {
             // The kernel checks the same bounds, but would drop the frame
             // without telling us why.
             gso::check_partial_csum(out.len(), start, offset)?;
@@ -694,7 +695,9 @@ struct TxPass<'a> {
     popped: usize,
     /// Bytes of the frames handed over in this batch.
     bytes: u64,
-    host_csum: bool,
+    /// How far into a frame the host side fills a checksum field; 0 where
+    /// it fills none (the device does).
+    host_csum_reach: usize,
     fault: Option<WorkerFault>,
     /// Gathering: the longest piece of guest memory the backend takes.
     max_piece: usize,
@@ -760,13 +763,21 @@ impl<'a> TxPass<'a> {
                 continue;
             }
             let offloads = self.state.offloads;
-            let (mem, budget, policy, host_csum) =
-                (self.mem, self.budget, self.policy, self.host_csum);
+            let (mem, budget, policy, host_csum_reach) =
+                (self.mem, self.budget, self.policy, self.host_csum_reach);
             let chain = self.pop()?;
             let head = chain.head_index();
             let TxState { frame, headers, .. } = &mut *self.state;
             let start = start_tx_chain(
-                mem, chain, frame, headers, buf, budget, offloads, policy, host_csum,
+                mem,
+                chain,
+                frame,
+                headers,
+                buf,
+                budget,
+                offloads,
+                policy,
+                host_csum_reach,
             );
             if let Ok(TxStart::Gso(seg)) = start {
                 add(&self.counters.tx_gso_frames, 1);
@@ -817,7 +828,7 @@ impl<'a> TxPass<'a> {
             &p.seg,
             i,
             buf,
-            self.host_csum,
+            self.host_csum_reach > 0,
         );
         if p.next == p.seg.segments() || result.is_err() {
             let head = p.head;
@@ -868,8 +879,8 @@ impl<'a> TxPass<'a> {
                 continue;
             }
             let offloads = self.state.offloads;
-            let (mem, budget, policy, host_csum) =
-                (self.mem, self.budget, self.policy, self.host_csum);
+            let (mem, budget, policy, host_csum_reach) =
+                (self.mem, self.budget, self.policy, self.host_csum_reach);
             let chain = self.pop()?;
             let chain_head = chain.head_index();
             let TxState {
@@ -892,8 +903,9 @@ impl<'a> TxPass<'a> {
                 add(&self.counters.tx_gso_frames, 1);
                 // The kernel sums each segment over its pieces; without
                 // that, segments are copied (and summed here).
-                let gathered =
-                    host_csum && held.has_room() && seg.segment_len(0) >= GATHER_MIN_FRAME;
+                let gathered = host_csum_reach > 0
+                    && held.has_room()
+                    && seg.segment_len(0) >= GATHER_MIN_FRAME;
                 self.state.pending = Some(PendingGso {
                     head: chain_head,
                     seg,
@@ -904,7 +916,10 @@ impl<'a> TxPass<'a> {
                 continue;
             }
             let needs_csum = frame.hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;
-            if frame.len >= GATHER_MIN_FRAME && held.has_room() && (host_csum || !needs_csum) {
+            if frame.len >= GATHER_MIN_FRAME
+                && held.has_room()
+                && (host_csum_reach > 0 || !needs_csum)
+            {
                 match gather_tx_frame(mem, frame, head, pieces, policy, self.max_piece) {
                     Ok(Some(mut out)) => {
                         out.token = Some(held.hold(chain_head));
@@ -929,7 +944,7 @@ impl<'a> TxPass<'a> {
                 self.unpop();
                 return None;
             }
-            let result = copy_tx_frame(mem, frame, head, policy, host_csum);
+            let result = copy_tx_frame(mem, frame, head, policy, host_csum_reach);
             if !self.used(chain_head) {
                 return None;
             }
@@ -1250,7 +1265,11 @@ impl QueuePairWorker {
             bytes: 0,
             // Checksums the guest leaves to the device go on to the kernel
             // where it takes them (AF_XDP TX metadata), else are filled here.
-            host_csum: self.backend.tx_checksum_offload(),
+            host_csum_reach: if self.backend.tx_checksum_offload() {
+                self.backend.tx_checksum_reach()
+            } else {
+                0
+            },
             fault: None,
             max_piece: max_piece.unwrap_or(0),
             copy_next: false,
