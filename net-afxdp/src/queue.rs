@@ -54,6 +54,9 @@ pub struct QueueCounters {
     pub tx_bad_completions: AtomicU64,
     /// `tx_batch` calls that stopped because no transmit frame was free.
     pub tx_out_of_room: AtomicU64,
+    /// Gathered frames made to read no guest memory while still in the tx
+    /// ring ([`XskQueue::disarm_unsent_gathers`]).
+    pub tx_gather_disarmed: AtomicU64,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -110,6 +113,7 @@ pub struct CounterSnapshot {
     pub tx_invalid_len: u64,
     pub tx_bad_completions: u64,
     pub tx_out_of_room: u64,
+    pub tx_gather_disarmed: u64,
 }
 
 impl QueueCounters {
@@ -132,6 +136,7 @@ impl QueueCounters {
             tx_invalid_len: r(&self.tx_invalid_len),
             tx_bad_completions: r(&self.tx_bad_completions),
             tx_out_of_room: r(&self.tx_out_of_room),
+            tx_gather_disarmed: r(&self.tx_gather_disarmed),
         }
     }
 }
@@ -1242,6 +1247,66 @@ impl XskQueue {
             in_flight.release_tokens();
         }
         self.end_tx_batch(sent, bytes, invalid, out_of_room && !caller_done)
+    }
+
+    /// `umem=guest`: makes the frames still waiting in the tx ring (not
+    /// yet read by the kernel) read no guest memory. Called before their
+    /// chains go back to the guest without their completions (link down:
+    /// the kernel consumes nothing while the interface is down; a device
+    /// reset): the kernel would otherwise read those buffers later, after
+    /// the guest reused them, and send what it finds. Each such piece
+    /// becomes one byte of the queue's own; a head the kernel has not read
+    /// loses its checksum request and its EtherType (0x88b5, local
+    /// experimental), so the frame goes out as junk no stack takes; a frame
+    /// whose head the kernel already read ends shorter than its IP header
+    /// says, which IP drops. Every descriptor stays, so completions still
+    /// match by order. Copy mode only (a zero-copy driver reads the ring at
+    /// any time; gathering is refused there). Returns the frames changed.
+    pub fn disarm_unsent_gathers(&mut self) -> usize {
+        if self.in_flight.is_none() || self.zero_copy {
+            return 0;
+        }
+        let n = self.tx.prod_outstanding();
+        let data_offset = self.tx_data_offset() as u64;
+        let blank = self.umem_base + data_offset;
+        let is_guest = |d: &libc::xdp_desc| d.addr < self.guest_len;
+        let mut changed = 0;
+        let mut start = 0u32;
+        while start < n {
+            // The frame's descriptors: up to the first without CONTD (the
+            // first may continue a frame whose head the kernel has read).
+            let mut end = start;
+            while end + 1 < n
+                && self.tx.prod_read_unconsumed(end).options & libc::XDP_PKT_CONTD != 0
+            {
+                end += 1;
+            }
+            let gathered = (start..=end).any(|i| is_guest(&self.tx.prod_read_unconsumed(i)));
+            if gathered {
+                for i in start..=end {
+                    let mut d = self.tx.prod_read_unconsumed(i);
+                    if is_guest(&d) {
+                        d.addr = blank;
+                        d.len = 1;
+                    } else if let Some(at) = d.addr.checked_sub(self.umem_base) {
+                        // A head (a gathered frame's only own descriptor).
+                        d.options &= !libc::XDP_TX_METADATA;
+                        if d.len >= 14 {
+                            self.umem
+                                .slice_mut(at + 12, 2)
+                                .copy_from_slice(&[0x88, 0xb5]);
+                        }
+                    }
+                    // SAFETY: copy mode (checked above): the kernel reads
+                    // the tx ring only inside this queue's own kicks.
+                    unsafe { self.tx.prod_rewrite_unconsumed(i, d) };
+                }
+                changed += 1;
+            }
+            start = end + 1;
+        }
+        add(&self.counters.tx_gather_disarmed, changed as u64);
+        changed
     }
 
     /// `umem=guest`: what the pieces of guest memory in a

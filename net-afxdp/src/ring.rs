@@ -202,6 +202,36 @@ impl<T: Copy> Ring<T> {
         self.cached_prod.wrapping_sub(self.cached_cons)
     }
 
+    /// Entry `i` (0-based) of those we produced and the kernel has not
+    /// consumed, counting from the consumer index `prod_outstanding` read
+    /// last; `i == u32::MAX` is the entry just before it (the last one the
+    /// kernel consumed, as we wrote it, or zeros on a fresh ring).
+    pub(crate) fn prod_read_unconsumed(&self, i: u32) -> T {
+        let slot = self.cached_cons.wrapping_add(i) & self.mask;
+        // SAFETY: slot < size, inside the mapped entry array. Reading a
+        // slot races at most with the kernel's own reads of it.
+        unsafe { self.entries.as_ptr().add(slot as usize).read_volatile() }
+    }
+
+    /// Rewrites entry `i` of those we produced and the kernel has not
+    /// consumed (as in [`Ring::prod_read_unconsumed`]).
+    ///
+    /// # Safety
+    /// The kernel must not be consuming the ring meanwhile: in copy mode it
+    /// reads the tx ring only inside the owner's own `sendto`/`poll` calls;
+    /// a zero-copy driver reads it at any time.
+    pub(crate) unsafe fn prod_rewrite_unconsumed(&mut self, i: u32, value: T) {
+        let slot = self.cached_cons.wrapping_add(i) & self.mask;
+        // SAFETY: slot < size, inside the mapped entry array; the caller
+        // guarantees the kernel is not reading it now.
+        unsafe {
+            self.entries
+                .as_ptr()
+                .add(slot as usize)
+                .write_volatile(value)
+        }
+    }
+
     // ---- consumer side (rx, completion) ----
 
     /// Entries ready to read, up to `want`, refreshing the producer index

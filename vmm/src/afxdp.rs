@@ -97,6 +97,17 @@ impl NetBackend for XskBackend {
         self.queue.tx_checksum_reach()
     }
 
+    fn disarm_unsent_gathers(&mut self) -> usize {
+        let n = self.queue.disarm_unsent_gathers();
+        if n > 0 {
+            log::debug!(
+                "af-xdp queue {}: {n} frame(s) from guest memory still unsent, made to read none",
+                self.queue.queue_id()
+            );
+        }
+        n
+    }
+
     fn tx_gather_piece_max(&self) -> Option<usize> {
         self.gather.map(|(_, limits)| limits.max_len as usize)
     }

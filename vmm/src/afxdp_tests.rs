@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use devices::virtio::net::harness::{DriverHarness, MEM_SIZE};
 use devices::virtio::net::{
-    Net, NetBackend, NetConfig, QueuePairCounters, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4,
+    Net, NetBackend, NetConfig, NetLink, QueuePairCounters, VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_HOST_TSO4,
 };
 use devices::virtio::VIRTIO_F_VERSION_1;
 use net_afxdp::testbed::{fold, is_root, ones_sum, PacketSocket, VethPair};
@@ -25,6 +26,7 @@ struct GatherSetup {
     pair: VethPair,
     harness: DriverHarness,
     counters: std::sync::Arc<QueuePairCounters>,
+    link: NetLink,
     peer: PacketSocket,
     mac: [u8; 6],
     peer_mac: [u8; 6],
@@ -76,6 +78,7 @@ fn gather_setup() -> GatherSetup {
     )
     .expect("device");
     let counters = net.counters()[0].clone();
+    let link = net.link();
     let mut harness = DriverHarness::with_memory(net, mem);
     harness.start(
         VIRTIO_F_VERSION_1 | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4,
@@ -90,6 +93,7 @@ fn gather_setup() -> GatherSetup {
         pair,
         harness,
         counters,
+        link,
         peer,
         mac,
         peer_mac,
@@ -315,4 +319,90 @@ fn a_frame_in_as_many_pieces_as_a_frame_may_have_descriptors_is_copied_not_lost(
     }
     let c = s.counters.snapshot();
     assert_eq!((c.tx_packets, c.tx_gathered_frames), (1, 0), "copied: {c}");
+}
+
+/// Regression: chains held for frames sent from guest memory went back to
+/// the guest when the link went down while their descriptors still waited
+/// in the socket's tx ring (the kernel consumes nothing while the
+/// interface is down); when it came back the kernel read those buffers,
+/// which the guest had reused meanwhile, and sent what it found under a
+/// checksum it made itself. Now nothing the guest wrote after getting its
+/// buffers back leaves, and the frame sent next goes out whole.
+#[test]
+fn chains_returned_on_link_down_are_not_read_when_the_link_returns() {
+    let mut s = gather_setup();
+    let (mac, peer) = (s.mac, s.peer_mac);
+    let udp_frame = |seed: u32| {
+        let payload: Vec<u8> = (0..1400u32).map(|i| (i * 7 + seed) as u8).collect();
+        let mut udp = vec![0x9c, 0x40, 0x13, 0x88];
+        udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(&payload);
+        let mut f = ipv4_frame(peer, mac, 17, &udp);
+        leave_partial(&mut f, 6);
+        f
+    };
+    s.pair.ip(&["link", "set", &s.pair.a, "down"]).unwrap();
+    const AT: u64 = 0x200_0000;
+    let data_at = |i: u64| AT + i * 0x1_0000 + 0x100;
+    for i in 0..3u64 {
+        let f = udp_frame(i as u32);
+        s.harness
+            .mem
+            .write_slice(&hdr(6, 0), GuestAddress(AT + i * 0x1_0000))
+            .unwrap();
+        s.harness
+            .mem
+            .write_slice(&f, GuestAddress(data_at(i)))
+            .unwrap();
+        s.harness.queue_raw_chain(
+            1,
+            &[(AT + i * 0x1_0000, 12, 0), (data_at(i), f.len() as u32, 0)],
+        );
+    }
+    s.harness.kick(1);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while s.counters.snapshot().tx_gathered_frames < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut used = Vec::new();
+    s.harness.take_used(1, &mut used);
+    assert!(used.is_empty(), "held while the kernel has not sent them");
+    assert!(s.link.set_up(false));
+    assert_eq!(used_tx(&mut s.harness, 3).len(), 3, "back on link down");
+    // The guest reuses its buffers.
+    for i in 0..3u64 {
+        s.harness
+            .mem
+            .write_slice(&[0xee; 1442], GuestAddress(data_at(i)))
+            .unwrap();
+    }
+    s.pair.ip(&["link", "set", &s.pair.a, "up"]).unwrap();
+    assert!(s.link.set_up(true));
+    let next = udp_frame(9);
+    assert!(s.harness.queue_tx_frame_with_header(1, hdr(6, 0), &next));
+    s.harness.kick(1);
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let n = s
+            .peer
+            .recv(&mut buf, Duration::from_secs(5))
+            .expect("recv")
+            .expect("the frame sent after the link came back never arrived");
+        let f = &buf[..n];
+        if f[6..12] != mac {
+            continue;
+        }
+        assert!(
+            !f.windows(8).any(|w| w == [0xee; 8]),
+            "a frame of {n} bytes carried what the guest wrote after getting its buffers back"
+        );
+        if f[12..14] == [0x08, 0x00] && f[42..] == next[42..] {
+            assert!(checksums_ok(f));
+            break;
+        }
+    }
+    assert_eq!(used_tx(&mut s.harness, 1).len(), 1);
+    let c = s.counters.snapshot();
+    assert_eq!(c.tx_gather_abandoned, 3, "{c}");
 }

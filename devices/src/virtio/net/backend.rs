@@ -106,6 +106,15 @@ pub trait NetBackend: Send {
         0
     }
 
+    /// Gathered frames the host side has not read yet must no longer read
+    /// guest memory: their chains go back to the guest before their
+    /// tokens come (link down, reset), and the guest may reuse the buffers
+    /// at once. Frames may still go out, as junk nobody takes. Returns how
+    /// many frames were changed.
+    fn disarm_unsent_gathers(&mut self) -> usize {
+        0
+    }
+
     /// The host side's own view of this queue (drops it counted, say), for
     /// the log when the queue pair stops; called on its IO thread.
     fn report(&self) -> Option<String> {

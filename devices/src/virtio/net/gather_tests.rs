@@ -33,6 +33,8 @@ struct Host {
     copied: usize,
     /// Refuse every piece: the device must copy.
     refuse_pieces: bool,
+    /// Calls to disarm_unsent_gathers, and the chains held at each.
+    disarmed: Vec<usize>,
 }
 
 impl Host {
@@ -159,6 +161,13 @@ impl NetBackend for GatherBackend {
             done(t);
         }
         n
+    }
+
+    fn disarm_unsent_gathers(&mut self) -> usize {
+        let mut host = self.host.lock().unwrap();
+        let held = host.sent.len();
+        host.disarmed.push(held);
+        0
     }
 }
 
@@ -364,6 +373,8 @@ fn link_down_returns_held_chains_and_ignores_their_late_tokens() {
     );
     let c = counters_when(&s.counters, |c| c.tx_gather_abandoned == 4);
     assert_eq!(c.tx_gather_abandoned, 4, "{c}");
+    // Whatever the host side had not read yet reads no guest memory now.
+    assert_eq!(s.host.lock().unwrap().disarmed, [4]);
 
     s.host.lock().unwrap().complete(4);
     assert!(s.link.set_up(true));
@@ -395,6 +406,11 @@ fn a_reset_forgets_held_chains_and_their_late_tokens_return_nothing() {
     }
     assert!(used_within(&mut s.h, Duration::from_millis(30)).is_empty());
     s.h.reset();
+    assert_eq!(
+        s.host.lock().unwrap().disarmed,
+        [3],
+        "the guest has its buffers back"
+    );
     s.h.start(FEATURES, 3, 256);
     s.host.lock().unwrap().complete(3);
     let f = frame(7, 1000);

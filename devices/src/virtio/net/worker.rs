@@ -1078,6 +1078,8 @@ impl QueuePairWorker {
                 if let Some(report) = self.backend.report() {
                     log::debug!("virtio-net queue pair {}: host side: {report}", self.pair);
                 }
+                // A reset: the guest takes back the chains still held.
+                self.backend.disarm_unsent_gathers();
                 return self.backend;
             }
             Ok(Err(fault)) => fault.to_string(),
@@ -1089,6 +1091,7 @@ impl QueuePairWorker {
             crate::error_ratelimited!("virtio-net: cannot raise the interrupt: {e}");
         }
         wait_readable(&self.stop);
+        self.backend.disarm_unsent_gathers();
         self.backend
     }
 
@@ -1356,6 +1359,7 @@ impl QueuePairWorker {
     /// gives up on the rest.
     fn retire_backend(&mut self, old: &mut dyn NetBackend) -> Result<(), WorkerFault> {
         let result = return_completed(old, &mut self.tx_state.held, &mut self.tx, &self.mem);
+        old.disarm_unsent_gathers();
         signal_used(&mut self.tx, &self.mem, &self.interrupt, &self.counters);
         result?;
         self.abandon_held_tx()
@@ -1368,6 +1372,9 @@ impl QueuePairWorker {
         if self.tx_state.held.is_empty() {
             return Ok(());
         }
+        // Before the guest has the buffers back: what the kernel has not
+        // read yet would otherwise be read later, whatever they hold then.
+        self.backend.disarm_unsent_gathers();
         let mut returned = 0u64;
         for head in self.tx_state.held.abandon() {
             self.tx
