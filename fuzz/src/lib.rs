@@ -421,6 +421,10 @@ impl NetBackend for MemBackend {
         host.gather_mem.as_ref().map(|_| GATHER_PIECE_MAX)
     }
 
+    fn tx_gather_max_pieces(&self) -> usize {
+        GATHER_PIECES_MAX
+    }
+
     fn transmit_gather(&mut self, fill: &mut GatherFill<'_>) -> (usize, bool) {
         let mut host = self.host.lock().unwrap();
         let Some(mem) = host.gather_mem.clone() else {

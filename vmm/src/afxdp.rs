@@ -97,6 +97,10 @@ impl NetBackend for XskBackend {
         self.queue.tx_checksum_reach()
     }
 
+    fn tx_gather_max_pieces(&self) -> usize {
+        self.gather.map_or(0, |(_, limits)| limits.max_pieces)
+    }
+
     fn disarm_unsent_gathers(&mut self) -> usize {
         let n = self.queue.disarm_unsent_gathers();
         if n > 0 {

@@ -92,6 +92,12 @@ pub trait NetBackend: Send {
         None
     }
 
+    /// `umem=guest`: how many pieces one frame of
+    /// [`NetBackend::transmit_gather`] may have behind its head.
+    fn tx_gather_max_pieces(&self) -> usize {
+        0
+    }
+
     /// As [`NetBackend::transmit`], but `fill` may leave a frame's bytes
     /// where they lie in guest memory ([`TxPieces`]) behind a head it
     /// writes into the buffer it is given (a frame with no pieces is a

@@ -35,6 +35,12 @@ struct Host {
     refuse_pieces: bool,
     /// Calls to disarm_unsent_gathers, and the chains held at each.
     disarmed: Vec<usize>,
+    /// Takes checksums left to it (as AF_XDP TX metadata), filling them
+    /// as a NIC would.
+    host_csum: bool,
+    /// Frames read from guest memory since the last token: a chain's
+    /// frames must end with one.
+    untokened: usize,
 }
 
 impl Host {
@@ -55,6 +61,18 @@ struct GatherBackend {
     max_piece: usize,
 }
 
+/// Pieces a frame may have behind its head (as the AF_XDP backend's).
+const MAX_PIECES: usize = 15;
+
+/// Fills what was left to the host side, as a NIC would.
+fn finish_csum(host: &Host, frame: &mut [u8], csum: Option<CsumRequest>) {
+    if let Some(c) = csum {
+        assert!(host.host_csum, "checksum left to a backend that takes none");
+        offload::gso::fill_partial_csum(frame, usize::from(c.start), usize::from(c.offset))
+            .expect("a checksum request inside the frame");
+    }
+}
+
 /// Pieces as guest ranges (the backend reads them back through vm-memory).
 struct Pieces<'a> {
     mem: &'a GuestMemoryMmap,
@@ -65,7 +83,7 @@ struct Pieces<'a> {
 
 impl TxPieces for Pieces<'_> {
     fn push(&mut self, addr: usize, len: usize) -> bool {
-        if self.refuse || len > self.max_piece || len == 0 {
+        if self.refuse || len > self.max_piece || len == 0 || self.ranges.len() == MAX_PIECES {
             return false;
         }
         // Host address back to a guest address: it must lie in guest RAM.
@@ -102,9 +120,10 @@ impl NetBackend for GatherBackend {
         let mut buf = vec![0u8; 16_384];
         let mut sent = 0;
         while let Some(f) = fill(&mut buf) {
-            assert!(f.csum.is_none(), "no checksums in these tests");
+            let mut host = self.host.lock().unwrap();
+            finish_csum(&host, &mut buf[..f.len], f.csum);
             self.sock.send(&buf[..f.len]).unwrap();
-            self.host.lock().unwrap().copied += 1;
+            host.copied += 1;
             sent += 1;
         }
         (sent, false)
@@ -112,6 +131,14 @@ impl NetBackend for GatherBackend {
 
     fn tx_gather_piece_max(&self) -> Option<usize> {
         Some(self.max_piece)
+    }
+
+    fn tx_gather_max_pieces(&self) -> usize {
+        MAX_PIECES
+    }
+
+    fn tx_checksum_offload(&self) -> bool {
+        self.host.lock().unwrap().host_csum
     }
 
     fn transmit_gather(&mut self, fill: &mut GatherFill<'_>) -> (usize, bool) {
@@ -128,7 +155,6 @@ impl NetBackend for GatherBackend {
             let Some(f) = fill(&mut head, &mut pieces) else {
                 return (sent, false);
             };
-            assert!(f.csum.is_none(), "no checksums in these tests");
             let mut out = head[..f.head_len].to_vec();
             for &(at, len) in &pieces.ranges {
                 let start = out.len();
@@ -136,18 +162,22 @@ impl NetBackend for GatherBackend {
                 self.mem.read_slice(&mut out[start..], at).unwrap();
             }
             let mut host = self.host.lock().unwrap();
+            finish_csum(&host, &mut out, f.csum);
             if pieces.ranges.is_empty() {
                 host.copied += 1;
             } else {
                 host.gathered += 1;
                 host.pieces_per_frame.push(pieces.ranges.len());
             }
+            // A GSO frame's segments but the last carry no token: the
+            // last one's comes back once they are all done (in order).
             match f.token {
-                Some(t) => host.sent.push_back(t),
-                None => assert!(
-                    pieces.ranges.is_empty(),
-                    "a frame read from guest memory must come back"
-                ),
+                Some(t) => {
+                    host.sent.push_back(t);
+                    host.untokened = 0;
+                }
+                None if !pieces.ranges.is_empty() => host.untokened += 1,
+                None => {}
             }
             self.sock.send(&out).unwrap();
             sent += 1;
@@ -428,4 +458,105 @@ fn a_reset_forgets_held_chains_and_their_late_tokens_return_nothing() {
     let mut more = Vec::new();
     s.h.take_used(1, &mut more);
     assert!(more.is_empty(), "one used entry only: {more:?}");
+}
+
+/// Regression: a TSO segment too long for a head whose pieces the backend
+/// refused (more than a frame may have) had no way out, and it and the
+/// rest of its frame were dropped. A GSO chain whose segments are longer
+/// than a head and could need that many pieces now goes the copy way.
+#[test]
+fn jumbo_segments_that_could_need_too_many_pieces_go_the_copy_way() {
+    use super::offload::headers::{Ip, IPPROTO_TCP};
+    use super::offload::VIRTIO_NET_HDR_GSO_TCPV4;
+    use super::offload_tests::{check_segments, gso_frame, payload};
+    let mut s = setup(9000, 500);
+    s.host.lock().unwrap().host_csum = true;
+    s.h.reset();
+    s.h.start(
+        FEATURES | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4,
+        3,
+        256,
+    );
+    let data = payload(30_000, 1);
+    let (hdr, f) = gso_frame(Ip::V4, IPPROTO_TCP, VIRTIO_NET_HDR_GSO_TCPV4, 8948, &data);
+    // Over 15 of the harness's 2 KiB slots, pieces of at most 500 bytes:
+    // a segment would need 19.
+    assert!(s.h.queue_tx_frame_with_header(1, hdr, &f));
+    s.h.kick(1);
+    let segs: Vec<Vec<u8>> = (0..4).map(|_| recv(&s.peer)).collect();
+    assert_eq!(check_segments(&segs, 9014), data);
+    assert_eq!(collect_used(&mut s.h, 1, 1).len(), 1);
+    let c = counters_when(&s.counters, |c| c.tx_gso_segments == 4);
+    assert_eq!(
+        (c.tx_gso_segments, c.tx_dropped, c.tx_gathered_frames),
+        (4, 0, 0),
+        "{c}"
+    );
+
+    // Jumbo segments in few enough pieces still go out from guest memory:
+    // each of these lies in four or five of the 2 KiB slots.
+    let mut s = setup(9000, 4000);
+    s.host.lock().unwrap().host_csum = true;
+    s.h.reset();
+    s.h.start(
+        FEATURES | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4,
+        3,
+        256,
+    );
+    let data = payload(30_000, 3);
+    let (hdr, f) = gso_frame(Ip::V4, IPPROTO_TCP, VIRTIO_NET_HDR_GSO_TCPV4, 8948, &data);
+    assert!(s.h.queue_tx_frame_with_header(1, hdr, &f));
+    s.h.kick(1);
+    let segs: Vec<Vec<u8>> = (0..4).map(|_| recv(&s.peer)).collect();
+    assert_eq!(check_segments(&segs, 9014), data);
+    s.host.lock().unwrap().complete(1);
+    assert_eq!(collect_used(&mut s.h, 1, 1).len(), 1);
+    let c = counters_when(&s.counters, |c| c.tx_gathered_frames == 4);
+    assert_eq!((c.tx_gathered_frames, c.tx_dropped), (4, 0), "{c}");
+
+    // Segments that fit a head go out from guest memory in any case.
+    let data = payload(10_000, 2);
+    let (hdr, f) = gso_frame(Ip::V4, IPPROTO_TCP, VIRTIO_NET_HDR_GSO_TCPV4, 1448, &data);
+    assert!(s.h.queue_tx_frame_with_header(1, hdr, &f));
+    s.h.kick(1);
+    let segs: Vec<Vec<u8>> = (0..7).map(|_| recv(&s.peer)).collect();
+    assert_eq!(check_segments(&segs, 1514), data);
+    s.host.lock().unwrap().complete(1);
+    assert_eq!(collect_used(&mut s.h, 1, 1).len(), 1);
+    let c = counters_when(&s.counters, |c| c.tx_gathered_frames == 4 + 7);
+    assert_eq!((c.tx_gathered_frames, c.tx_dropped), (4 + 7, 0), "{c}");
+    assert_eq!(s.host.lock().unwrap().untokened, 0);
+}
+
+/// Regression: GSO chains the device does not gather (here: no checksums
+/// taken by the host side) whose segments are too long for a head go the
+/// copy way in a batch of their own; the IO thread counted that batch as
+/// taking no chain after the ring had announced one, took the avail ring
+/// for broken and put the device into DEVICE_NEEDS_RESET (two such
+/// frames were enough).
+#[test]
+fn jumbo_tso_chains_the_copy_way_do_not_fault_the_queue() {
+    use super::offload::headers::{Ip, IPPROTO_TCP};
+    use super::offload::VIRTIO_NET_HDR_GSO_TCPV4;
+    use super::offload_tests::{check_segments, gso_frame, payload};
+    let mut s = setup(9000, 4000);
+    s.h.reset();
+    s.h.start(
+        FEATURES | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4,
+        3,
+        256,
+    );
+    let frames: Vec<Vec<u8>> = (0..3).map(|i| payload(20_000, i)).collect();
+    for data in &frames {
+        let (hdr, f) = gso_frame(Ip::V4, IPPROTO_TCP, VIRTIO_NET_HDR_GSO_TCPV4, 8948, data);
+        assert!(s.h.queue_tx_frame_with_header(1, hdr, &f));
+    }
+    s.h.kick(1);
+    for data in &frames {
+        let segs: Vec<Vec<u8>> = (0..3).map(|_| recv(&s.peer)).collect();
+        assert_eq!(&check_segments(&segs, 9014), data);
+    }
+    assert_eq!(collect_used(&mut s.h, 1, 3).len(), 3);
+    let c = counters_when(&s.counters, |c| c.tx_gso_segments == 9);
+    assert_eq!((c.tx_gso_segments, c.queue_errors), (9, 0), "{c}");
 }

@@ -37,13 +37,19 @@ fn device_on(
     (h, peer, counters)
 }
 
-fn payload(len: usize, seed: usize) -> Vec<u8> {
+pub(super) fn payload(len: usize, seed: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + seed * 13) as u8).collect()
 }
 
 /// A GSO frame as Linux hands it over: NEEDS_CSUM, the transport checksum
 /// field holding the pseudo-header sum (for length 0), `hdr_len` only a hint.
-fn gso_frame(ip: Ip, proto: u8, gso_type: u8, mss: u16, data: &[u8]) -> ([u8; 12], Vec<u8>) {
+pub(super) fn gso_frame(
+    ip: Ip,
+    proto: u8,
+    gso_type: u8,
+    mss: u16,
+    data: &[u8],
+) -> ([u8; 12], Vec<u8>) {
     let mut f = frame(ip, proto, false, data);
     let l = headers::parse(&f).unwrap();
     let at = l.l4 + l.csum_offset();
@@ -62,7 +68,7 @@ fn gso_frame(ip: Ip, proto: u8, gso_type: u8, mss: u16, data: &[u8]) -> ([u8; 12
 }
 
 /// Checks every wire frame and returns the payload they carry, in order.
-fn check_segments(segs: &[Vec<u8>], max_len: usize) -> Vec<u8> {
+pub(super) fn check_segments(segs: &[Vec<u8>], max_len: usize) -> Vec<u8> {
     let mut joined = Vec::new();
     for (i, seg) in segs.iter().enumerate() {
         assert!(seg.len() <= max_len, "segment {i}: {} bytes", seg.len());

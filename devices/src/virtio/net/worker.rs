@@ -271,6 +271,39 @@ impl TxChain {
         .is_ok()
     }
 
+    /// The most pieces of guest memory, each at most `max_piece` bytes,
+    /// that one of `seg`'s segments' payloads lies in (as `push_pieces`
+    /// cuts them), plus one for a guest region that may end inside.
+    fn most_pieces_per_segment(&self, seg: &Segmenter, max_piece: usize) -> usize {
+        let max_piece = max_piece.max(1);
+        let mut most = 0;
+        // The first descriptor the current segment may lie in, and where
+        // it starts in the frame (segments come in order).
+        let (mut first, mut first_start) = (0usize, 0usize);
+        for i in 0..seg.segments() {
+            let (at, len) = seg.payload(i);
+            let end = at + len;
+            while let Some(&(_, n)) = self.pieces.get(first) {
+                if first_start + n > at {
+                    break;
+                }
+                first_start += n;
+                first += 1;
+            }
+            let mut count = 0;
+            let mut start = first_start;
+            for &(_, n) in self.pieces.iter().skip(first) {
+                if start >= end {
+                    break;
+                }
+                count += (end.min(start + n) - at.max(start)).div_ceil(max_piece);
+                start += n;
+            }
+            most = most.max(count);
+        }
+        most + 1
+    }
+
     /// Calls `f` on each stretch of guest memory holding the frame's `len`
     /// bytes from `offset`, in order, until it returns false.
     fn for_each_range(
@@ -701,6 +734,8 @@ struct TxPass<'a> {
     fault: Option<WorkerFault>,
     /// Gathering: the longest piece of guest memory the backend takes.
     max_piece: usize,
+    /// Gathering: the most pieces a frame may have behind its head.
+    max_pieces: usize,
     /// Gathering: the next chain or segment does not fit a head; the
     /// batch ends and the copy way sends it.
     copy_next: bool,
@@ -903,9 +938,15 @@ impl<'a> TxPass<'a> {
                 add(&self.counters.tx_gso_frames, 1);
                 // The kernel sums each segment over its pieces; without
                 // that, segments are copied (and summed here).
+                // A segment too long for the head has nowhere to go if
+                // its pieces are refused: gather those only where no
+                // segment needs more pieces than a frame may have.
+                let seg_len = seg.segment_len(0);
                 let gathered = host_csum_reach > 0
                     && held.has_room()
-                    && seg.segment_len(0) >= GATHER_MIN_FRAME;
+                    && seg_len >= GATHER_MIN_FRAME
+                    && (seg_len <= head.len()
+                        || frame.most_pieces_per_segment(&seg, self.max_piece) <= self.max_pieces);
                 self.state.pending = Some(PendingGso {
                     head: chain_head,
                     seg,
@@ -1275,6 +1316,7 @@ impl QueuePairWorker {
             },
             fault: None,
             max_piece: max_piece.unwrap_or(0),
+            max_pieces: self.backend.tx_gather_max_pieces(),
             copy_next: false,
         };
         let backend = &mut self.backend;
@@ -1283,6 +1325,7 @@ impl QueuePairWorker {
             pass.return_completed(backend.as_mut());
         }
         let mut recheck = Recheck::default();
+        let mut popped_at_look = pass.popped;
         let result = loop {
             if pass.fault.is_some() {
                 break Pass::Done;
@@ -1291,7 +1334,6 @@ impl QueuePairWorker {
                 pass.fault = Some(WorkerFault::queue("tx", e));
                 break Pass::Done;
             }
-            let popped_before = pass.popped;
             pass.bytes = 0;
             let (sent, out_of_room) = if !gathering {
                 backend.transmit(&mut |buf: &mut [u8]| pass.next_copied(buf))
@@ -1337,7 +1379,11 @@ impl QueuePairWorker {
             if pass.taken >= pass.budget || pass.state.pending.is_some() {
                 break Pass::MoreWork;
             }
-            match recheck.more(pass.tx, pass.mem, pass.popped > popped_before) {
+            // Chains taken since the last look: a chain may be taken in a
+            // gather batch and sent in the copy batch after it.
+            let took = pass.popped > popped_at_look;
+            popped_at_look = pass.popped;
+            match recheck.more(pass.tx, pass.mem, took) {
                 Ok(true) => {}
                 Ok(false) => break Pass::Done,
                 Err(e) => {
