@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use net_afxdp::testbed::{test_frame, VethPair};
+use net_afxdp::testbed::{test_frame, PacketSocket, VethPair};
 use net_afxdp::{AfXdpConfig, AfXdpNic, GatherRequest, UmemRegion, XskQueue};
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -517,6 +517,42 @@ fn queue_take(q: &mut XskQueue, tokens: &mut Vec<u64>) {
     }
 }
 
+/// One queue `umem=guest` on end `a` of a fresh pair whose transmit
+/// checksumming is off, so the kernel completes the checksums TX metadata
+/// asks for and the packet socket on `b` sees them whole.
+struct ChecksummingPair {
+    pair: VethPair,
+    a: AfXdpNic,
+    region: UmemRegion,
+    peer: PacketSocket,
+    a_mac: [u8; 6],
+    b_mac: [u8; 6],
+}
+
+fn checksumming_pair() -> ChecksummingPair {
+    let pair = VethPair::new(1).unwrap();
+    pair.transmit_checksumming_off(&pair.a).unwrap();
+    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
+    let config: AfXdpConfig = format!("ifname={},mode=native,umem=guest", pair.a)
+        .parse()
+        .unwrap();
+    let region = region_for(&config);
+    let a = open_on(&pair, &config, region);
+    let peer = packet_socket(&pair, &pair.b);
+    assert!(
+        a.queues()[0].tx_checksum(),
+        "needs AF_XDP TX metadata (Linux 6.8+)"
+    );
+    ChecksummingPair {
+        pair,
+        a,
+        region,
+        peer,
+        a_mac,
+        b_mac,
+    }
+}
+
 /// A gathered frame with a checksum request: the head (link, IPv4 and UDP
 /// headers, the request in front) in the queue's own frame, the payload
 /// in guest memory at an odd offset across a page; it arrives whole, its
@@ -526,17 +562,15 @@ fn queue_take(q: &mut XskQueue, tokens: &mut Vec<u64>) {
 fn a_gathered_frame_with_a_checksum_request_arrives_summed() {
     require_root!();
     init_log();
-    let pair = VethPair::new(1).unwrap();
-    pair.transmit_checksumming_off(&pair.a).unwrap();
-    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
-    let config: AfXdpConfig = format!("ifname={},mode=native,umem=guest", pair.a)
-        .parse()
-        .unwrap();
-    let region = region_for(&config);
-    let mut a = open_on(&pair, &config, region);
-    let peer = packet_socket(&pair, &pair.b);
+    let ChecksummingPair {
+        pair: _pair,
+        mut a,
+        region,
+        peer,
+        a_mac,
+        b_mac,
+    } = checksumming_pair();
     let q = &mut a.queues_mut()[0];
-    assert!(q.tx_checksum(), "needs AF_XDP TX metadata (Linux 6.8+)");
     let payload: Vec<u8> = (0..1401u32).map(|i| (i * 13 + 5) as u8).collect();
     let header = udp_header(b_mac, a_mac, payload.len());
     guest_write(&region, 0x3f01, &payload);
@@ -578,18 +612,15 @@ fn a_gathered_frame_with_a_checksum_request_arrives_summed() {
 fn frames_left_in_the_tx_ring_read_no_guest_memory_once_disarmed() {
     require_root!();
     init_log();
-    let pair = VethPair::new(1).unwrap();
-    // The kernel completes the checksums (as in the test above).
-    pair.transmit_checksumming_off(&pair.a).unwrap();
-    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
-    let config: AfXdpConfig = format!("ifname={},mode=native,umem=guest", pair.a)
-        .parse()
-        .unwrap();
-    let region = region_for(&config);
-    let mut a = open_on(&pair, &config, region);
-    let peer = packet_socket(&pair, &pair.b);
+    let ChecksummingPair {
+        pair,
+        mut a,
+        region,
+        peer,
+        a_mac,
+        b_mac,
+    } = checksumming_pair();
     let q = &mut a.queues_mut()[0];
-    assert!(q.tx_checksum(), "needs AF_XDP TX metadata (Linux 6.8+)");
     let payload: Vec<u8> = (0..1400u32).map(|i| (i * 7 + 1) as u8).collect();
     let header = udp_header(b_mac, a_mac, payload.len());
     let at = |i: usize| 0x10000 + i * 0x1000;

@@ -162,6 +162,19 @@ fn leave_partial(frame: &mut [u8], csum_offset: usize) {
     frame[at..at + 2].copy_from_slice(&partial.to_be_bytes());
 }
 
+/// An Ethernet/IPv4/TCP frame (timestamps option, PSH) carrying `data`,
+/// its checksum left partial, as a guest hands a TSO frame over.
+fn tcp_frame(dst: [u8; 6], src: [u8; 6], data: &[u8]) -> Vec<u8> {
+    let mut tcp = vec![
+        0x9c, 0x42, 0x14, 0x51, 0, 0, 0x10, 0, 0, 0, 0, 1, 0x80, 0x18, 1, 0xf5,
+    ];
+    tcp.extend_from_slice(&[0, 0, 0, 0, 1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 8]);
+    tcp.extend_from_slice(data);
+    let mut f = ipv4_frame(dst, src, 6, &tcp);
+    leave_partial(&mut f, 16);
+    f
+}
+
 /// Frames from `src` the peer receives until `count` came or 2 s passed.
 fn frames_from(peer: &PacketSocket, src: [u8; 6], count: usize) -> Vec<Vec<u8>> {
     let mut buf = vec![0u8; 65_536];
@@ -219,13 +232,7 @@ fn umem_guest_transmit_sends_from_guest_memory() {
 
     let mss = 1448usize;
     let data: Vec<u8> = (0..20_000u32).map(|i| (i * 13 + 1) as u8).collect();
-    let mut tcp = vec![
-        0x9c, 0x42, 0x14, 0x51, 0, 0, 0x10, 0, 0, 0, 0, 1, 0x80, 0x18, 1, 0xf5,
-    ];
-    tcp.extend_from_slice(&[0, 0, 0, 0, 1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 8]);
-    tcp.extend_from_slice(&data);
-    let mut tso = ipv4_frame(peer, mac, 6, &tcp);
-    leave_partial(&mut tso, 16);
+    let tso = tcp_frame(peer, mac, &data);
 
     let h = &mut s.harness;
     assert!(h.queue_tx_frame_with_header(1, hdr(6, 0), &plain));
@@ -425,13 +432,7 @@ fn a_jumbo_tso_frame_over_many_buffers_goes_out_whole() {
     let (mac, peer) = (s.mac, s.peer_mac);
     let mss = 8948usize;
     let data: Vec<u8> = (0..30_000u32).map(|i| (i * 13 + 1) as u8).collect();
-    let mut tcp = vec![
-        0x9c, 0x42, 0x14, 0x51, 0, 0, 0x10, 0, 0, 0, 0, 1, 0x80, 0x18, 1, 0xf5,
-    ];
-    tcp.extend_from_slice(&[0, 0, 0, 0, 1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 8]);
-    tcp.extend_from_slice(&data);
-    let mut tso = ipv4_frame(peer, mac, 6, &tcp);
-    leave_partial(&mut tso, 16);
+    let tso = tcp_frame(peer, mac, &data);
     assert!(s
         .harness
         .queue_tx_frame_with_header(1, hdr(16, mss as u16), &tso));
@@ -457,13 +458,7 @@ fn jumbo_tso_frames_back_to_back_all_come_back() {
     let (mac, peer) = (s.mac, s.peer_mac);
     let mss = 8948usize;
     let data: Vec<u8> = (0..60_000u32).map(|i| (i * 13 + 1) as u8).collect();
-    let mut tcp = vec![
-        0x9c, 0x42, 0x14, 0x51, 0, 0, 0x10, 0, 0, 0, 0, 1, 0x80, 0x18, 1, 0xf5,
-    ];
-    tcp.extend_from_slice(&[0, 0, 0, 0, 1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 8]);
-    tcp.extend_from_slice(&data);
-    let mut tso = ipv4_frame(peer, mac, 6, &tcp);
-    leave_partial(&mut tso, 16);
+    let tso = tcp_frame(peer, mac, &data);
     let mut sent = 0;
     let mut used = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
