@@ -204,8 +204,7 @@ impl<T: Copy> Ring<T> {
 
     /// Entry `i` (0-based) of those we produced and the kernel has not
     /// consumed, counting from the consumer index `prod_outstanding` read
-    /// last; `i == u32::MAX` is the entry just before it (the last one the
-    /// kernel consumed, as we wrote it, or zeros on a fresh ring).
+    /// last.
     pub(crate) fn prod_read_unconsumed(&self, i: u32) -> T {
         let slot = self.cached_cons.wrapping_add(i) & self.mask;
         // SAFETY: slot < size, inside the mapped entry array. Reading a
