@@ -104,7 +104,9 @@ impl NetBackend for XskBackend {
     fn disarm_unsent_gathers(&mut self) -> usize {
         let n = self.queue.disarm_unsent_gathers();
         if n > 0 {
-            log::debug!(
+            // A guest triggers this with every reset: rate-limited.
+            devices::log_ratelimited!(
+                log::Level::Debug,
                 "af-xdp queue {}: {n} frame(s) from guest memory still unsent, made to read none",
                 self.queue.queue_id()
             );

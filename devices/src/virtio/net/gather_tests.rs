@@ -241,6 +241,21 @@ fn setup(mtu: u16, max_piece: usize) -> Setup {
     }
 }
 
+/// [`setup`] with checksum and TSO offloads negotiated; `host_csum`: the
+/// backend takes the checksums left to it (as with AF_XDP TX metadata).
+fn setup_tso(mtu: u16, max_piece: usize, host_csum: bool) -> Setup {
+    let mut s = setup(mtu, max_piece);
+    // Before the driver starts again: the IO thread reads it per pass.
+    s.host.lock().unwrap().host_csum = host_csum;
+    s.h.reset();
+    s.h.start(
+        FEATURES | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4,
+        3,
+        256,
+    );
+    s
+}
+
 fn recv(peer: &UnixDatagram) -> Vec<u8> {
     let mut buf = vec![0u8; 65_536];
     let n = peer.recv(&mut buf).expect("a frame at the peer");
@@ -469,14 +484,7 @@ fn jumbo_segments_that_could_need_too_many_pieces_go_the_copy_way() {
     use super::offload::headers::{Ip, IPPROTO_TCP};
     use super::offload::VIRTIO_NET_HDR_GSO_TCPV4;
     use super::offload_tests::{check_segments, gso_frame, payload};
-    let mut s = setup(9000, 500);
-    s.host.lock().unwrap().host_csum = true;
-    s.h.reset();
-    s.h.start(
-        FEATURES | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4,
-        3,
-        256,
-    );
+    let mut s = setup_tso(9000, 500, true);
     let data = payload(30_000, 1);
     let (hdr, f) = gso_frame(Ip::V4, IPPROTO_TCP, VIRTIO_NET_HDR_GSO_TCPV4, 8948, &data);
     // Over 15 of the harness's 2 KiB slots, pieces of at most 500 bytes:
@@ -495,14 +503,7 @@ fn jumbo_segments_that_could_need_too_many_pieces_go_the_copy_way() {
 
     // Jumbo segments in few enough pieces still go out from guest memory:
     // each of these lies in four or five of the 2 KiB slots.
-    let mut s = setup(9000, 4000);
-    s.host.lock().unwrap().host_csum = true;
-    s.h.reset();
-    s.h.start(
-        FEATURES | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4,
-        3,
-        256,
-    );
+    let mut s = setup_tso(9000, 4000, true);
     let data = payload(30_000, 3);
     let (hdr, f) = gso_frame(Ip::V4, IPPROTO_TCP, VIRTIO_NET_HDR_GSO_TCPV4, 8948, &data);
     assert!(s.h.queue_tx_frame_with_header(1, hdr, &f));
@@ -539,13 +540,7 @@ fn jumbo_tso_chains_the_copy_way_do_not_fault_the_queue() {
     use super::offload::headers::{Ip, IPPROTO_TCP};
     use super::offload::VIRTIO_NET_HDR_GSO_TCPV4;
     use super::offload_tests::{check_segments, gso_frame, payload};
-    let mut s = setup(9000, 4000);
-    s.h.reset();
-    s.h.start(
-        FEATURES | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4,
-        3,
-        256,
-    );
+    let mut s = setup_tso(9000, 4000, false);
     let frames: Vec<Vec<u8>> = (0..3).map(|i| payload(20_000, i)).collect();
     for data in &frames {
         let (hdr, f) = gso_frame(Ip::V4, IPPROTO_TCP, VIRTIO_NET_HDR_GSO_TCPV4, 8948, data);
