@@ -26,7 +26,7 @@ source "$(dirname "$0")/lib.sh"
 
 # Kernel modules and programs every scenario may use in the test host.
 # virtio_pci and virtio_console are built into Debian 6.12, modules in 6.1.
-TESTHOST_MODULES=(virtio_pci virtio_console kvm_amd veth tun vhost_net bridge sch_ingress cls_bpf)
+TESTHOST_MODULES=(virtio_pci virtio_console kvm_amd veth tun vhost_net bridge sch_ingress cls_bpf xsk_diag)
 TESTHOST_PROGRAMS=(/bin/bash /usr/bin/ip /usr/sbin/ethtool /usr/bin/iperf3 /usr/sbin/tc /usr/bin/nproc /usr/bin/ping)
 
 files=()
