@@ -1122,7 +1122,8 @@ impl XskQueue {
     /// A request that breaks those rules (a piece outside guest memory,
     /// empty or too long, too many descriptors, a checksum without a head)
     /// is not sent and counted in `tx_invalid_len`; its token still comes
-    /// back, in order. Tokens come back through
+    /// back, in order. A request with neither head nor pieces carries
+    /// only its token (no error). Tokens come back through
     /// [`XskQueue::take_completed`]. Guest memory is only read. On a queue
     /// without a shared UMEM nothing is sent and `fill` is not called.
     pub fn tx_gather<F>(&mut self, max: usize, mut fill: F) -> TxBatch
@@ -1180,6 +1181,18 @@ impl XskQueue {
                 break;
             };
             let count = u32::from(request.head_len > 0) + pieces.len() as u32;
+            let Some(in_flight) = self.in_flight.as_mut() else {
+                break;
+            };
+            if count == 0 && request.csum.is_none() {
+                // A token alone: the caller's chain ended without a frame
+                // of its own here (its frames went out another way). No
+                // error; the token comes back in its turn.
+                if let Some(token) = request.token {
+                    in_flight.push(Entry::Token(token));
+                }
+                continue;
+            }
             let valid = (1..=max_descs).contains(&count)
                 && request.head_len <= head_room
                 && (request.csum.is_none() || (request.head_len > 0 && self.tx_metadata))
@@ -1187,9 +1200,6 @@ impl XskQueue {
                     .as_slice()
                     .iter()
                     .all(|&(offset, len)| limits.piece_ok(offset, len));
-            let Some(in_flight) = self.in_flight.as_mut() else {
-                break;
-            };
             if !valid {
                 invalid += 1;
                 if let Some(token) = request.token {

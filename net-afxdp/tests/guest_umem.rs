@@ -492,6 +492,19 @@ fn frames_gathered_from_guest_memory_reach_the_peer_and_tokens_return_in_order()
             });
             assert_eq!(batch.sent, 0, "refused requests are not sent");
             sent_tokens.extend((1..=5).map(|k| 1000 + round * 10 + k));
+            // A request of a token alone (a chain whose frames went out
+            // another way) sends nothing, is no error, and its token comes
+            // back in its turn.
+            let mut once = Some(2000 + round);
+            let batch = queue.tx_gather(64, |_, _| {
+                Some(GatherRequest {
+                    head_len: 0,
+                    csum: None,
+                    token: Some(once.take()?),
+                })
+            });
+            assert_eq!(batch.sent, 0, "a token alone is not a frame");
+            sent_tokens.push(2000 + round);
             assert_eq!(guest_bytes(&region), before, "guest memory was written");
         }
         let got = rx_frames(&mut b.queues_mut()[j], expected.len(), 5 * SECOND);
