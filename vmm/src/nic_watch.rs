@@ -13,7 +13,7 @@ use devices::virtio::net::{NetBackend, NetLink};
 use net_afxdp::{AfXdpConfig, AfXdpNic, NicInfo, NicOwner, QueueStatsHandle, UmemRegion};
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -197,6 +197,12 @@ impl WatchedNic {
 impl WatchedNic {
     /// What to do with one link message from the kernel.
     fn on_link_message(&mut self, message: &LinkMessage, deleted: bool) {
+        // The interface's own messages are AF_UNSPEC. A bridge speaks of
+        // its ports in AF_BRIDGE ones with the port's index: an RTM_DELLINK
+        // there means the port left the bridge, not that it was deleted.
+        if message.header.interface_family != AddressFamily::Unspec {
+            return;
+        }
         let index = message.header.index;
         let name = message.attributes.iter().find_map(|a| match a {
             LinkAttribute::IfName(name) => Some(name.as_str()),
@@ -506,8 +512,12 @@ mod tests {
     use crate::test_support::IdleBackend;
     use devices::virtio::net::{Net, NetConfig};
 
-    #[test]
-    fn a_deleted_interface_leaves_no_mode_to_report() {
+    /// A watched NIC on interface 7 (`xs0`) with a mode to report.
+    fn watched_nic() -> (WatchedNic, Arc<NicMode>) {
+        watched_nic_on("xs0", 7)
+    }
+
+    fn watched_nic_on(ifname: &str, ifindex: u32) -> (WatchedNic, Arc<NicMode>) {
         let backend = IdleBackend::boxed();
         let net = Net::new(
             NetConfig {
@@ -525,11 +535,11 @@ mod tests {
             multi_buffer: false,
             xdp_mode: Some("native"),
         }));
-        let mut nic = WatchedNic {
+        let nic = WatchedNic {
             id: "net0".into(),
-            config: "ifname=xs0".parse().unwrap(),
+            config: format!("ifname={ifname}").parse().unwrap(),
             umem: None,
-            ifindex: Some(7),
+            ifindex: Some(ifindex),
             owner: None,
             link: Arc::new(GuestLink::new(net.link())),
             xsk_stats: Arc::default(),
@@ -539,6 +549,12 @@ mod tests {
             can_reopen: false,
             reopen_refusal_logged: false,
         };
+        (nic, mode)
+    }
+
+    #[test]
+    fn a_deleted_interface_leaves_no_mode_to_report() {
+        let (mut nic, mode) = watched_nic();
         let mut message = LinkMessage::default();
         message.header.index = 8;
         nic.on_link_message(&message, true);
@@ -547,5 +563,63 @@ mod tests {
         nic.on_link_message(&message, true);
         assert_eq!(mode.get(), None);
         assert_eq!(nic.ifindex, None);
+    }
+
+    #[test]
+    fn a_bridge_port_leaving_its_bridge_is_not_a_deleted_interface() {
+        // `ip link set xs0 nomaster`: the bridge announces the port's
+        // removal as an AF_BRIDGE RTM_DELLINK with the port's own index.
+        let (mut nic, mode) = watched_nic();
+        let mut message = LinkMessage::default();
+        message.header.index = 7;
+        message.header.interface_family = AddressFamily::Bridge;
+        nic.on_link_message(&message, true);
+        assert_eq!(nic.ifindex, Some(7), "the interface is still there");
+        assert!(mode.get().is_some());
+        // Nor does the bridge's view of the port say anything of its link.
+        nic.link.set_host_up(true);
+        nic.on_link_message(&message, false);
+        assert!(
+            nic.link.state().1,
+            "a bridge port message took the link down"
+        );
+    }
+
+    #[test]
+    fn what_the_kernel_says_when_a_port_leaves_its_bridge_keeps_the_nic() {
+        assert!(
+            net_afxdp::testbed::is_root(),
+            "needs root (a veth pair, a bridge, rtnetlink): run as root"
+        );
+        let pair = net_afxdp::testbed::VethPair::new(1).expect("veth pair");
+        let bridge = format!("br{}", &pair.a[2..]);
+        let (socket, ifindex) = pair
+            .run(|| (open_socket(), net_afxdp::ifindex(&pair.a)))
+            .expect("in the pair's namespace");
+        let socket = socket.expect("rtnetlink socket");
+        let ifindex = ifindex.expect("ifindex");
+        pair.ip(&["link", "add", &bridge, "type", "bridge"])
+            .unwrap();
+        pair.ip(&["link", "set", &pair.a, "master", &bridge])
+            .unwrap();
+        pair.ip(&["link", "set", &pair.a, "nomaster"]).unwrap();
+        pair.ip(&["link", "del", &bridge]).unwrap();
+        let (nic, mode) = watched_nic_on(&pair.a, ifindex);
+        nic.link.set_host_up(true);
+        let mut nics = vec![nic];
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut datagrams = 0;
+        while let Ok(len) = socket.recv(&mut &mut buf[..], 0) {
+            handle_datagram(&buf[..len], &mut nics);
+            datagrams += 1;
+        }
+        assert!(datagrams > 0, "the kernel said nothing");
+        assert_eq!(
+            nics[0].ifindex,
+            Some(ifindex),
+            "the port was taken for deleted"
+        );
+        assert!(mode.get().is_some());
+        assert!(nics[0].link.state().1, "the port's link went down");
     }
 }
