@@ -177,3 +177,9 @@ pub fn raise_memlock(bytes: u64) -> bool {
 pub fn ifindex(ifname: &str) -> Option<u32> {
     sys::ifindex(ifname)
 }
+
+/// Whether interface `ifname` is up with its link running, in the calling
+/// thread's network namespace (false where there is no such interface).
+pub fn has_carrier(ifname: &str) -> bool {
+    sys::is_running(ifname)
+}

@@ -87,6 +87,16 @@ pub(crate) fn is_loopback(name: &str) -> bool {
     })
 }
 
+/// Whether interface `name` is up with its link running (IFF_RUNNING,
+/// the flag rtnetlink's link messages carry), asked in the calling
+/// thread's network namespace, which sysfs need not show.
+pub(crate) fn is_running(name: &str) -> bool {
+    interface_request(name, libc::SIOCGIFFLAGS).is_some_and(|ifr| {
+        // SAFETY: SIOCGIFFLAGS filled in the flags member of the union.
+        (i32::from(unsafe { ifr.ifr_ifru.ifru_flags }) & libc::IFF_RUNNING) != 0
+    })
+}
+
 /// The MTU of interface `name`.
 pub(crate) fn interface_mtu(name: &str) -> Option<u32> {
     interface_request(name, libc::SIOCGIFMTU).and_then(|ifr| {

@@ -448,10 +448,11 @@ fn open_socket() -> std::io::Result<Socket> {
     Ok(socket)
 }
 
-/// Whether `ifname` has carrier now (false if it is down or absent).
+/// Whether `ifname` has carrier now (false if it is down or absent). Not
+/// from sysfs: a process moved into a namespace with setns still sees the
+/// sysfs of the one it came from.
 fn carrier(ifname: &str) -> bool {
-    std::fs::read_to_string(format!("/sys/class/net/{ifname}/carrier"))
-        .is_ok_and(|c| c.trim() == "1")
+    net_afxdp::has_carrier(ifname)
 }
 
 fn watch(socket: Socket, stop: EventFd, mut nics: Vec<WatchedNic>) -> Vec<WatchedNic> {
@@ -582,6 +583,27 @@ mod tests {
         assert!(
             nic.link.state().1,
             "a bridge port message took the link down"
+        );
+    }
+
+    #[test]
+    fn carrier_is_read_in_the_threads_own_namespace() {
+        // xskvm started with `nsenter --net` (or setns) keeps the sysfs of
+        // the namespace it came from, where the interface is not.
+        assert!(
+            net_afxdp::testbed::is_root(),
+            "needs root (a veth pair in a namespace): run as root"
+        );
+        let pair = net_afxdp::testbed::VethPair::new(1).expect("veth pair");
+        assert!(
+            pair.run(|| carrier(&pair.a)).unwrap(),
+            "a veth end that is up"
+        );
+        pair.ip(&["link", "set", &pair.b, "down"]).unwrap();
+        assert!(!pair.run(|| carrier(&pair.a)).unwrap(), "its peer is down");
+        assert!(
+            !pair.run(|| carrier("xskvm-none0")).unwrap(),
+            "no such interface"
         );
     }
 
