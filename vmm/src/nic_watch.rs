@@ -211,20 +211,7 @@ impl WatchedNic {
         let running = message.header.flags.contains(LinkFlags::Running);
         if Some(index) == self.ifindex {
             if deleted {
-                self.ifindex = None;
-                // Its XDP link went with the interface; close ours.
-                if let Some(filter) = &self.rx_filter {
-                    filter.set_maps(None);
-                }
-                self.owner = None;
-                self.xsk_stats.replace(Vec::new());
-                self.mode.set(None);
-                self.link.set_host_up(false);
-                log::warn!(
-                    "{}: {} was deleted; the guest's link is down until it comes back",
-                    self.id,
-                    self.config.ifname
-                );
+                self.forget_interface();
                 return;
             }
             if self.link.set_host_up(running) {
@@ -238,6 +225,44 @@ impl WatchedNic {
             self.follow_mtu(message);
         } else if self.ifindex.is_none() && !deleted && name == Some(self.config.ifname.as_str()) {
             self.reopen(running);
+        }
+    }
+
+    /// The interface we opened is gone.
+    fn forget_interface(&mut self) {
+        self.ifindex = None;
+        // Its XDP link went with the interface; close ours.
+        if let Some(filter) = &self.rx_filter {
+            filter.set_maps(None);
+        }
+        self.owner = None;
+        self.xsk_stats.replace(Vec::new());
+        self.mode.set(None);
+        self.link.set_host_up(false);
+        log::warn!(
+            "{}: {} was deleted; the guest's link is down until it comes back",
+            self.id,
+            self.config.ifname
+        );
+    }
+
+    /// Brings the NIC in line with the interface as it is now, for when
+    /// link messages may have been missed: before the watcher listened
+    /// (between opening the NIC and starting the watcher) and after the
+    /// kernel dropped messages (ENOBUFS). An interface of the same name
+    /// with another index is a new one: ours was deleted.
+    fn resync(&mut self) {
+        let now = net_afxdp::ifindex(&self.config.ifname);
+        if self.ifindex.is_some() && now != self.ifindex {
+            self.forget_interface();
+        }
+        let running = carrier(&self.config.ifname);
+        match (self.ifindex, now) {
+            (Some(_), _) => {
+                self.link.set_host_up(running);
+            }
+            (None, Some(_)) => self.reopen(running),
+            (None, None) => {}
         }
     }
 
@@ -359,9 +384,7 @@ impl NicWatcher {
                 unwatched: nics,
             };
         }
-        for nic in &mut nics {
-            nic.link.set_host_up(carrier(&nic.config.ifname));
-        }
+        // After the socket, so nothing falls between reading and listening.
         let started = open_socket().and_then(|socket| {
             let stop = EventFd::new(EFD_NONBLOCK)?;
             let theirs = stop.try_clone()?;
@@ -373,6 +396,9 @@ impl NicWatcher {
                 log::warn!(
                     "cannot watch the host interfaces (rtnetlink: {e}); link changes go unnoticed"
                 );
+                for nic in &mut nics {
+                    nic.resync();
+                }
                 return Self {
                     stop: None,
                     thread: None,
@@ -380,6 +406,9 @@ impl NicWatcher {
                 };
             }
         };
+        for nic in &mut nics {
+            nic.resync();
+        }
         // The thread gets the NICs only if it starts; a failed spawn drops
         // the closure, so hand them over through a slot we keep.
         let slot = Arc::new(std::sync::Mutex::new(Some(nics)));
@@ -475,9 +504,7 @@ fn watch(socket: Socket, stop: EventFd, mut nics: Vec<WatchedNic>) -> Vec<Watche
                     // carrier directly so no state is stale.
                     log::warn!("interface watcher: {e}; rereading link states");
                     for nic in &mut nics {
-                        if nic.ifindex.is_some() {
-                            nic.link.set_host_up(carrier(&nic.config.ifname));
-                        }
+                        nic.resync();
                     }
                     break;
                 }
@@ -605,6 +632,35 @@ mod tests {
             !pair.run(|| carrier("xskvm-none0")).unwrap(),
             "no such interface"
         );
+    }
+
+    #[test]
+    fn an_interface_recreated_while_nobody_listened_is_a_new_one() {
+        // Deleted and made again between opening the NIC and starting the
+        // watcher (or while the kernel dropped our messages): same name,
+        // another index. The NIC must not stay bound to the old one while
+        // the new one's carrier raises the guest's link.
+        assert!(
+            net_afxdp::testbed::is_root(),
+            "needs root (a veth pair in a namespace): run as root"
+        );
+        let pair = net_afxdp::testbed::VethPair::new(1).expect("veth pair");
+        let index = pair
+            .run(|| net_afxdp::ifindex(&pair.a))
+            .unwrap()
+            .expect("ifindex");
+        let (mut nic, mode) = watched_nic_on(&pair.a, index + 1000);
+        pair.run(|| nic.resync()).unwrap();
+        assert_eq!(nic.ifindex, None, "the old interface is gone");
+        assert_eq!(mode.get(), None);
+        assert!(!nic.link.state().1, "the link rose on another interface");
+        // The same interface: its carrier is read.
+        let (mut nic, mode) = watched_nic_on(&pair.a, index);
+        nic.link.set_host_up(false);
+        pair.run(|| nic.resync()).unwrap();
+        assert_eq!(nic.ifindex, Some(index));
+        assert!(mode.get().is_some());
+        assert!(nic.link.state().1, "carrier");
     }
 
     #[test]
