@@ -257,7 +257,15 @@ impl AfXdpConfig {
                     passed.push((key, value));
                     continue;
                 }
-                return Err(ConfigError::UnknownOption(key.to_string()));
+                return Err(ConfigError::UnknownOption {
+                    key: key.to_string(),
+                    known: OPTION_KEYS
+                        .iter()
+                        .chain(caller_keys)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
             }
             if seen.contains(&key) {
                 return Err(ConfigError::Duplicate(key.to_string()));
@@ -581,11 +589,25 @@ mod tests {
         assert_eq!(passed, vec![("mac", "52:54:00:12:34:56")]);
         assert_eq!(
             AfXdpConfig::parse("ifname=eth1,mac=52:54:00:12:34:56"),
-            Err(ConfigError::UnknownOption("mac".into()))
+            Err(ConfigError::UnknownOption {
+                key: "mac".into(),
+                known: OPTION_KEYS.join(", ")
+            })
         );
         // The crate's own keys cannot be taken over by the caller.
         let (c, passed) = AfXdpConfig::parse_allowing("ifname=a,queues=3", &["queues"]).unwrap();
         assert_eq!((c.queues, passed.len()), (3, 0));
+    }
+
+    #[test]
+    fn an_unknown_option_lists_every_known_one() {
+        let message = AfXdpConfig::parse_allowing("ifname=x,umme=guest", &["mac", "spoof-check"])
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("\"umme\""), "{message}");
+        for key in OPTION_KEYS.iter().chain(&["mac", "spoof-check"]) {
+            assert!(message.contains(key), "{key} missing from: {message}");
+        }
     }
 
     #[test]
@@ -595,7 +617,7 @@ mod tests {
         assert_eq!(err(""), MissingIfname);
         assert_eq!(err("queues=2"), MissingIfname);
         assert_eq!(err("ifname"), NotKeyValue("ifname".into()));
-        assert_eq!(err("ifname=a,bogus=1"), UnknownOption("bogus".into()));
+        assert!(matches!(err("ifname=a,bogus=1"), UnknownOption { key, .. } if key == "bogus"));
         assert_eq!(err("ifname=a,ifname=b"), Duplicate("ifname".into()));
         assert!(matches!(
             err("ifname=a,queues=0"),

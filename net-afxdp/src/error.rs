@@ -17,11 +17,12 @@ pub enum ConfigError {
     MissingIfname,
     #[error("af-xdp: option {0:?} is not key=value")]
     NotKeyValue(String),
-    #[error(
-        "af-xdp: unknown option {0:?} (known: ifname, queues, start-queue, mode, force-copy, \
-         inhibit, sock-fds, filter-fds, map-path, map-start-index, tx-csum)"
-    )]
-    UnknownOption(String),
+    #[error("af-xdp: unknown option {key:?} (known: {known})")]
+    UnknownOption {
+        key: String,
+        /// Every key accepted where it was met, comma separated.
+        known: String,
+    },
     #[error("af-xdp: option {0} given twice")]
     Duplicate(String),
     #[error("af-xdp: {key}={value:?} is not valid: expected {expected}")]

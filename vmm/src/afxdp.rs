@@ -213,9 +213,8 @@ impl RxFilterSink for XdpRxFilter {
 }
 
 fn parse_config(spec: &NetSpec) -> Result<AfXdpConfig, crate::VmmError> {
-    spec.backend_options
-        .parse()
-        .map_err(|e: net_afxdp::ConfigError| crate::VmmError::Net(e.to_string()))
+    spec.backend_config()
+        .map_err(|e| crate::VmmError::Net(e.to_string()))
 }
 
 /// Bytes a `--net` needs after guest RAM for its queues' frames: those of

@@ -119,9 +119,32 @@ impl std::str::FromStr for NetSpec {
     }
 }
 
+/// The keys of `--net af-xdp` that xskvm reads itself; the rest are the
+/// backend's (`net_afxdp::OPTION_KEYS`).
+pub const VMM_KEYS: [&str; 2] = ["mac", "spoof-check"];
+
+impl NetSpec {
+    /// The backend's options, parsed; an unknown key's error lists every
+    /// key `--net af-xdp` takes, xskvm's own too.
+    pub fn backend_config(&self) -> Result<net_afxdp::AfXdpConfig, net_afxdp::ConfigError> {
+        // xskvm's keys were taken out by from_str: none is passed back.
+        net_afxdp::AfXdpConfig::parse_allowing(&self.backend_options, &VMM_KEYS)
+            .map(|(config, _)| config)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_key_lists_every_key_net_takes() {
+        let spec: NetSpec = "af-xdp,ifname=eth1,umme=guest".parse().unwrap();
+        let message = spec.backend_config().unwrap_err().to_string();
+        for key in ["umem", "tx-gather", "mac", "spoof-check"] {
+            assert!(message.contains(key), "{key} missing from: {message}");
+        }
+    }
 
     #[test]
     fn splits_mac_from_backend_options() {

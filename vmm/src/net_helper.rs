@@ -182,13 +182,10 @@ fn inherit(fd: RawFd) -> Result<(), HelperError> {
 /// Parses one `--net` and refuses the keys that are the helper's to set.
 fn check_spec(text: &str) -> Result<AfXdpConfig, HelperError> {
     let spec: NetSpec = text.parse()?;
-    let config: AfXdpConfig =
-        spec.backend_options
-            .parse()
-            .map_err(|e: net_afxdp::ConfigError| HelperError::Backend {
-                spec: text.to_string(),
-                error: e.to_string(),
-            })?;
+    let config: AfXdpConfig = spec.backend_config().map_err(|e| HelperError::Backend {
+        spec: text.to_string(),
+        error: e.to_string(),
+    })?;
     for (given, key) in [
         (config.inhibit, "inhibit"),
         (config.sock_fds.is_some(), "sock-fds"),
