@@ -273,10 +273,12 @@ impl WatchedNic {
         });
         if mtu.is_some() && mtu != self.mtu {
             if let (Some(old), Some(new)) = (self.mtu, mtu) {
-                // virtio-net's MTU is read once, at feature negotiation.
+                // The device's MTU is set when xskvm starts and its config
+                // space never changes, so the guest cannot follow.
                 log::warn!(
-                    "{}: {} MTU changed from {old} to {new}; the guest sees the new MTU \
-                     after its driver is reloaded",
+                    "{}: {} MTU changed from {old} to {new}; the guest keeps the MTU it was \
+                     given at start until xskvm is restarted, and frames longer than the \
+                     interface now takes are dropped",
                     self.id,
                     self.config.ifname
                 );
