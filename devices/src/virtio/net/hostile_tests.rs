@@ -656,3 +656,113 @@ fn overlapping_tx_rings_case(id: &'static str, link_up: bool) {
         drop(h);
     });
 }
+
+/// A backend with one frame always waiting: each time the device cannot
+/// take it, "the guest" publishes one more unusable (read-only) RX chain.
+struct BadRxChainFlood {
+    target: Arc<Mutex<Option<FloodTarget>>>,
+    on: Arc<AtomicBool>,
+    sock: UnixDatagram,
+}
+
+impl NetBackend for BadRxChainFlood {
+    fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+    fn receive(&mut self, deliver: &mut dyn FnMut(&[u8]) -> bool) -> usize {
+        if deliver(&frame(1, 100)) {
+            return 1;
+        }
+        if self.on.load(Ordering::Relaxed) {
+            let mut target = self.target.lock().unwrap();
+            if let Some(t) = target.as_mut() {
+                let slot = t.avail + 4 + u64::from(t.next_idx % 256) * 2;
+                t.mem.write_obj(t.head, GuestAddress(slot)).unwrap();
+                t.next_idx = t.next_idx.wrapping_add(1);
+                t.mem
+                    .write_obj(t.next_idx, GuestAddress(t.avail + 2))
+                    .unwrap();
+            }
+        }
+        0
+    }
+    fn transmit(&mut self, fill: &mut dyn FnMut(&mut [u8]) -> Option<TxFrame>) -> (usize, bool) {
+        let mut buf = [0u8; 2048];
+        let mut sent = 0;
+        while let Some(f) = fill(&mut buf) {
+            let _ = self.sock.send(&buf[..f.len]);
+            sent += 1;
+        }
+        (sent, false)
+    }
+}
+
+#[test]
+fn unusable_rx_chains_posted_without_end_do_not_starve_transmit() {
+    let (a, peer) = UnixDatagram::pair().unwrap();
+    a.set_nonblocking(true).unwrap();
+    peer.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let target = Arc::new(Mutex::new(None));
+    let on = Arc::new(AtomicBool::new(true));
+    let backend = BadRxChainFlood {
+        target: target.clone(),
+        on: on.clone(),
+        sock: a,
+    };
+    let (dev, counters) = net_named("hv-badrx", vec![Box::new(backend)]);
+    let mut h = DriverHarness::new(dev);
+    h.start(FEATURES, 3, 256);
+    // One read-only RX chain, its head published again and again.
+    h.queue_raw_chain(0, &[(0x20_2000, 2048, 0)]);
+    let avail = h.avail_ring_addr(0);
+    let head: u16 = h.mem.read_obj(GuestAddress(avail + 4)).unwrap();
+    *target.lock().unwrap() = Some(FloodTarget {
+        mem: h.mem.clone(),
+        avail,
+        next_idx: h.avail_idx(0),
+        head,
+    });
+    h.kick(0);
+    std::thread::sleep(Duration::from_millis(200));
+    h.queue_tx_frame(1, &frame(9, 64));
+    h.kick(1);
+    let mut buf = [0u8; 2048];
+    let sent = peer.recv(&mut buf);
+    on.store(false, Ordering::Relaxed);
+    assert!(
+        sent.is_ok(),
+        "transmit starved by one endless receive pass ({})",
+        counters[0].snapshot()
+    );
+    assert!(counters[0].snapshot().rx_bad_descriptors > 0);
+}
+
+/// The only chains a pass returns are unusable ones (given back empty):
+/// the guest is still told, or it waits for those buffers for ever.
+#[test]
+fn unusable_rx_chains_returned_alone_raise_an_interrupt() {
+    within("unusable chains returned alone", TEST_LIMIT, || {
+        let (b, peer) = SocketBackend::pair();
+        let (dev, counters) = net_named("bad-alone", vec![b]);
+        let mut h = DriverHarness::new(dev);
+        h.start(FEATURES, 3, 256);
+        h.queue_raw_chain(0, &[(0x300_1000, 2048, 0)]);
+        let head: u16 = h
+            .mem
+            .read_obj(GuestAddress(h.avail_ring_addr(0) + 4))
+            .unwrap();
+        h.ack_interrupt();
+        h.kick(0);
+        peer.send(&frame(7, 200)).unwrap();
+        assert!(
+            h.wait_interrupt(Duration::from_secs(2)),
+            "no interrupt for the returned chain ({})",
+            counters[0].snapshot()
+        );
+        let mut used = Vec::new();
+        h.take_used(0, &mut used);
+        assert_eq!(used, [(head, 0)]);
+        assert_eq!(counters[0].snapshot().rx_bad_descriptors, 1);
+    });
+}

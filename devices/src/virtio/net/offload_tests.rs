@@ -860,3 +860,55 @@ fn coalescing_keeps_every_flows_bytes_in_order_whatever_arrives() {
         "the rounds merged {merged} frames: coalescing went untested"
     );
 }
+
+/// A frame dropped for being too big is not a received packet.
+#[test]
+fn a_frame_dropped_as_too_big_is_not_counted_received() {
+    let (mut h, peer, counters) = device(FEATURES | VIRTIO_NET_F_MRG_RXBUF);
+    let big = super::tests::frame(1, 3000);
+    let small = super::tests::frame(2, 100);
+    let got = receive_batch(&mut h, &peer, &[big, small], (8, 2048), 1);
+    assert_eq!(got.len(), 1);
+    let c = counters.snapshot();
+    assert_eq!(c.rx_dropped_too_big, 1, "{c}");
+    assert_eq!((c.rx_packets, c.rx_bytes), (1, 100), "{c}");
+    assert_eq!(c.rx_batch_frames, 1, "{c}");
+}
+
+/// Coalescing stops at a FIN, as GRO does: what follows a FIN is never
+/// folded into the frame that carries it.
+#[test]
+fn coalescing_does_not_merge_past_a_fin() {
+    let (mut h, peer, counters) = device(FEATURES | GRO);
+    let data = payload(2000, 3);
+    let mut frames = flow(Ip::V4, 40000, 7, &data, 1000, false);
+    for f in &mut frames {
+        let l = headers::parse(f).unwrap();
+        f[l.l4 + 13] |= 0x01; // FIN
+        fill_l4_checksum(f);
+    }
+    let got = receive_batch(&mut h, &peer, &frames, (64, 2048), 2);
+    assert_eq!(got.len(), 2, "merged past a FIN");
+    assert_eq!(counters.snapshot().rx_gro_segments, 0);
+}
+
+/// A segment whose IPv4 header checksum fails is not merged (the merged
+/// frame's header gets a fresh checksum, which would hide the damage): it
+/// reaches the guest as it came, for the guest to drop.
+#[test]
+fn a_segment_with_a_bad_ipv4_header_checksum_is_not_merged() {
+    let (mut h, peer, _counters) = device(FEATURES | GRO);
+    let data = payload(3000, 3);
+    let mut frames = flow(Ip::V4, 40000, 7, &data, 1000, false);
+    let l = headers::parse(&frames[0]).unwrap();
+    // The IPv4 ID, which the TCP checksum does not cover.
+    frames[0][l.l3 + 4] ^= 0x40;
+    let bad = frames[0].clone();
+    let got = receive_batch(&mut h, &peer, &frames, (64, 2048), 2);
+    assert_eq!(got[0].frame, bad, "the damaged segment as it came");
+    assert_eq!(got[0].hdr.gso_type, 0);
+    assert_eq!(
+        got[1].hdr.gso_type, VIRTIO_NET_HDR_GSO_TCPV4,
+        "the rest merged"
+    );
+}

@@ -433,7 +433,11 @@ impl Segment {
             return None;
         }
         let ip_len = match l.ip {
-            Ip::V4 if l.l4 == l.l3 + 20 => {
+            // The header checksum verified, as GRO does: a merged frame's
+            // header gets a fresh one, which would hide a damaged header.
+            Ip::V4
+                if l.l4 == l.l3 + 20 && csum::fold(csum::add(0, &frame[l.l3..l.l4])) == 0xffff =>
+            {
                 usize::from(u16::from_be_bytes([frame[l.l3 + 2], frame[l.l3 + 3]]))
             }
             Ip::V6 if l.l4 == l.l3 + 40 => {
@@ -444,8 +448,9 @@ impl Segment {
         let flags = frame[l.l4 + 13];
         if l.l3 + ip_len != frame.len()
             // FIN may end a segment (a host's GSO packet often carries the
-            // stream's last bytes); a flow never merges past it, since
-            // continues() wants the first segment's flags but PSH.
+            // stream's last bytes); a flow never merges past it:
+            // continues() wants the first segment's flags but PSH, and
+            // nothing after a FIN.
             || flags & !(TCP_FLAG_ACK | TCP_FLAG_PSH | TCP_FLAG_FIN) != 0
             || flags & TCP_FLAG_ACK == 0
             || frame.len() == l.end
@@ -512,14 +517,15 @@ impl OpenFlow {
 
     /// Whether `seg` (in `frame`) continues this flow in order and may be
     /// merged: same addresses, ports, ack, options and IP fields GRO
-    /// compares; no bigger than the first; the flow not ended by PSH or a
-    /// short segment; the result within an IP datagram's 64 KiB.
+    /// compares; no bigger than the first; the flow not ended by PSH, FIN
+    /// or a short segment; the result within an IP datagram's 64 KiB.
     pub fn continues(&self, seg: &Segment, frame: &[u8]) -> bool {
         let l = &self.layout;
         if seg.layout != *l
             || seg.seq != self.next_seq
             || seg.payload > self.mss
             || self.psh
+            || self.headers[l.l4 + 13] & TCP_FLAG_FIN != 0
             || self.payload < self.mss * self.segments
             || l.end - l.l3 + self.payload + seg.payload > GRO_MAX_IP_LEN
         {

@@ -1452,11 +1452,17 @@ impl QueuePairWorker {
         let max_frame = tx_policy.max_frame;
         let RxState { writer, open } = rx_state;
         let budget = usize::from(rx.size());
+        let used_before = rx.next_used();
         let mut taken = 0usize;
+        // Looks at the ring after running out of buffers: a guest that
+        // posts unusable chains one at a time (returned at once, taking no
+        // frame) would otherwise keep this pass going without end.
+        let mut looks = 0usize;
         let mut fault = None;
         let pass = loop {
             let mut no_buffer = false;
             let mut bytes = 0u64;
+            let mut dropped = 0u64;
             let delivered = backend.receive(&mut |frame: &[u8]| {
                 if taken == budget || fault.is_some() {
                     return false;
@@ -1473,9 +1479,10 @@ impl QueuePairWorker {
                         no_buffer = true;
                         false
                     }
-                    // Dropped and counted.
+                    // Dropped and counted (rx_dropped_too_big).
                     Err(RxError::TooBig) => {
                         taken += 1;
+                        dropped += 1;
                         true
                     }
                     Err(RxError::Queue(e)) => {
@@ -1488,10 +1495,11 @@ impl QueuePairWorker {
             if let Err(e) = close_flow(mem, rx, writer, open, offloads, counters) {
                 fault.get_or_insert(WorkerFault::queue("rx", format!("{e:?}")));
             }
-            if delivered > 0 {
-                add(&counters.rx_packets, delivered as u64);
+            let received = (delivered as u64).saturating_sub(dropped);
+            if received > 0 {
+                add(&counters.rx_packets, received);
                 add(&counters.rx_bytes, bytes);
-                add(&counters.rx_batch_frames, delivered as u64);
+                add(&counters.rx_batch_frames, received);
                 add(&counters.rx_batches, 1);
             }
             if fault.is_some() {
@@ -1514,13 +1522,18 @@ impl QueuePairWorker {
                 add(&counters.rx_no_buffer_waits, 1);
                 break Pass::Blocked;
             }
+            looks += 1;
+            if looks == budget {
+                break Pass::MoreWork;
+            }
         };
         if self.rx_state.writer.take_multi_published() {
             // The used index moved past entries EVENT_IDX bookkeeping did
             // not count: interrupt, and reset that bookkeeping.
             let _ = self.rx.needs_notification(&self.mem);
             raise(&self.interrupt, &self.counters);
-        } else if taken > 0 {
+        } else if taken > 0 || self.rx.next_used() != used_before {
+            // Unusable chains returned empty are used entries too.
             signal_used(&mut self.rx, &self.mem, &self.interrupt, &self.counters);
         }
         match fault {
