@@ -258,6 +258,19 @@ fn bad_net_specs() {
         ]),
         "tx-gather=\"yes-please\"",
     );
+    // Both would attach xskvm's program to one interface: refused before
+    // either is opened (the interface does not even exist).
+    assert_error(
+        &xskvm(&[
+            "--kernel",
+            kernel,
+            "--net",
+            "af-xdp,ifname=xsknosuch0",
+            "--net",
+            "af-xdp,ifname=xsknosuch0,start-queue=1",
+        ]),
+        "--net 1: ifname=xsknosuch0 is already --net 0's: one NIC per interface",
+    );
 }
 
 #[test]

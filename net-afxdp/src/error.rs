@@ -10,6 +10,27 @@ pub(crate) const PRIVILEGE_HINT: &str =
      CAP_BPF and CAP_IPC_LOCK (e.g. setcap cap_net_raw,cap_net_admin,cap_bpf,cap_ipc_lock+ep), \
      or let a privileged helper create the sockets and pass them with inhibit=on,sock-fds=...";
 
+/// What to do about a program found on the interface. xskvm's own is
+/// held by a BPF link of a running xskvm (or of another `--net` of this
+/// one), which `ip link set ... xdp off` cannot remove: it goes when that
+/// xskvm ends.
+fn attached_program_advice(ifname: &str, prog_name: &str) -> String {
+    if prog_name.starts_with("xskvm_redirect") {
+        format!(
+            "it is xskvm's: another xskvm (or another --net of this one) uses {ifname}. One \
+             xskvm NIC per interface (queues=N gives it more queue pairs); the program goes \
+             when that xskvm ends"
+        )
+    } else {
+        format!(
+            "xskvm never replaces another program. Remove it with `ip link set dev {ifname} xdp \
+             off` (or `xdp-loader unload {ifname} --all`; a program attached through a BPF link \
+             goes only when its owner lets it go), or keep it, put xskvm's sockets in its XSKMAP \
+             and use inhibit=on,sock-fds=... or map-path=..."
+        )
+    }
+}
+
 /// An error in the `af-xdp` option string or a [`crate::AfXdpConfig`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -140,10 +161,9 @@ pub enum Error {
     },
 
     #[error(
-        "af-xdp: {ifname} already has XDP program {prog_name:?} (id {prog_id}) attached in {mode} mode; \
-         xskvm never replaces another program. Remove it with `ip link set dev {ifname} xdp off` \
-         (or `xdp-loader unload {ifname} --all`), or keep it, put xskvm's sockets in its XSKMAP and \
-         use inhibit=on,sock-fds=..."
+        "af-xdp: {ifname} already has XDP program {prog_name:?} (id {prog_id}) attached in {mode} \
+         mode; {}",
+        attached_program_advice(ifname, prog_name)
     )]
     ProgramAlreadyAttached {
         ifname: String,

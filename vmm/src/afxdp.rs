@@ -217,6 +217,30 @@ fn parse_config(spec: &NetSpec) -> Result<AfXdpConfig, crate::VmmError> {
         .map_err(|e| crate::VmmError::Net(e.to_string()))
 }
 
+/// Refuses two `--net` that would both attach xskvm's program to one
+/// interface (the second would find the first's there), before any NIC is
+/// opened. With `inhibit=on` (sockets for someone else's program, e.g. at
+/// `map-path=`) several NICs may share an interface on other queues.
+pub fn check_one_nic_per_interface(specs: &[NetSpec]) -> Result<(), crate::VmmError> {
+    let configs = specs
+        .iter()
+        .map(parse_config)
+        .collect::<Result<Vec<_>, _>>()?;
+    for (later, config) in configs.iter().enumerate() {
+        let earlier = configs[..later]
+            .iter()
+            .position(|c| c.ifname == config.ifname && !c.inhibit && !config.inhibit);
+        if let Some(earlier) = earlier {
+            return Err(crate::VmmError::Net(format!(
+                "--net {later}: ifname={} is already --net {earlier}'s: one NIC per interface \
+                 (queues=N gives it more queue pairs)",
+                config.ifname
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Bytes a `--net` needs after guest RAM for its queues' frames: those of
 /// its UMEMs with `umem=guest`, else 0 (its queues map their own).
 pub fn guest_umem_area(spec: &NetSpec) -> Result<u64, crate::VmmError> {

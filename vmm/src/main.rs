@@ -69,6 +69,7 @@ fn main() -> ExitCode {
 /// first (in one mapping with their queues' area after it), since they
 /// register it as their UMEM.
 fn open_nics(specs: &[NetSpec], config: &mut VmConfig) -> Result<(), VmmError> {
+    vmm::afxdp::check_one_nic_per_interface(specs)?;
     let areas = specs
         .iter()
         .map(vmm::afxdp::guest_umem_area)
