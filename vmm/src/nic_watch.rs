@@ -373,6 +373,9 @@ pub struct NicWatcher {
     /// whose seccomp filter allows what that takes.
     thread: Option<JoinHandle<()>>,
     unwatched: Vec<WatchedNic>,
+    /// Where a thread that could not start watching leaves the NICs, so
+    /// that they stay attached until the watcher is dropped.
+    handed_back: Arc<Mutex<Option<Vec<WatchedNic>>>>,
 }
 
 impl NicWatcher {
@@ -384,6 +387,7 @@ impl NicWatcher {
                 stop: None,
                 thread: None,
                 unwatched: nics,
+                handed_back: Arc::default(),
             };
         }
         // After the socket, so nothing falls between reading and listening.
@@ -405,6 +409,7 @@ impl NicWatcher {
                     stop: None,
                     thread: None,
                     unwatched: nics,
+                    handed_back: Arc::default(),
                 };
             }
         };
@@ -413,20 +418,21 @@ impl NicWatcher {
         }
         // The thread gets the NICs only if it starts; a failed spawn drops
         // the closure, so hand them over through a slot we keep.
-        let slot = Arc::new(std::sync::Mutex::new(Some(nics)));
+        let slot = Arc::new(Mutex::new(Some(nics)));
         let their_slot = slot.clone();
         let spawned = std::thread::Builder::new()
             .name("xskvm-nicwatch".into())
             .spawn(move || {
                 let nics = their_slot
                     .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .unwrap_or_else(PoisonError::into_inner)
                     .take()
                     .unwrap_or_default();
                 if let Err(e) = seccomp::install(ThreadKind::NicWatch, filter.as_deref()) {
                     // Filterless threads are not allowed: this one ends,
-                    // and the NICs stay attached until it is joined.
+                    // handing the NICs back so they stay attached.
                     log::error!("{e}; link changes go unnoticed");
+                    *their_slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(nics);
                     return;
                 }
                 let nics = watch(socket, theirs, nics);
@@ -439,6 +445,7 @@ impl NicWatcher {
                 stop: Some(stop),
                 thread: Some(thread),
                 unwatched: Vec::new(),
+                handed_back: slot,
             },
             Err(e) => {
                 log::warn!("cannot start the interface watcher: {e}; link changes go unnoticed");
@@ -451,6 +458,7 @@ impl NicWatcher {
                     stop: None,
                     thread: None,
                     unwatched: nics,
+                    handed_back: Arc::default(),
                 }
             }
         }
@@ -469,6 +477,10 @@ impl Drop for NicWatcher {
             }
         }
         self.unwatched.clear();
+        self.handed_back
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 }
 
@@ -663,6 +675,27 @@ mod tests {
         assert_eq!(nic.ifindex, Some(index));
         assert!(mode.get().is_some());
         assert!(nic.link.state().1, "carrier");
+    }
+
+    #[test]
+    fn nics_stay_until_the_watcher_goes_when_its_filter_cannot_be_installed() {
+        let (nic, mode) = watched_nic();
+        // An empty program: installing it fails.
+        let filter = Arc::new(BpfProgram::new());
+        let watcher = NicWatcher::start(vec![nic], Some(filter));
+        let thread = watcher.thread.as_ref().expect("a watcher thread");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !thread.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(thread.is_finished(), "the thread should have given up");
+        assert_eq!(
+            Arc::strong_count(&mode),
+            2,
+            "the NIC (and its program) went"
+        );
+        drop(watcher);
+        assert_eq!(Arc::strong_count(&mode), 1);
     }
 
     #[test]
