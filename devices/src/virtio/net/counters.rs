@@ -106,6 +106,15 @@ queue_pair_counters! {
     rx_gro_frames,
     /// Wire frames merged into them.
     rx_gro_segments,
+    /// TCP packets longer than the MTU (a host's GSO packet, as generic XDP
+    /// hands them over) cut into wire frames for a guest that cannot take
+    /// them whole.
+    rx_gso_split,
+    /// Wire frames cut from them.
+    rx_gso_split_segments,
+    /// Of those wire frames, ones dropped because the guest's buffers ran
+    /// out partway through the packet (a packet is never delivered twice).
+    rx_gso_split_dropped,
     rx_notifications,
     tx_notifications,
     interrupts,

@@ -563,7 +563,8 @@ fn in_order_tcp_segments_of_one_batch_reach_the_guest_as_one_gso_frame() {
 /// A host stack's whole GSO packet (generic XDP hands those to AF_XDP in
 /// skb mode): longer than the MTU, it reaches a guest that takes GSO
 /// frames as one frame cut at the MTU's segment size; a guest that does
-/// not is not given it (counted), and the frame after it still arrives.
+/// not gets it cut into wire frames (below), and the frame after it still
+/// arrives.
 #[test]
 fn a_tcp_packet_longer_than_the_mtu_reaches_the_guest_only_as_a_gso_frame() {
     for (ip, gso_type, l3_l4) in [
@@ -595,15 +596,138 @@ fn a_tcp_packet_longer_than_the_mtu_reaches_the_guest_only_as_a_gso_frame() {
     assert_eq!(got[0].hdr.gso_type, VIRTIO_NET_HDR_GSO_TCPV4);
     assert_eq!(got[0].frame[l.l4 + 13] & 0x01, 0x01, "FIN kept");
     assert_eq!(payload_of(&got[0]), data);
+}
 
-    let (mut h, peer, counters) =
-        device(FEATURES | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_MRG_RXBUF);
-    let big = flow(Ip::V6, 40000, 7, &payload(20_000, 6), 20_000, false).remove(0);
-    let small = flow(Ip::V6, 40001, 9, &payload(500, 1), 500, false).remove(0);
+/// The same packet for a guest that takes no GSO frames (a router or an
+/// XDP guest turns them off; Linux without GUEST_TSO): cut here into wire
+/// frames at the MTU, as the kernel's software GSO would, each with its own
+/// checksum, in order; a packet whose checksum fails is still dropped.
+#[test]
+fn a_tcp_packet_longer_than_the_mtu_is_cut_for_a_guest_without_gso() {
+    for (ip, l3_l4) in [(Ip::V4, 20 + 32), (Ip::V6, 40 + 32)] {
+        for partial_csum in [false, true] {
+            for features in [
+                FEATURES | VIRTIO_NET_F_MRG_RXBUF,
+                FEATURES | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_MRG_RXBUF,
+                FEATURES,
+            ] {
+                let (mut h, peer, counters) = device(features);
+                let data = payload(20_000, 6);
+                let mut big = flow(ip, 40000, 7, &data, data.len(), partial_csum).remove(0);
+                let l = headers::parse(&big).unwrap();
+                big[l.l4 + 13] |= 0x08 | 0x01; // PSH, FIN: on the last only
+                if partial_csum {
+                    leave_partial(&mut big);
+                } else {
+                    fill_l4_checksum(&mut big);
+                }
+                let small = flow(ip, 40001, 9, &payload(500, 1), 500, false).remove(0);
+                let mss = 1500 - l3_l4;
+                let n = data.len().div_ceil(mss);
+                let got = receive_batch(&mut h, &peer, &[big, small.clone()], (64, 2048), n + 1);
+                assert_eq!(got.len(), n + 1, "{ip:?} {features:#x}");
+                let mut joined = Vec::new();
+                for (i, r) in got[..n].iter().enumerate() {
+                    assert_eq!(r.hdr.gso_type, 0, "no GSO frame for this guest");
+                    assert!(r.frame.len() <= 1514, "{} bytes", r.frame.len());
+                    assert!(l4_checksum_ok(&r.frame), "segment {i}'s checksum");
+                    let seq = u32::from_be_bytes(r.frame[l.l4 + 4..l.l4 + 8].try_into().unwrap());
+                    assert_eq!(seq, 7 + (i * mss) as u32);
+                    let flags = r.frame[l.l4 + 13];
+                    let last = i + 1 == n;
+                    assert_eq!(flags & 0x09 != 0, last, "PSH/FIN on segment {i}");
+                    let valid = features & VIRTIO_NET_F_GUEST_CSUM != 0;
+                    assert_eq!(
+                        r.hdr.flags,
+                        if valid {
+                            VIRTIO_NET_HDR_F_DATA_VALID
+                        } else {
+                            0
+                        }
+                    );
+                    joined.extend_from_slice(&r.frame[l.end..]);
+                }
+                assert_eq!(joined, data);
+                assert_eq!(got[n].frame, small);
+                let c = counters.snapshot();
+                assert_eq!(c.rx_dropped_too_big, 0, "{c}");
+                assert_eq!(
+                    (c.rx_gso_split, c.rx_gso_split_segments),
+                    (1, n as u64),
+                    "{c}"
+                );
+                assert_eq!(c.rx_packets, n as u64 + 1, "{c}");
+            }
+        }
+    }
+    // A packet whose checksum fails (not a sender's partial one) is not
+    // made valid by cutting: dropped and counted, as before.
+    let (mut h, peer, counters) = device(FEATURES | VIRTIO_NET_F_MRG_RXBUF);
+    let mut big = flow(Ip::V4, 40000, 7, &payload(9_000, 3), 9_000, false).remove(0);
+    let last = big.len() - 1;
+    big[last] ^= 0xff;
+    let small = flow(Ip::V4, 40001, 9, &payload(500, 1), 500, false).remove(0);
     let got = receive_batch(&mut h, &peer, &[big, small.clone()], (64, 2048), 1);
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].frame, small);
     assert_eq!(counters.snapshot().rx_dropped_too_big, 1);
+}
+
+/// A packet to be cut waits whole while the guest has fewer buffers than
+/// it has wire frames, and then arrives whole: none lost, none twice.
+#[test]
+fn a_packet_to_be_cut_waits_for_buffers_for_all_of_it() {
+    let (mut h, peer, counters) = device(FEATURES | VIRTIO_NET_F_MRG_RXBUF);
+    let data = payload(20_000, 2);
+    let big = flow(Ip::V4, 40000, 7, &data, data.len(), true).remove(0);
+    let n = data.len().div_ceil(1500 - 52);
+    peer.send(&big).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(h.post_rx_buffers_sized(0, n - 1, 2048), n - 1);
+    h.kick(0);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut used = Vec::new();
+    h.take_used(0, &mut used);
+    assert!(
+        used.is_empty(),
+        "{} frames went before all could",
+        used.len()
+    );
+    let got = receive_batch(&mut h, &peer, &[], (8, 2048), n);
+    assert_eq!(got.len(), n);
+    let joined: Vec<u8> = got
+        .iter()
+        .flat_map(|r| r.frame[14 + 20 + 32..].to_vec())
+        .collect();
+    assert_eq!(joined, data);
+    let c = counters.snapshot();
+    assert_eq!(
+        (c.rx_gso_split_segments, c.rx_gso_split_dropped),
+        (n as u64, 0),
+        "{c}"
+    );
+}
+
+/// A GSO packet whose flags keep it from being handed on whole (CWR: the
+/// guest's GRO would not merge over it either) is cut too; a guest that
+/// takes GSO frames gets the CWR segment alone, the rest merged again.
+#[test]
+fn a_long_tcp_packet_with_cwr_reaches_a_gso_guest_whole() {
+    let (mut h, peer, counters) = device(FEATURES | GRO);
+    let data = payload(20_000, 4);
+    let mut big = flow(Ip::V4, 40000, 7, &data, data.len(), true).remove(0);
+    let l = headers::parse(&big).unwrap();
+    big[l.l4 + 13] |= 0x80; // CWR
+    leave_partial(&mut big);
+    let got = receive_batch(&mut h, &peer, &[big], (64, 2048), 2);
+    assert_eq!(got.len(), 2, "{}", counters.snapshot());
+    assert_eq!(got[0].frame[l.l4 + 13] & 0x80, 0x80, "CWR on the first");
+    assert_eq!(got[1].frame[l.l4 + 13] & 0x80, 0, "and only there");
+    assert_eq!(got[1].hdr.gso_type, VIRTIO_NET_HDR_GSO_TCPV4);
+    let mut joined = payload_of(&got[0]);
+    joined.extend_from_slice(&payload_of(&got[1]));
+    assert_eq!(joined, data);
+    assert_eq!(counters.snapshot().rx_dropped_too_big, 0);
 }
 
 #[test]

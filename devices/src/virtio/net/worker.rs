@@ -567,6 +567,9 @@ pub(crate) struct RxState {
     writer: RxFrameWriter,
     /// The merged frame being written, if any (only within one batch).
     open: Option<OpenFlow>,
+    /// Where a packet longer than the MTU is cut into wire frames, one at a
+    /// time (sized once, at the first such packet).
+    split: Vec<u8>,
 }
 
 impl RxState {
@@ -575,6 +578,7 @@ impl RxState {
         Self {
             writer: RxFrameWriter::new(mergeable),
             open: None,
+            split: Vec::new(),
         }
     }
 }
@@ -1450,7 +1454,11 @@ impl QueuePairWorker {
             ..
         } = self;
         let max_frame = tx_policy.max_frame;
-        let RxState { writer, open } = rx_state;
+        let RxState {
+            writer,
+            open,
+            split,
+        } = rx_state;
         let budget = usize::from(rx.size());
         let used_before = rx.next_used();
         let mut taken = 0usize;
@@ -1463,16 +1471,34 @@ impl QueuePairWorker {
             let mut no_buffer = false;
             let mut bytes = 0u64;
             let mut dropped = 0u64;
+            // Wire frames cut from packets beyond the MTU, past the first.
+            let mut cut = 0u64;
             let delivered = backend.receive(&mut |frame: &[u8]| {
                 if taken == budget || fault.is_some() {
                     return false;
                 }
-                match deliver_frame(
-                    mem, rx, writer, open, frame, offloads, counters, budget, max_frame,
-                ) {
-                    Ok(()) => {
+                let result = match split_plan(frame, offloads, max_frame) {
+                    Some(plan) => deliver_split(
+                        mem, rx, writer, open, frame, &plan, split, offloads, counters, budget,
+                        max_frame,
+                    ),
+                    None => deliver_frame(
+                        mem, rx, writer, open, frame, offloads, counters, budget, max_frame,
+                    )
+                    .map(|()| (1, frame.len() as u64)),
+                };
+                match result {
+                    // A packet cut into wire frames none of which reached
+                    // the guest counts as dropped.
+                    Ok((0, _)) => {
                         taken += 1;
-                        bytes += frame.len() as u64;
+                        dropped += 1;
+                        true
+                    }
+                    Ok((frames, frame_bytes)) => {
+                        taken += 1;
+                        cut += frames as u64 - 1;
+                        bytes += frame_bytes;
                         true
                     }
                     Err(RxError::NoBuffers) => {
@@ -1495,7 +1521,7 @@ impl QueuePairWorker {
             if let Err(e) = close_flow(mem, rx, writer, open, offloads, counters) {
                 fault.get_or_insert(WorkerFault::queue("rx", format!("{e:?}")));
             }
-            let received = (delivered as u64).saturating_sub(dropped);
+            let received = (delivered as u64).saturating_sub(dropped) + cut;
             if received > 0 {
                 add(&counters.rx_packets, received);
                 add(&counters.rx_bytes, bytes);
@@ -1844,6 +1870,142 @@ fn count_rx_checksum(counters: &QueuePairCounters, check: RxChecksum) {
         RxChecksum::Invalid => add(&counters.rx_csum_bad, 1),
         RxChecksum::Unchecked => {}
     }
+}
+
+/// How to cut `frame` into wire frames for the guest, where it is a TCP
+/// packet longer than the MTU (a host stack's GSO packet, as generic XDP
+/// hands them over) that the guest cannot take whole: it did not negotiate
+/// GSO frames for its IP version, or the packet's flags keep it from being
+/// one (CWR). As the kernel's software GSO would; a packet whose checksum
+/// fails (rather than being left partial by its sender) is not cut, so
+/// that no segment of it gets a fresh, valid checksum.
+fn split_plan(frame: &[u8], offloads: RxOffloads, max_frame: usize) -> Option<Segmenter> {
+    if frame.len() <= max_frame {
+        return None;
+    }
+    let layout = rx::layout(frame)?;
+    if layout.proto != super::offload::headers::IPPROTO_TCP {
+        return None;
+    }
+    let ip_len = match layout.ip {
+        Ip::V4 => usize::from(u16::from_be_bytes([
+            frame[layout.l3 + 2],
+            frame[layout.l3 + 3],
+        ])),
+        Ip::V6 => {
+            40 + usize::from(u16::from_be_bytes([
+                frame[layout.l3 + 4],
+                frame[layout.l3 + 5],
+            ]))
+        }
+    };
+    // ACK, PSH, FIN, CWR, ECE: what a GSO packet may carry (no URG, whose
+    // pointer would need fixing per segment).
+    const SPLITTABLE_FLAGS: u8 = 0x10 | 0x08 | 0x01 | 0x80 | 0x40;
+    let flags = frame[layout.l4 + 13];
+    if layout.l3 + ip_len != frame.len() || flags & !SPLITTABLE_FLAGS != 0 {
+        return None;
+    }
+    let check = rx_csum::check_with(frame, Some(layout), true);
+    if !matches!(check, RxChecksum::Valid | RxChecksum::Completed { .. }) {
+        return None;
+    }
+    let whole = Segment::of(frame, Some(layout), check).is_some_and(|s| match s.ip() {
+        Ip::V4 => offloads.tso4,
+        Ip::V6 => offloads.tso6,
+    });
+    if whole {
+        return None;
+    }
+    let mss = max_frame
+        .checked_sub(super::ETHERNET_VLAN_HEADER_LEN + layout.end - layout.l3)
+        .filter(|&mss| mss > 0)?;
+    let ecn = if flags & 0x80 != 0 {
+        super::offload::VIRTIO_NET_HDR_GSO_ECN
+    } else {
+        0
+    };
+    let hdr = VirtioNetHdr {
+        gso_type: ecn
+            | match layout.ip {
+                Ip::V4 => super::offload::VIRTIO_NET_HDR_GSO_TCPV4,
+                Ip::V6 => super::offload::VIRTIO_NET_HDR_GSO_TCPV6,
+            },
+        gso_size: u16::try_from(mss).ok()?,
+        ..Default::default()
+    };
+    let all = TxOffloads {
+        csum: true,
+        tso4: true,
+        tso6: true,
+        ecn: true,
+        uso: false,
+    };
+    Segmenter::new(&hdr, all, &frame[..layout.end], frame.len()).ok()
+}
+
+/// Delivers `frame` cut as `plan` says, in order, each wire frame with its
+/// checksum filled. The packet waits whole while the guest has fewer
+/// chains than it has wire frames (up to a queue's worth); should its
+/// buffers run out partway anyway (unusable chains), the rest is dropped
+/// and counted rather than the packet delivered twice. Returns the wire
+/// frames delivered and their bytes.
+#[allow(clippy::too_many_arguments)]
+fn deliver_split(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    w: &mut RxFrameWriter,
+    open: &mut Option<OpenFlow>,
+    frame: &[u8],
+    plan: &Segmenter,
+    scratch: &mut Vec<u8>,
+    offloads: RxOffloads,
+    counters: &QueuePairCounters,
+    max_descs: usize,
+    max_frame: usize,
+) -> Result<(usize, u64), RxError> {
+    let avail = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(RxError::Queue)?;
+    let ready = usize::from(avail.0.wrapping_sub(queue.next_avail()));
+    if ready < plan.segments().min(usize::from(queue.size())) {
+        w.set_starved();
+        return Err(RxError::NoBuffers);
+    }
+    if scratch.len() < max_frame {
+        scratch.resize(max_frame, 0);
+    }
+    let headers = &frame[..plan.header_len()];
+    let mut bytes = 0u64;
+    let mut delivered = 0usize;
+    for i in 0..plan.segments() {
+        let len = plan.segment_len(i);
+        let (at, n) = plan.payload(i);
+        let seg = &mut scratch[..len];
+        seg[plan.header_len()..].copy_from_slice(&frame[at..at + n]);
+        plan.finish_segment(i, headers, seg, false);
+        match deliver_frame(
+            mem, queue, w, open, seg, offloads, counters, max_descs, max_frame,
+        ) {
+            Ok(()) => {
+                delivered += 1;
+                bytes += len as u64;
+            }
+            Err(RxError::Queue(e)) => return Err(RxError::Queue(e)),
+            Err(RxError::NoBuffers) if i == 0 => return Err(RxError::NoBuffers),
+            // Dropped and counted (rx_dropped_too_big).
+            Err(RxError::TooBig) => {}
+            Err(RxError::NoBuffers) => {
+                add(&counters.rx_gso_split_dropped, (plan.segments() - i) as u64);
+                // The packet is done with: nothing of it waits for buffers.
+                w.take_starved();
+                break;
+            }
+        }
+    }
+    add(&counters.rx_gso_split, 1);
+    add(&counters.rx_gso_split_segments, plan.segments() as u64);
+    Ok((delivered, bytes))
 }
 
 /// A frame could not be written: without buffers it waits (what was taken
