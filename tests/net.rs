@@ -153,7 +153,7 @@ fn skb_mode_takes_the_peers_gso_packets_whole_and_tcp_flows_both_ways() {
         r#"{testbed}
 ip netns exec peer iperf3 -s -D
 cat > /tmp/guest-cmd <<'CMD'
-{GUEST_NET_UP}; iperf3 -c {PEER_IP} -t 5 -f m; iperf3 -c {PEER_IP} -t 5 -f m -R
+{GUEST_NET_UP}; iperf3 -c {PEER_IP} -t 5 -f m; iperf3 -c {PEER_IP} -t 5 -f m -R; ethtool -K eth0 rx-gro-hw off; iperf3 -c {PEER_IP} -t 5 -f m -R | grep receiver | sed 's/receiver/RECEIVED-WITHOUT-GSO/'
 CMD
 boot_guest /tmp/console --net af-xdp,ifname=xs0,mode=skb
 finish
@@ -170,6 +170,27 @@ cat /tmp/console /tmp/console.log
     );
     common::assert_iperf_both_ways(&out, IPERF_FLOOR_MBITS, "skb mode: ");
     assert_eq!(exit_log_count(&out, "too big"), 0, "{}", out.describe());
+    // With GUEST_TSO off (rx-gro-hw off: a router's or an XDP guest's
+    // set-up), the peer's packets are cut into wire frames for it.
+    let without_gso = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("RECEIVED-WITHOUT-GSO"))
+        .and_then(common::iperf_mbits);
+    eprintln!(
+        "skb mode, guest without GSO frames: peer->guest {without_gso:?} Mbit/s, {} packets cut",
+        exit_log_count(&out, "packets into")
+    );
+    assert!(
+        without_gso.is_some_and(|m| m >= IPERF_FLOOR_MBITS),
+        "peer to guest without GSO frames: {without_gso:?} Mbit/s\n{}",
+        out.describe()
+    );
+    assert!(
+        exit_log_count(&out, "packets into") > 0,
+        "{}",
+        out.describe()
+    );
 }
 
 #[test]

@@ -204,17 +204,20 @@ pub fn iperf_receiver_rates(out: &ScenarioOutput) -> Vec<f64> {
     out.stdout
         .lines()
         .filter(|l| l.contains("receiver"))
-        .filter_map(|l| {
-            let words: Vec<&str> = l.split_whitespace().collect();
-            let unit = words.iter().position(|w| w.ends_with("bits/sec"))?;
-            let value: f64 = words.get(unit.checked_sub(1)?)?.parse().ok()?;
-            Some(match words[unit] {
-                "Gbits/sec" => value * 1000.0,
-                "Kbits/sec" => value / 1000.0,
-                _ => value,
-            })
-        })
+        .filter_map(iperf_mbits)
         .collect()
+}
+
+/// The rate on one iperf3 summary line, in Mbit/s.
+pub fn iperf_mbits(line: &str) -> Option<f64> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let unit = words.iter().position(|w| w.ends_with("bits/sec"))?;
+    let value: f64 = words.get(unit.checked_sub(1)?)?.parse().ok()?;
+    Some(match words[unit] {
+        "Gbits/sec" => value * 1000.0,
+        "Kbits/sec" => value / 1000.0,
+        _ => value,
+    })
 }
 
 /// The scenario sent a file each way and printed the sha256 of what was

@@ -150,6 +150,7 @@ impl std::fmt::Display for CountersSnapshot {
              offloads: tx {} gso frames -> {} segments, {} checksums filled, {} left to the kernel, {} refused; \
              rx checksums {} verified, {} completed, {} bad; \
              rx coalesced {} frames from {} segments; \
+             rx cut {} packets into {} frames ({} dropped); \
              notifications rx {} tx {}, interrupts {}, mean batch rx {:.1} tx {:.1}, \
              queue errors {}",
             self.rx_packets,
@@ -180,6 +181,9 @@ impl std::fmt::Display for CountersSnapshot {
             self.rx_csum_bad,
             self.rx_gro_frames,
             self.rx_gro_segments,
+            self.rx_gso_split,
+            self.rx_gso_split_segments,
+            self.rx_gso_split_dropped,
             self.rx_notifications,
             self.tx_notifications,
             self.interrupts,
