@@ -328,6 +328,25 @@ impl AfXdpNic {
     /// must be given exactly when the config says `umem=guest`, with an
     /// area of at least [`AfXdpConfig::queue_umem_bytes`].
     pub fn open_on(config: &AfXdpConfig, region: Option<UmemRegion>) -> Result<AfXdpNic> {
+        AfXdpNic::open_with(config, region, false)
+    }
+
+    /// [`AfXdpNic::open_on`] for a NIC opened again (its interface came
+    /// back) while the sockets it replaces may still be read: with
+    /// `umem=guest` the new queues use the same windows of the region as
+    /// the old ones, so they give the kernel no frame until their first
+    /// receive. Otherwise the kernel could write new frames into frames
+    /// the old sockets still hold unread, and whoever reads those before
+    /// switching sockets would hand over mixed bytes.
+    pub fn reopen_on(config: &AfXdpConfig, region: Option<UmemRegion>) -> Result<AfXdpNic> {
+        AfXdpNic::open_with(config, region, region.is_some())
+    }
+
+    fn open_with(
+        config: &AfXdpConfig,
+        region: Option<UmemRegion>,
+        defer_fill: bool,
+    ) -> Result<AfXdpNic> {
         config.validate()?;
         let region_err = |reason: String| Error::Io {
             op: "opening a NIC with umem=guest",
@@ -412,6 +431,7 @@ impl AfXdpNic {
                 },
                 tx_checksum: config.tx_checksum,
                 guest,
+                defer_fill,
             };
             let queue = XskQueue::setup(fd, &setup)?;
             log::info!(

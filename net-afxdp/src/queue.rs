@@ -238,6 +238,9 @@ pub(crate) struct QueueSetup<'a> {
     /// `umem=guest`: the queue's frames are a window of this region,
     /// which the NIC's sockets share as one UMEM.
     pub guest: Option<GuestUmemSetup<'a>>,
+    /// The fill ring stays empty until the first receive (see
+    /// [`crate::AfXdpNic::reopen_on`]).
+    pub defer_fill: bool,
 }
 
 /// Where a queue of a `umem=guest` NIC finds its frames and its UMEM.
@@ -597,8 +600,11 @@ impl XskQueue {
             umem,
         };
         // The whole receive pool goes to the kernel before bind, so no
-        // frame arriving right after bind finds the fill ring empty.
-        queue.refill();
+        // frame arriving right after bind finds the fill ring empty; or,
+        // deferred, at the first receive.
+        if !s.defer_fill {
+            queue.refill();
+        }
 
         let bind = |flags: u16| {
             // A socket sharing the UMEM takes its mode (copy, need-wakeup,

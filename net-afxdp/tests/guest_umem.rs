@@ -304,6 +304,53 @@ fn jumbo_frames_on_guest_memory() {
     assert_eq!(guest_bytes_touched(&region), 0);
 }
 
+/// A NIC opened again with `umem=guest` takes the same windows of the
+/// region as the sockets it replaces, which may still hold frames unread:
+/// it gives the kernel no frame before its first receive, so nothing new
+/// is written over those until its user has switched to it.
+#[test]
+fn a_reopened_nic_gives_the_kernel_no_frame_before_its_first_receive() {
+    require_root!();
+    init_log();
+    let pair = VethPair::new(1).unwrap();
+    let config: AfXdpConfig = format!("ifname={},queues=1,mode=native,umem=guest", pair.a)
+        .parse()
+        .unwrap();
+    let region = region_for(&config);
+    let mut a = pair
+        .run(|| AfXdpNic::reopen_on(&config, Some(region)))
+        .unwrap()
+        .unwrap();
+    let mut b = open(&pair, &format!("ifname={},queues=1,mode=native", pair.b)).unwrap();
+    let (a_mac, b_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
+    let area = |region: &UmemRegion| -> Vec<u8> {
+        let ptr = region.as_ptr();
+        (region.area_start()..region.len())
+            // SAFETY: inside the region's mapping, which is never unmapped.
+            .map(|i| unsafe { ptr.add(i).read_volatile() })
+            .collect()
+    };
+    let before = area(&region);
+    let early: Vec<Vec<u8>> = (0..20).map(|i| test_frame(a_mac, b_mac, i, 300)).collect();
+    tx_all(&mut b.queues_mut()[0], &early);
+    std::thread::sleep(Duration::from_millis(100));
+    let k = a.queues()[0].xdp_statistics().unwrap();
+    assert!(k.rx_dropped >= 20, "frames went into the window: {k:?}");
+    assert!(
+        area(&region) == before,
+        "the kernel wrote into the queue's window"
+    );
+    // The first receive gives the kernel its frames.
+    let got = rx_frames(&mut a.queues_mut()[0], 1, Duration::from_millis(50));
+    assert!(got.is_empty());
+    let later: Vec<Vec<u8>> = (100..120)
+        .map(|i| test_frame(a_mac, b_mac, i, 300))
+        .collect();
+    tx_all(&mut b.queues_mut()[0], &later);
+    let got = rx_frames(&mut a.queues_mut()[0], later.len(), 5 * SECOND);
+    assert_frames(&got, &later, "after the first receive");
+}
+
 /// The region must come exactly with `umem=guest`, with room for the
 /// queues' frames.
 #[test]

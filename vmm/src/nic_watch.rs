@@ -308,7 +308,9 @@ impl WatchedNic {
             }
             return;
         }
-        let nic = match AfXdpNic::open_on(&self.config, self.umem) {
+        // Deferred fill: the old sockets may still be read until the
+        // workers switch (see reopen_on).
+        let nic = match AfXdpNic::reopen_on(&self.config, self.umem) {
             Ok(nic) => nic,
             Err(e) => {
                 log::warn!(
