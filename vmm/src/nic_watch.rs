@@ -313,7 +313,8 @@ impl WatchedNic {
         let nic = match AfXdpNic::reopen_on(&self.config, self.umem) {
             Ok(nic) => nic,
             Err(e) => {
-                log::warn!(
+                // Tried again at every link message of the interface.
+                devices::warn_ratelimited!(
                     "{}: {} is back but cannot be opened yet: {e}",
                     self.id,
                     self.config.ifname
@@ -325,7 +326,8 @@ impl WatchedNic {
         let gather_from = match gather_region(&self.config, self.umem, &queues) {
             Ok(region) => region,
             Err(e) => {
-                log::warn!(
+                // Tried again at every link message of the interface.
+                devices::warn_ratelimited!(
                     "{}: {} is back but cannot be used: {e}",
                     self.id,
                     self.config.ifname
@@ -533,12 +535,24 @@ fn watch(socket: Socket, stop: EventFd, mut nics: Vec<WatchedNic>) -> Vec<Watche
 /// Applies every link message in one netlink datagram.
 fn handle_datagram(mut data: &[u8], nics: &mut [WatchedNic]) {
     while !data.is_empty() {
-        let Ok(message) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(data) else {
-            return;
-        };
-        let len = (message.header.length as usize).max(16);
+        // nlmsg_len, the message's first field: what to skip when its
+        // payload cannot be parsed.
+        let len = data
+            .get(..4)
+            .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .max(16);
+        let parsed = NetlinkMessage::<RouteNetlinkMessage>::deserialize(data);
         // Messages are 4-byte aligned in a datagram.
         data = data.get(len.next_multiple_of(4)..).unwrap_or_default();
+        let message = match parsed {
+            Ok(message) => message,
+            Err(e) => {
+                // One message the crate cannot read must not hide the
+                // others of the datagram.
+                devices::warn_ratelimited!("interface watcher: a link message skipped: {e}");
+                continue;
+            }
+        };
         let (link, deleted) = match &message.payload {
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => (m, false),
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => (m, true),
@@ -607,6 +621,27 @@ mod tests {
         nic.on_link_message(&message, true);
         assert_eq!(mode.get(), None);
         assert_eq!(nic.ifindex, None);
+    }
+
+    #[test]
+    fn a_message_that_cannot_be_parsed_does_not_hide_the_next() {
+        let (mut nic, mode) = watched_nic();
+        // RTM_NEWLINK (16) whose 4-byte body is too short for an ifinfomsg.
+        let mut data = Vec::new();
+        data.extend_from_slice(&20u32.to_ne_bytes());
+        data.extend_from_slice(&16u16.to_ne_bytes());
+        data.extend_from_slice(&[0; 10]);
+        data.extend_from_slice(&[1, 2, 3, 4]);
+        let mut gone = LinkMessage::default();
+        gone.header.index = 7;
+        let mut message = NetlinkMessage::from(RouteNetlinkMessage::DelLink(gone));
+        message.finalize();
+        let mut buf = vec![0u8; message.buffer_len()];
+        message.serialize(&mut buf);
+        data.extend_from_slice(&buf);
+        handle_datagram(&data, std::slice::from_mut(&mut nic));
+        assert_eq!(nic.ifindex, None, "the deletion after it was lost");
+        assert_eq!(mode.get(), None);
     }
 
     #[test]
