@@ -219,6 +219,39 @@ fn bad_input_is_reported_before_any_nic_is_opened() {
     );
 }
 
+/// An API socket path that cannot be had, or more NICs than the machine
+/// has interrupt lines for: reported before any NIC is opened (here the
+/// interfaces do not exist, which would be the first error otherwise).
+#[test]
+fn api_socket_and_nic_count_are_checked_before_any_nic_is_opened() {
+    let dir = TempDir::new("early-checks");
+    let kernel = fake_bzimage(dir.path());
+    let kernel = kernel.to_str().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"keep me").unwrap();
+    let nic = ["--net", "af-xdp,ifname=xsknosuch0"];
+    let mut args = vec!["--kernel", kernel, "--api-socket", file.to_str().unwrap()];
+    args.extend(nic);
+    assert_error(&xskvm(&args), "exists and is not a socket");
+    let missing = dir.path().join("no/such/dir/api.sock");
+    let mut args = vec![
+        "--kernel",
+        kernel,
+        "--api-socket",
+        missing.to_str().unwrap(),
+    ];
+    args.extend(nic);
+    assert_error(&xskvm(&args), "cannot bind");
+    let names: Vec<String> = (0..40)
+        .map(|i| format!("af-xdp,ifname=xsknosuch{i}"))
+        .collect();
+    let mut args = vec!["--kernel", kernel];
+    for name in &names {
+        args.extend(["--net", name.as_str()]);
+    }
+    assert_error(&xskvm(&args), "interrupt");
+}
+
 #[test]
 fn bad_net_specs() {
     let dir = TempDir::new("bad-net");

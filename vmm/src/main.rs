@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         guest_memory: None,
     };
     // Bad paths and sizes are reported before any XDP program is attached.
-    if let Err(e) = vm::check_config(&config) {
+    if let Err(e) = vm::check_config(&config).and_then(|_| vm::check_net_count(args.net.len())) {
         eprintln!("xskvm: {e}");
         return ExitCode::FAILURE;
     }

@@ -869,7 +869,24 @@ pub fn check_config(config: &VmConfig) -> Result<u8, VmmError> {
             max: 254,
         })?;
     crate::boot::check_inputs(&config.kernel, config.initrd.as_deref())?;
+    if let Some(path) = &config.api_socket {
+        crate::api::ApiListener::check(path)?;
+    }
     Ok(vcpus)
+}
+
+/// Whether `nets` virtio-net devices get MMIO slots and interrupt lines,
+/// as [`Vm::build`] hands them out: checked before any NIC is opened.
+pub fn check_net_count(nets: usize) -> Result<(), VmmError> {
+    let mut allocator = ResourceAllocator::new(
+        (DEVICE_MMIO_START, DEVICE_MMIO_END),
+        DEVICE_MMIO_SLOT_SIZE,
+        (DEVICE_IRQ_FIRST, DEVICE_IRQ_LAST),
+    );
+    for _ in 0..nets {
+        allocator.allocate()?;
+    }
+    Ok(())
 }
 
 /// MemTotal from /proc/meminfo, if readable.

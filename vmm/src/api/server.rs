@@ -73,6 +73,40 @@ pub struct ApiListener {
 }
 
 impl ApiListener {
+    /// What [`ApiListener::bind`] would refuse, found without binding:
+    /// for checking the command line before anything is opened.
+    pub fn check(path: &Path) -> Result<(), ApiError> {
+        let io = |what| {
+            let path = path.to_path_buf();
+            move |source| ApiError::Io { path, what, source }
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                Err(ApiError::NotASocket(path.to_path_buf()))
+            }
+            Ok(_) => match UnixStream::connect(path) {
+                Ok(_) => Err(ApiError::InUse(path.to_path_buf())),
+                // Stale: bind replaces it.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Ok(()),
+                Err(e) => Err(io("cannot check the existing socket")(e)),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let dir = match path.parent() {
+                    Some(dir) if !dir.as_os_str().is_empty() => dir,
+                    _ => Path::new("."),
+                };
+                match std::fs::metadata(dir) {
+                    Ok(meta) if meta.is_dir() => Ok(()),
+                    Ok(_) => Err(io("cannot bind")(std::io::Error::from_raw_os_error(
+                        libc::ENOTDIR,
+                    ))),
+                    Err(e) => Err(io("cannot bind")(e)),
+                }
+            }
+            Err(e) => Err(io("cannot check the path")(e)),
+        }
+    }
+
     /// Binds `path` with mode 0600. An existing file there is an error,
     /// unless it is a socket nobody listens on any more (a stale socket
     /// of an xskvm that was killed), which is replaced. Call it before
