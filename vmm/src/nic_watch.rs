@@ -664,15 +664,20 @@ mod tests {
         );
     }
 
+    /// A veth pair in a namespace of its own (root only).
+    fn veth_pair() -> net_afxdp::testbed::VethPair {
+        assert!(
+            net_afxdp::testbed::is_root(),
+            "needs root (a veth pair in a namespace, rtnetlink): run as root"
+        );
+        net_afxdp::testbed::VethPair::new(1).expect("veth pair")
+    }
+
     #[test]
     fn carrier_is_read_in_the_threads_own_namespace() {
         // xskvm started with `nsenter --net` (or setns) keeps the sysfs of
         // the namespace it came from, where the interface is not.
-        assert!(
-            net_afxdp::testbed::is_root(),
-            "needs root (a veth pair in a namespace): run as root"
-        );
-        let pair = net_afxdp::testbed::VethPair::new(1).expect("veth pair");
+        let pair = veth_pair();
         assert!(
             pair.run(|| carrier(&pair.a)).unwrap(),
             "a veth end that is up"
@@ -691,11 +696,7 @@ mod tests {
         // watcher (or while the kernel dropped our messages): same name,
         // another index. The NIC must not stay bound to the old one while
         // the new one's carrier raises the guest's link.
-        assert!(
-            net_afxdp::testbed::is_root(),
-            "needs root (a veth pair in a namespace): run as root"
-        );
-        let pair = net_afxdp::testbed::VethPair::new(1).expect("veth pair");
+        let pair = veth_pair();
         let index = pair
             .run(|| net_afxdp::ifindex(&pair.a))
             .unwrap()
@@ -737,11 +738,7 @@ mod tests {
 
     #[test]
     fn what_the_kernel_says_when_a_port_leaves_its_bridge_keeps_the_nic() {
-        assert!(
-            net_afxdp::testbed::is_root(),
-            "needs root (a veth pair, a bridge, rtnetlink): run as root"
-        );
-        let pair = net_afxdp::testbed::VethPair::new(1).expect("veth pair");
+        let pair = veth_pair();
         let bridge = format!("br{}", &pair.a[2..]);
         let (socket, ifindex) = pair
             .run(|| (open_socket(), net_afxdp::ifindex(&pair.a)))

@@ -264,6 +264,18 @@ struct FloodTarget {
     head: u16,
 }
 
+impl FloodTarget {
+    /// Publishes `head` once more in a 256-entry avail ring, as a guest would.
+    fn publish_again(&mut self) {
+        let slot = self.avail + 4 + u64::from(self.next_idx % 256) * 2;
+        self.mem.write_obj(self.head, GuestAddress(slot)).unwrap();
+        self.next_idx = self.next_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.next_idx, GuestAddress(self.avail + 2))
+            .unwrap();
+    }
+}
+
 /// A backend whose every transmit makes the guest post one more TX chain at
 /// once: a guest that keeps the TX queue busy forever. Receive comes from a
 /// datagram socket.
@@ -296,14 +308,8 @@ impl NetBackend for FloodingBackend {
         while fill(&mut frame).is_some() {
             sent += 1;
             self.transmitted.fetch_add(1, Ordering::Relaxed);
-            let mut target = self.target.lock().unwrap();
-            if let Some(t) = target.as_mut() {
-                let slot = t.avail + 4 + u64::from(t.next_idx % 256) * 2;
-                t.mem.write_obj(t.head, GuestAddress(slot)).unwrap();
-                t.next_idx = t.next_idx.wrapping_add(1);
-                t.mem
-                    .write_obj(t.next_idx, GuestAddress(t.avail + 2))
-                    .unwrap();
+            if let Some(t) = self.target.lock().unwrap().as_mut() {
+                t.publish_again();
             }
         }
         (sent, false)
@@ -674,14 +680,8 @@ impl NetBackend for BadRxChainFlood {
             return 1;
         }
         if self.on.load(Ordering::Relaxed) {
-            let mut target = self.target.lock().unwrap();
-            if let Some(t) = target.as_mut() {
-                let slot = t.avail + 4 + u64::from(t.next_idx % 256) * 2;
-                t.mem.write_obj(t.head, GuestAddress(slot)).unwrap();
-                t.next_idx = t.next_idx.wrapping_add(1);
-                t.mem
-                    .write_obj(t.next_idx, GuestAddress(t.avail + 2))
-                    .unwrap();
+            if let Some(t) = self.target.lock().unwrap().as_mut() {
+                t.publish_again();
             }
         }
         0
