@@ -41,6 +41,9 @@ struct Host {
     /// Frames read from guest memory since the last token: a chain's
     /// frames must end with one.
     untokened: usize,
+    /// Frames transmit_gather still takes before its ring is full (None:
+    /// no limit).
+    room: Option<usize>,
 }
 
 impl Host {
@@ -145,7 +148,13 @@ impl NetBackend for GatherBackend {
         let mut head = vec![0u8; 2048];
         let mut sent = 0;
         loop {
-            let refuse = self.host.lock().unwrap().refuse_pieces;
+            let (refuse, room) = {
+                let host = self.host.lock().unwrap();
+                (host.refuse_pieces, host.room)
+            };
+            if room == Some(0) {
+                return (sent, true);
+            }
             let mut pieces = Pieces {
                 mem: &self.mem,
                 ranges: Vec::new(),
@@ -163,6 +172,9 @@ impl NetBackend for GatherBackend {
             }
             let mut host = self.host.lock().unwrap();
             finish_csum(&host, &mut out, f.csum);
+            if let Some(room) = host.room.as_mut() {
+                *room -= 1;
+            }
             if pieces.ranges.is_empty() {
                 host.copied += 1;
             } else {
@@ -434,6 +446,38 @@ fn link_down_returns_held_chains_and_ignores_their_late_tokens() {
     assert_eq!(recv(&s.peer), f);
     s.host.lock().unwrap().complete(1);
     assert_eq!(collect_used(&mut s.h, 1, 1).len(), 1);
+}
+
+/// A TSO chain part way out from guest memory (the host ring filled after
+/// 3 of its 10 segments) is held nowhere yet, since a chain is held from its
+/// last segment on. When the link goes down it goes back to the guest, and
+/// what the host side has not read of it must first be disarmed, or the
+/// kernel sends what the guest writes into the buffer next.
+#[test]
+fn link_down_disarms_a_tso_chain_sent_in_part_before_returning_it() {
+    use super::offload::headers::{Ip, IPPROTO_TCP};
+    use super::offload::VIRTIO_NET_HDR_GSO_TCPV4;
+    use super::offload_tests::{gso_frame, payload};
+    let mut s = setup_tso(1500, 4000, true);
+    s.host.lock().unwrap().room = Some(3);
+    let data = payload(14_480, 1);
+    let (hdr, f) = gso_frame(Ip::V4, IPPROTO_TCP, VIRTIO_NET_HDR_GSO_TCPV4, 1448, &data);
+    assert!(s.h.queue_tx_frame_with_header(1, hdr, &f));
+    s.h.kick(1);
+    for _ in 0..3 {
+        recv(&s.peer);
+    }
+    assert_eq!(s.host.lock().unwrap().gathered, 3);
+    assert!(used_within(&mut s.h, Duration::from_millis(30)).is_empty());
+    // (The set-up's reset disarmed once already.)
+    let before = s.host.lock().unwrap().disarmed.len();
+    assert!(s.link.set_up(false));
+    assert_eq!(collect_used(&mut s.h, 1, 1).len(), 1, "the chain comes back");
+    assert!(
+        s.host.lock().unwrap().disarmed.len() > before,
+        "the chain went back to the guest while 3 of its segments in the host ring still \
+         read its buffer"
+    );
 }
 
 /// A reset while chains are held forgets them (the driver resets its

@@ -1575,6 +1575,11 @@ impl QueuePairWorker {
         let budget = usize::from(self.tx.size());
         let mut dropped = 0usize;
         if let Some(p) = self.tx_state.pending.take() {
+            // A GSO chain part way out: its segments sent from guest
+            // memory are held nowhere (a chain is held from its last one
+            // on), so what the kernel has not read of them is disarmed
+            // here, before the guest has its buffers back.
+            self.backend.disarm_unsent_gathers();
             self.tx
                 .add_used(&self.mem, p.head, 0)
                 .map_err(|e| WorkerFault::queue("tx", e))?;
