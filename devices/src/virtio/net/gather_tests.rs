@@ -472,7 +472,11 @@ fn link_down_disarms_a_tso_chain_sent_in_part_before_returning_it() {
     // (The set-up's reset disarmed once already.)
     let before = s.host.lock().unwrap().disarmed.len();
     assert!(s.link.set_up(false));
-    assert_eq!(collect_used(&mut s.h, 1, 1).len(), 1, "the chain comes back");
+    assert_eq!(
+        collect_used(&mut s.h, 1, 1).len(),
+        1,
+        "the chain comes back"
+    );
     assert!(
         s.host.lock().unwrap().disarmed.len() > before,
         "the chain went back to the guest while 3 of its segments in the host ring still \
