@@ -807,3 +807,58 @@ fn receive_mode_commands_need_ctrl_rx() {
     assert_eq!(filter.0.lock().unwrap().len(), 1, "only the initial mode");
     assert!(h.device_features() & VIRTIO_NET_F_CTRL_RX != 0, "offered");
 }
+
+/// A backend whose ring is always full and whose fd never turns writable
+/// (a pipe's read end): only the retry timer wakes the IO thread.
+struct AlwaysFull(std::fs::File, std::fs::File);
+
+impl NetBackend for AlwaysFull {
+    fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+    fn receive(&mut self, _deliver: &mut dyn FnMut(&[u8]) -> bool) -> usize {
+        0
+    }
+    fn transmit(&mut self, _fill: &mut dyn FnMut(&mut [u8]) -> Option<TxFrame>) -> (usize, bool) {
+        (0, true)
+    }
+}
+
+/// Without EVENT_IDX a transmit pass that used no chain raised an
+/// interrupt anyway, and while the host ring is full the pass repeats every
+/// millisecond: ~1000 interrupts a second announcing nothing.
+#[test]
+fn a_blocked_tx_queue_raises_no_interrupts_without_used_entries() {
+    let mut fds = [0; 2];
+    // SAFETY: two ints for pipe(2).
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both fds are fresh and each is owned once.
+    let (r, w) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    let (dev, counters) = net(vec![Box::new(AlwaysFull(r, w))]);
+    let mut h = DriverHarness::new(dev);
+    h.start(FEATURES & !VIRTIO_RING_F_EVENT_IDX, 3, 256);
+    h.queue_tx_frame(1, &frame(1, 64));
+    h.kick(1);
+    std::thread::sleep(Duration::from_millis(100));
+    let before = counters[0].snapshot();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = counters[0].snapshot();
+    let mut used = Vec::new();
+    h.take_used(1, &mut used);
+    assert!(used.is_empty());
+    assert!(
+        after.tx_retries > before.tx_retries + 100,
+        "the retry timer ran: {after}"
+    );
+    assert!(
+        after.interrupts - before.interrupts <= 1,
+        "{} interrupts in 500 ms with no used entry: {after}",
+        after.interrupts - before.interrupts
+    );
+}

@@ -1299,6 +1299,7 @@ impl QueuePairWorker {
         if !self.link.is_up() {
             return self.drop_tx();
         }
+        let used_before = self.tx.next_used();
         let max_piece = self.backend.tx_gather_piece_max();
         let budget = usize::from(self.tx.size());
         let mut pass = TxPass {
@@ -1398,7 +1399,13 @@ impl QueuePairWorker {
         };
         let fault = pass.fault.take();
         // Return what was used before a fault, then report it.
-        signal_used(&mut self.tx, &self.mem, &self.interrupt, &self.counters);
+        signal_used(
+            &mut self.tx,
+            used_before,
+            &self.mem,
+            &self.interrupt,
+            &self.counters,
+        );
         match fault {
             Some(fault) => Err(fault),
             None => Ok(result),
@@ -1408,9 +1415,16 @@ impl QueuePairWorker {
     /// Returns the chains whose tokens the old backend gave back, then
     /// gives up on the rest.
     fn retire_backend(&mut self, old: &mut dyn NetBackend) -> Result<(), WorkerFault> {
+        let used_before = self.tx.next_used();
         let result = return_completed(old, &mut self.tx_state.held, &mut self.tx, &self.mem);
         old.disarm_unsent_gathers();
-        signal_used(&mut self.tx, &self.mem, &self.interrupt, &self.counters);
+        signal_used(
+            &mut self.tx,
+            used_before,
+            &self.mem,
+            &self.interrupt,
+            &self.counters,
+        );
         result?;
         self.abandon_held_tx()
     }
@@ -1425,6 +1439,7 @@ impl QueuePairWorker {
         // Before the guest has the buffers back: what the kernel has not
         // read yet would otherwise be read later, whatever they hold then.
         self.backend.disarm_unsent_gathers();
+        let used_before = self.tx.next_used();
         let mut returned = 0u64;
         for head in self.tx_state.held.abandon() {
             self.tx
@@ -1433,7 +1448,13 @@ impl QueuePairWorker {
             returned += 1;
         }
         add(&self.counters.tx_gather_abandoned, returned);
-        signal_used(&mut self.tx, &self.mem, &self.interrupt, &self.counters);
+        signal_used(
+            &mut self.tx,
+            used_before,
+            &self.mem,
+            &self.interrupt,
+            &self.counters,
+        );
         Ok(())
     }
 
@@ -1558,9 +1579,15 @@ impl QueuePairWorker {
             // not count: interrupt, and reset that bookkeeping.
             let _ = self.rx.needs_notification(&self.mem);
             raise(&self.interrupt, &self.counters);
-        } else if taken > 0 || self.rx.next_used() != used_before {
+        } else {
             // Unusable chains returned empty are used entries too.
-            signal_used(&mut self.rx, &self.mem, &self.interrupt, &self.counters);
+            signal_used(
+                &mut self.rx,
+                used_before,
+                &self.mem,
+                &self.interrupt,
+                &self.counters,
+            );
         }
         match fault {
             Some(fault) => Err(fault),
@@ -1572,6 +1599,7 @@ impl QueuePairWorker {
     /// chains unsent, counted, rather than retrying a NIC that is not there.
     fn drop_tx(&mut self) -> Result<Pass, WorkerFault> {
         self.abandon_held_tx()?;
+        let used_before = self.tx.next_used();
         let budget = usize::from(self.tx.size());
         let mut dropped = 0usize;
         if let Some(p) = self.tx_state.pending.take() {
@@ -1615,7 +1643,13 @@ impl QueuePairWorker {
         };
         if dropped > 0 {
             add(&self.counters.tx_dropped_link_down, dropped as u64);
-            signal_used(&mut self.tx, &self.mem, &self.interrupt, &self.counters);
+            signal_used(
+                &mut self.tx,
+                used_before,
+                &self.mem,
+                &self.interrupt,
+                &self.counters,
+            );
         }
         match fault {
             Some(fault) => Err(fault),
@@ -1661,6 +1695,7 @@ impl QueuePairWorker {
         };
         let mem = &self.mem;
         let budget = usize::from(ctrl.queue.size());
+        let used_before = ctrl.queue.next_used();
         let mut pass = Pass::Done;
         // Counts commands only: looking again after enabling notifications
         // must not step over the budget check.
@@ -1717,7 +1752,13 @@ impl QueuePairWorker {
                 break;
             }
         }
-        signal_used(&mut ctrl.queue, mem, &self.interrupt, &self.counters);
+        signal_used(
+            &mut ctrl.queue,
+            used_before,
+            mem,
+            &self.interrupt,
+            &self.counters,
+        );
         Ok(pass)
     }
 }
@@ -1751,10 +1792,17 @@ fn raise(interrupt: &Interrupt, counters: &QueuePairCounters) {
 /// Raises the interrupt if the driver wants one (EVENT_IDX decides).
 fn signal_used(
     queue: &mut Queue,
+    used_before: u16,
     mem: &GuestMemoryMmap,
     interrupt: &Interrupt,
     counters: &QueuePairCounters,
 ) {
+    // Nothing new in the used ring: no interrupt. (Without EVENT_IDX
+    // virtio-queue says "notify" every time, and a transmit queue waiting
+    // for room looks again every millisecond.)
+    if queue.next_used() == used_before {
+        return;
+    }
     let needs = queue.needs_notification(mem);
     match needs {
         Ok(true) => raise(interrupt, counters),
