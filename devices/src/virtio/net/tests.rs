@@ -810,11 +810,15 @@ fn receive_mode_commands_need_ctrl_rx() {
 
 /// A backend whose ring is always full and whose fd never turns writable
 /// (a pipe's read end): only the retry timer wakes the IO thread.
-struct AlwaysFull(std::fs::File, std::fs::File);
+struct AlwaysFull {
+    reader: std::fs::File,
+    /// Kept open: without a writer the read end would report a hang-up.
+    _writer: std::fs::File,
+}
 
 impl NetBackend for AlwaysFull {
     fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.reader.as_raw_fd()
     }
     fn receive(&mut self, _deliver: &mut dyn FnMut(&[u8]) -> bool) -> usize {
         0
@@ -840,7 +844,10 @@ fn a_blocked_tx_queue_raises_no_interrupts_without_used_entries() {
             std::fs::File::from_raw_fd(fds[1]),
         )
     };
-    let (dev, counters) = net(vec![Box::new(AlwaysFull(r, w))]);
+    let (dev, counters) = net(vec![Box::new(AlwaysFull {
+        reader: r,
+        _writer: w,
+    })]);
     let mut h = DriverHarness::new(dev);
     h.start(FEATURES & !VIRTIO_RING_F_EVENT_IDX, 3, 256);
     h.queue_tx_frame(1, &frame(1, 64));
