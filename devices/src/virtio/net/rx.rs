@@ -80,9 +80,6 @@ pub(crate) struct RxFrameWriter {
     off: usize,
     /// Bytes of the frame so far, the reserved header room included.
     len: usize,
-    /// A frame of several chains was published since the last interrupt
-    /// decision (see [`RxFrameWriter::take_multi_published`]).
-    multi_published: bool,
     /// The guest had buffers, but not enough for the frame at hand.
     starved: bool,
 }
@@ -98,7 +95,6 @@ impl RxFrameWriter {
             desc: 0,
             off: 0,
             len: 0,
-            multi_published: false,
             starved: false,
         }
     }
@@ -326,7 +322,6 @@ impl RxFrameWriter {
             queue
                 .add_used(mem, self.chains[n - 1].0, last_len)
                 .map_err(RxError::Queue)?;
-            self.multi_published = true;
         }
         self.chains.clear();
         self.bad.clear();
@@ -403,13 +398,6 @@ impl RxFrameWriter {
         } else {
             Err(RxError::TooBig)
         }
-    }
-
-    /// Whether a frame of several chains was published since the last
-    /// call: the used index then moved by more than `add_used` counted,
-    /// and the guest must be interrupted whatever EVENT_IDX says.
-    pub fn take_multi_published(&mut self) -> bool {
-        std::mem::take(&mut self.multi_published)
     }
 }
 

@@ -1574,21 +1574,15 @@ impl QueuePairWorker {
                 break Pass::MoreWork;
             }
         };
-        if self.rx_state.writer.take_multi_published() {
-            // The used index moved past entries EVENT_IDX bookkeeping did
-            // not count: interrupt, and reset that bookkeeping.
-            let _ = self.rx.needs_notification(&self.mem);
-            raise(&self.interrupt, &self.counters);
-        } else {
-            // Unusable chains returned empty are used entries too.
-            signal_used(
-                &mut self.rx,
-                used_before,
-                &self.mem,
-                &self.interrupt,
-                &self.counters,
-            );
-        }
+        // Unusable chains returned empty are used entries too; a frame over
+        // several buffers counts whole (signal_used goes by the index).
+        signal_used(
+            &mut self.rx,
+            used_before,
+            &self.mem,
+            &self.interrupt,
+            &self.counters,
+        );
         match fault {
             Some(fault) => Err(fault),
             None => Ok(pass),
@@ -1800,14 +1794,52 @@ fn signal_used(
     // Nothing new in the used ring: no interrupt. (Without EVENT_IDX
     // virtio-queue says "notify" every time, and a transmit queue waiting
     // for room looks again every millisecond.)
-    if queue.next_used() == used_before {
+    let used_now = queue.next_used();
+    if used_now == used_before {
         return;
     }
-    let needs = queue.needs_notification(mem);
-    match needs {
+    match driver_wants_interrupt(queue, mem, used_before, used_now) {
         Ok(true) => raise(interrupt, counters),
         Ok(false) => {}
-        Err(e) => crate::warn_ratelimited!("virtio-net: cannot read the notification state: {e}"),
+        Err(e) => {
+            crate::warn_ratelimited!("virtio-net: cannot read the notification state: {e}");
+            raise(interrupt, counters);
+        }
+    }
+}
+
+/// Whether the driver asked to hear of the used entries from `before` to
+/// `now` (virtio 1.2 2.7.10): with EVENT_IDX, whether they pass its
+/// used_event; without, unless it set VIRTQ_AVAIL_F_NO_INTERRUPT. Decided
+/// here rather than by virtio-queue, which counts only entries add_used
+/// wrote (a frame over several buffers writes all but its last itself) and
+/// ignores the flag.
+fn driver_wants_interrupt(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    before: u16,
+    now: u16,
+) -> Result<bool, virtio_queue::Error> {
+    // Resets virtio-queue's count of entries added (its answer is ours
+    // only as far as it goes), and orders the used index's store before
+    // the loads below.
+    let _ = queue.needs_notification(mem)?;
+    let avail = GuestAddress(queue.avail_ring());
+    let load = |offset: u64| -> Result<u16, virtio_queue::Error> {
+        let at = avail
+            .checked_add(offset)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        mem.load::<u16>(at, Ordering::Acquire)
+            .map(u16::from_le)
+            .map_err(virtio_queue::Error::GuestMemory)
+    };
+    if queue.event_idx_enabled() {
+        // used_event sits after the avail ring's entries.
+        let used_event = load(4 + 2 * u64::from(queue.size()))?;
+        Ok(now.wrapping_sub(used_event).wrapping_sub(1) < now.wrapping_sub(before))
+    } else {
+        const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
+        Ok(load(0)? & VIRTQ_AVAIL_F_NO_INTERRUPT == 0)
     }
 }
 
