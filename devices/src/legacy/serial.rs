@@ -7,6 +7,9 @@ use vm_superio::{serial::SerialEvents, Serial, Trigger};
 use crate::bus::{read_byte_register, write_byte_register, BusDevice};
 use crate::trigger::EventTrigger;
 
+/// The modem control register's offset (bit 4: loopback).
+const MODEM_CONTROL: u8 = 4;
+
 /// The guest console: a 16550 whose output goes to `out` and whose input is
 /// fed with [`SerialConsole::enqueue_input`].
 pub struct SerialConsole {
@@ -14,6 +17,10 @@ pub struct SerialConsole {
     /// The interrupt line again, for the UART a reset builds.
     irq: EventTrigger,
     room: InputRoom,
+    /// Input was refused although the FIFO had room (the guest had the
+    /// UART in loopback): the feeder waits for a room signal, which a
+    /// change of the modem control register then gives.
+    refused: bool,
 }
 
 /// Signals when the guest has read every byte of the receive FIFO, so that
@@ -58,6 +65,7 @@ impl SerialConsole {
             uart: Serial::with_events(irq.clone(), room.clone(), out),
             irq,
             room,
+            refused: false,
         }
     }
 
@@ -68,13 +76,15 @@ impl SerialConsole {
         if room == 0 {
             return 0;
         }
-        match self.uart.enqueue_raw_bytes(&input[..room]) {
+        let taken = match self.uart.enqueue_raw_bytes(&input[..room]) {
             Ok(n) => n,
             Err(e) => {
                 log::warn!("serial: cannot queue input: {e:?}");
                 0
             }
-        }
+        };
+        self.refused = taken == 0;
+        taken
     }
 
     /// Room left in the receive FIFO.
@@ -94,6 +104,11 @@ impl BusDevice for SerialConsole {
                 // Host stdout closed or full: the guest keeps running, output is lost.
                 log::debug!("serial: write failed: {e:?}");
             }
+            // The modem control register (loopback on or off): input
+            // refused in loopback may be taken now.
+            if reg == MODEM_CONTROL && std::mem::take(&mut self.refused) {
+                self.room.signal();
+            }
         });
     }
 
@@ -109,6 +124,7 @@ impl BusDevice for SerialConsole {
         self.uart = Serial::with_events(self.irq.clone(), self.room.clone(), old.into_writer());
         // An empty FIFO, though no read emptied it: input waiting for room
         // would wait forever otherwise.
+        self.refused = false;
         self.room.signal();
     }
 }
@@ -210,5 +226,31 @@ mod tests {
         let _ = irq.read();
         serial.write(1, &[0x02]);
         assert!(irq.read().is_ok(), "the interrupt line still works");
+    }
+
+    /// Input offered while the guest has the UART in loopback (Linux's
+    /// 8250 driver sets it for a moment when it probes and starts the
+    /// port) is refused though the FIFO has room; the feeder then waits for
+    /// a room signal, which used to come only when a guest read emptied the
+    /// FIFO: console input stopped until the guest happened to read.
+    #[test]
+    fn input_refused_in_loopback_is_asked_for_again_when_loopback_ends() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let room = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut serial = SerialConsole::with_input_room(
+            EventTrigger::new(irq),
+            Box::new(Sink::default()),
+            Some(EventTrigger::new(room.try_clone().unwrap())),
+        );
+        serial.write(4, &[0x10]); // MCR: loopback
+        assert_eq!(serial.enqueue_input(b"typed"), 0, "refused in loopback");
+        assert!(serial.input_room() > 0);
+        assert!(room.read().is_err(), "no room signal yet");
+        serial.write(4, &[0x0b]); // MCR: DTR, RTS, OUT2; loopback off
+        assert!(
+            room.read().is_ok(),
+            "the feeder is asked for its input again"
+        );
+        assert_eq!(serial.enqueue_input(b"typed"), 5);
     }
 }
