@@ -439,6 +439,13 @@ impl DriverHarness {
         Some(self.mem.read_obj(GuestAddress(ACK)).expect("ack"))
     }
 
+    /// The used index the device has published for `queue`.
+    pub fn used_idx(&self, queue: usize) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(self.queues[queue].used + 2))
+            .expect("used index")
+    }
+
     /// Notifies the device about `queue`, as the ioeventfd would.
     pub fn kick(&mut self, queue: usize) {
         self.queues[queue].notified_at = self.queues[queue].avail_idx;

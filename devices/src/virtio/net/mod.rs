@@ -6,11 +6,12 @@ mod backend;
 mod counters;
 mod link;
 mod offload;
+mod pairs;
 mod rx;
 mod tx_gather;
 mod worker;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -126,7 +127,7 @@ pub struct Net {
     workers: Vec<(usize, Worker)>,
     counters: Vec<Arc<QueuePairCounters>>,
     /// Pairs the guest uses (see `QueuePairWorker::active_pairs`).
-    active_pairs: Arc<AtomicUsize>,
+    active_pairs: Arc<pairs::ActivePairs>,
     /// Receive offloads in force (see `QueuePairWorker::guest_offloads`).
     guest_offloads: Arc<AtomicU64>,
     link: Arc<link::LinkState>,
@@ -159,7 +160,7 @@ impl Net {
             backends: backends.into_iter().map(Some).collect(),
             workers: Vec::new(),
             counters: (0..pairs).map(|_| Arc::default()).collect(),
-            active_pairs: Arc::default(),
+            active_pairs: Arc::new(pairs::ActivePairs::new(pairs)),
             guest_offloads: Arc::default(),
             link: Arc::new(link::LinkState::new(pairs, mac)),
             #[cfg(test)]
@@ -276,7 +277,7 @@ impl Net {
             }
         }
         // Until VQ_PAIRS_SET, the driver uses the first pair (5.1.6.5.5).
-        self.active_pairs.store(1, Ordering::Release);
+        self.active_pairs.restart();
         // Every negotiated receive offload is on until the driver says otherwise.
         self.guest_offloads.store(
             self.acked_features & GUEST_OFFLOAD_FEATURES,

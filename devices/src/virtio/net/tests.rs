@@ -923,3 +923,66 @@ fn receive_interrupts_follow_what_the_driver_asked_for() {
         }
     }
 }
+
+/// virtio 1.2 5.1.6.5.5: once VQ_PAIRS_SET is in a used buffer the device
+/// must not put packets on receive queues beyond the new count. Pair 1's
+/// IO thread, busy with a flood when the command is answered, went on
+/// filling receiveq2 for the rest of its pass (up to 256 frames).
+#[test]
+fn no_frame_reaches_a_dropped_pair_after_vq_pairs_set_is_answered() {
+    use std::sync::atomic::AtomicBool;
+    let (b0, _peer0) = SocketBackend::pair();
+    let (b1, peer1) = SocketBackend::pair();
+    let (dev, _counters) = net(vec![b0, b1]);
+    let mut h = DriverHarness::new(dev);
+    h.start(FEATURES, 5, 256);
+    assert_eq!(h.set_queue_pairs(4, 2, Duration::from_secs(5)), Some(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    peer1
+        .set_write_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let f = frame(7, 1500);
+            while !stop.load(Ordering::Relaxed) {
+                let _ = peer1.send(&f);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    const CMD: u64 = 0x3f0_0000;
+    const ACK: u64 = CMD + 0x1_0000;
+    let mut late = Vec::new();
+    for _ in 0..5 {
+        let ctrl_before = h.used_idx(4);
+        h.post_rx_buffers(2, 256);
+        h.kick(2);
+        // VQ_PAIRS_SET 1, answered while pair 1 is busy.
+        h.mem
+            .write_slice(&[4u8, 0, 1, 0], GuestAddress(CMD))
+            .unwrap();
+        h.queue_raw_chain(
+            4,
+            &[(CMD, 4, 0), (ACK, 1, super::harness::VIRTQ_DESC_F_WRITE)],
+        );
+        h.kick(4);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while h.used_idx(4) == ctrl_before && Instant::now() < deadline {
+            std::hint::spin_loop();
+        }
+        let at_answer = h.used_idx(2);
+        std::thread::sleep(Duration::from_millis(100));
+        late.push(h.used_idx(2).wrapping_sub(at_answer));
+        let mut used = Vec::new();
+        h.take_used(2, &mut used);
+        h.take_used(4, &mut used);
+        assert_eq!(h.set_queue_pairs(4, 2, Duration::from_secs(5)), Some(0));
+    }
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+    assert!(
+        late.iter().all(|&n| n == 0),
+        "frames put on receiveq2 after VQ_PAIRS_SET 1 was answered, per round: {late:?}"
+    );
+}

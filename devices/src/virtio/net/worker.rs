@@ -12,7 +12,7 @@
 
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -595,7 +595,7 @@ pub(crate) struct QueuePairWorker {
     /// Pairs the guest uses: 1 after activation, then what VQ_PAIRS_SET
     /// says. The device must not fill receive queues beyond them (virtio
     /// 1.2 5.1.6.5.5); frames that arrive there are dropped and counted.
-    pub active_pairs: Arc<AtomicUsize>,
+    pub active_pairs: Arc<super::pairs::ActivePairs>,
     /// Link state and replacement backends from the VMM's NIC watcher;
     /// `wake` is signalled when either changes.
     pub link: Arc<LinkState>,
@@ -1461,9 +1461,16 @@ impl QueuePairWorker {
     /// Delivers up to a queue's worth of waiting frames into guest RX
     /// buffers, coalescing TCP segments where the guest takes GSO frames.
     fn process_rx(&mut self) -> Result<Pass, WorkerFault> {
-        if self.pair >= self.active_pairs.load(Ordering::Acquire) || !self.rx.ready() {
+        if !self.rx.ready() || !self.active_pairs.begin_receive(self.pair) {
             return Ok(self.drop_rx());
         }
+        let result = self.receive_pass();
+        self.active_pairs.end_receive(self.pair);
+        result
+    }
+
+    /// [`Self::process_rx`] on a pair the guest uses.
+    fn receive_pass(&mut self) -> Result<Pass, WorkerFault> {
         let offloads = rx_offloads(&self.guest_offloads);
         let Self {
             mem,
@@ -1715,8 +1722,19 @@ impl QueuePairWorker {
             // it sees the command used.
             match effect {
                 Some(CtrlEffect::Pairs(pairs)) => {
-                    self.active_pairs
-                        .store(usize::from(pairs), Ordering::Release);
+                    let pairs = usize::from(pairs);
+                    self.active_pairs.set(pairs);
+                    // Answered only once no pair dropped here is in a
+                    // receive pass (5.1.6.5.5); a pass is bounded.
+                    if !self
+                        .active_pairs
+                        .wait_receives_ended(pairs, Duration::from_secs(1))
+                    {
+                        crate::warn_ratelimited!(
+                            "virtio-net: a queue pair's receive pass outlasted VQ_PAIRS_SET's \
+                             wait; answering anyway"
+                        );
+                    }
                     for waker in &ctrl.wakers {
                         if let Err(e) = waker.write(1) {
                             crate::error_ratelimited!("virtio-net: cannot wake a queue pair: {e}");
