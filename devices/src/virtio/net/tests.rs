@@ -986,3 +986,19 @@ fn no_frame_reaches_a_dropped_pair_after_vq_pairs_set_is_answered() {
         "frames put on receiveq2 after VQ_PAIRS_SET 1 was answered, per round: {late:?}"
     );
 }
+
+/// A frame longer than the MTU is counted as oversize even when it is also
+/// longer than the host side's buffer (it was a plain drop then).
+#[test]
+fn an_oversize_frame_longer_than_the_host_buffer_counts_as_oversize() {
+    let (b, _peer) = SocketBackend::pair();
+    let (dev, counters) = net(vec![b]);
+    let mut h = DriverHarness::new(dev);
+    h.start(FEATURES, 3, 256);
+    // MTU 1500; the test backend's buffer is 2048 bytes.
+    assert!(h.queue_tx_frame_with_header(1, [0; NET_HDR_LEN], &frame(1, 3000)));
+    h.kick(1);
+    assert_eq!(collect_used(&mut h, 1, 1).len(), 1);
+    let c = counters[0].snapshot();
+    assert_eq!((c.tx_dropped, c.tx_dropped_oversize), (1, 1), "{c}");
+}

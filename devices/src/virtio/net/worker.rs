@@ -424,6 +424,10 @@ fn copy_tx_frame(
     host_csum_reach: usize,
 ) -> Result<TxFrame, TxDrop> {
     let hdr = frame.hdr;
+    // Before the buffer's own limit, so that an oversize frame counts as one.
+    if let Some(refusal) = policy.refuse_len(frame.len) {
+        return Err(TxDrop::Refused(refusal));
+    }
     let out = buf.get_mut(..frame.len).ok_or(ChainError::TooBig)?;
     frame.read(mem, 0, out)?;
     if let Some(refusal) = policy.refuse(out) {

@@ -113,6 +113,11 @@ impl Segmenter {
         let payload = frame_len
             .checked_sub(layout.end)
             .ok_or(OffloadError::NotSegmentable)?;
+        // IPv4's total length (IPv6's payload length plus its header) must
+        // hold a segment: a bigger one would be sent with a wrapped length.
+        if layout.end - layout.l3 + mss.min(payload) > usize::from(u16::MAX) {
+            return Err(OffloadError::SegmentTooLong);
+        }
         Ok(Self {
             layout,
             mss,
@@ -485,5 +490,28 @@ mod tests {
             check_partial_csum(f.len(), headers::ETH_HLEN, 0),
             Ok(headers::ETH_HLEN)
         );
+    }
+
+    /// At an MTU near 64 KiB a segment the MTU allows can be longer than
+    /// an IP datagram: refused, rather than sent with its IPv4 total length
+    /// wrapped (65,539 written as 3).
+    #[test]
+    fn segments_longer_than_an_ip_datagram_are_refused() {
+        let data = vec![7u8; 65_600];
+        let big = frame(Ip::V4, IPPROTO_TCP, false, &data);
+        let l = headers::parse(&big).unwrap();
+        let header = l.end - l.l3;
+        let most = usize::from(u16::MAX) - header;
+        let seg = |gso_size: usize| {
+            Segmenter::new(
+                &hdr(VIRTIO_NET_HDR_GSO_TCPV4, gso_size as u16),
+                ALL,
+                &big[..l.end],
+                big.len(),
+            )
+        };
+        assert_eq!(seg(most + 1).unwrap_err(), OffloadError::SegmentTooLong);
+        let s = seg(most).unwrap();
+        assert_eq!(s.segment_len(0) - l.l3, usize::from(u16::MAX));
     }
 }

@@ -94,4 +94,6 @@ pub enum OffloadError {
     NotSegmentable,
     #[error("segment size 0")]
     NoSegmentSize,
+    #[error("segments longer than an IP datagram")]
+    SegmentTooLong,
 }
