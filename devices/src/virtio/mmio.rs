@@ -46,6 +46,9 @@ pub const REG_QUEUE_AVAIL_LOW: u64 = 0x090;
 pub const REG_QUEUE_AVAIL_HIGH: u64 = 0x094;
 pub const REG_QUEUE_USED_LOW: u64 = 0x0a0;
 pub const REG_QUEUE_USED_HIGH: u64 = 0x0a4;
+/// Shared memory region length (virtio 1.2 4.2.2): the device has none.
+pub const REG_SHM_LEN_LOW: u64 = 0x0b0;
+pub const REG_SHM_LEN_HIGH: u64 = 0x0b4;
 pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
 pub const REG_CONFIG: u64 = 0x100;
 
@@ -156,6 +159,8 @@ impl MmioTransport {
             REG_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
             REG_STATUS => self.status(),
+            // "A length of -1" for a region that does not exist (4.2.2).
+            REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH => u32::MAX,
             REG_CONFIG_GENERATION => self
                 .config_generation
                 .wrapping_add(self.device.config_generation()),
@@ -748,5 +753,15 @@ mod tests {
         t.read(REG_CONFIG, &mut data);
         assert_eq!(data, [0, 0, 0xab, 0xcd]);
         assert_ne!(read(&mut t, REG_CONFIG_GENERATION), generation);
+    }
+
+    /// virtio 1.2 4.2.2: the length of a shared memory region that does not
+    /// exist reads as -1 (it read 0, a region of no bytes).
+    #[test]
+    fn no_shared_memory_region_reads_as_length_minus_one() {
+        let (mut t, _, _) = transport();
+        write(&mut t, 0x0ac, 0); // SHMSel
+        assert_eq!(read(&mut t, REG_SHM_LEN_LOW), u32::MAX);
+        assert_eq!(read(&mut t, REG_SHM_LEN_HIGH), u32::MAX);
     }
 }

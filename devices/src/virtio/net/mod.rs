@@ -489,7 +489,12 @@ impl VirtioDevice for Net {
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
         // The MAC is writable only with VIRTIO_NET_F_CTRL_MAC_ADDR-era
         // legacy drivers; modern drivers never write here.
-        log::debug!("{}: ignoring config write at {offset:#x}", self.config.id);
+        // The guest chooses how often: rate-limited.
+        crate::log_ratelimited!(
+            log::Level::Debug,
+            "{}: ignoring config write at {offset:#x}",
+            self.config.id
+        );
     }
 
     fn activate(&mut self, resources: ActivateResources) -> Result<(), VirtioError> {
