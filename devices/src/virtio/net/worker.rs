@@ -1165,6 +1165,8 @@ impl QueuePairWorker {
         let mut rx = Pass::MoreWork;
         let mut ctrl = Pass::MoreWork;
         let mut tx_retry_at: Option<Instant> = None;
+        // The last transmit pass was blocked and achieved nothing.
+        let mut tx_stalled = false;
         // Chains held for frames sent from guest memory: their completions
         // raise no event here (a NIC's come after the send, later), so
         // look again on a short timer while any are held.
@@ -1260,7 +1262,20 @@ impl QueuePairWorker {
             // One bounded pass over each queue with work, then back to
             // epoll: the stop event and the other queues are never starved.
             if tx == Pass::MoreWork {
+                let mark = (
+                    self.counters.tx_packets.load(Ordering::Relaxed),
+                    self.tx.next_used(),
+                );
                 tx = self.process_tx()?;
+                // Blocked without sending or returning anything: the backend
+                // may be writable and still refuse (a kick the kernel turned
+                // down), so its fd is no signal; the retry timer is.
+                tx_stalled = tx == Pass::Blocked
+                    && mark
+                        == (
+                            self.counters.tx_packets.load(Ordering::Relaxed),
+                            self.tx.next_used(),
+                        );
                 tx_retry_at = (tx == Pass::Blocked).then(|| Instant::now() + TX_RETRY);
                 tx_held_check_at = (tx == Pass::Done && !self.tx_state.held.is_empty())
                     .then(|| Instant::now() + TX_RETRY);
@@ -1275,7 +1290,7 @@ impl QueuePairWorker {
             if rx != Pass::Blocked {
                 wanted |= EventSet::IN;
             }
-            if tx == Pass::Blocked {
+            if tx == Pass::Blocked && !tx_stalled {
                 wanted |= EventSet::OUT;
             }
             if wanted != interest {
