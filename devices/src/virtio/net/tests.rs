@@ -1006,11 +1006,15 @@ fn an_oversize_frame_longer_than_the_host_buffer_counts_as_oversize() {
 /// A backend that reports no room while its fd stays writable (an AF_XDP
 /// socket whose kick the kernel refused, EAGAIN/EBUSY, with its ring less
 /// than half full): the IO thread must not spin on the writable fd.
-struct FullButWritable(UnixDatagram, UnixDatagram);
+struct FullButWritable {
+    sock: UnixDatagram,
+    /// Kept open: the socket stays writable while its peer exists.
+    _peer: UnixDatagram,
+}
 
 impl NetBackend for FullButWritable {
     fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.sock.as_raw_fd()
     }
     fn receive(&mut self, _deliver: &mut dyn FnMut(&[u8]) -> bool) -> usize {
         0
@@ -1023,7 +1027,7 @@ impl NetBackend for FullButWritable {
 #[test]
 fn a_transmit_that_makes_no_progress_on_a_writable_backend_does_not_spin() {
     let (a, b) = UnixDatagram::pair().unwrap();
-    let (dev, counters) = net(vec![Box::new(FullButWritable(a, b))]);
+    let (dev, counters) = net(vec![Box::new(FullButWritable { sock: a, _peer: b })]);
     let mut h = DriverHarness::new(dev);
     h.start(FEATURES, 3, 256);
     h.queue_tx_frame(1, &frame(1, 64));
