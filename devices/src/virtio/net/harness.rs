@@ -439,6 +439,16 @@ impl DriverHarness {
         Some(self.mem.read_obj(GuestAddress(ACK)).expect("ack"))
     }
 
+    /// The used ring's entry at index `idx` (mod the ring's size): the
+    /// chain's head and the length written.
+    pub fn used_entry(&self, queue: usize, idx: u16) -> (u16, u32) {
+        let q = &self.queues[queue];
+        let at = q.used + 4 + 8 * u64::from(idx % q.size);
+        let id: u32 = self.mem.read_obj(GuestAddress(at)).expect("used id");
+        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).expect("used len");
+        (id as u16, len)
+    }
+
     /// The used index the device has published for `queue`.
     pub fn used_idx(&self, queue: usize) -> u16 {
         self.mem

@@ -1053,3 +1053,86 @@ fn a_segment_with_a_bad_ipv4_header_checksum_is_not_merged() {
         "the rest merged"
     );
 }
+
+/// The guest turns its receive offloads off (VIRTIO_NET_CTRL_GUEST_OFFLOADS,
+/// as XDP in a Linux guest does): once the command is answered no pair
+/// hands over a GSO frame or a checksum mark. Pair 1's IO thread, busy
+/// coalescing a flood when the command is answered on pair 0's, went on
+/// with the offloads it read at the start of its pass.
+#[test]
+fn no_gso_frame_reaches_the_guest_after_it_turned_its_offloads_off() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (b0, _peer0) = SocketBackend::pair();
+    let (b1, peer1) = SocketBackend::pair();
+    let net = Net::new(config("offoff", true), vec![b0, b1]).unwrap();
+    let mut h = DriverHarness::new(net);
+    h.start(FEATURES | GRO, 5, 256);
+    assert_eq!(h.set_queue_pairs(4, 2, Duration::from_secs(5)), Some(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    peer1
+        .set_write_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let data = payload(1448 * 2000, 3);
+            let segments = flow(Ip::V4, 40000, 7, &data, 1448, false);
+            while !stop.load(Ordering::Relaxed) {
+                for f in &segments {
+                    let _ = peer1.send(f);
+                }
+            }
+        })
+    };
+    // Frames (and those with offloads) among used entries `from..to`;
+    // frames are published whole, each num_buffers entries long.
+    let frames_between = |h: &DriverHarness, from: u16, to: u16| -> (usize, usize) {
+        let (mut k, mut frames, mut offloaded) = (from, 0, 0);
+        while k != to {
+            let (id, _) = h.used_entry(2, k);
+            let hdr = VirtioNetHdr::from_bytes(&h.rx_header(2, id));
+            frames += 1;
+            if hdr.gso_type != 0 || hdr.flags != 0 {
+                offloaded += 1;
+            }
+            k = k.wrapping_add(hdr.num_buffers.max(1));
+        }
+        (frames, offloaded)
+    };
+    let command = |bits: u64| -> Vec<u8> {
+        let mut c = vec![5u8, 0];
+        c.extend_from_slice(&bits.to_le_bytes());
+        c
+    };
+    let on = VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6;
+    let mut late = Vec::new();
+    let mut coalesced_before = 0;
+    for _ in 0..5 {
+        assert_eq!(
+            h.send_ctrl(4, &command(on), Duration::from_secs(5)),
+            Some(0)
+        );
+        let mut used = Vec::new();
+        h.take_used(2, &mut used);
+        let start = h.used_idx(2);
+        h.post_rx_buffers(2, 256);
+        h.kick(2);
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(h.send_ctrl(4, &command(0), Duration::from_secs(5)), Some(0));
+        let at_answer = h.used_idx(2);
+        std::thread::sleep(Duration::from_millis(100));
+        let end = h.used_idx(2);
+        coalesced_before += frames_between(&h, start, at_answer).1;
+        late.push(frames_between(&h, at_answer, end).1);
+    }
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+    assert!(
+        late.iter().all(|&n| n == 0),
+        "frames with offloads after the guest turned them off, per round: {late:?}"
+    );
+    assert!(
+        coalesced_before > 0,
+        "nothing was coalesced: the test proves nothing"
+    );
+}

@@ -556,7 +556,7 @@ impl TxState {
 /// through VIRTIO_NET_CTRL_GUEST_OFFLOADS (a feature-bit mask, shared by
 /// every pair).
 pub(crate) fn rx_offloads(guest_offloads: &AtomicU64) -> RxOffloads {
-    let bits = guest_offloads.load(Ordering::Relaxed);
+    let bits = guest_offloads.load(Ordering::SeqCst);
     let csum = bits & super::VIRTIO_NET_F_GUEST_CSUM != 0;
     // Coalesced frames carry NEEDS_CSUM: only for a guest that takes it.
     RxOffloads {
@@ -1761,7 +1761,19 @@ impl QueuePairWorker {
                     }
                 }
                 Some(CtrlEffect::GuestOffloads(bits)) => {
-                    self.guest_offloads.store(bits, Ordering::Relaxed);
+                    self.guest_offloads.store(bits, Ordering::SeqCst);
+                    // The other pairs read the offloads once per receive
+                    // pass: answered only once the passes that may still
+                    // hand over GSO frames or checksum marks have ended.
+                    if !self
+                        .active_pairs
+                        .wait_receives_ended(1, Duration::from_secs(1))
+                    {
+                        crate::warn_ratelimited!(
+                            "virtio-net: a queue pair's receive pass outlasted \
+                             GUEST_OFFLOADS_SET's wait; answering anyway"
+                        );
+                    }
                 }
                 Some(CtrlEffect::Promisc(on)) => self.link.update_rx_mode(|m| m.promisc = on),
                 Some(CtrlEffect::AllMulti(on)) => self.link.update_rx_mode(|m| m.all_multi = on),
