@@ -78,7 +78,7 @@ measure() {
         echo "MEM \$1 RSS-KB=\$(awk '/^VmRSS/ {print \$2}' \$status)" \\
             "HWM-KB=\$(awk '/^VmHWM/ {print \$2}' \$status)" \\
             "HUGETLB-KB=\$(awk '/^HugetlbPages/ {print \$2}' \$status)" \\
-            "UMEM-KB=\$(( umem / 1024 ))" \\
+            "UMEM-KB=\$( [ \$umem -gt 0 ] && echo \$(( umem / 1024 )) || echo none)" \\
             "SOCKETS=\$($ss --xdp -e | grep -c 'umem(')"
         kill \$pid
     else
