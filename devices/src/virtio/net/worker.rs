@@ -1165,8 +1165,10 @@ impl QueuePairWorker {
         let mut rx = Pass::MoreWork;
         let mut ctrl = Pass::MoreWork;
         let mut tx_retry_at: Option<Instant> = None;
-        // The last transmit pass was blocked and achieved nothing.
+        // The last transmit pass was woken by room, yet blocked and
+        // achieved nothing.
         let mut tx_stalled = false;
+        let mut tx_woken_by_room = false;
         // Chains held for frames sent from guest memory: their completions
         // raise no event here (a NIC's come after the send, later), so
         // look again on a short timer while any are held.
@@ -1213,6 +1215,7 @@ impl QueuePairWorker {
                         let ready = event.event_set();
                         if ready.contains(EventSet::OUT) {
                             tx = Pass::MoreWork;
+                            tx_woken_by_room = true;
                         }
                         if ready.intersects(EventSet::IN | EventSet::ERROR | EventSet::HANG_UP)
                             && rx == Pass::Done
@@ -1266,11 +1269,14 @@ impl QueuePairWorker {
                     self.counters.tx_packets.load(Ordering::Relaxed),
                     self.tx.next_used(),
                 );
+                let woken_by_room = std::mem::take(&mut tx_woken_by_room);
                 tx = self.process_tx()?;
-                // Blocked without sending or returning anything: the backend
-                // may be writable and still refuse (a kick the kernel turned
-                // down), so its fd is no signal; the retry timer is.
+                // Woken because the backend turned writable, yet blocked
+                // without sending or returning anything: it may stay
+                // writable and still refuse (a kick the kernel turned down),
+                // so its fd is no signal until the retry timer has fired.
                 tx_stalled = tx == Pass::Blocked
+                    && woken_by_room
                     && mark
                         == (
                             self.counters.tx_packets.load(Ordering::Relaxed),
