@@ -70,6 +70,18 @@ impl ActivePairs {
         }
         true
     }
+
+    /// [`Self::wait_receives_ended`] before the control queue answers
+    /// `command`: a pass is bounded, so a second is only ever reached by a
+    /// thread that stopped mid-pass; then the answer goes anyway.
+    pub fn await_receives_from(&self, from: usize, command: &str) {
+        if !self.wait_receives_ended(from, Duration::from_secs(1)) {
+            crate::warn_ratelimited!(
+                "virtio-net: a queue pair's receive pass outlasted {command}'s wait; answering \
+                 anyway"
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1749,17 +1749,9 @@ impl QueuePairWorker {
                 Some(CtrlEffect::Pairs(pairs)) => {
                     let pairs = usize::from(pairs);
                     self.active_pairs.set(pairs);
-                    // Answered only once no pair dropped here is in a
-                    // receive pass (5.1.6.5.5); a pass is bounded.
-                    if !self
-                        .active_pairs
-                        .wait_receives_ended(pairs, Duration::from_secs(1))
-                    {
-                        crate::warn_ratelimited!(
-                            "virtio-net: a queue pair's receive pass outlasted VQ_PAIRS_SET's \
-                             wait; answering anyway"
-                        );
-                    }
+                    // No pair dropped here may fill its queue once the
+                    // command is answered (5.1.6.5.5).
+                    self.active_pairs.await_receives_from(pairs, "VQ_PAIRS_SET");
                     for waker in &ctrl.wakers {
                         if let Err(e) = waker.write(1) {
                             crate::error_ratelimited!("virtio-net: cannot wake a queue pair: {e}");
@@ -1769,17 +1761,10 @@ impl QueuePairWorker {
                 Some(CtrlEffect::GuestOffloads(bits)) => {
                     self.guest_offloads.store(bits, Ordering::SeqCst);
                     // The other pairs read the offloads once per receive
-                    // pass: answered only once the passes that may still
-                    // hand over GSO frames or checksum marks have ended.
-                    if !self
-                        .active_pairs
-                        .wait_receives_ended(1, Duration::from_secs(1))
-                    {
-                        crate::warn_ratelimited!(
-                            "virtio-net: a queue pair's receive pass outlasted \
-                             GUEST_OFFLOADS_SET's wait; answering anyway"
-                        );
-                    }
+                    // pass: the passes that may still hand over GSO frames
+                    // or checksum marks end before the answer.
+                    self.active_pairs
+                        .await_receives_from(1, "GUEST_OFFLOADS_SET");
                 }
                 Some(CtrlEffect::Promisc(on)) => self.link.update_rx_mode(|m| m.promisc = on),
                 Some(CtrlEffect::AllMulti(on)) => self.link.update_rx_mode(|m| m.all_multi = on),
