@@ -370,11 +370,7 @@ impl Vm {
         let mut image =
             GuestImage::open(&config.kernel, config.initrd.as_deref(), &config.cmdline)?;
         let boot = image.load(&mem)?;
-        let mut allocator = ResourceAllocator::new(
-            (DEVICE_MMIO_START, DEVICE_MMIO_END),
-            DEVICE_MMIO_SLOT_SIZE,
-            (DEVICE_IRQ_FIRST, DEVICE_IRQ_LAST),
-        );
+        let mut allocator = device_allocator();
         let virtio_mmio: Vec<MmioSlot> = config
             .nets
             .iter()
@@ -870,19 +866,25 @@ pub fn check_config(config: &VmConfig) -> Result<u8, VmmError> {
         })?;
     crate::boot::check_inputs(&config.kernel, config.initrd.as_deref())?;
     if let Some(path) = &config.api_socket {
+        // (A stale socket is fine: bind replaces it.)
         crate::api::ApiListener::check(path)?;
     }
     Ok(vcpus)
 }
 
-/// Whether `nets` virtio-net devices get MMIO slots and interrupt lines,
-/// as [`Vm::build`] hands them out: checked before any NIC is opened.
-pub fn check_net_count(nets: usize) -> Result<(), VmmError> {
-    let mut allocator = ResourceAllocator::new(
+/// The MMIO slots and interrupt lines devices are given, in order.
+fn device_allocator() -> ResourceAllocator {
+    ResourceAllocator::new(
         (DEVICE_MMIO_START, DEVICE_MMIO_END),
         DEVICE_MMIO_SLOT_SIZE,
         (DEVICE_IRQ_FIRST, DEVICE_IRQ_LAST),
-    );
+    )
+}
+
+/// Whether `nets` virtio-net devices get MMIO slots and interrupt lines,
+/// as [`Vm::build`] hands them out: checked before any NIC is opened.
+pub fn check_net_count(nets: usize) -> Result<(), VmmError> {
+    let mut allocator = device_allocator();
     for _ in 0..nets {
         allocator.allocate()?;
     }

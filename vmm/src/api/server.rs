@@ -74,8 +74,9 @@ pub struct ApiListener {
 
 impl ApiListener {
     /// What [`ApiListener::bind`] would refuse, found without binding:
-    /// for checking the command line before anything is opened.
-    pub fn check(path: &Path) -> Result<(), ApiError> {
+    /// for checking the command line before anything is opened. Ok(true):
+    /// a stale socket is there (nobody listens), which bind replaces.
+    pub fn check(path: &Path) -> Result<bool, ApiError> {
         let io = |what| {
             let path = path.to_path_buf();
             move |source| ApiError::Io { path, what, source }
@@ -86,8 +87,7 @@ impl ApiListener {
             }
             Ok(_) => match UnixStream::connect(path) {
                 Ok(_) => Err(ApiError::InUse(path.to_path_buf())),
-                // Stale: bind replaces it.
-                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Ok(true),
                 Err(e) => Err(io("cannot check the existing socket")(e)),
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -96,7 +96,7 @@ impl ApiListener {
                     _ => Path::new("."),
                 };
                 match std::fs::metadata(dir) {
-                    Ok(meta) if meta.is_dir() => Ok(()),
+                    Ok(meta) if meta.is_dir() => Ok(false),
                     Ok(_) => Err(io("cannot bind")(std::io::Error::from_raw_os_error(
                         libc::ENOTDIR,
                     ))),
@@ -116,20 +116,9 @@ impl ApiListener {
             let path = path.to_path_buf();
             move |source| ApiError::Io { path, what, source }
         };
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if !meta.file_type().is_socket() => {
-                return Err(ApiError::NotASocket(path.to_path_buf()))
-            }
-            Ok(_) => match UnixStream::connect(path) {
-                Ok(_) => return Err(ApiError::InUse(path.to_path_buf())),
-                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-                    log::info!("--api-socket {}: replacing a stale socket", path.display());
-                    std::fs::remove_file(path).map_err(io("cannot remove the stale socket"))?;
-                }
-                Err(e) => return Err(io("cannot check the existing socket")(e)),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io("cannot check the path")(e)),
+        if Self::check(path)? {
+            log::info!("--api-socket {}: replacing a stale socket", path.display());
+            std::fs::remove_file(path).map_err(io("cannot remove the stale socket"))?;
         }
         // The socket file gets 0777 & ~umask: with 0177 it is never, even
         // for a moment, open to other users.
