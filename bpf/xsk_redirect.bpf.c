@@ -6,12 +6,13 @@
  * bpf_redirect_map), so the host keeps working on the queues xskvm does
  * not own.
  *
- * Which frames the guest sees (rx_filter, set by xskvm once it knows the
- * guest's MAC, and again whenever the guest changes its receive mode):
+ * Which frames the guest sees (rx_filter, set by the loader before any
+ * socket enters xsks_map, and again whenever the guest changes its
+ * receive mode):
  * unicast to its MAC, broadcast, multicast (all of it, or only what its
  * MAC table lists), and in promiscuous mode everything. Frames it should
  * not see pass to the host stack and are counted in filtered_frames.
- * Until rx_filter is enabled, every frame is redirected.
+ * While rx_filter is not enabled, every frame is redirected.
  *
  * The map sizes are set by the loader before load (one slot per device
  * queue); the values here are only the defaults.

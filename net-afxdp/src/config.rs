@@ -6,6 +6,7 @@ use std::os::fd::RawFd;
 use std::str::FromStr;
 
 use crate::error::ConfigError;
+use crate::program::RxFilter;
 
 /// How the XDP program is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -164,6 +165,12 @@ pub struct AfXdpConfig {
     /// each descriptor again and allocates a page per extra one, which
     /// costs more than the copy saved (docs/umem-guest.md).
     pub tx_gather: bool,
+    /// Which frames the sockets get from the moment they enter our
+    /// program's XSKMAP (not an option: the VMM sets it from the guest's
+    /// MAC and receive mode). `None`: every frame of the NIC's queues until
+    /// the filter is set through [`crate::RxFilterMaps::set`], the host's
+    /// own unicast included.
+    pub rx_filter: Option<RxFilter>,
 }
 
 /// The option keys this crate understands.
@@ -228,6 +235,7 @@ impl AfXdpConfig {
             umem: UmemConfig::default(),
             guest_umem: false,
             tx_gather: false,
+            rx_filter: None,
         }
     }
 

@@ -144,8 +144,8 @@ pub use error::{ConfigError, Error, Result};
 pub use gather::{GatherLimits, GatherPieces, GatherRequest};
 pub use nic::{AfXdpNic, NicInfo, NicOwner, PreparedSockets, LINK_HEADER_LEN};
 pub use program::{
-    attached_program, AttachedProgram, RxFilterConfig, RxFilterMaps, XdpAttachment, XdpProgram,
-    RX_FILTER_TABLE_MAX,
+    attached_program, AttachedProgram, RxFilter, RxFilterConfig, RxFilterMaps, XdpAttachment,
+    XdpProgram, RX_FILTER_TABLE_MAX,
 };
 pub use queue::{
     CounterSnapshot, QueueCounters, QueueStats, QueueStatsHandle, Readiness, TxBatch, TxRequest,

@@ -262,6 +262,11 @@ pub(crate) fn attach_program(
         .unwrap_or(0)
         .max(config.start_queue + config.queues);
     let program = XdpProgram::load(entries, frags)?;
+    // Before any socket enters the XSKMAP: until then every frame passes
+    // to the host, after it only the guest's go to the sockets.
+    if let Some(filter) = &config.rx_filter {
+        program.rx_filter().set(&filter.config, &filter.table)?;
+    }
     let (link, mode) = match config.mode {
         Some(mode) => (program.attach(&config.ifname, ifindex, mode)?, mode),
         None => match program.attach(&config.ifname, ifindex, XdpMode::Native) {

@@ -70,6 +70,14 @@ pub struct RxFilterConfig {
     pub pad: [u8; 2],
 }
 
+/// A whole receive filter: its config and the addresses of its MAC table
+/// (at most [`RX_FILTER_TABLE_MAX`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RxFilter {
+    pub config: RxFilterConfig,
+    pub table: Vec<[u8; 6]>,
+}
+
 /// Addresses the program's MAC table holds (its `max_entries`).
 pub const RX_FILTER_TABLE_MAX: usize = 64;
 

@@ -9,8 +9,8 @@ use devices::virtio::net::{
     GatherFill, NetBackend, NetConfig, RxFilterSink, RxMode, TxFrame, TxPieces,
 };
 use net_afxdp::{
-    AfXdpConfig, AfXdpNic, GatherLimits, GatherPieces, GatherRequest, RxFilterConfig, RxFilterMaps,
-    TxRequest, UmemRegion, XskQueue, LINK_HEADER_LEN,
+    AfXdpConfig, AfXdpNic, GatherLimits, GatherPieces, GatherRequest, RxFilter, RxFilterConfig,
+    RxFilterMaps, TxRequest, UmemRegion, XskQueue, LINK_HEADER_LEN,
 };
 
 use crate::net::{MacAddr, NetSpec};
@@ -193,16 +193,32 @@ impl XdpRxFilter {
     }
 }
 
+/// The program's filter config for a guest's receive mode (its MAC table
+/// goes with it).
+fn filter_config(mode: &RxMode) -> RxFilterConfig {
+    RxFilterConfig {
+        mac: mode.mac,
+        enabled: 1,
+        promisc: u8::from(mode.promisc || mode.unicast_overflow),
+        all_multi: u8::from(mode.all_multi || mode.multicast_overflow),
+        multicast_by_table: u8::from(mode.multicast_by_table),
+        pad: [0; 2],
+    }
+}
+
+/// The filter a NIC's program starts with, so that its sockets never get
+/// more than `mode` lets the guest see (opening the NIC writes it before
+/// the sockets enter the XSKMAP).
+pub fn initial_rx_filter(mode: &RxMode) -> RxFilter {
+    RxFilter {
+        config: filter_config(mode),
+        table: mode.table().to_vec(),
+    }
+}
+
 impl RxFilterSink for XdpRxFilter {
     fn apply(&self, mode: &RxMode) {
-        let config = RxFilterConfig {
-            mac: mode.mac,
-            enabled: 1,
-            promisc: u8::from(mode.promisc || mode.unicast_overflow),
-            all_multi: u8::from(mode.all_multi || mode.multicast_overflow),
-            multicast_by_table: u8::from(mode.multicast_by_table),
-            pad: [0; 2],
-        };
+        let config = filter_config(mode);
         let maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(maps) = maps.as_ref() {
             if let Err(e) = maps.set(&config, mode.table()) {
@@ -289,7 +305,9 @@ pub fn open_net_device(
     spec: &NetSpec,
     umem: Option<UmemRegion>,
 ) -> Result<NetDevice, crate::VmmError> {
-    let config = parse_config(spec)?;
+    let mac = spec.mac.unwrap_or_else(|| MacAddr::generate(index));
+    let mut config = parse_config(spec)?;
+    config.rx_filter = Some(initial_rx_filter(&RxMode::default_for(mac.0)));
     let nic = AfXdpNic::open_on(&config, umem).map_err(|e| crate::VmmError::Net(e.to_string()))?;
     let (owner, queues) = nic.into_parts();
     let interface_mtu_now = owner.info().mtu;
@@ -317,7 +335,6 @@ pub fn open_net_device(
     }
     let gather_from = gather_region(&config, umem, &queues).map_err(crate::VmmError::Net)?;
     let xsk_stats = queues.iter().map(XskQueue::stats_handle).collect();
-    let mac = spec.mac.unwrap_or_else(|| MacAddr::generate(index));
     let id = format!("net{index}");
     log::info!(
         "{id}: af-xdp on {} queues {:?} ({}), MAC {mac}, MTU {mtu}{}",

@@ -477,3 +477,48 @@ fn jumbo_tso_frames_back_to_back_all_come_back() {
     assert_eq!(used.len(), 200, "{c}");
     assert_eq!((c.tx_dropped, c.queue_errors), (0, 0), "{c}");
 }
+
+/// Regression: from the moment a NIC's sockets entered our program's
+/// XSKMAP until the device was attached (and for as long as the NIC was
+/// only prepared, as by `xskvm-net-helper`), the program's filter was off
+/// and every frame on the NIC's queues went to the sockets, the host's own
+/// unicast included. A NIC opened for a guest now passes other unicast to
+/// the host from the start.
+#[test]
+fn a_nic_opened_for_a_guest_filters_by_its_mac_from_the_start() {
+    assert!(
+        is_root(),
+        "this test needs root (veth pairs, namespaces, AF_XDP): run it as root"
+    );
+    let pair = VethPair::new(1).expect("veth pair");
+    let guest = [0x02, 0x58, 0x53, 0, 0, 1];
+    let spec: crate::net::NetSpec =
+        format!("af-xdp,ifname={},mode=native,mac=02:58:53:00:00:01", pair.a)
+            .parse()
+            .expect("spec");
+    let device = pair
+        .run(|| super::open_net_device(0, &spec, None))
+        .expect("enter netns")
+        .expect("open the NIC");
+    let filter = device.host.owner.rx_filter().expect("our program's filter");
+    let peer = pair
+        .run(|| PacketSocket::open(&pair.b))
+        .expect("enter netns")
+        .expect("packet socket");
+    let (host, peer_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
+    for (seq, dst) in [host, guest, [0xff; 6], host].into_iter().enumerate() {
+        peer.send(&net_afxdp::testbed::test_frame(
+            dst, peer_mac, seq as u64, 100,
+        ))
+        .expect("send");
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while filter.filtered_frames(0) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        filter.filtered_frames(0),
+        2,
+        "the host's two frames pass to the host stack, the guest's and broadcast do not"
+    );
+}

@@ -17,10 +17,12 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 
 use clap::Parser;
+use devices::virtio::net::RxMode;
 use net_afxdp::{AfXdpConfig, PreparedSockets};
 
+use crate::afxdp::initial_rx_filter;
 use crate::cli::{parse_memory_spec, MemorySpec, DEFAULT_MEMORY};
-use crate::net::{NetSpec, NetSpecError};
+use crate::net::{MacAddr, NetSpec, NetSpecError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -179,10 +181,12 @@ fn inherit(fd: RawFd) -> Result<(), HelperError> {
     )
 }
 
-/// Parses one `--net` and refuses the keys that are the helper's to set.
-fn check_spec(text: &str) -> Result<AfXdpConfig, HelperError> {
+/// Parses `--net` number `index` and refuses the keys that are the
+/// helper's to set. Gives the spec xskvm gets (with a MAC: the one the
+/// program filters by) and the backend's config.
+fn check_spec(text: &str, index: usize) -> Result<(String, AfXdpConfig), HelperError> {
     let spec: NetSpec = text.parse()?;
-    let config: AfXdpConfig = spec.backend_config().map_err(|e| HelperError::Backend {
+    let mut config: AfXdpConfig = spec.backend_config().map_err(|e| HelperError::Backend {
         spec: text.to_string(),
         error: e.to_string(),
     })?;
@@ -199,7 +203,13 @@ fn check_spec(text: &str) -> Result<AfXdpConfig, HelperError> {
             });
         }
     }
-    Ok(config)
+    let mac = spec.mac.unwrap_or_else(|| MacAddr::generate(index));
+    config.rx_filter = Some(initial_rx_filter(&RxMode::default_for(mac.0)));
+    let text = match spec.mac {
+        Some(_) => text.to_string(),
+        None => format!("{text},mac={mac}"),
+    };
+    Ok((text, config))
 }
 
 fn prepare(text: &str, config: &AfXdpConfig) -> Result<Prepared, HelperError> {
@@ -319,17 +329,19 @@ fn try_run(args: HelperArgs) -> Result<std::convert::Infallible, HelperError> {
     if uid == 0 {
         return Err(HelperError::RootUser);
     }
-    let configs = args
+    let (texts, configs): (Vec<String>, Vec<AfXdpConfig>) = args
         .net
         .iter()
-        .map(|text| check_spec(text))
-        .collect::<Result<Vec<_>, _>>()?;
+        .enumerate()
+        .map(|(index, text)| check_spec(text, index))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(HelperError::NotRoot);
     }
-    let prepared = args
-        .net
+    let prepared = texts
         .iter()
         .zip(&configs)
         .map(|(text, config)| prepare(text, config))
@@ -461,19 +473,65 @@ mod tests {
                 "inhibit",
             ),
         ] {
-            match check_spec(spec) {
+            match check_spec(spec, 0) {
                 Err(HelperError::ReservedKey { key: k, .. }) => assert_eq!(k, key),
                 Err(e) => panic!("{spec}: {e}"),
                 Ok(_) => panic!("{spec}: accepted"),
             }
         }
         assert!(matches!(
-            check_spec("tap,ifname=a"),
+            check_spec("tap,ifname=a", 0),
             Err(HelperError::Spec(NetSpecError::UnknownBackend(_)))
         ));
         assert!(matches!(
-            check_spec("af-xdp,ifname=a,bogus=1"),
+            check_spec("af-xdp,ifname=a,bogus=1", 0),
             Err(HelperError::Backend { .. })
         ));
+    }
+
+    /// Regression: the helper's program redirected every frame of the
+    /// NIC's queues into its sockets, unbound until xskvm binds them (so
+    /// dropped), for as long as xskvm took to start: the host's own
+    /// unicast included. It now filters by the guest's MAC from the start,
+    /// and xskvm gets the same MAC when the spec named none.
+    #[test]
+    fn the_helpers_program_filters_by_the_guests_mac_from_the_start() {
+        use net_afxdp::testbed::{is_root, test_frame, PacketSocket, VethPair};
+        assert!(
+            is_root(),
+            "this test needs root (veth pairs, namespaces, AF_XDP): run it as root"
+        );
+        let pair = VethPair::new(1).expect("veth pair");
+        let (text, config) =
+            check_spec(&format!("af-xdp,ifname={},mode=native", pair.a), 0).expect("spec");
+        let guest = text
+            .parse::<NetSpec>()
+            .expect("xskvm's spec")
+            .mac
+            .expect("xskvm is told the MAC the program filters by");
+        let prepared = pair
+            .run(|| prepare(&text, &config))
+            .expect("enter netns")
+            .expect("prepare");
+        let filter = prepared
+            ._sockets
+            .owner
+            .rx_filter()
+            .expect("the helper's program");
+        let peer = pair
+            .run(|| PacketSocket::open(&pair.b))
+            .expect("enter netns")
+            .expect("packet socket");
+        let (host, peer_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
+        for (seq, dst) in [host, guest.0, host].into_iter().enumerate() {
+            peer.send(&test_frame(dst, peer_mac, seq as u64, 100))
+                .expect("send");
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while filter.filtered_frames(0) < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(filter.filtered_frames(0), 2, "the host's frames pass to it");
+        assert!(prepared.xskvm_net.contains(&format!("mac={guest}")));
     }
 }

@@ -18,7 +18,7 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::afxdp::{gather_region, XdpRxFilter, XskBackend};
+use crate::afxdp::{gather_region, initial_rx_filter, XdpRxFilter, XskBackend};
 use crate::seccomp::{self, ThreadKind};
 
 /// Multicast group of link changes (`RTMGRP_LINK`).
@@ -310,7 +310,10 @@ impl WatchedNic {
         }
         // Deferred fill: the old sockets may still be read until the
         // workers switch (see reopen_on).
-        let nic = match AfXdpNic::reopen_on(&self.config, self.umem) {
+        // The new program starts with the guest's receive mode as it is.
+        let mut config = self.config.clone();
+        config.rx_filter = Some(initial_rx_filter(&self.link.net_link().rx_mode()));
+        let nic = match AfXdpNic::reopen_on(&config, self.umem) {
             Ok(nic) => nic,
             Err(e) => {
                 // Tried again at every link message of the interface.
