@@ -469,13 +469,11 @@ fn drive_tso(mut h: DriverHarness, (hdr, frame): &([u8; 12], Vec<u8>), stop: &At
     while !stop.load(Ordering::Relaxed) {
         used.clear();
         h.take_used(1, &mut used);
-        let mut queued = 0;
-        while h.queue_tx_frame_with_header(1, *hdr, frame) {
-            queued += 1;
-        }
-        if queued > 0 {
-            h.kick_if_needed(1);
-        } else if used.is_empty() {
+        while h.queue_tx_frame_with_header(1, *hdr, frame) {}
+        h.kick_if_needed(1);
+        // The ring is full: sleep until most of it is sent, as Linux's
+        // driver does when it stops its queue.
+        if !h.arm_used_interrupt(1, true) {
             h.wait_interrupt(Duration::from_millis(1));
         }
     }
@@ -489,24 +487,28 @@ fn drive(mut h: DriverHarness, tx: bool, frame: &[u8], stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         used.clear();
         h.take_used(queue, &mut used);
-        let added = if tx {
-            let mut queued = 0;
+        if tx {
             // A jumbo frame spans several buffers, as a guest's would.
             while if frame.len() > BUFFER_SIZE as usize {
                 h.queue_tx_frame_with_header(queue, [0; 12], frame)
             } else {
                 h.queue_tx_frame(queue, frame)
-            } {
-                queued += 1;
-            }
-            queued
-        } else {
-            h.post_rx_buffers(queue, usize::from(QUEUE_SIZE))
-        };
-        if added > 0 {
+            } {}
             h.kick_if_needed(queue);
-        } else if used.is_empty() {
-            h.wait_interrupt(Duration::from_millis(1));
+            // The ring is full: sleep until most of it is sent, as Linux's
+            // driver does when it stops its queue.
+            if !h.arm_used_interrupt(queue, true) {
+                h.wait_interrupt(Duration::from_millis(1));
+            }
+        } else {
+            if h.post_rx_buffers(queue, usize::from(QUEUE_SIZE)) > 0 {
+                h.kick_if_needed(queue);
+            }
+            // As NAPI does once a poll found no more: interrupt on the next
+            // frame, unless one came meanwhile.
+            if used.is_empty() && !h.arm_used_interrupt(queue, false) {
+                h.wait_interrupt(Duration::from_millis(1));
+            }
         }
     }
 }
@@ -567,10 +569,26 @@ fn main() {
         0.2
     };
     let secs: f64 = args.iter().find_map(|a| a.parse().ok()).unwrap_or(default);
+    // Other words select rows: those whose label contains one of them, or
+    // (a word starting with '=') is the rest of it.
+    let words: Vec<&String> = args
+        .iter()
+        .filter(|a| !a.starts_with('-') && a.parse::<f64>().is_err())
+        .collect();
+    let selected = |label: &str| {
+        words.is_empty()
+            || words.iter().any(|w| match w.strip_prefix('=') {
+                Some(exact) => label == exact,
+                None => label.contains(w.as_str()),
+            })
+    };
     println!("virtio-net datapath vs raw AF_XDP: veth, copy mode, native XDP, 1 queue pair, {secs} s windows");
     // 9000: veth at MTU 9000, multi-buffer sockets on both ends.
     for size in [64usize, 1500, 9000] {
         for (dir, tx) in [("tx", true), ("rx", false)] {
+            if !selected(&format!("{dir} {size:4} B")) {
+                continue;
+            }
             let r = measure(Side::Raw, tx, size, secs, false);
             let v = measure(Side::Virtio, tx, size, secs, false);
             compare(&format!("{dir} {size:4} B"), &r, &v);
@@ -602,6 +620,9 @@ fn main() {
             "tx TSO 64 KiB -> 1514 B, checksums by xskvm",
         ),
     ] {
+        if !selected(label) {
+            continue;
+        }
         let r = measure(Side::Raw, true, 1514, secs, false);
         let v = measure(side, true, 1514, secs, false);
         compare(label, &r, &v);
@@ -619,33 +640,47 @@ fn main() {
     // umem=guest in the device: frames sent from guest memory against the
     // copy path and the raw socket, the three measured in turn.
     for size in [64usize, 1500, 9000] {
+        let label = format!("tx {size:4} B umem=guest");
+        if !selected(&label) {
+            continue;
+        }
         let r = measure(Side::Raw, true, size, secs, false);
         let v = measure(Side::Virtio, true, size, secs, false);
         let g = measure(Side::VirtioGuestUmem, true, size, secs, false);
-        gather_report(&format!("tx {size:4} B umem=guest"), &r, &v, &g);
+        gather_report(&label, &r, &v, &g);
     }
-    let r = measure(Side::Raw, true, 1514, secs, false);
-    let v = measure(Side::VirtioTso, true, 1514, secs, false);
-    let g = measure(Side::VirtioTsoGuestUmem, true, 1514, secs, false);
-    gather_report("tx TSO 64 KiB -> 1514 B umem=guest", &r, &v, &g);
+    let label = "tx TSO 64 KiB -> 1514 B umem=guest";
+    if selected(label) {
+        let r = measure(Side::Raw, true, 1514, secs, false);
+        let v = measure(Side::VirtioTso, true, 1514, secs, false);
+        let g = measure(Side::VirtioTsoGuestUmem, true, 1514, secs, false);
+        gather_report(label, &r, &v, &g);
+    }
     // Receive with umem=guest: the kernel writes frames into the socket's
     // part of the registered mapping and the device copies them into guest
     // buffers, as on the copy path (receiving into guest buffers directly
     // is not built: see docs/umem-guest.md).
     for size in [64usize, 1500, 9000] {
+        let label = format!("rx {size:4} B umem=guest");
+        if !selected(&label) {
+            continue;
+        }
         let r = measure(Side::Raw, false, size, secs, false);
         let v = measure(Side::Virtio, false, size, secs, false);
         let g = measure(Side::VirtioGuestUmem, false, size, secs, false);
-        gather_report(&format!("rx {size:4} B umem=guest"), &r, &v, &g);
+        gather_report(&label, &r, &v, &g);
     }
     // umem=guest at the socket level: frames sent from guest memory as
     // they lie there against frames copied into the socket's own UMEM
     // first (what the copy path does), both bare sockets.
     for size in [64usize, 1500, 9000] {
+        if !selected(&format!("tx {size:4} B copied into the UMEM")) {
+            continue;
+        }
         let r = measure(Side::Raw, true, size, secs, false);
         let g = measure(Side::RawGather, true, size, secs, false);
         println!(
-            "tx {size:4} B   copied into the UMEM {}   sent from guest memory {}   ratio {:.2}",
+            "tx {size:4} B copied into the UMEM {}   sent from guest memory {}   ratio {:.2}",
             r.show(),
             g.show(),
             g.pps / r.pps.max(1.0)
@@ -657,9 +692,13 @@ fn main() {
     }
     // Receive coalescing: the peer sends one in-order TCP stream of
     // 1514-byte frames; the guest takes them merged (GRO).
+    let label = "rx TCP stream 1514 B, coalesced";
+    if !selected(label) {
+        return;
+    }
     let r = measure(Side::Raw, false, 1514, secs, true);
     let v = measure(Side::VirtioGro, false, 1514, secs, true);
-    compare("rx TCP stream 1514 B, coalesced", &r, &v);
+    compare(label, &r, &v);
     if let Some(c) = v.device {
         let per = |n: u64, d: u64| n as f64 / d.max(1) as f64;
         println!(

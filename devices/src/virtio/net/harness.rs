@@ -546,6 +546,32 @@ impl DriverHarness {
             .expect("rx frame");
     }
 
+    /// Before sleeping on `queue`'s interrupt, as Linux's driver does
+    /// (virtqueue_enable_cb_delayed with `delayed`, else
+    /// virtqueue_enable_cb): with EVENT_IDX asks for the interrupt once the
+    /// device has used 3/4 of the chains outstanding (`delayed`) or the
+    /// next one, then looks at the used index again. True when that many
+    /// entries are already there: take them instead of sleeping, since the
+    /// device may have decided against an interrupt before it saw the
+    /// request.
+    pub fn arm_used_interrupt(&mut self, queue: usize, delayed: bool) -> bool {
+        let q = &self.queues[queue];
+        let outstanding = q.avail_idx.wrapping_sub(q.used_seen);
+        let wait_for = if delayed { outstanding * 3 / 4 } else { 0 };
+        if self.event_idx {
+            let at = q.avail + 4 + u64::from(q.size) * 2;
+            self.mem
+                .write_obj(q.used_seen.wrapping_add(wait_for), GuestAddress(at))
+                .expect("used_event");
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let used_idx: u16 = self
+            .mem
+            .read_obj(GuestAddress(q.used + 2))
+            .expect("used idx");
+        used_idx.wrapping_sub(q.used_seen) > wait_for
+    }
+
     /// Waits for the interrupt line; true if it fired within `timeout`.
     pub fn wait_interrupt(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -561,9 +587,12 @@ impl DriverHarness {
                 events: libc::POLLIN,
                 revents: 0,
             };
+            // Rounded up: a timeout under 1 ms rounded down to 0 made the
+            // wait a busy loop that took a core from the device.
             let ms = deadline
                 .saturating_duration_since(Instant::now())
-                .as_millis()
+                .as_micros()
+                .div_ceil(1000)
                 .min(100) as i32;
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut pfd, 1, ms) };
