@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::program::{attached_program, AttachedProgram};
+use crate::program::{attached_program, AttachedProgram, RxFilterMaps};
 use crate::sys;
 
 /// Whether the process runs as root (the AF_XDP tests need it).
@@ -236,6 +236,26 @@ pub fn test_frame_seq(frame: &[u8]) -> Option<u64> {
         return None;
     }
     Some(u64::from_le_bytes(frame[14..22].try_into().ok()?))
+}
+
+/// Sends `peer` a [`test_frame`] from `src` to each of `dsts`, then waits
+/// (at most 2 s) until `filter` has passed `expected` frames of queue 0
+/// to the host stack; returns how many it has.
+pub fn filtered_after_sending(
+    peer: &PacketSocket,
+    filter: &RxFilterMaps,
+    src: [u8; 6],
+    dsts: &[[u8; 6]],
+    expected: u64,
+) -> io::Result<u64> {
+    for (seq, dst) in dsts.iter().enumerate() {
+        peer.send(&test_frame(*dst, src, seq as u64, 100))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while filter.filtered_frames(0) < expected && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(filter.filtered_frames(0))
 }
 
 /// An AF_PACKET socket on one interface: sends raw frames, receives the

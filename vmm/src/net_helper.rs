@@ -496,7 +496,7 @@ mod tests {
     /// and xskvm gets the same MAC when the spec named none.
     #[test]
     fn the_helpers_program_filters_by_the_guests_mac_from_the_start() {
-        use net_afxdp::testbed::{is_root, test_frame, PacketSocket, VethPair};
+        use net_afxdp::testbed::{filtered_after_sending, is_root, PacketSocket, VethPair};
         assert!(
             is_root(),
             "this test needs root (veth pairs, namespaces, AF_XDP): run it as root"
@@ -523,15 +523,12 @@ mod tests {
             .expect("enter netns")
             .expect("packet socket");
         let (host, peer_mac) = (pair.mac(&pair.a).unwrap(), pair.mac(&pair.b).unwrap());
-        for (seq, dst) in [host, guest.0, host].into_iter().enumerate() {
-            peer.send(&test_frame(dst, peer_mac, seq as u64, 100))
-                .expect("send");
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        while filter.filtered_frames(0) < 2 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert_eq!(filter.filtered_frames(0), 2, "the host's frames pass to it");
+        assert_eq!(
+            filtered_after_sending(&peer, filter, peer_mac, &[host, guest.0, host], 2)
+                .expect("send"),
+            2,
+            "the host's frames pass to it"
+        );
         assert!(prepared.xskvm_net.contains(&format!("mac={guest}")));
     }
 }
