@@ -4,6 +4,7 @@
 
 mod backend;
 mod counters;
+mod guest_copy;
 mod link;
 mod offload;
 mod pairs;

@@ -13,6 +13,7 @@
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::guest_copy;
 use super::offload::csum;
 use super::offload::gso::MAX_HEADERS;
 use super::offload::headers::{self, Ip, Layout, IPPROTO_TCP};
@@ -247,8 +248,9 @@ impl RxFrameWriter {
             let n = (len - self.off).min(data.len());
             let at = addr.checked_add(self.off as u64).ok_or(RxError::TooBig)?;
             // The range was checked when the chain was taken.
-            mem.write_slice(&data[..n], at)
-                .map_err(|_| RxError::TooBig)?;
+            if !guest_copy::write(mem, at, &data[..n]) {
+                return Err(RxError::TooBig);
+            }
             data = &data[n..];
             self.off += n;
             self.len += n;
@@ -388,8 +390,9 @@ impl RxFrameWriter {
             }
             let n = (len - at).min(data.len());
             let to = addr.checked_add(at as u64).ok_or(RxError::TooBig)?;
-            mem.write_slice(&data[..n], to)
-                .map_err(|_| RxError::TooBig)?;
+            if !guest_copy::write(mem, to, &data[..n]) {
+                return Err(RxError::TooBig);
+            }
             data = &data[n..];
             at = 0;
         }

@@ -23,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{CsumRequest, GatherFrame, NetBackend, TxFrame, TxPieces};
 use super::counters::{add, QueuePairCounters};
+use super::guest_copy;
 use super::link::{LinkState, MAC_TABLE_MAX};
 use super::offload::gso::{self, Segmenter, MAX_HEADERS};
 use super::offload::headers::Ip;
@@ -216,8 +217,9 @@ impl TxChain {
             let mut len = desc.len() as usize;
             if hdr_len < NET_HDR_LEN && len > 0 {
                 let n = (NET_HDR_LEN - hdr_len).min(len);
-                mem.read_slice(&mut hdr[hdr_len..hdr_len + n], addr)
-                    .map_err(|_| ChainError::Bad)?;
+                if !guest_copy::read(mem, addr, &mut hdr[hdr_len..hdr_len + n]) {
+                    return Err(ChainError::Bad);
+                }
                 hdr_len += n;
                 len -= n;
                 addr = addr.checked_add(n as u64).ok_or(ChainError::Bad)?;
@@ -249,7 +251,7 @@ impl TxChain {
     ) -> Result<(), ChainError> {
         let mut done = 0usize;
         self.for_each_range(offset, dst.len(), |addr, n| {
-            let ok = mem.read_slice(&mut dst[done..done + n], addr).is_ok();
+            let ok = guest_copy::read(mem, addr, &mut dst[done..done + n]);
             done += n;
             ok
         })
