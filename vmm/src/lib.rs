@@ -16,8 +16,6 @@ pub mod nic_watch;
 pub mod privileges;
 pub mod seccomp;
 pub mod terminal;
-#[cfg(test)]
-mod test_support;
 pub mod vcpu;
 pub mod vm;
 pub mod wait;

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
-use devices::virtio::net::{NetBackend, NetLink};
+use devices::virtio::net::{DetachedBackend, NetBackend, NetLink};
 use net_afxdp::{AfXdpConfig, AfXdpNic, NicInfo, NicOwner, QueueStatsHandle, UmemRegion};
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
@@ -239,6 +239,21 @@ impl WatchedNic {
         self.xsk_stats.replace(Vec::new());
         self.mode.set(None);
         self.link.set_host_up(false);
+        // Let the dead sockets go (and what they pin: a reopen registers
+        // its UMEMs afresh, within the same limit on locked memory).
+        let link = self.link.net_link();
+        match (0..link.queue_pairs())
+            .map(|_| DetachedBackend::new().map(|b| Box::new(b) as Box<dyn NetBackend>))
+            .collect::<std::io::Result<Vec<_>>>()
+        {
+            Ok(detached) => {
+                let _ = link.replace_backends(detached);
+            }
+            Err(e) => log::warn!(
+                "{}: the deleted interface's sockets stay open until it is back: {e}",
+                self.id
+            ),
+        }
         log::warn!(
             "{}: {} was deleted; the guest's link is down until it comes back",
             self.id,
@@ -570,7 +585,6 @@ fn handle_datagram(mut data: &[u8], nics: &mut [WatchedNic]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::IdleBackend;
     use devices::virtio::net::{Net, NetConfig};
 
     /// A watched NIC on interface 7 (`xs0`) with a mode to report.
@@ -579,7 +593,7 @@ mod tests {
     }
 
     fn watched_nic_on(ifname: &str, ifindex: u32) -> (WatchedNic, Arc<NicMode>) {
-        let backend = IdleBackend::boxed();
+        let backend = Box::new(DetachedBackend::new().expect("eventfd"));
         let net = Net::new(
             NetConfig {
                 id: "net0".into(),
@@ -624,6 +638,70 @@ mod tests {
         nic.on_link_message(&message, true);
         assert_eq!(mode.get(), None);
         assert_eq!(nic.ifindex, None);
+    }
+
+    /// A backend that says when it is dropped (its sockets closed).
+    struct DropWitness(EventFd, Arc<std::sync::atomic::AtomicBool>);
+
+    impl devices::virtio::net::NetBackend for DropWitness {
+        fn fd(&self) -> std::os::fd::RawFd {
+            std::os::fd::AsRawFd::as_raw_fd(&self.0)
+        }
+        fn receive(&mut self, _deliver: &mut dyn FnMut(&[u8]) -> bool) -> usize {
+            0
+        }
+        fn transmit(
+            &mut self,
+            _fill: &mut dyn FnMut(&mut [u8]) -> Option<devices::virtio::net::TxFrame>,
+        ) -> (usize, bool) {
+            (0, false)
+        }
+    }
+
+    impl Drop for DropWitness {
+        fn drop(&mut self) {
+            self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Regression: the sockets of a deleted interface stayed open (and
+    /// their UMEMs pinned, guest RAM with `umem=guest`) until it came
+    /// back, when the new ones had to be registered beside them, so a
+    /// limit on locked memory that fits one set made every reopen fail.
+    #[test]
+    fn a_deleted_interfaces_sockets_are_let_go() {
+        use devices::virtio::net::harness::DriverHarness;
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let backend = DropWitness(EventFd::new(0).unwrap(), dropped.clone());
+        let net = Net::new(
+            NetConfig {
+                id: "net0".into(),
+                mac: [2, 0, 0, 0, 0, 1],
+                mtu: 1500,
+                spoof_check: true,
+                on_thread_start: None,
+            },
+            vec![Box::new(backend)],
+        )
+        .unwrap();
+        let (mut nic, _mode) = watched_nic();
+        nic.link = Arc::new(GuestLink::new(net.link()));
+        let mut harness = DriverHarness::new(net);
+        harness.start(devices::virtio::VIRTIO_F_VERSION_1, 2, 256);
+        let mut message = LinkMessage::default();
+        message.header.index = 7;
+        nic.on_link_message(&message, true);
+        assert_eq!(nic.ifindex, None);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while !dropped.load(std::sync::atomic::Ordering::SeqCst)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            dropped.load(std::sync::atomic::Ordering::SeqCst),
+            "the old backend is still held"
+        );
     }
 
     #[test]

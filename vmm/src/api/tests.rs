@@ -1,15 +1,16 @@
 //! Routing and bad requests, without a VM: a status with one NIC whose
 //! device has a backend that moves nothing.
 
-use devices::virtio::net::{Net, NetBackend, NetConfig};
+use devices::virtio::net::{DetachedBackend, Net, NetBackend, NetConfig};
 
 use super::http::{read_request, Request, Response};
 use super::*;
 use crate::nic_watch::ModeInfo;
-use crate::test_support::IdleBackend;
 
 fn status() -> VmStatus {
-    let backends: Vec<Box<dyn NetBackend>> = (0..2).map(|_| IdleBackend::boxed()).collect();
+    let backends: Vec<Box<dyn NetBackend>> = (0..2)
+        .map(|_| Box::new(DetachedBackend::new().expect("eventfd")) as Box<dyn NetBackend>)
+        .collect();
     let net = Net::new(
         NetConfig {
             id: "net0".into(),

@@ -1,7 +1,10 @@
 //! What a virtio-net queue pair needs from the host side. The AF_XDP
 //! backend implements it in the VMM; tests may use anything that moves frames.
 
-use std::os::fd::RawFd;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// A frame `fill` wrote into a transmit buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,5 +128,37 @@ pub trait NetBackend: Send {
     /// the log when the queue pair stops; called on its IO thread.
     fn report(&self) -> Option<String> {
         None
+    }
+}
+
+/// Stands in for a backend whose host interface is gone, so that the old
+/// one (its sockets, the memory they pin) can be let go until the
+/// interface comes back: it receives nothing and sends nothing (the
+/// guest's link is down meanwhile, so its frames are dropped before they
+/// get here).
+pub struct DetachedBackend {
+    /// Never signalled: something for the IO thread to wait on.
+    idle: EventFd,
+}
+
+impl DetachedBackend {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            idle: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+}
+
+impl NetBackend for DetachedBackend {
+    fn fd(&self) -> RawFd {
+        self.idle.as_raw_fd()
+    }
+
+    fn receive(&mut self, _deliver: &mut dyn FnMut(&[u8]) -> bool) -> usize {
+        0
+    }
+
+    fn transmit(&mut self, _fill: &mut dyn FnMut(&mut [u8]) -> Option<TxFrame>) -> (usize, bool) {
+        (0, false)
     }
 }

@@ -201,6 +201,11 @@ impl NetLink {
         self.0.rx_mode()
     }
 
+    /// How many queue pairs (backends) the device has.
+    pub fn queue_pairs(&self) -> usize {
+        self.0.replacements.len()
+    }
+
     /// Hands every queue pair a new backend (one per pair, in order), as
     /// after the host NIC was deleted and created again. The old ones are
     /// dropped once each worker has switched. Gives the backends back if

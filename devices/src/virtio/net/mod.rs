@@ -18,7 +18,9 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use backend::{CsumRequest, GatherFill, GatherFrame, NetBackend, TxFrame, TxPieces};
+pub use backend::{
+    CsumRequest, DetachedBackend, GatherFill, GatherFrame, NetBackend, TxFrame, TxPieces,
+};
 pub use counters::{CounterValue, CountersSnapshot, QueuePairCounters};
 pub use link::{NetLink, RxFilterSink, RxMode, MAC_TABLE_MAX};
 pub use worker::NET_HDR_LEN;
