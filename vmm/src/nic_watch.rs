@@ -592,9 +592,9 @@ mod tests {
         watched_nic_on("xs0", 7)
     }
 
-    fn watched_nic_on(ifname: &str, ifindex: u32) -> (WatchedNic, Arc<NicMode>) {
-        let backend = Box::new(DetachedBackend::new().expect("eventfd"));
-        let net = Net::new(
+    /// A one-pair device on `backend`.
+    fn net_on(backend: Box<dyn NetBackend>) -> Net {
+        Net::new(
             NetConfig {
                 id: "net0".into(),
                 mac: [2, 0, 0, 0, 0, 1],
@@ -604,7 +604,11 @@ mod tests {
             },
             vec![backend],
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    fn watched_nic_on(ifname: &str, ifindex: u32) -> (WatchedNic, Arc<NicMode>) {
+        let net = net_on(Box::new(DetachedBackend::new().expect("eventfd")));
         let mode = Arc::new(NicMode::new(ModeInfo {
             zero_copy: vec![true],
             multi_buffer: false,
@@ -672,18 +676,10 @@ mod tests {
     fn a_deleted_interfaces_sockets_are_let_go() {
         use devices::virtio::net::harness::DriverHarness;
         let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let backend = DropWitness(EventFd::new(0).unwrap(), dropped.clone());
-        let net = Net::new(
-            NetConfig {
-                id: "net0".into(),
-                mac: [2, 0, 0, 0, 0, 1],
-                mtu: 1500,
-                spoof_check: true,
-                on_thread_start: None,
-            },
-            vec![Box::new(backend)],
-        )
-        .unwrap();
+        let net = net_on(Box::new(DropWitness(
+            EventFd::new(0).unwrap(),
+            dropped.clone(),
+        )));
         let (mut nic, _mode) = watched_nic();
         nic.link = Arc::new(GuestLink::new(net.link()));
         let mut harness = DriverHarness::new(net);

@@ -13,7 +13,7 @@ use super::offload::{
     VirtioNetHdr, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4,
 };
-use super::tests::{collect_used, config, recv_all, SocketBackend, FEATURES};
+use super::tests::{collect_used, config, recv_all, two_pairs_flooded, SocketBackend, FEATURES};
 use super::*;
 
 const TX_OFFLOADS: u64 = VIRTIO_NET_F_CSUM
@@ -1061,29 +1061,13 @@ fn a_segment_with_a_bad_ipv4_header_checksum_is_not_merged() {
 /// with the offloads it read at the start of its pass.
 #[test]
 fn no_gso_frame_reaches_the_guest_after_it_turned_its_offloads_off() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let (b0, _peer0) = SocketBackend::pair();
-    let (b1, peer1) = SocketBackend::pair();
-    let net = Net::new(config("offoff", true), vec![b0, b1]).unwrap();
-    let mut h = DriverHarness::new(net);
-    h.start(FEATURES | GRO, 5, 256);
-    assert_eq!(h.set_queue_pairs(4, 2, Duration::from_secs(5)), Some(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    peer1
-        .set_write_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let flood = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let data = payload(1448 * 2000, 3);
-            let segments = flow(Ip::V4, 40000, 7, &data, 1448, false);
-            while !stop.load(Ordering::Relaxed) {
-                for f in &segments {
-                    let _ = peer1.send(f);
-                }
-            }
-        })
-    };
+    let data = payload(1448 * 2000, 3);
+    let segments = flow(Ip::V4, 40000, 7, &data, 1448, false);
+    let (mut h, flood) = two_pairs_flooded(
+        |b| Net::new(config("offoff", true), b).unwrap(),
+        FEATURES | GRO,
+        segments,
+    );
     // Frames (and those with offloads) among used entries `from..to`;
     // frames are published whole, each num_buffers entries long.
     let frames_between = |h: &DriverHarness, from: u16, to: u16| -> (usize, usize) {
@@ -1125,8 +1109,7 @@ fn no_gso_frame_reaches_the_guest_after_it_turned_its_offloads_off() {
         coalesced_before += frames_between(&h, start, at_answer).1;
         late.push(frames_between(&h, at_answer, end).1);
     }
-    stop.store(true, Ordering::Relaxed);
-    flood.join().unwrap();
+    drop(flood);
     assert!(
         late.iter().all(|&n| n == 0),
         "frames with offloads after the guest turned them off, per round: {late:?}"

@@ -168,6 +168,59 @@ fn net(backends: Vec<Box<dyn NetBackend>>) -> (Net, Vec<Arc<QueuePairCounters>>)
     (net, counters)
 }
 
+/// A peer sending its frames over and over on a second queue pair, which
+/// the guest uses (VQ_PAIRS_SET 2), until dropped.
+pub(super) struct Flood {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _peer0: UnixDatagram,
+}
+
+/// A device of two queue pairs made by `make` from their backends,
+/// started with `features` and both pairs in use; the second pair's peer
+/// floods it with `frames`.
+pub(super) fn two_pairs_flooded(
+    make: impl FnOnce(Vec<Box<dyn NetBackend>>) -> Net,
+    features: u64,
+    frames: Vec<Vec<u8>>,
+) -> (DriverHarness, Flood) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (b0, peer0) = SocketBackend::pair();
+    let (b1, peer1) = SocketBackend::pair();
+    let mut h = DriverHarness::new(make(vec![b0, b1]));
+    h.start(features, 5, 256);
+    assert_eq!(h.set_queue_pairs(4, 2, Duration::from_secs(5)), Some(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    peer1
+        .set_write_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for f in &frames {
+                    let _ = peer1.send(f);
+                }
+            }
+        })
+    };
+    let flood = Flood {
+        stop,
+        thread: Some(thread),
+        _peer0: peer0,
+    };
+    (h, flood)
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 pub(super) fn frame(seq: u32, len: usize) -> Vec<u8> {
     let mut f = vec![0u8; len];
     f[..6].copy_from_slice(&[0xff; 6]);
@@ -930,26 +983,7 @@ fn receive_interrupts_follow_what_the_driver_asked_for() {
 /// filling receiveq2 for the rest of its pass (up to 256 frames).
 #[test]
 fn no_frame_reaches_a_dropped_pair_after_vq_pairs_set_is_answered() {
-    use std::sync::atomic::AtomicBool;
-    let (b0, _peer0) = SocketBackend::pair();
-    let (b1, peer1) = SocketBackend::pair();
-    let (dev, _counters) = net(vec![b0, b1]);
-    let mut h = DriverHarness::new(dev);
-    h.start(FEATURES, 5, 256);
-    assert_eq!(h.set_queue_pairs(4, 2, Duration::from_secs(5)), Some(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    peer1
-        .set_write_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let flood = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let f = frame(7, 1500);
-            while !stop.load(Ordering::Relaxed) {
-                let _ = peer1.send(&f);
-            }
-        })
-    };
+    let (mut h, flood) = two_pairs_flooded(|b| net(b).0, FEATURES, vec![frame(7, 1500)]);
     std::thread::sleep(Duration::from_millis(100));
     const CMD: u64 = 0x3f0_0000;
     const ACK: u64 = CMD + 0x1_0000;
@@ -979,8 +1013,7 @@ fn no_frame_reaches_a_dropped_pair_after_vq_pairs_set_is_answered() {
         h.take_used(4, &mut used);
         assert_eq!(h.set_queue_pairs(4, 2, Duration::from_secs(5)), Some(0));
     }
-    stop.store(true, Ordering::Relaxed);
-    flood.join().unwrap();
+    drop(flood);
     assert!(
         late.iter().all(|&n| n == 0),
         "frames put on receiveq2 after VQ_PAIRS_SET 1 was answered, per round: {late:?}"
