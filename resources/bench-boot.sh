@@ -7,14 +7,11 @@
 # Usage: bench-boot.sh [RUNS]   (build xskvm first: cargo build --release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source resources/lib.sh
 runs=${1:-3}
 xskvm=$PWD/target/release/xskvm
 [ -x "$xskvm" ] || { echo "bench-boot: build xskvm first: cargo build --release" >&2; exit 1; }
-# All of guest-image.sh's output first, then its first line: a pipe into
-# head closed early and, under pipefail, failed the script (SIGPIPE, 141)
-# whenever guest-image.sh wrote its next line after head had exited.
-images=$(bash resources/guest-image.sh)
-guest=$(dirname "${images%%$'\n'*}")
+guest=$(guest_dir)
 qemu=$(command -v qemu-system-x86_64) || { echo "bench-boot: install qemu-system-x86" >&2; exit 1; }
 
 scenario=$(mktemp)

@@ -13,12 +13,11 @@
 # Usage: bench-memory.sh [ROUNDS]   (build xskvm first: cargo build --release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source resources/lib.sh
 rounds=${1:-3}
 xskvm=${XSKVM_BIN:-$PWD/target/release/xskvm}
 [ -x "$xskvm" ] || { echo "bench-memory: build xskvm first: cargo build --release" >&2; exit 1; }
-# All of guest-image.sh's output first, then its first line (see bench-boot.sh).
-images=$(bash resources/guest-image.sh)
-guest=$(dirname "${images%%$'\n'*}")
+guest=$(guest_dir)
 ss=$(command -v ss) || { echo "bench-memory: install iproute2 (ss)" >&2; exit 1; }
 
 scenario=$(mktemp)
@@ -28,12 +27,7 @@ exec 2>&1
 # The socket diagnostics ss reads (a module in Debian's kernels; the test
 # host loads it).
 modprobe xsk_diag 2>/dev/null || true
-ip netns add peer
-ip link add xs0 type veth peer name xs1
-ip link set xs1 netns peer
-ip -n peer addr add 10.77.0.1/24 dev xs1
-ip -n peer link set xs1 up
-ip link set xs0 up
+$(veth_peer_setup)
 # 2 MiB pages for the hugepage runs (guest RAM and the queue's 16 MiB),
 # given back at the end.
 hugepages=/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages

@@ -26,11 +26,7 @@ mkdir -p "$out"
 xskvm=${XSKVM_BIN:-$PWD/target/release/xskvm}
 [ -x "$xskvm" ] || { echo "bench-net: build xskvm first: cargo build --release" >&2; exit 1; }
 ensure_packages python3 python3-matplotlib
-# All of guest-image.sh's output first, then its first line: a pipe into
-# head closed early and, under pipefail, failed the script (SIGPIPE, 141)
-# whenever guest-image.sh wrote its next line after head had exited.
-images=$(bash resources/guest-image.sh)
-guest=$(dirname "${images%%$'\n'*}")
+guest=$(guest_dir)
 qemu=$(command -v qemu-system-x86_64) || { echo "bench-net: install qemu-system-x86" >&2; exit 1; }
 
 scenario=$(mktemp)
@@ -38,12 +34,7 @@ trap 'rm -f "$scenario"' EXIT
 cat > "$scenario" <<SCENARIO
 exec 2>&1
 set -o pipefail
-ip netns add peer
-ip link add xs0 type veth peer name xs1
-ip link set xs1 netns peer
-ip -n peer addr add 10.77.0.1/24 dev xs1
-ip -n peer link set xs1 up
-ip link set xs0 up
+$(veth_peer_setup)
 ip link add br0 type bridge
 ip tuntap add tap0 mode tap
 ip link set tap0 master br0

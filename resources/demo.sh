@@ -6,6 +6,7 @@
 # peer in a network namespace, then powers off.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source resources/lib.sh
 
 echo "== installing Debian packages (log: /tmp/xskvm-install-deps.log)"
 bash resources/install-deps.sh > /tmp/xskvm-install-deps.log 2>&1 \
@@ -15,11 +16,7 @@ echo "== building xskvm"
 cargo build --release -p vmm
 xskvm=$PWD/target/release/xskvm
 echo "== building the guest image"
-# All of guest-image.sh's output first, then its first line: a pipe into
-# head closed early and, under pipefail, failed the script (SIGPIPE, 141)
-# whenever guest-image.sh wrote its next line after head had exited.
-images=$(bash resources/guest-image.sh)
-guest=$(dirname "${images%%$'\n'*}")
+guest=$(guest_dir)
 
 scenario=$(mktemp)
 out=$(mktemp)
@@ -28,12 +25,7 @@ cat > "$scenario" <<SCENARIO
 set -e
 exec 2>&1   # one stream, in order
 # A veth pair: xskvm's NIC on xs0, a peer at 10.77.0.1 in namespace "peer".
-ip netns add peer
-ip link add xs0 type veth peer name xs1
-ip link set xs1 netns peer
-ip -n peer addr add 10.77.0.1/24 dev xs1
-ip -n peer link set xs1 up
-ip link set xs0 up
+$(veth_peer_setup)
 ip netns exec peer iperf3 -s -D
 cat > /tmp/guest-cmd <<'CMD'
 echo; echo '== inside the guest'; uname -sr; echo cpus: \$(nproc); ip addr add 10.77.0.2/24 dev eth0; ip link set eth0 up; sleep 1; ip addr show eth0 | grep inet; ping -c 3 10.77.0.1; iperf3 -c 10.77.0.1 -t 5 -f m | tail -n 4; echo '== bye'

@@ -136,3 +136,28 @@ make_cpio() {
 stamp_of() {
     { cat "$@"; echo "${KERNEL_VERSION:-}"; } | sha256sum | cut -d' ' -f1
 }
+
+# guest_dir: builds the guest image if needed and prints the folder of its
+# bzImage and initramfs. All of guest-image.sh's output is read first, then
+# its first line taken: a pipe into head closed early and, under pipefail,
+# failed the caller (SIGPIPE, 141) whenever guest-image.sh wrote its next
+# line after head had exited.
+guest_dir() {
+    local images
+    images=$(bash "$RESOURCES_DIR/guest-image.sh") || return
+    dirname "${images%%$'\n'*}"
+}
+
+# veth_peer_setup: the scenario lines that make the scenarios' network: a
+# veth pair, xskvm's NIC on xs0 and a peer at 10.77.0.1/24 on xs1 in
+# network namespace "peer".
+veth_peer_setup() {
+    cat <<'LINES'
+ip netns add peer
+ip link add xs0 type veth peer name xs1
+ip link set xs1 netns peer
+ip -n peer addr add 10.77.0.1/24 dev xs1
+ip -n peer link set xs1 up
+ip link set xs0 up
+LINES
+}
