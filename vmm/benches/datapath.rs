@@ -584,12 +584,15 @@ fn main() {
     } else {
         0.2
     };
-    let secs: f64 = args.iter().find_map(|a| a.parse().ok()).unwrap_or(default);
+    // A positive number is the window in seconds (so a row by its size
+    // needs the " B" of its label).
+    let seconds = |a: &String| a.parse::<f64>().ok().filter(|s| s.is_finite() && *s > 0.0);
+    let secs: f64 = args.iter().find_map(seconds).unwrap_or(default);
     // Other words select rows: those whose label contains one of them, or
     // (a word starting with '=') is the rest of it.
     let words: Vec<&String> = args
         .iter()
-        .filter(|a| !a.starts_with('-') && a.parse::<f64>().is_err())
+        .filter(|a| !a.starts_with('-') && seconds(a).is_none())
         .collect();
     let selected = |label: &str| {
         words.is_empty()
