@@ -408,8 +408,33 @@ ip netns exec peer cat /proc/net/snmp | grep -E '^(Tcp|Udp):'
 "#,
         testbed = testbed(1)
     );
-    let out = run(script);
-    assert_clean_exit(&out);
+    let out = run(script.clone());
+    let slow = check_offloads(&out);
+    if slow.is_empty() {
+        return out;
+    }
+    // Rates in the nested TCG test host range over 10x from run to run,
+    // and now and then a TCP run stays at a small window throughout; a
+    // crawl from a defect is below the floor on the second run too.
+    eprintln!(
+        "below the floor ({}); the scenario once more",
+        slow.join(", ")
+    );
+    let again = run(script);
+    let slow = check_offloads(&again);
+    assert!(
+        slow.is_empty(),
+        "below the floor twice: {}\n{}",
+        slow.join(", "),
+        again.describe()
+    );
+    again
+}
+
+/// Everything `offloads_scenario` checks but the rate floor; returns the
+/// runs below it.
+fn check_offloads(out: &ScenarioOutput) -> Vec<String> {
+    assert_clean_exit(out);
     assert!(out.stdout.contains("GUEST-DONE"), "{}", out.describe());
     // The first listing (offloads on) comes first in the output. Linux
     // offers USO but leaves it off until asked (the guest command asks).
@@ -435,36 +460,41 @@ ip netns exec peer cat /proc/net/snmp | grep -E '^(Tcp|Udp):'
             out.describe()
         );
     }
-    assert_value(&out, "OFFLOAD-tx-checksumming", "off");
-    assert_value(&out, "OFFLOAD-tcp-segmentation-offload", "off");
+    assert_value(out, "OFFLOAD-tx-checksumming", "off");
+    assert_value(out, "OFFLOAD-tcp-segmentation-offload", "off");
     // rx-gro-hw off goes to the device as VIRTIO_NET_CTRL_GUEST_OFFLOADS:
     // it stops coalescing for this guest.
-    assert_value(&out, "OFFLOAD-rx-gro-hw", "off");
-    let rates = common::iperf_receiver_rates(&out);
+    assert_value(out, "OFFLOAD-rx-gro-hw", "off");
+    let rates = common::iperf_receiver_rates(out);
     assert_eq!(rates.len(), 8, "eight iperf3 runs\n{}", out.describe());
     eprintln!(
         "iperf3 Mbit/s: v4 tcp out {:.0} in {:.0}; v6 tcp out {:.0} in {:.0}; udp 8 KiB out {:.1} in {:.1}; offloads off: tcp out {:.0} in {:.0}",
         rates[0], rates[1], rates[2], rates[3], rates[4], rates[5], rates[6], rates[7]
     );
-    for (i, rate) in rates.iter().enumerate() {
-        let floor = if i == 4 || i == 5 {
-            1.0
-        } else {
-            IPERF_FLOOR_MBITS
-        };
-        assert!(*rate > floor, "run {i}: {rate} Mbit/s\n{}", out.describe());
-    }
+    let slow: Vec<String> = rates
+        .iter()
+        .enumerate()
+        .filter(|&(i, rate)| {
+            *rate
+                <= if i == 4 || i == 5 {
+                    1.0
+                } else {
+                    IPERF_FLOOR_MBITS
+                }
+        })
+        .map(|(i, rate)| format!("run {i}: {rate} Mbit/s"))
+        .collect();
     for (proto, field) in [("Tcp", "InCsumErrors"), ("Udp", "InCsumErrors")] {
         assert_eq!(
-            snmp(&out, proto, field),
+            snmp(out, proto, field),
             Some(0),
             "peer {proto} {field}\n{}",
             out.describe()
         );
     }
-    let gso = exit_log_count(&out, "gso frames");
-    let completed = exit_log_count(&out, "completed");
-    let merged = exit_log_count(&out, "frames from");
+    let gso = exit_log_count(out, "gso frames");
+    let completed = exit_log_count(out, "completed");
+    let merged = exit_log_count(out, "frames from");
     eprintln!(
         "xskvm: {gso} GSO frames from the guest, {completed} peer checksums completed, \
          {merged} coalesced frames to the guest"
@@ -480,7 +510,7 @@ ip netns exec peer cat /proc/net/snmp | grep -E '^(Tcp|Udp):'
         "no peer checksum completed\n{}",
         out.describe()
     );
-    out
+    slow
 }
 
 /// rx and tx packet counts per queue pair from xskvm's exit log.
