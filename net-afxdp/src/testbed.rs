@@ -73,6 +73,16 @@ pub struct VethPair {
 
 impl VethPair {
     /// `queues` rx and tx queues on each end.
+    /// For a test: a fresh pair with `queues` queues, or a failure that
+    /// says the test needs root (never a silent skip).
+    pub fn for_test(queues: u32) -> VethPair {
+        assert!(
+            is_root(),
+            "this test needs root (a veth pair in a namespace, AF_XDP, rtnetlink): run it as root"
+        );
+        VethPair::new(queues).expect("veth pair")
+    }
+
     pub fn new(queues: u32) -> io::Result<VethPair> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);

@@ -11,7 +11,7 @@ use devices::virtio::net::{
     VIRTIO_NET_F_HOST_TSO4,
 };
 use devices::virtio::VIRTIO_F_VERSION_1;
-use net_afxdp::testbed::{fold, is_root, ones_sum, PacketSocket, VethPair};
+use net_afxdp::testbed::{fold, ones_sum, PacketSocket, VethPair};
 use net_afxdp::{AfXdpConfig, AfXdpNic, NicOwner};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -43,11 +43,7 @@ fn gather_setup() -> GatherSetup {
 
 /// [`gather_setup`] with both ends of the pair and the device at `mtu`.
 fn gather_setup_mtu(mtu: u16) -> GatherSetup {
-    assert!(
-        is_root(),
-        "these tests need root (veth pairs, namespaces, AF_XDP): run them as root"
-    );
-    let pair = VethPair::new(1).expect("veth pair");
+    let pair = VethPair::for_test(1);
     pair.transmit_checksumming_off(&pair.a)
         .expect("transmit checksumming off");
     for dev in [&pair.a, &pair.b] {
@@ -486,11 +482,7 @@ fn jumbo_tso_frames_back_to_back_all_come_back() {
 /// the host from the start.
 #[test]
 fn a_nic_opened_for_a_guest_filters_by_its_mac_from_the_start() {
-    assert!(
-        is_root(),
-        "this test needs root (veth pairs, namespaces, AF_XDP): run it as root"
-    );
-    let pair = VethPair::new(1).expect("veth pair");
+    let pair = VethPair::for_test(1);
     let guest = [0x02, 0x58, 0x53, 0, 0, 1];
     let spec: crate::net::NetSpec =
         format!("af-xdp,ifname={},mode=native,mac=02:58:53:00:00:01", pair.a)

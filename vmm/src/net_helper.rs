@@ -497,12 +497,8 @@ mod tests {
     /// and xskvm gets the same MAC when the spec named none.
     #[test]
     fn the_helpers_program_filters_by_the_guests_mac_from_the_start() {
-        use net_afxdp::testbed::{filtered_after_sending, is_root, PacketSocket, VethPair};
-        assert!(
-            is_root(),
-            "this test needs root (veth pairs, namespaces, AF_XDP): run it as root"
-        );
-        let pair = VethPair::new(1).expect("veth pair");
+        use net_afxdp::testbed::{filtered_after_sending, PacketSocket, VethPair};
+        let pair = VethPair::for_test(1);
         let (text, config) =
             check_spec(&format!("af-xdp,ifname={},mode=native", pair.a), 0).expect("spec");
         let guest = text

@@ -743,11 +743,7 @@ mod tests {
 
     /// A veth pair in a namespace of its own (root only).
     fn veth_pair() -> net_afxdp::testbed::VethPair {
-        assert!(
-            net_afxdp::testbed::is_root(),
-            "needs root (a veth pair in a namespace, rtnetlink): run as root"
-        );
-        net_afxdp::testbed::VethPair::new(1).expect("veth pair")
+        net_afxdp::testbed::VethPair::for_test(1)
     }
 
     #[test]
